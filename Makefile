@@ -1,0 +1,36 @@
+# fedrec — all set-up on a fresh machine happens through these targets.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	# torch first, pinned: the CPU wheel (a bare requirement may pull a multi-GB CUDA build)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[data,llm,test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: the main job on the embedded default — a Flower simulation on MovieLens
+demo: $(STAMP)
+	$(BIN)/fedrec-sim run --dataset movielens --institutions 10 --rounds 20 --epsilon 8 --out results/demo
+
+## test: the whole suite (unit, integration with real Flower runs, e2e)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+## bench: every benchmark, full size, JSON to results/bench/
+bench: $(STAMP)
+	mkdir -p results/bench
+	for b in benchmarks/*.py; do n=$$(basename $$b .py); echo "== $$n"; $(BIN)/python $$b > results/bench/$$n.json || exit 1; done
+
+clean:
+	rm -rf $(VENV) results build *.egg-info

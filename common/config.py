@@ -1,0 +1,255 @@
+"""The one place where run knobs are parsed.
+
+Every knob has its default in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (Flower
+flattens nested tables to dotted keys such as ``privacy.epsilon``) and the same default here,
+so code that runs outside Flower (benchmarks, unit tests) sees identical values. A unit test
+checks that the two lists agree.
+
+Nothing else in the project reads ``context.run_config`` directly: call
+:func:`RunConfig.from_flower` once and pass the typed object around.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "RunConfig", "DEFAULTS", "pyproject_defaults"]
+
+
+class ConfigError(ValueError):
+    """A run knob has a value the run cannot use. The message names the knob and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    #: ``movielens``, a domain (``health``/``education``/``finance``) or a folder of
+    #: institution folders in the data contract.
+    dataset: str = "movielens"
+    institutions: int = 10
+    seed: int = 0
+    #: 0 = IID split of persons across institutions; towards 1 = strongly non-IID.
+    partition_skew: float = 0.5
+    test_fraction: float = 0.2
+    #: people per institution-domain simulation (total across institutions).
+    people: int = 20000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = 20
+    model: str = "mf"
+    #: DP-SGD steps each institution takes per round.
+    local_steps: int = 1
+    #: expected persons per DP-SGD step (Poisson sampling rate = this / persons).
+    persons_per_step: int = 0  # 0 = every person in every step (sample rate 1)
+    lr: float = 0.5
+    #: dimension of released item factors (0 = item biases only).
+    mf_dim: int = 0
+    #: ridge penalty for the private per-person fit (bias and factors).
+    user_reg: float = 5.0
+    #: weight decay on the shared item side (data-independent).
+    item_reg: float = 0.0
+    #: server learning rate applied to the mean of institution updates.
+    server_lr: float = 1.0
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    #: total ε for the whole run per institution; ``inf`` turns DP off.
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    #: per-person L2 clipping bound on the released gradient.
+    clip_norm: float = 1.0
+    accountant: str = "prv"
+    #: ``local``: each client adds the full noise. ``distributed``: each adds σ²/n_min.
+    noise_mode: str = "local"
+    #: survivors needed for distributed noise to be complete (0 = all institutions).
+    n_min: int = 0
+    #: folder holding one SQLite ledger per institution ("" = the run's results folder).
+    ledger_dir: str = ""
+    #: the institution's cap; a release that would exceed it is refused.
+    epsilon_cap: float = 10.0
+    delta_cap: float = 1e-5
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    enabled: bool = True
+    #: fraction of clients that may drop out with the round still completing.
+    max_dropout_fraction: float = 0.3
+    #: neighbours per client in the sparse SecAgg+ graph (0 = complete graph).
+    neighbours: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    #: ``simulation``: clients report test metrics (ground truth, simulations only);
+    #: ``off``: nothing computed on institution data is released.
+    metrics_release: str = "simulation"
+    negatives: int = 99
+    k: int = 10
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---------------------------------------------------------------- parsing
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's flattened run config (``{"privacy.epsilon": 8.0, ...}``).
+
+        Unknown keys are an error (a typo would otherwise silently keep a default).
+        """
+        known = _flat_keys()
+        unknown = sorted(set(flat) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {unknown}; valid keys: {sorted(known)}"
+            )
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            section, attr, typ = known[key]
+            sections.setdefault(section, {})[attr] = _coerce(key, value, typ)
+        parts = {
+            f.name: f.default_factory()  # type: ignore[misc]
+            for f in fields(cls)
+        }
+        for section, values in sections.items():
+            parts[section] = dataclasses.replace(parts[section], **values)
+        cfg = cls(**parts)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        return cls.from_flat(dict(run_config))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Inverse of :meth:`from_flat`; ``inf`` stays a float."""
+        out: dict[str, Any] = {}
+        for key, (section, attr, _typ) in _flat_keys().items():
+            out[key] = getattr(getattr(self, section), attr)
+        return out
+
+    def override(self, **flat: Any) -> RunConfig:
+        """A copy with some flat keys replaced (``override(**{"privacy.epsilon": 1.0})``)."""
+        merged = self.to_flat()
+        merged.update(flat)
+        return RunConfig.from_flat(merged)
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        p, t, d = self.privacy, self.train, self.data
+        if not (p.epsilon > 0):
+            raise ConfigError("privacy.epsilon must be > 0 (use inf to turn DP off)")
+        if not (0 < p.delta < 1):
+            raise ConfigError("privacy.delta must lie in (0, 1), e.g. 1e-5")
+        if not (p.clip_norm > 0 and math.isfinite(p.clip_norm)):
+            raise ConfigError("privacy.clip-norm must be a positive finite number")
+        if p.accountant not in ("prv", "rdp"):
+            raise ConfigError("privacy.accountant must be 'prv' or 'rdp'")
+        if p.noise_mode not in ("local", "distributed"):
+            raise ConfigError("privacy.noise-mode must be 'local' or 'distributed'")
+        if p.n_min < 0 or p.n_min > d.institutions:
+            raise ConfigError("privacy.n-min must lie in [0, institutions] (0 = all)")
+        if d.institutions < 1:
+            raise ConfigError("institutions must be >= 1")
+        if not (0 <= d.partition_skew <= 1):
+            raise ConfigError("partition-skew must lie in [0, 1]")
+        if not (0 < d.test_fraction < 1):
+            raise ConfigError("test-fraction must lie in (0, 1)")
+        if t.rounds < 1 or t.local_steps < 1:
+            raise ConfigError("rounds and train.local-steps must be >= 1")
+        if t.mf_dim < 0:
+            raise ConfigError("train.mf-dim must be >= 0")
+        if t.model not in ("mf", "adapter"):
+            raise ConfigError("train.model must be 'mf' or 'adapter'")
+        if self.eval.metrics_release not in ("simulation", "off"):
+            raise ConfigError("eval.metrics-release must be 'simulation' or 'off'")
+        if not (0 <= self.secagg.max_dropout_fraction < 1):
+            raise ConfigError("secagg.max-dropout-fraction must lie in [0, 1)")
+
+    @property
+    def dp_enabled(self) -> bool:
+        return math.isfinite(self.privacy.epsilon)
+
+    @property
+    def n_min(self) -> int:
+        """Survivors required for distributed noise (``privacy.n-min``, 0 = all)."""
+        return self.privacy.n_min or self.data.institutions
+
+
+# Sections whose keys live at the top level of [tool.flwr.app.config] (no prefix).
+_TOP_LEVEL_SECTIONS = {"data", "train"}
+_TOP_LEVEL_RENAMES = {("train", "model"): "model"}
+
+
+def _flat_keys() -> dict[str, tuple[str, str, type]]:
+    """Map every flat key to (section, attribute, type)."""
+    keys: dict[str, tuple[str, str, type]] = {}
+    for sec in fields(RunConfig):
+        cls = sec.default_factory  # type: ignore[misc]
+        for f in fields(cls):  # type: ignore[arg-type]
+            name = f.name.replace("_", "-")
+            if sec.name in _TOP_LEVEL_SECTIONS and not name.startswith("mf-"):
+                flat = name
+            elif sec.name == "train" and name.startswith("mf-"):
+                flat = "mf." + name[3:]
+            else:
+                flat = f"{sec.name}.{name}"
+            keys[flat] = (sec.name, f.name, type(f.default))
+    return keys
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)  # accepts "inf"
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"run-config key '{key}' = {value!r} is not a valid {typ.__name__}"
+        ) from None
+
+
+DEFAULTS: dict[str, Any] = RunConfig().to_flat()
+
+
+def pyproject_defaults(pyproject: Path) -> dict[str, Any]:
+    """Flattened ``[tool.flwr.app.config]`` of a pyproject.toml (for the sync test)."""
+    data = tomllib.loads(pyproject.read_text())
+    table = data["tool"]["flwr"]["app"].get("config", {})
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Mapping[str, Any]) -> None:
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk("", table)
+    return flat
