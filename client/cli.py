@@ -19,6 +19,7 @@ from fedrec.common.errors import BudgetExceeded, FedrecInputError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="fedrec institution client: validate data, inspect the privacy budget, join a federation.",
 )
 console = Console()

@@ -38,6 +38,11 @@ class DataConfig:
     test_fraction: float = 0.2
     #: people per institution-domain simulation (total across institutions).
     people: int = 20000
+    #: folder holding ``institution_XX`` folders (simulation); a deployed node sets its own
+    #: folder in its node config (``data-dir``) instead.
+    data_dir: str = ""
+    #: where the ServerApp writes metrics.json / config.json ("" = do not write).
+    results_dir: str = ""
 
 
 @dataclass(frozen=True)

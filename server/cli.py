@@ -17,6 +17,7 @@ from fedrec.common.errors import FedrecInputError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="fedrec coordinator: audit runs, start the federation server.",
 )
 console = Console()

@@ -14,6 +14,7 @@ from fedrec.common.errors import BudgetExceeded, FedrecInputError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
     help="fedrec simulations: federated training runs, synthetic institutions, causal studies.",
 )
 console = Console()

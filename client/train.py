@@ -1,0 +1,190 @@
+"""Local DP-SGD for the matrix-factorization recommender, on Opacus.
+
+One DP sample is **one person with all their training ratings**. Per step, persons are
+Poisson-sampled by Opacus' ``DPDataLoader``; each person's item-side gradient is clipped to
+``privacy.clip-norm`` exactly (``common/privacy/person_clipping.py``); Opacus'
+``DPOptimizerFastGradientClipping`` adds Gaussian noise and scales; the accountant history
+records every step. The user side is refitted in closed form before each step and after the
+round, and never leaves.
+
+Privacy contract of :meth:`MFTrainer.train_round`: the returned item-side delta is a
+post-processing of ``steps_per_round`` subsampled-Gaussian steps with sampling rate
+``schedule.sample_rate``, per-person sensitivity ``clip_norm`` and noise std
+``local_noise_multiplier · clip_norm`` per step. In ``local`` noise mode that is the
+accounted σ; in ``distributed`` mode it is σ/√n_min and the guarantee holds for the securely
+aggregated sum of at least n_min institutions (one local step, plain SGD, a common public
+normalizer — enforced in :func:`plan_dp`).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch.utils.data import TensorDataset
+
+from fedrec.common.config import ConfigError, RunConfig
+from fedrec.common.models.mf import ItemSide, PersonRatings, UserSide, fit_user_side, person_losses_and_norms
+from fedrec.common.privacy.accountant import DPSGDEvent, calibrate_noise_multiplier
+from fedrec.common.privacy.person_clipping import clipped_sum_backward
+
+__all__ = ["DPSchedule", "plan_dp", "MFTrainer"]
+
+
+@dataclass(frozen=True)
+class DPSchedule:
+    """The whole run's DP-SGD plan for one institution, calibrated once (not per round)."""
+
+    #: σ of the released aggregate (what the accountant composes)
+    noise_multiplier: float
+    #: σ this institution adds itself (σ in local mode, σ/√n_min in distributed mode)
+    local_noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    clip_norm: float
+    #: persons per step used to average the clipped sum (expected batch size)
+    normalizer: float
+
+    def round_event(self) -> DPSGDEvent:
+        """The mechanism event one round releases (charged to the ledger before training)."""
+        return DPSGDEvent(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps_per_round,
+        )
+
+
+def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
+    """Calibrate σ so that the whole run (rounds × local steps) spends ``privacy.epsilon``.
+
+    Returns None when DP is off (ε = inf).
+    """
+    if not cfg.dp_enabled:
+        return None
+    t, p = cfg.train, cfg.privacy
+    q = 1.0 if t.persons_per_step <= 0 else min(1.0, t.persons_per_step / n_persons)
+    steps = t.rounds * t.local_steps
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant
+    )
+    if p.noise_mode == "distributed":
+        if t.local_steps != 1:
+            raise ConfigError(
+                "privacy.noise-mode=distributed needs local-steps=1: a second local step would "
+                "build on an update that carries only σ²/n_min of the noise"
+            )
+        local_sigma = sigma / math.sqrt(cfg.n_min)
+        # a public normalizer common to all institutions keeps the aggregate linear in the noise
+        normalizer = float(max(1, t.persons_per_step or n_persons))
+    else:
+        local_sigma = sigma
+        normalizer = max(1.0, q * n_persons)
+    return DPSchedule(
+        noise_multiplier=sigma,
+        local_noise_multiplier=local_sigma,
+        sample_rate=q,
+        steps_per_round=t.local_steps,
+        rounds=t.rounds,
+        clip_norm=p.clip_norm,
+        normalizer=normalizer,
+    )
+
+
+class MFTrainer:
+    """An institution's MF state: its ratings, its private user side, its noise generator."""
+
+    def __init__(self, ratings: PersonRatings, n_items: int, cfg: RunConfig, *, global_bias: float, seed: int | None = None):
+        self.ratings = ratings
+        self.cfg = cfg
+        self.item_side = ItemSide(n_items, cfg.train.mf_dim, global_bias=global_bias)
+        self.user = UserSide.zeros(ratings.n_persons, cfg.train.mf_dim)
+        # DP noise must be unpredictable to the server: seed from the OS unless a test pins it.
+        self.noise_generator = torch.Generator().manual_seed(
+            secrets.randbits(63) if seed is None else seed
+        )
+        self.sampling_generator = torch.Generator().manual_seed(
+            secrets.randbits(63) if seed is None else seed + 1
+        )
+
+    # ---------------------------------------------------------------- rounds
+    def train_round(self, global_arrays: dict[str, np.ndarray], schedule: DPSchedule | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Run this round's local steps from the global item side; return (delta, stats).
+
+        Only the item-side delta is returned; the user side stays in ``self.user``.
+        """
+        self.item_side.load_numpy(global_arrays)
+        start = {k: v.copy() for k, v in global_arrays.items()}
+        params = self.item_side.released_parameters()
+        sgd = torch.optim.SGD(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.item_reg)
+        n = self.ratings.n_persons
+        clipped_fraction = 0.0
+        if schedule is None:
+            for _ in range(self.cfg.train.local_steps):
+                persons = torch.arange(n)
+                fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg, persons=persons)
+                sgd.zero_grad()
+                losses, _ = person_losses_and_norms(self.item_side, self.user, self.ratings, persons)
+                (losses.sum() / n).backward()
+                sgd.step()
+        else:
+            optimizer = DPOptimizerFastGradientClipping(
+                sgd,
+                noise_multiplier=schedule.local_noise_multiplier,
+                max_grad_norm=schedule.clip_norm,
+                expected_batch_size=int(round(schedule.normalizer)),
+                loss_reduction="mean",
+                generator=self.noise_generator,
+            )
+            loader = DPDataLoader(
+                TensorDataset(torch.arange(n)),
+                sample_rate=schedule.sample_rate,
+                generator=self.sampling_generator,
+            )
+            batches = iter(loader)
+            for _ in range(schedule.steps_per_round):
+                try:
+                    (persons,) = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    (persons,) = next(batches)
+                optimizer.zero_grad(set_to_none=False)
+                if len(persons):
+                    fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg, persons=persons)
+                    losses, norms = person_losses_and_norms(self.item_side, self.user, self.ratings, persons)
+                    coef = clipped_sum_backward(losses, norms, schedule.clip_norm)
+                    clipped_fraction = float((coef < 1).float().mean())
+                else:  # an empty Poisson batch still releases noise
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                optimizer.step()
+        self.refit()
+        delta = {k: v - start[k] for k, v in self.item_side.to_numpy().items()}
+        return delta, {"clipped_fraction": clipped_fraction}
+
+    def refit(self, global_arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Refit the private user side to the (new) item side — free: nothing is released."""
+        if global_arrays is not None:
+            self.item_side.load_numpy(global_arrays)
+        fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg)
+
+
+def evaluation_sums(trainer: MFTrainer, test_person: np.ndarray, test_item: np.ndarray, test_rating: np.ndarray,
+                    negatives: np.ndarray, *, bounds: tuple[float, float], k: int) -> dict[str, float]:
+    """Held-out RMSE/MAE and ranking sums for this institution (a release: simulations only)."""
+    from fedrec.common.metrics import ranking_sums, rating_sums
+    from fedrec.common.models.mf import predict, score_items
+
+    person = torch.as_tensor(test_person)
+    item = torch.as_tensor(test_item)
+    pred = predict(trainer.item_side, trainer.user, person, item, bounds).numpy()
+    sums = rating_sums(pred, test_rating)
+    pos = score_items(trainer.item_side, trainer.user, person, item.unsqueeze(1)).numpy()[:, 0]
+    neg = score_items(trainer.item_side, trainer.user, person, torch.as_tensor(negatives[test_person])).numpy()
+    sums.update(ranking_sums(pos, neg, k))
+    return sums

@@ -1,0 +1,207 @@
+"""Matrix factorization split into a shared item side and a private user side.
+
+    r̂(u, i) = g + b_i + b_u + p_u · q_i
+
+* **Shared item side** (:class:`ItemSide`, released under DP): item biases ``b_i`` and, when
+  ``dim > 0``, item factors ``q_i``. The global offset ``g`` is a public constant (the midpoint
+  of the declared rating scale); each person's private bias absorbs the rest. Learning ``g``
+  by DP-SGD would put a coordinate whose per-person gradient grows with the number of ratings
+  next to coordinates that do not, and one learning rate cannot serve both.
+* **Private user side** (:class:`UserSide`, never leaves the institution): person biases
+  ``b_u`` and factors ``p_u``. It is fitted in closed form (ridge regression per person given
+  the item side) — at no privacy cost, since nothing about it is released.
+
+Person-level gradients (:func:`person_losses_and_norms`): a DP sample is one person with
+all their ratings. The item-side gradient of person u's loss ``½ Σ_l e_l²`` (e = r̂ - r) is
+
+    ∂/∂b_i = e_l,   ∂/∂q_i = e_l p_u      (l: u's rating of item i)
+
+and because a person rates an item at most once, the rows they touch are distinct, so the
+exact per-person L2 norm is ``sqrt(Σ_l e_l² (1 + ‖p_u‖²))``. This is what makes
+exact per-person clipping cheap (no per-sample gradient tensors; see
+``common/privacy/person_clipping.py``). The user side is held fixed (detached) while item
+gradients are taken: it is a function of the same person's data only, so the per-person
+contribution stays a function of that person's records and the public item side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "PersonRatings",
+    "ItemSide",
+    "UserSide",
+    "fit_user_side",
+    "person_residuals",
+    "person_losses_and_norms",
+    "predict",
+    "score_items",
+]
+
+
+@dataclass
+class PersonRatings:
+    """An institution's ratings grouped by person (CSR). Item indices are global (public catalogue)."""
+
+    indptr: torch.Tensor  # int64 [P + 1]
+    item: torch.Tensor  # int64 [nnz]
+    rating: torch.Tensor  # float32 [nnz]
+
+    @classmethod
+    def from_arrays(cls, person: np.ndarray, item: np.ndarray, rating: np.ndarray, n_persons: int) -> PersonRatings:
+        order = np.lexsort((item, person))
+        person, item, rating = person[order], item[order], rating[order]
+        if len(person) > 1:
+            same = (np.diff(person) == 0) & (np.diff(item) == 0)
+            if same.any():
+                raise ValueError("a person rates an item at most once (duplicate person/item pair)")
+        counts = np.bincount(person, minlength=n_persons)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        return cls(
+            indptr=torch.as_tensor(indptr, dtype=torch.int64),
+            item=torch.as_tensor(item, dtype=torch.int64),
+            rating=torch.as_tensor(rating, dtype=torch.float32),
+        )
+
+    @property
+    def n_persons(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.indptr[1:] - self.indptr[:-1]
+
+    def gather(self, persons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of ``persons``: (position of the person in ``persons``, item, rating)."""
+        start = self.indptr[persons]
+        length = self.indptr[persons + 1] - start
+        seg = torch.repeat_interleave(torch.arange(len(persons)), length)
+        first = torch.cumsum(length, 0) - length
+        rows = torch.arange(int(length.sum())) - first[seg] + start[seg]
+        return seg, self.item[rows], self.rating[rows]
+
+    def person_of_rows(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(self.n_persons), self.counts)
+
+
+class ItemSide(nn.Module):
+    """The shared, released parameters."""
+
+    def __init__(self, n_items: int, dim: int, *, global_bias: float = 0.0, init_scale: float = 0.01, seed: int = 0):
+        super().__init__()
+        self.dim = dim
+        # public constant, not a parameter: never trained, never released
+        self.register_buffer("global_bias", torch.tensor([global_bias], dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(n_items))
+        gen = torch.Generator().manual_seed(seed)
+        self.factors = nn.Parameter(torch.randn(n_items, dim, generator=gen) * init_scale)
+
+    @property
+    def n_items(self) -> int:
+        return self.bias.shape[0]
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        out = {"item_bias": self.bias.detach().numpy().copy()}
+        if self.dim:
+            out["item_factors"] = self.factors.detach().numpy().copy()
+        return out
+
+    def load_numpy(self, arrays: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            self.bias.copy_(torch.as_tensor(arrays["item_bias"], dtype=torch.float32))
+            if self.dim:
+                self.factors.copy_(torch.as_tensor(arrays["item_factors"], dtype=torch.float32))
+
+    def released_parameters(self) -> list[nn.Parameter]:
+        params = [self.bias]
+        if self.dim:
+            params.append(self.factors)
+        return params
+
+
+@dataclass
+class UserSide:
+    """Private per-person parameters; stays at the institution."""
+
+    bias: torch.Tensor  # [P]
+    factors: torch.Tensor  # [P, d]
+
+    @classmethod
+    def zeros(cls, n_persons: int, dim: int) -> UserSide:
+        return cls(torch.zeros(n_persons), torch.zeros(n_persons, dim))
+
+
+@torch.no_grad()
+def fit_user_side(
+    item_side: ItemSide, ratings: PersonRatings, user: UserSide, *, reg: float, persons: torch.Tensor | None = None
+) -> None:
+    """Closed-form ridge fit of (b_u, p_u) for ``persons`` (all if None), item side fixed.
+
+    Never released; uses only the institution's own ratings and the public item side.
+    """
+    if persons is None:
+        persons = torch.arange(ratings.n_persons)
+    if len(persons) == 0:
+        return
+    seg, item, rating = ratings.gather(persons)
+    d = item_side.dim
+    target = rating - item_side.global_bias - item_side.bias[item]
+    x = torch.cat([torch.ones(len(item), 1), item_side.factors[item]], dim=1)  # [nnz, d+1]
+    gram = torch.zeros(len(persons), d + 1, d + 1)
+    gram.index_add_(0, seg, x.unsqueeze(2) * x.unsqueeze(1))
+    rhs = torch.zeros(len(persons), d + 1)
+    rhs.index_add_(0, seg, x * target.unsqueeze(1))
+    gram += reg * torch.eye(d + 1)
+    w = torch.linalg.solve(gram, rhs)
+    user.bias[persons] = w[:, 0]
+    if d:
+        user.factors[persons] = w[:, 1:]
+
+
+def person_residuals(
+    item_side: ItemSide, user: UserSide, seg: torch.Tensor, persons: torch.Tensor, item: torch.Tensor, rating: torch.Tensor
+) -> torch.Tensor:
+    """e = r̂ - r per row; differentiable in the item side, user side detached."""
+    pred = item_side.global_bias + item_side.bias[item] + user.bias[persons][seg].detach()
+    if item_side.dim:
+        pred = pred + (item_side.factors[item] * user.factors[persons][seg].detach()).sum(1)
+    return pred - rating
+
+
+def person_losses_and_norms(
+    item_side: ItemSide, user: UserSide, ratings: PersonRatings, persons: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-person loss ``½ Σ e²`` (differentiable) and the exact L2 norm of its item-side gradient."""
+    seg, item, rating = ratings.gather(persons)
+    e = person_residuals(item_side, user, seg, persons, item, rating)
+    loss = torch.zeros(len(persons)).index_add(0, seg, 0.5 * e * e)
+    with torch.no_grad():
+        ed = e.detach()
+        sum_e2 = torch.zeros(len(persons)).index_add_(0, seg, ed * ed)
+        pn2 = (user.factors[persons] ** 2).sum(1) if item_side.dim else torch.zeros(len(persons))
+        norms = torch.sqrt(sum_e2 * (1.0 + pn2))
+    return loss, norms
+
+
+@torch.no_grad()
+def predict(item_side: ItemSide, user: UserSide, person: torch.Tensor, item: torch.Tensor, bounds: tuple[float, float] | None = None) -> torch.Tensor:
+    pred = item_side.global_bias + item_side.bias[item] + user.bias[person]
+    if item_side.dim:
+        pred = pred + (item_side.factors[item] * user.factors[person]).sum(1)
+    if bounds is not None:
+        pred = pred.clamp(*bounds)
+    return pred
+
+
+@torch.no_grad()
+def score_items(item_side: ItemSide, user: UserSide, person: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Ranking scores [len(person), items.shape[1]] for candidate ``items`` per person."""
+    s = item_side.bias[items]
+    if item_side.dim:
+        s = s + torch.einsum("bd,bkd->bk", user.factors[person], item_side.factors[items])
+    return s

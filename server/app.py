@@ -1,0 +1,182 @@
+"""The fedrec Flower ServerApp: federated MF training through secure sums.
+
+Per run: wait for every institution, agree on the public item catalogue, then for each round
+ask all institutions for their DP item-side update through the sum protocol (SecAgg+ by
+default: the server sees only the sum), apply the equal-weight mean, and — in simulations —
+collect held-out metrics. Writes ``metrics.json`` and ``config.json`` to ``results-dir``.
+
+A round whose sum cannot be formed (too few contributors, protocol failure) raises: the run
+stops loudly rather than silently keeping the old model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec.common.config import RunConfig
+from fedrec.common.metrics import add_sums, finalize
+from fedrec.server.aggregation import (
+    PlainSum,
+    RoundFailed,
+    SumProtocol,
+    apply_mean_update,
+    numpy_to_arrays,
+    reply_metrics,
+    split_replies,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["app", "make_sum_protocol", "wait_for_nodes"]
+
+app = ServerApp()
+
+
+def make_sum_protocol(cfg: RunConfig) -> SumProtocol:
+    """SecAgg+ unless the run explicitly turned it off (tests and benchmark peers only)."""
+    if not cfg.secagg.enabled:
+        log.warning("secure aggregation is OFF: the server sees every institution's update")
+        return PlainSum()
+    from fedrec.server.secagg_workflow import SecAggPlusSum
+
+    return SecAggPlusSum.from_config(cfg)
+
+
+def wait_for_nodes(grid: Grid, n: int, *, timeout: float = 120.0) -> list[int]:
+    """All ``n`` institutions, or a clear error (FedAvg's sampler races the first round)."""
+    start = time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes[:n]
+        if time.monotonic() - start > timeout:
+            raise RoundFailed(f"only {len(nodes)} of {n} institutions connected within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def agree_on_catalogue(grid: Grid, nodes: list[int]) -> int:
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.catalogue") for n in nodes]
+    replies = list(grid.send_and_receive(msgs, timeout=300))
+    ok, _, failed = split_replies(replies)
+    if failed or len(ok) < len(nodes):
+        raise RoundFailed(f"catalogue query failed at nodes {sorted(set(nodes) - set(ok))}")
+    seen = {(int(m.content["catalogue"]["n-items"]), str(m.content["catalogue"]["sha256"])) for m in ok.values()}
+    if len(seen) != 1:
+        raise RoundFailed(f"institutions disagree on the item catalogue: {sorted(seen)}")
+    return seen.pop()[0]
+
+
+def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], server_round: int) -> dict[str, float]:
+    """Held-out metrics summed over institutions (simulation only; see eval.metrics-release)."""
+    content = RecordDict({"arrays": numpy_to_arrays(arrays), "config": ConfigRecord({"server-round": server_round})})
+    msgs = [Message(content, dst_node_id=n, message_type="evaluate") for n in nodes]
+    ok, _, _ = split_replies(grid.send_and_receive(msgs, timeout=600))
+    return finalize(add_sums(reply_metrics(m) for m in ok.values()))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flower(context.run_config)
+    run_training(grid, cfg)
+
+
+def run_training(grid: Grid, cfg: RunConfig) -> dict:
+    results_dir = Path(cfg.data.results_dir) if cfg.data.results_dir else None
+    nodes = wait_for_nodes(grid, cfg.data.institutions)
+    n_items = agree_on_catalogue(grid, nodes)
+    dim = cfg.train.mf_dim
+    global_arrays: dict[str, np.ndarray] = {"item_bias": np.zeros(n_items, np.float32)}
+    if dim:
+        rng = np.random.default_rng(cfg.data.seed)
+        global_arrays["item_factors"] = (0.1 * rng.standard_normal((n_items, dim))).astype(np.float32)
+    protocol = make_sum_protocol(cfg)
+    history: dict = {"rounds": [], "config": cfg.to_flat()}
+    if results_dir:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "config.json").write_text(json.dumps(_jsonable(cfg.to_flat()), indent=2))
+    simulate = cfg.eval.metrics_release == "simulation"
+    min_contributors = max(1, math.ceil((1 - cfg.secagg.max_dropout_fraction) * len(nodes)))
+    if cfg.privacy.noise_mode == "distributed":
+        min_contributors = max(min_contributors, cfg.n_min)
+    progress = _Progress(cfg.train.rounds)
+    epsilon: dict[str, float] = {}
+    for r in range(1, cfg.train.rounds + 1):
+        t0 = time.monotonic()
+        content = RecordDict(
+            {"arrays": numpy_to_arrays(global_arrays), "config": ConfigRecord({"server-round": r})}
+        )
+        res = protocol.run_round(
+            grid, nodes, message_type="train", content=content, server_round=r, min_contributors=min_contributors
+        )
+        if res.total is None:
+            raise RoundFailed(f"round {r}: no contribution")
+        global_arrays = apply_mean_update(global_arrays, res.total, len(res.contributors), cfg.train.server_lr)
+        for node, m in res.metrics.items():
+            if "epsilon" in m:
+                epsilon[str(node)] = m["epsilon"]
+        row: dict = {
+            "round": r,
+            "contributors": len(res.contributors),
+            "dropped": res.dropped,
+            "refusals": {str(k): v for k, v in res.refusals.items()},
+            "epsilon": dict(epsilon),
+            "seconds": time.monotonic() - t0,
+        }
+        if simulate:
+            row.update(evaluate_round(grid, nodes, global_arrays, r))
+        history["rounds"].append(row)
+        if results_dir:
+            (results_dir / "metrics.json").write_text(json.dumps(_jsonable(history), indent=2))
+        progress.update(row)
+    progress.close()
+    return history
+
+
+class _Progress:
+    """A progress line per round on stderr (rich when available)."""
+
+    def __init__(self, total: int):
+        import os
+
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(
+            TextColumn("[bold]fedrec[/] round {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
+            disable=os.environ.get("FEDREC_NO_PROGRESS") == "1",
+        )
+        self._task = self._p.add_task("train", total=total, info="")
+        self._p.start()
+
+    def update(self, row: dict) -> None:
+        parts = []
+        for key in ("rmse", "ndcg10"):
+            if key in row:
+                parts.append(f"{key} {row[key]:.4f}")
+        if row["epsilon"]:
+            parts.append(f"ε max {max(row['epsilon'].values()):.2f}")
+        self._p.update(self._task, advance=1, info="  ".join(parts))
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj
