@@ -32,6 +32,7 @@ from fedrec.common.errors import BudgetExceeded
 from fedrec.common.metrics import sample_negatives
 from fedrec.common.models.mf import PersonRatings
 from fedrec.common.ratings import CATALOGUE_FILE, InstitutionRatings, load_institution_ratings
+from fedrec.client.guard import ReleaseGuard, open_guard
 from fedrec.client.train import DPSchedule, MFTrainer, evaluation_sums, plan_dp
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,7 @@ def _stable_int(text: str) -> int:
 
 
 def _trainer(inst: Institution, cfg: RunConfig) -> MFTrainer:
-    lo, hi = inst.data.bounds
-    return MFTrainer(inst.ratings, inst.data.n_items, cfg, global_bias=(lo + hi) / 2)
+    return MFTrainer(inst.ratings, inst.data.n_items, cfg)
 
 
 def catalogue_fingerprint(folder: Path) -> tuple[int, str]:
@@ -120,35 +120,65 @@ def catalogue(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"catalogue": ConfigRecord({"n-items": n_items, "sha256": digest})}), reply_to=msg)
 
 
+@app.query("counts")
+def counts(msg: Message, context: Context) -> Message:
+    """Weighted item counts N_i (Gaussian release, sensitivity 1), once per run.
+
+    The server turns their secure sum into the public per-item step size. Charged to the
+    ledger before the data is read.
+    """
+    cfg, inst = _institution(context)
+    return _guarded_release(
+        msg, context, cfg, inst, task="item-counts",
+        event=None if inst.schedule is None else inst.schedule.count_event(),
+        compute=lambda trainer: ({"counts": trainer.item_counts(inst.schedule)}, {}),
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One round of local DP-SGD on the item side; replies with the (noised) item-side delta."""
     cfg, inst = _institution(context)
-    server_round = int(msg.content["config"]["server-round"])
+    global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    precond = msg.content["precond"]["precond"].numpy()
+
+    def compute(trainer: MFTrainer):
+        delta, stats = trainer.train_round(global_arrays, inst.schedule, precond)
+        return delta, {"clipped-fraction": stats["clipped_fraction"]}
+
+    return _guarded_release(
+        msg, context, cfg, inst, task="train",
+        event=None if inst.schedule is None else inst.schedule.round_event(), compute=compute,
+    )
+
+
+def _guarded_release(msg: Message, context: Context, cfg: RunConfig, inst: Institution, *, task: str, event, compute) -> Message:
+    """Charge (write-ahead) -> compute on the data -> reply -> mark released.
+
+    A refused charge replies with the reason and touches no data. The reply's metrics are
+    public accounting facts: ε spent (PRV and RDP), δ, and the variance of the noise this
+    institution added per coordinate (the server needs it for the Wiener step size).
+    """
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
     guard = _guard(context, cfg, inst.data.name)
     charge = None
-    if inst.schedule is not None and guard is not None:
-        try:  # write-ahead: charged and committed before any computation touches the data
-            charge = guard.charge(
-                inst.schedule.round_event(), run_id=str(context.run_id), round=server_round, task="train", model="mf"
-            )
+    if event is not None:
+        try:
+            charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=task, model="mf")
         except BudgetExceeded as err:
             return Message(RecordDict({"refusal": ConfigRecord({"reason": str(err)})}), reply_to=msg)
-    trainer = _trainer(inst, cfg)
-    global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    delta, stats = trainer.train_round(global_arrays, inst.schedule)
-    metrics = {"clipped-fraction": stats["clipped_fraction"]}
-    if guard is not None:
-        if charge is not None:
-            guard.released(charge)
-        eps_prv, eps_rdp = guard.spent(delta=cfg.privacy.delta)
-        metrics.update({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": cfg.privacy.delta})
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: _array(v) for k, v in delta.items()}),
-            "metrics": MetricRecord(metrics),
-        }
+    arrays, metrics = compute(_trainer(inst, cfg))
+    eps_prv, eps_rdp = guard.spent(delta=cfg.privacy.delta)
+    sched = inst.schedule
+    noise_sd = 0.0 if sched is None else sched.local_noise_multiplier * (1.0 if task == "item-counts" else sched.clip_norm)
+    metrics.update({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": cfg.privacy.delta, "noise-var": noise_sd**2})
+    reply = Message(
+        RecordDict({"arrays": ArrayRecord({k: _array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)}),
+        reply_to=msg,
     )
-    return Message(content, reply_to=msg)
+    if charge is not None:
+        guard.released(charge)
+    return reply
 
 
 @app.evaluate()
@@ -170,34 +200,6 @@ def _array(v: np.ndarray):
     return Array(np.ascontiguousarray(v, dtype=np.float32))
 
 
-def _guard(context: Context, cfg: RunConfig, institution: str):
+def _guard(context: Context, cfg: RunConfig, institution: str) -> ReleaseGuard:
     """The institution's release guard over its SQLite ledger (client/guard.py)."""
-    try:
-        from fedrec.client.guard import open_guard
-    except ImportError:  # TEMPORARY until the ledger lands
-        return _StateGuard(context)
     return open_guard(ledger_path(context, cfg, institution), institution=institution, cfg=cfg)
-
-
-class _StateGuard:  # TEMPORARY: history in context.state
-    def __init__(self, context: Context):
-        self.context = context
-
-    def charge(self, event, **_):
-        rec = self.context.state.config_records.setdefault("dp-history", ConfigRecord({"s": [], "q": [], "n": []}))
-        rec["s"] = list(rec["s"]) + [event.noise_multiplier]
-        rec["q"] = list(rec["q"]) + [event.sample_rate]
-        rec["n"] = list(rec["n"]) + [event.steps]
-        return None
-
-    def released(self, charge) -> None:
-        pass
-
-    def spent(self, *, delta):
-        from fedrec.common.privacy.accountant import DPSGDEvent, epsilon_for
-
-        rec = self.context.state.config_records.get("dp-history")
-        if rec is None:
-            return 0.0, 0.0
-        evs = [DPSGDEvent(noise_multiplier=s, sample_rate=q, steps=n) for s, q, n in zip(rec["s"], rec["q"], rec["n"])]
-        return epsilon_for(evs, delta=delta, accountant="prv"), epsilon_for(evs, delta=delta, accountant="rdp")

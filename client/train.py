@@ -7,13 +7,14 @@ Poisson-sampled by Opacus' ``DPDataLoader``; each person's item-side gradient is
 records every step. The user side is refitted in closed form before each step and after the
 round, and never leaves.
 
-Privacy contract of :meth:`MFTrainer.train_round`: the returned item-side delta is a
-post-processing of ``steps_per_round`` subsampled-Gaussian steps with sampling rate
+Privacy contract. :meth:`MFTrainer.item_counts` is a Gaussian release with sensitivity 1;
+:meth:`MFTrainer.train_round` returns an item-side delta that is post-processing (with the
+public preconditioner) of ``steps_per_round`` subsampled-Gaussian steps with sampling rate
 ``schedule.sample_rate``, per-person sensitivity ``clip_norm`` and noise std
-``local_noise_multiplier · clip_norm`` per step. In ``local`` noise mode that is the
-accounted σ; in ``distributed`` mode it is σ/√n_min and the guarantee holds for the securely
-aggregated sum of at least n_min institutions (one local step, plain SGD, a common public
-normalizer — enforced in :func:`plan_dp`).
+``local_noise_multiplier · clip_norm``. In ``local`` noise mode that is the accounted σ; in
+``distributed`` mode it is σ/√n_min and the guarantee holds for the securely aggregated sum
+of at least n_min institutions (one local step, so the delta stays linear in the noise —
+enforced in :func:`plan_dp`).
 """
 
 from __future__ import annotations
@@ -29,16 +30,35 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch.utils.data import TensorDataset
 
 from fedrec.common.config import ConfigError, RunConfig
-from fedrec.common.models.mf import ItemSide, PersonRatings, UserSide, fit_user_side, person_losses_and_norms
-from fedrec.common.privacy.accountant import DPSGDEvent, calibrate_noise_multiplier
+from fedrec.common.models.mf import (
+    ItemSide,
+    PersonRatings,
+    UserSide,
+    fit_user_side,
+    PreconditionedSGD,
+    person_losses_and_norms,
+    weighted_item_counts,
+)
+from fedrec.common.privacy.accountant import (
+    DPSGDEvent,
+    Event,
+    GaussianEvent,
+    calibrate_for_events,
+    calibrate_noise_multiplier,
+)
 from fedrec.common.privacy.person_clipping import clipped_sum_backward
 
-__all__ = ["DPSchedule", "plan_dp", "MFTrainer"]
+__all__ = ["DPSchedule", "plan_dp", "MFTrainer", "evaluation_sums"]
 
 
 @dataclass(frozen=True)
 class DPSchedule:
-    """The whole run's DP-SGD plan for one institution, calibrated once (not per round)."""
+    """The whole run's DP plan for one institution, calibrated once (not per round).
+
+    A run releases one item-count vector (a Gaussian release, sensitivity 1) and then, per
+    round, ``steps_per_round`` DP-SGD steps. All share the noise multiplier σ, calibrated so
+    that their composition spends exactly the run's ε.
+    """
 
     #: σ of the released aggregate (what the accountant composes)
     noise_multiplier: float
@@ -48,8 +68,10 @@ class DPSchedule:
     steps_per_round: int
     rounds: int
     clip_norm: float
-    #: persons per step used to average the clipped sum (expected batch size)
-    normalizer: float
+
+    def count_event(self) -> GaussianEvent:
+        """The item-count release (sensitivity 1: each person's count vector has norm 1)."""
+        return GaussianEvent(noise_multiplier=self.noise_multiplier, count=1, sensitivity=1.0)
 
     def round_event(self) -> DPSGDEvent:
         """The mechanism event one round releases (charged to the ledger before training)."""
@@ -59,32 +81,33 @@ class DPSchedule:
             steps=self.steps_per_round,
         )
 
+    def run_events(self) -> list[Event]:
+        return [self.count_event()] + [self.round_event()] * self.rounds
+
 
 def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
-    """Calibrate σ so that the whole run (rounds × local steps) spends ``privacy.epsilon``.
-
-    Returns None when DP is off (ε = inf).
-    """
+    """Calibrate σ so that the whole run (count release + rounds × local steps) spends
+    ``privacy.epsilon``. Returns None when DP is off (ε = inf)."""
     if not cfg.dp_enabled:
         return None
     t, p = cfg.train, cfg.privacy
     q = 1.0 if t.persons_per_step <= 0 else min(1.0, t.persons_per_step / n_persons)
-    steps = t.rounds * t.local_steps
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant
-    )
-    if p.noise_mode == "distributed":
-        if t.local_steps != 1:
-            raise ConfigError(
-                "privacy.noise-mode=distributed needs local-steps=1: a second local step would "
-                "build on an update that carries only σ²/n_min of the noise"
-            )
-        local_sigma = sigma / math.sqrt(cfg.n_min)
-        # a public normalizer common to all institutions keeps the aggregate linear in the noise
-        normalizer = float(max(1, t.persons_per_step or n_persons))
+    if p.noise_mode == "distributed" and t.local_steps != 1:
+        raise ConfigError(
+            "privacy.noise-mode=distributed needs local-steps=1: a second local step would "
+            "build on an update that carries only σ²/n_min of the noise"
+        )
+    if q == 1.0:  # all releases are full-batch Gaussians: closed-form composition
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=p.epsilon, delta=p.delta, sample_rate=1.0,
+            steps=t.rounds * t.local_steps + 1, accountant=p.accountant,
+        )
     else:
-        local_sigma = sigma
-        normalizer = max(1.0, q * n_persons)
+        def events(s: float) -> list[Event]:
+            return [GaussianEvent(noise_multiplier=s)] + [DPSGDEvent(noise_multiplier=s, sample_rate=q, steps=t.local_steps)] * t.rounds
+
+        sigma = calibrate_for_events(events, target_epsilon=p.epsilon, delta=p.delta, accountant=p.accountant)
+    local_sigma = sigma / math.sqrt(cfg.n_min) if p.noise_mode == "distributed" else sigma
     return DPSchedule(
         noise_multiplier=sigma,
         local_noise_multiplier=local_sigma,
@@ -92,16 +115,18 @@ def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
         steps_per_round=t.local_steps,
         rounds=t.rounds,
         clip_norm=p.clip_norm,
-        normalizer=normalizer,
     )
 
 
 class MFTrainer:
     """An institution's MF state: its ratings, its private user side, its noise generator."""
 
-    def __init__(self, ratings: PersonRatings, n_items: int, cfg: RunConfig, *, global_bias: float, seed: int | None = None):
+    def __init__(self, ratings: PersonRatings, n_items: int, cfg: RunConfig, *, global_bias: float | None = None, seed: int | None = None):
         self.ratings = ratings
         self.cfg = cfg
+        if global_bias is None:
+            # the institution's own mean rating: private, used locally, never released
+            global_bias = float(ratings.rating.mean()) if len(ratings.rating) else 0.0
         self.item_side = ItemSide(n_items, cfg.train.mf_dim, global_bias=global_bias)
         self.user = UserSide.zeros(ratings.n_persons, cfg.train.mf_dim)
         # DP noise must be unpredictable to the server: seed from the OS unless a test pins it.
@@ -112,33 +137,58 @@ class MFTrainer:
             secrets.randbits(63) if seed is None else seed + 1
         )
 
-    # ---------------------------------------------------------------- rounds
-    def train_round(self, global_arrays: dict[str, np.ndarray], schedule: DPSchedule | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    # ---------------------------------------------------------------- releases
+    def item_counts(self, schedule: DPSchedule | None) -> np.ndarray:
+        """Weighted item counts N_i = Σ_u w_u 1[u rated i], noised when DP is on.
+
+        Privacy contract: each person's count vector has L2 norm exactly 1 (w_u = 1/√n_u),
+        so this is the Gaussian mechanism with sensitivity 1 and noise std
+        ``schedule.local_noise_multiplier`` (σ in local mode, σ/√n_min in distributed mode).
+        """
+        counts = weighted_item_counts(self.ratings, self.item_side.n_items)
+        if schedule is not None:
+            counts = counts + schedule.local_noise_multiplier * torch.randn(
+                counts.shape, generator=self.noise_generator
+            )
+        return counts.numpy()
+
+    def train_round(
+        self, global_arrays: dict[str, np.ndarray], schedule: DPSchedule | None, precond: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Run this round's local steps from the global item side; return (delta, stats).
 
-        Only the item-side delta is returned; the user side stays in ``self.user``.
+        The delta is on the scale of a sum over persons: the server adds the institutions'
+        deltas. Only the item-side delta is returned; the user side stays in ``self.user``.
         """
         self.item_side.load_numpy(global_arrays)
         start = {k: v.copy() for k, v in global_arrays.items()}
         params = self.item_side.released_parameters()
-        sgd = torch.optim.SGD(params, lr=self.cfg.train.lr, weight_decay=self.cfg.train.item_reg)
         n = self.ratings.n_persons
+        q = 1.0 if schedule is None else schedule.sample_rate
+        base = PreconditionedSGD(
+            params,
+            lr=self.cfg.train.lr / q,
+            precond=torch.as_tensor(precond),
+            # the prior is data-independent: each of the K institutions carries 1/K of it,
+            # so the summed update holds it once
+            shrinkage=self.cfg.train.item_reg / self.cfg.data.institutions,
+        )
         clipped_fraction = 0.0
         if schedule is None:
             for _ in range(self.cfg.train.local_steps):
                 persons = torch.arange(n)
                 fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg, persons=persons)
-                sgd.zero_grad()
+                base.zero_grad()
                 losses, _ = person_losses_and_norms(self.item_side, self.user, self.ratings, persons)
-                (losses.sum() / n).backward()
-                sgd.step()
+                losses.sum().backward()
+                base.step()
         else:
             optimizer = DPOptimizerFastGradientClipping(
-                sgd,
+                base,
                 noise_multiplier=schedule.local_noise_multiplier,
                 max_grad_norm=schedule.clip_norm,
-                expected_batch_size=int(round(schedule.normalizer)),
-                loss_reduction="mean",
+                expected_batch_size=max(1, int(round(q * n))),
+                loss_reduction="sum",
                 generator=self.noise_generator,
             )
             loader = DPDataLoader(

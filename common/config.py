@@ -53,13 +53,15 @@ class TrainConfig:
     local_steps: int = 1
     #: expected persons per DP-SGD step (Poisson sampling rate = this / persons).
     persons_per_step: int = 0  # 0 = every person in every step (sample rate 1)
-    lr: float = 0.5
+    lr: float = 1.0
     #: dimension of released item factors (0 = item biases only).
     mf_dim: int = 0
     #: ridge penalty for the private per-person fit (bias and factors).
-    user_reg: float = 5.0
-    #: weight decay on the shared item side (data-independent).
-    item_reg: float = 0.0
+    user_reg: float = 2.0
+    #: ridge shrinkage of the shared item side, in units of (weighted) raters.
+    item_reg: float = 1.0
+    #: prior variance of item parameters; sets the Wiener step size under DP noise.
+    item_prior_var: float = 0.25
     #: server learning rate applied to the mean of institution updates.
     server_lr: float = 1.0
 

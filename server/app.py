@@ -23,11 +23,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common.config import RunConfig
 from fedrec.common.metrics import add_sums, finalize
+from fedrec.common.models.mf import preconditioner
 from fedrec.server.aggregation import (
     PlainSum,
     RoundFailed,
     SumProtocol,
-    apply_mean_update,
     numpy_to_arrays,
     reply_metrics,
     split_replies,
@@ -74,6 +74,30 @@ def agree_on_catalogue(grid: Grid, nodes: list[int]) -> int:
     return seen.pop()[0]
 
 
+def item_step_sizes(
+    grid: Grid, nodes: list[int], protocol: SumProtocol, cfg: RunConfig, min_contributors: int,
+    epsilon: dict[str, float],
+) -> np.ndarray:
+    """Secure sum of the institutions' DP item counts -> public per-item step sizes.
+
+    Post-processing only: the Wiener gain uses the counts' sum and the variance of the
+    gradient noise the institutions declare (a public function of their DP settings).
+    """
+    content = RecordDict({"config": ConfigRecord({"server-round": 0})})
+    res = protocol.run_round(
+        grid, nodes, message_type="query.counts", content=content, server_round=0, min_contributors=min_contributors
+    )
+    if res.total is None:
+        raise RoundFailed("item-count round: no contribution")
+    # noise variance of each summed gradient coordinate: Σ_k (σ_k C)², where σ_k² is the
+    # count noise variance institution k declares (sensitivity 1 there, C in training)
+    noise_var = cfg.privacy.clip_norm**2 * sum(m.get("noise-var", 0.0) for m in res.metrics.values())
+    for node, m in res.metrics.items():
+        if "epsilon" in m:
+            epsilon[str(node)] = m["epsilon"]
+    return preconditioner(res.total["counts"], cfg.train.item_reg, noise_var, cfg.train.item_prior_var)
+
+
 def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], server_round: int) -> dict[str, float]:
     """Held-out metrics summed over institutions (simulation only; see eval.metrics-release)."""
     content = RecordDict({"arrays": numpy_to_arrays(arrays), "config": ConfigRecord({"server-round": server_round})})
@@ -106,19 +130,27 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
     min_contributors = max(1, math.ceil((1 - cfg.secagg.max_dropout_fraction) * len(nodes)))
     if cfg.privacy.noise_mode == "distributed":
         min_contributors = max(min_contributors, cfg.n_min)
-    progress = _Progress(cfg.train.rounds)
     epsilon: dict[str, float] = {}
+    precond = item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
+    progress = _Progress(cfg.train.rounds)
     for r in range(1, cfg.train.rounds + 1):
         t0 = time.monotonic()
         content = RecordDict(
-            {"arrays": numpy_to_arrays(global_arrays), "config": ConfigRecord({"server-round": r})}
+            {
+                "arrays": numpy_to_arrays(global_arrays),
+                "precond": numpy_to_arrays({"precond": precond}),
+                "config": ConfigRecord({"server-round": r}),
+            }
         )
         res = protocol.run_round(
             grid, nodes, message_type="train", content=content, server_round=r, min_contributors=min_contributors
         )
         if res.total is None:
             raise RoundFailed(f"round {r}: no contribution")
-        global_arrays = apply_mean_update(global_arrays, res.total, len(res.contributors), cfg.train.server_lr)
+        # institutions' deltas are on the scale of a sum over persons: add them
+        global_arrays = {
+            k: (v + cfg.train.server_lr * res.total[k]).astype(np.float32) for k, v in global_arrays.items()
+        }
         for node, m in res.metrics.items():
             if "epsilon" in m:
                 epsilon[str(node)] = m["epsilon"]

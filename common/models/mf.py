@@ -12,12 +12,13 @@
   the item side) — at no privacy cost, since nothing about it is released.
 
 Person-level gradients (:func:`person_losses_and_norms`): a DP sample is one person with
-all their ratings. The item-side gradient of person u's loss ``½ Σ_l e_l²`` (e = r̂ - r) is
+all their ratings. The item-side gradient of person u's loss ``½ w_u Σ_l e_l²``
+(e = r̂ - r, w_u = 1/√n_u) is
 
-    ∂/∂b_i = e_l,   ∂/∂q_i = e_l p_u      (l: u's rating of item i)
+    ∂/∂b_i = w_u e_l,   ∂/∂q_i = w_u e_l p_u      (l: u's rating of item i)
 
 and because a person rates an item at most once, the rows they touch are distinct, so the
-exact per-person L2 norm is ``sqrt(Σ_l e_l² (1 + ‖p_u‖²))``. This is what makes
+exact per-person L2 norm is ``w_u sqrt(Σ_l e_l² (1 + ‖p_u‖²))``. This is what makes
 exact per-person clipping cheap (no per-sample gradient tensors; see
 ``common/privacy/person_clipping.py``). The user side is held fixed (detached) while item
 gradients are taken: it is a function of the same person's data only, so the per-person
@@ -39,8 +40,12 @@ __all__ = [
     "fit_user_side",
     "person_residuals",
     "person_losses_and_norms",
+    "person_weights",
+    "weighted_item_counts",
     "predict",
     "score_items",
+    "PreconditionedSGD",
+    "preconditioner",
 ]
 
 
@@ -173,18 +178,34 @@ def person_residuals(
     return pred - rating
 
 
+def person_weights(ratings: PersonRatings) -> torch.Tensor:
+    """w_u = 1/√n_u: person u's loss weight, so that u's item-count vector has L2 norm 1."""
+    return 1.0 / torch.sqrt(ratings.counts.clamp(min=1).float())
+
+
+def weighted_item_counts(ratings: PersonRatings, n_items: int) -> torch.Tensor:
+    """N_i = Σ_u w_u 1[u rated i]. Each person's contribution has L2 norm exactly 1."""
+    w = person_weights(ratings)[ratings.person_of_rows()]
+    return torch.zeros(n_items).index_add_(0, ratings.item, w)
+
+
 def person_losses_and_norms(
     item_side: ItemSide, user: UserSide, ratings: PersonRatings, persons: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-person loss ``½ Σ e²`` (differentiable) and the exact L2 norm of its item-side gradient."""
+    """Per-person loss ``½ w_u Σ e²`` (differentiable) and the exact L2 norm of its item-side gradient.
+
+    With w_u = 1/√n_u the gradient norm is about the person's RMS residual, whatever their
+    number of ratings, so clipping rarely distorts and every person weighs alike.
+    """
     seg, item, rating = ratings.gather(persons)
     e = person_residuals(item_side, user, seg, persons, item, rating)
-    loss = torch.zeros(len(persons)).index_add(0, seg, 0.5 * e * e)
+    w = person_weights(ratings)[persons]
+    loss = torch.zeros(len(persons)).index_add(0, seg, 0.5 * e * e) * w
     with torch.no_grad():
         ed = e.detach()
         sum_e2 = torch.zeros(len(persons)).index_add_(0, seg, ed * ed)
         pn2 = (user.factors[persons] ** 2).sum(1) if item_side.dim else torch.zeros(len(persons))
-        norms = torch.sqrt(sum_e2 * (1.0 + pn2))
+        norms = w * torch.sqrt(sum_e2 * (1.0 + pn2))
     return loss, norms
 
 
@@ -205,3 +226,44 @@ def score_items(item_side: ItemSide, user: UserSide, person: torch.Tensor, items
     if item_side.dim:
         s = s + torch.einsum("bd,bkd->bk", user.factors[person], item_side.factors[items])
     return s
+
+
+class PreconditionedSGD(torch.optim.Optimizer):
+    """SGD with a public per-item step size and ridge shrinkage.
+
+    Step: θ ← θ − lr · P ⊙ (g + λ θ), with P_i = 1 / (N_i + λ) from the DP item counts. For
+    item biases with lr = 1 this is one Newton step of the weighted ridge problem, so rare
+    items are shrunk towards 0 instead of drifting with the noise. P and λ are public
+    (post-processing of DP releases and a constant), so this adds no privacy cost.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], *, lr: float, precond: torch.Tensor, shrinkage: float):
+        super().__init__(params, {"lr": lr})
+        self.precond = precond
+        self.shrinkage = shrinkage
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch API
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad + self.shrinkage * p
+                scale = self.precond if p.dim() == 1 else self.precond.unsqueeze(1)
+                p.add_(-group["lr"] * scale * g)
+        return None
+
+
+def preconditioner(counts: np.ndarray, shrinkage: float, noise_var: float = 0.0, prior_var: float = 0.25) -> np.ndarray:
+    """Per-item step size from noisy weighted item counts (post-processing of a DP release).
+
+    Without noise, ``P_i = 1 / (N_i + λ)``: a Newton step of the ridge problem. With noise of
+    variance ``noise_var`` in each summed gradient coordinate and a prior variance
+    ``prior_var`` of the parameters, the Wiener (empirical-Bayes) gain
+    ``P_i = N_i / (N_i (N_i + λ) + noise_var / prior_var)`` shrinks items whose few raters
+    cannot outweigh the noise towards 0, instead of letting the noise move them.
+    """
+    n = np.maximum(counts, 0.0)
+    return (n / (n * (n + shrinkage) + noise_var / prior_var + 1e-12)).astype(np.float32) if noise_var > 0 else (
+        1.0 / (n + shrinkage)
+    ).astype(np.float32)
