@@ -31,7 +31,7 @@ from fedrec.common.config import RunConfig
 from fedrec.common.errors import BudgetExceeded
 from fedrec.common.metrics import sample_negatives
 from fedrec.common.models.mf import PersonRatings
-from fedrec.common.ratings import CATALOGUE_FILE, InstitutionRatings, load_institution_ratings
+from fedrec.common.ratings import InstitutionRatings, load_institution_ratings
 from fedrec.client.guard import ReleaseGuard, open_guard
 from fedrec.client.train import DPSchedule, MFTrainer, evaluation_sums, plan_dp
 
@@ -105,9 +105,9 @@ def _trainer(inst: Institution, cfg: RunConfig) -> MFTrainer:
 
 def catalogue_fingerprint(folder: Path) -> tuple[int, str]:
     """(number of items, sha256 of the sorted item ids) of the public catalogue."""
-    import pandas as pd
+    from fedrec.common.ratings import catalogue_ids
 
-    ids = np.sort(pd.read_parquet(folder / CATALOGUE_FILE, columns=["item_id"])["item_id"].to_numpy(np.int64))
+    ids = np.sort(catalogue_ids(folder))
     return len(ids), hashlib.sha256(ids.tobytes()).hexdigest()
 
 

@@ -228,14 +228,27 @@ def write_institution_ratings(folder: Path, *, person_ids: np.ndarray, item_ids:
     catalogue.to_parquet(folder / CATALOGUE_FILE, index=False)
 
 
+def _either(folder: Path, parquet_name: str) -> Path:
+    """``name.parquet`` or, failing that, ``name.csv`` (institutions often export CSV)."""
+    p = folder / parquet_name
+    if p.exists():
+        return p
+    csv = p.with_suffix(".csv")
+    if csv.exists():
+        return csv
+    raise FedrecInputError(
+        f"{folder.name}: missing {parquet_name} (or {csv.name}); fix: provide the file, see docs/simulate.md"
+    )
+
+
 def load_institution_ratings(folder: Path) -> InstitutionRatings:
     """Read and validate an institution folder written by :func:`write_institution_ratings`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FedrecInputError(f"{folder}: no such institution folder; fix: check data-dir and partition ids")
-    cat = folder / CATALOGUE_FILE
-    train = read_ratings_file(folder / TRAIN_FILE, items_path=cat)
-    test_path = folder / TEST_FILE
+    cat = _either(folder, CATALOGUE_FILE)
+    train = read_ratings_file(_either(folder, TRAIN_FILE), items_path=cat)
+    test_path = _either(folder, TEST_FILE)
     test_df = _read_table(test_path).rename(columns=_ALIASES)
     # test rows: same checks, persons must appear in train (a person is split, not moved)
     test = read_ratings_file(test_path, items_path=cat)
@@ -258,3 +271,8 @@ def load_institution_ratings(folder: Path) -> InstitutionRatings:
         test_item=test.item,
         test_rating=test.rating,
     )
+
+
+def catalogue_ids(folder: Path) -> np.ndarray:
+    """Item ids of an institution folder's public catalogue."""
+    return _read_table(_either(Path(folder), CATALOGUE_FILE))["item_id"].to_numpy(np.int64)

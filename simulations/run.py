@@ -144,6 +144,16 @@ def run_simulation(cfg: RunConfig, out: Path, *, num_cpus_per_client: float = 1.
         shutil.rmtree(work, ignore_errors=True)
 
 
+def validate_data_dir(root: Path, institutions: int) -> None:
+    """Check every institution folder at the boundary, before any simulation starts."""
+    from fedrec.common.ratings import load_institution_ratings
+
+    if not root.is_dir():
+        raise FedrecInputError(f"--data {root}: no such folder; fix: give a folder of institution_XX folders")
+    for k in range(institutions):
+        load_institution_ratings(root / f"institution_{k:02d}")
+
+
 def plot_metrics(history: dict, path: Path) -> None:
     import matplotlib
 
@@ -187,6 +197,8 @@ def run_from_cli(*, dataset: str, data: Path | None, institutions: int, rounds: 
         cfg = RunConfig().override(**flat)
     except ConfigError as err:
         raise FedrecInputError(str(err)) from None
+    if data is not None:
+        validate_data_dir(Path(data), cfg.data.institutions)
     if out is None:
         out = Path("results") / f"{dataset}-eps{epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
     history = run_simulation(cfg, out, quiet=quiet)
