@@ -1,0 +1,325 @@
+"""The institution data contract: study.toml parsing, the loader, and check-data's messages.
+
+Each malformed case builds a small valid folder, breaks one thing, and runs the real
+``fedrec-client check-data`` command (in process through typer's runner; once more through a
+subprocess): exit code 2 and one line naming file, row and column.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedrec.client.cli import app as client_app
+from fedrec.common.datasets import load_federation, load_institution, write_institution
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.schema import Covariate, Study, parse_study, validate_folder
+
+STUDY = """\
+[study]
+domain = "test"
+person_unit = "person"
+
+[engagement]
+kind = "rating"
+min = 1
+max = 5
+
+[outcome]
+name = "score"
+unit = "points"
+min = -10
+max = 10
+
+[covariates.age]
+kind = "integer"
+min = 0
+max = 120
+
+[covariates.female]
+kind = "binary"
+
+[covariates.income]
+kind = "number"
+min = 0
+max = 1000000
+
+[covariates.region]
+kind = "category"
+levels = ["north", "south"]
+"""
+
+PEOPLE = """\
+person_id,age,female,income,region
+a1,30,0,1000.5,north
+a2,45,1,2000,south
+a3,60,0,0,north
+"""
+
+ITEMS = """\
+item_id,name,description,category
+x1,Tutoring,One-on-one tutoring three times a week,support
+x2,Videos,Short videos explaining one idea each,digital
+"""
+
+INTERACTIONS = """\
+person_id,item_id,exposed,engagement,outcome,timestamp
+a1,x1,1,4,1.5,2024-01-02
+a1,x2,0,,1.5,2024-01-03
+a2,x1,0,,-2,2024-01-04
+a3,x2,1,5,3.25,2024-02-01T10:00:00
+"""
+
+
+def make_folder(root: Path) -> Path:
+    folder = root / "inst"
+    folder.mkdir()
+    for name, text in (("study.toml", STUDY), ("people.csv", PEOPLE), ("items.csv", ITEMS),
+                       ("interactions.csv", INTERACTIONS)):
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path)
+
+
+def edit(name: str, old: str, new: str) -> Callable[[Path], None]:
+    def apply(f: Path) -> None:
+        text = (f / name).read_text(encoding="utf-8")
+        assert old in text, (name, old)
+        (f / name).write_text(text.replace(old, new, 1), encoding="utf-8")
+    return apply
+
+
+def write(name: str, data: bytes) -> Callable[[Path], None]:
+    def apply(f: Path) -> None:
+        (f / name).write_bytes(data)
+    return apply
+
+
+def delete(name: str) -> Callable[[Path], None]:
+    def apply(f: Path) -> None:
+        (f / name).unlink()
+    return apply
+
+
+def both(*steps: Callable[[Path], None]) -> Callable[[Path], None]:
+    def apply(f: Path) -> None:
+        for s in steps:
+            s(f)
+    return apply
+
+
+def add_parquet_people(f: Path) -> None:
+    pd.read_csv(f / "people.csv").to_parquet(f / "people.parquet")
+
+
+def parquet_people_with_text_age(f: Path) -> None:
+    df = pd.read_csv(f / "people.csv", dtype=str)
+    df.loc[1, "age"] = "forty"
+    df.to_parquet(f / "people.parquet")
+    (f / "people.csv").unlink()
+
+
+def huge_line(f: Path) -> None:
+    text = ITEMS.replace("Short videos explaining one idea each", "v" * (1 << 20 + 1) + " x")
+    (f / "items.csv").write_text(text, encoding="utf-8")
+
+
+def latin1_items(f: Path) -> None:
+    text = ITEMS.replace("Short videos", "Short vid\u00e9os")
+    (f / "items.csv").write_bytes(text.encode("latin-1"))
+
+
+def click_study(f: Path) -> None:
+    text = STUDY.replace('kind = "rating"\nmin = 1\nmax = 5', 'kind = "click"')
+    (f / "study.toml").write_text(text, encoding="utf-8")
+
+
+# (case id, how to break the folder, file, row, column, part of the message)
+CASES: list[tuple[str, Callable[[Path], None], str, Optional[int], Optional[str], str]] = [
+    ("missing_study", delete("study.toml"), "study.toml", None, None, "missing"),
+    ("missing_people", delete("people.csv"), "people.csv", None, None, "missing"),
+    ("missing_items", delete("items.csv"), "items.csv", None, None, "missing"),
+    ("missing_interactions", delete("interactions.csv"), "interactions.csv", None, None, "missing"),
+    ("csv_and_parquet", add_parquet_people, "people.csv", None, None, "both"),
+    ("empty_file", write("people.csv", b""), "people.csv", None, None, "empty"),
+    ("header_only", write("interactions.csv", INTERACTIONS.splitlines()[0].encode() + b"\n"),
+     "interactions.csv", None, None, "no rows"),
+    ("missing_covariate_column", edit("people.csv", "person_id,age,", "person_id,years,"), "people.csv", 1, "age",
+     "column missing"),
+    ("missing_required_column", edit("interactions.csv", "exposed,", "shown,"), "interactions.csv", 1, "exposed",
+     "column missing"),
+    ("not_a_number", edit("people.csv", "a2,45,", "a2,abc,"), "people.csv", 3, "age", "'abc' is not a number"),
+    ("nan_covariate", edit("people.csv", "1000.5", "NaN"), "people.csv", 2, "income", "missing"),
+    ("covariate_out_of_bounds", edit("people.csv", "a3,60,", "a3,130,"), "people.csv", 4, "age", "outside [0, 120]"),
+    ("integer_with_fraction", edit("people.csv", "a1,30,", "a1,30.5,"), "people.csv", 2, "age", "not a whole number"),
+    ("binary_not_01", edit("people.csv", "a2,45,1,", "a2,45,2,"), "people.csv", 3, "female", "not 0 or 1"),
+    ("undeclared_level", edit("people.csv", "2000,south", "2000,east"), "people.csv", 3, "region",
+     "not a declared level"),
+    ("duplicate_person_id", edit("people.csv", "a2,", "a1,"), "people.csv", 3, "person_id", "repeats row 2"),
+    ("empty_person_id", edit("people.csv", "a3,", ","), "people.csv", 4, "person_id", "empty"),
+    ("duplicate_item_id", edit("items.csv", "x2,", "x1,"), "items.csv", 3, "item_id", "repeats row 2"),
+    ("empty_description", edit("items.csv", "Short videos explaining one idea each", ""), "items.csv", 3,
+     "description", "empty"),
+    ("dangling_person", edit("interactions.csv", "a2,x1", "zz,x1"), "interactions.csv", 4, "person_id",
+     "not in the people file"),
+    ("dangling_item", edit("interactions.csv", "a3,x2", "a3,x9"), "interactions.csv", 5, "item_id",
+     "not in the items file"),
+    ("duplicate_pair", edit("interactions.csv", "a1,x2,0", "a1,x1,0"), "interactions.csv", 3, "item_id", "repeat row 2"),
+    ("exposed_not_01", edit("interactions.csv", "a1,x1,1,", "a1,x1,yes,"), "interactions.csv", 2, "exposed",
+     "'yes' is not 0 or 1"),
+    ("engagement_out_of_bounds", edit("interactions.csv", "a3,x2,1,5,", "a3,x2,1,7,"), "interactions.csv", 5,
+     "engagement", "outside [1, 5]"),
+    ("engagement_missing_when_exposed", edit("interactions.csv", "a1,x1,1,4,", "a1,x1,1,,"), "interactions.csv", 2,
+     "engagement", "exposed = 1"),
+    ("engagement_when_unexposed", edit("interactions.csv", "a2,x1,0,,", "a2,x1,0,3,"), "interactions.csv", 4,
+     "engagement", "exposed = 0"),
+    ("engagement_not_a_number", edit("interactions.csv", "a1,x1,1,4,", "a1,x1,1,good,"), "interactions.csv", 2,
+     "engagement", "not a number"),
+    ("outcome_out_of_bounds", edit("interactions.csv", "3.25", "99"), "interactions.csv", 5, "outcome",
+     "outside [-10, 10]"),
+    ("outcome_infinite", edit("interactions.csv", ",-2,", ",inf,"), "interactions.csv", 4, "outcome",
+     "not a number"),
+    ("outcome_missing", edit("interactions.csv", ",-2,", ",,"), "interactions.csv", 4, "outcome", "empty"),
+    ("bad_timestamp", edit("interactions.csv", "2024-01-04", "2024-13-45"), "interactions.csv", 4, "timestamp",
+     "not an ISO 8601"),
+    ("wrong_encoding", latin1_items, "items.csv", 3, "description", "not UTF-8"),
+    ("huge_line", huge_line, "items.csv", 3, None, "bytes long"),
+    ("ragged_row", edit("people.csv", "a2,45,1,2000,south", "a2,45,1,2,000,south"), "people.csv", 3, None,
+     "fields but the header has"),
+    ("duplicate_header", edit("people.csv", "income,region", "income,income"), "people.csv", 1, "income",
+     "twice"),
+    ("toml_syntax", edit("study.toml", 'domain = "test"', "domain = test"), "study.toml", 2, None, "not valid TOML"),
+    ("toml_missing_outcome", edit("study.toml", "[outcome]", "[result]"), "study.toml", None, "[outcome]",
+     "table missing"),
+    ("toml_bounds_reversed", edit("study.toml", "min = -10\nmax = 10", "min = 10\nmax = -10"), "study.toml", None,
+     "outcome.min", "not a range"),
+    ("toml_unknown_engagement", edit("study.toml", 'kind = "rating"', 'kind = "stars"'), "study.toml", None,
+     "engagement.kind", "not rating or click"),
+    ("toml_unknown_covariate_kind", edit("study.toml", 'kind = "binary"', 'kind = "boolean"'), "study.toml", None,
+     "covariates.female.kind", "not a covariate kind"),
+    ("toml_covariate_without_bounds", edit("study.toml", "min = 0\nmax = 120\n", ""), "study.toml", None,
+     "covariates.age.min", "missing"),
+    ("corrupt_parquet", both(delete("people.csv"), write("people.parquet", b"PAR1 this is not parquet")),
+     "people.parquet", None, None, "not a readable Parquet"),
+    ("parquet_wrong_type", parquet_people_with_text_age, "people.parquet", 2, "age", "'forty' is not a number"),
+    ("click_not_01", click_study, "interactions.csv", 5, "engagement", "not a click"),
+]
+
+
+def run_cli(folder: Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(client_app, ["check-data", str(folder)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_valid_folder_passes_and_loads(folder: Path) -> None:
+    code, out, err = run_cli(folder)
+    assert code == 0, err
+    assert "people" in out and "exposure rate" in out and err == ""
+    data = load_institution(folder)
+    assert list(data.people.columns) == ["person_id", "age", "female", "income", "region"]
+    assert data.people["age"].dtype == np.int64 and data.people["income"].dtype == np.float64
+    inter = data.interactions
+    assert inter["exposed"].tolist() == [1, 0, 0, 1]
+    assert np.isnan(inter["engagement"].to_numpy()[[1, 2]]).all()
+    assert inter["engagement"].to_numpy()[[0, 3]].tolist() == [4.0, 5.0]
+    assert str(inter["timestamp"].dtype) == "datetime64[ns]"
+    assert data.covariate_matrix().shape == (3, 4)  # region -> one column (south)
+    assert data.engagement_rows()["engagement"].tolist() == [4.0, 5.0]
+
+
+def test_case_count() -> None:
+    assert len({c[0] for c in CASES}) == len(CASES) >= 25
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_malformed_folder_exit_2_with_one_line(tmp_path: Path, case) -> None:
+    _, breaker, file, row, column, fragment = case
+    folder = make_folder(tmp_path)
+    breaker(folder)
+    broken = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code, out, err = run_cli(folder)
+    assert code == 2, (out, err)
+    label = "key" if file == "study.toml" else "column"
+    prefix = file + (f" row {row}" if row is not None else "") + (f", {label} {column}" if column else "")
+    hits = [ln for ln in err.splitlines() if ln.startswith(prefix + ":") and fragment in ln and "; fix: " in ln]
+    assert hits, f"expected a line starting {prefix!r} containing {fragment!r}; got:\n{err}"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == broken  # check-data modifies nothing
+    # the loader raises the same kind of one-line error
+    with pytest.raises(FedrecInputError) as info:
+        load_institution(folder)
+    assert "\n" not in str(info.value) and file in str(info.value)
+
+
+def test_many_bad_rows_are_summarised(folder: Path) -> None:
+    rows = "\n".join(f"b{i},abc,0,1,north" for i in range(50))
+    (folder / "people.csv").write_text(PEOPLE + rows + "\n", encoding="utf-8")
+    problems = validate_folder(folder).problems
+    age = [p for p in problems if p.column == "age"]
+    assert len(age) == 6 and "row 10, column age" in age[-1].line()
+    assert "(and 44 more rows like it: 11, 12," in age[-1].line()
+
+
+def test_subprocess_real_cli(folder: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("fedrec-client")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedrec.client.cli"]
+    env = dict(os.environ, COLUMNS="200")
+    ok = subprocess.run([*cmd, "check-data", str(folder)], capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    edit("people.csv", "a2,45,", "a2,abc,")(folder)
+    bad = subprocess.run([*cmd, "check-data", str(folder)], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2
+    assert "people.csv row 3, column age: 'abc' is not a number; fix: write a number within [0, 120]" in bad.stderr
+
+
+def test_study_round_trip() -> None:
+    study = parse_study(STUDY)
+    assert study.covariate_names == ("age", "female", "income", "region")
+    assert study.covariate_bounds["age"] == (0.0, 120.0)
+    assert study.outcome_bounds == (-10.0, 10.0) and study.outcome_better == "higher"
+    assert study.engagement_kind == "rating" and study.engagement_bounds == (1.0, 5.0)
+    assert parse_study(study.to_toml()) == study
+    assert [c[0] for c in study.design_columns()] == ["age", "female", "income", "region=south"]
+    click = Study("x", (Covariate("z", "number", -1, 1),), "y", "u", (0, 1), "lower", "click", (0.0, 1.0))
+    assert parse_study(click.to_toml()) == click
+
+
+def test_parquet_folder_round_trip(folder: Path, tmp_path: Path) -> None:
+    data = load_institution(folder)
+    out = write_institution(tmp_path / "fed" / "pq", data, fmt="parquet")
+    back = load_institution(out)
+    for t in ("people", "items", "interactions"):
+        pd.testing.assert_frame_equal(getattr(back, t), getattr(data, t), check_exact=True)
+    assert load_federation(tmp_path / "fed")[0].name == "pq"
+
+
+def test_load_federation_errors(tmp_path: Path) -> None:
+    with pytest.raises(FedrecInputError, match="no institution folders"):
+        load_federation(tmp_path)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for f in (a, b):
+        for name, text in (("study.toml", STUDY), ("people.csv", PEOPLE), ("items.csv", ITEMS),
+                           ("interactions.csv", INTERACTIONS)):
+            (f / name).write_text(text, encoding="utf-8")
+    (b / "study.toml").write_text(STUDY.replace('unit = "points"', 'unit = "percent"'), encoding="utf-8")
+    with pytest.raises(FedrecInputError, match="differs from"):
+        load_federation(tmp_path)
+
+
+def test_not_a_folder(tmp_path: Path) -> None:
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    code, _, err = run_cli(f)
+    assert code == 2 and "is not a folder" in err
