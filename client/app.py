@@ -81,12 +81,24 @@ class Institution:
 @lru_cache(maxsize=64)
 def _load(folder: str, cfg_items: tuple) -> Institution:
     cfg = RunConfig.from_flat(dict(cfg_items))
-    data = load_institution_ratings(Path(folder))
+    data = _load_ratings(Path(folder), cfg)
     ratings = PersonRatings.from_arrays(data.train_person, data.train_item, data.train_rating, data.n_persons)
     negatives = sample_negatives(
         data.rated_by_person(), data.n_items, cfg.eval.negatives, seed=cfg.data.seed + _stable_int(data.name)
     )
     return Institution(data=data, ratings=ratings, negatives=negatives, schedule=plan_dp(cfg, data.n_persons))
+
+
+def _load_ratings(folder: Path, cfg: RunConfig) -> InstitutionRatings:
+    """A folder in the data contract (study.toml: engagement is the signal) or a ratings folder."""
+    if (folder / "study.toml").exists():
+        from fedrec.common.datasets import load_institution
+        from fedrec.common.ratings import institution_ratings_from_contract
+
+        return institution_ratings_from_contract(
+            load_institution(folder), test_fraction=cfg.data.test_fraction, seed=cfg.data.seed
+        )
+    return load_institution_ratings(folder)
 
 
 def _institution(context: Context) -> tuple[RunConfig, Institution]:
@@ -107,6 +119,15 @@ def catalogue_fingerprint(folder: Path) -> tuple[int, str]:
     """(number of items, sha256 of the sorted item ids) of the public catalogue."""
     from fedrec.common.ratings import catalogue_ids
 
+    if (folder / "study.toml").exists():
+        from fedrec.common.schema import table_path
+
+        import pandas as pd
+
+        path = table_path(folder, "items")[0]
+        items = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+        ids = np.sort(items["item_id"].astype(str).to_numpy())
+        return len(ids), hashlib.sha256("\n".join(ids).encode()).hexdigest()
     ids = np.sort(catalogue_ids(folder))
     return len(ids), hashlib.sha256(ids.tobytes()).hexdigest()
 
@@ -114,10 +135,12 @@ def catalogue_fingerprint(folder: Path) -> tuple[int, str]:
 # ---------------------------------------------------------------------- handlers
 @app.query("catalogue")
 def catalogue(msg: Message, context: Context) -> Message:
-    """Public information only: the catalogue's size and fingerprint."""
+    """Public information only: the catalogue's size and fingerprint, the institution's name."""
     cfg = RunConfig.from_flower(context.run_config)
-    n_items, digest = catalogue_fingerprint(institution_folder(context, cfg))
-    return Message(RecordDict({"catalogue": ConfigRecord({"n-items": n_items, "sha256": digest})}), reply_to=msg)
+    folder = institution_folder(context, cfg)
+    n_items, digest = catalogue_fingerprint(folder)
+    record = ConfigRecord({"n-items": n_items, "sha256": digest, "institution": folder.name})
+    return Message(RecordDict({"catalogue": record}), reply_to=msg)
 
 
 @app.query("counts")

@@ -27,21 +27,32 @@ def rating_sums(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 def sample_negatives(
     rated_by_person: list[np.ndarray], n_items: int, negatives: int, *, seed: int
 ) -> np.ndarray:
-    """[P, negatives] items each person never rated (rejection sampling, seeded)."""
+    """[P, k] items each person never rated (seeded), k = min(negatives, fewest unrated).
+
+    A small catalogue (8 health programmes) cannot supply 99 negatives: k shrinks to what
+    every person has, and is 0 when someone rated everything (ranking metrics are then
+    skipped rather than computed against a made-up candidate set).
+    """
     rng = np.random.default_rng(seed)
-    out = np.empty((len(rated_by_person), negatives), dtype=np.int64)
+    most_rated = max((len(np.unique(r)) for r in rated_by_person), default=0)
+    k = max(0, min(negatives, n_items - most_rated))
+    out = np.empty((len(rated_by_person), k), dtype=np.int64)
+    if k == 0:
+        return out
     for u, rated in enumerate(rated_by_person):
-        rated_set = set(rated.tolist())
-        picked: list[int] = []
-        seen: set[int] = set()
-        while len(picked) < negatives:
-            for c in rng.integers(0, n_items, size=2 * negatives).tolist():
-                if c not in rated_set and c not in seen:
-                    seen.add(c)
-                    picked.append(c)
-                    if len(picked) == negatives:
-                        break
-        out[u] = picked
+        if n_items > 50 * k:  # big catalogue: rejection sampling is fast
+            seen = set(rated.tolist())
+            picked: list[int] = []
+            while len(picked) < k:
+                for c in rng.integers(0, n_items, size=2 * k).tolist():
+                    if c not in seen:
+                        seen.add(c)
+                        picked.append(c)
+                        if len(picked) == k:
+                            break
+            out[u] = picked
+        else:
+            out[u] = rng.choice(np.setdiff1d(np.arange(n_items), rated), size=k, replace=False)
     return out
 
 
@@ -57,6 +68,8 @@ def ranking_from_scores(pos_scores: np.ndarray, neg_scores: np.ndarray, k: int) 
 
 
 def ranking_sums(pos_scores: np.ndarray, neg_scores: np.ndarray, k: int) -> dict[str, float]:
+    if neg_scores.shape[1] == 0:
+        return {}
     ndcg, hit = ranking_from_scores(pos_scores, neg_scores, k)
     return {"ndcg_sum": float(ndcg.sum()), "hr_sum": float(hit.sum()), "n_ranked": float(len(ndcg))}
 

@@ -276,3 +276,45 @@ def load_institution_ratings(folder: Path) -> InstitutionRatings:
 def catalogue_ids(folder: Path) -> np.ndarray:
     """Item ids of an institution folder's public catalogue."""
     return _read_table(_either(Path(folder), CATALOGUE_FILE))["item_id"].to_numpy(np.int64)
+
+
+def split_person_ratings(
+    person: np.ndarray, *, test_fraction: float, seed: int
+) -> np.ndarray:
+    """Boolean mask of test rows: for each person a seeded ``test_fraction`` of their rows.
+
+    Every person with at least two rows keeps at least one row on each side.
+    """
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(person), dtype=bool)
+    order = np.argsort(person, kind="stable")
+    bounds = np.flatnonzero(np.diff(person[order])) + 1
+    for rows in np.split(order, bounds):
+        m = len(rows)
+        if m < 2:
+            continue
+        n_test = min(max(1, int(round(test_fraction * m))), m - 1)
+        test[rng.choice(rows, size=n_test, replace=False)] = True
+    return test
+
+
+def institution_ratings_from_contract(data, *, test_fraction: float, seed: int) -> InstitutionRatings:
+    """An institution in the data contract as ratings: exposed rows, engagement as the rating.
+
+    The item catalogue is the institution's ``items`` table (public, identical everywhere);
+    each person's exposed rows are split train/test with :func:`split_person_ratings`.
+    ``data`` is a ``common.datasets.InstitutionData``.
+    """
+    rows = data.engagement_rows()
+    item_ids = np.sort(data.items["item_id"].astype(str).to_numpy())
+    item = pd.Index(item_ids).get_indexer(rows["item_id"].astype(str).to_numpy())
+    person_ids, person = np.unique(rows["person_id"].astype(str).to_numpy(), return_inverse=True)
+    rating = rows["engagement"].to_numpy(np.float32)
+    test = split_person_ratings(person, test_fraction=test_fraction, seed=seed)
+    bounds = tuple(float(b) for b in data.study.engagement_bounds)
+    return InstitutionRatings(
+        name=data.name, n_persons=len(person_ids), n_items=len(item_ids),
+        train_person=person[~test], train_item=item[~test].astype(np.int64), train_rating=rating[~test],
+        test_person=person[test], test_item=item[test].astype(np.int64), test_rating=rating[test],
+        bounds=bounds,  # type: ignore[arg-type]
+    )

@@ -62,7 +62,8 @@ def wait_for_nodes(grid: Grid, n: int, *, timeout: float = 120.0) -> list[int]:
         time.sleep(0.2)
 
 
-def agree_on_catalogue(grid: Grid, nodes: list[int]) -> int:
+def agree_on_catalogue(grid: Grid, nodes: list[int]) -> tuple[int, dict[str, str]]:
+    """(catalogue size, {node id: institution name}); every institution must hold the same catalogue."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.catalogue") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=300))
     ok, _, failed = split_replies(replies)
@@ -71,7 +72,8 @@ def agree_on_catalogue(grid: Grid, nodes: list[int]) -> int:
     seen = {(int(m.content["catalogue"]["n-items"]), str(m.content["catalogue"]["sha256"])) for m in ok.values()}
     if len(seen) != 1:
         raise RoundFailed(f"institutions disagree on the item catalogue: {sorted(seen)}")
-    return seen.pop()[0]
+    names = {str(n): str(m.content["catalogue"].get("institution", n)) for n, m in ok.items()}
+    return seen.pop()[0], names
 
 
 def item_step_sizes(
@@ -115,14 +117,14 @@ def main(grid: Grid, context: Context) -> None:
 def run_training(grid: Grid, cfg: RunConfig) -> dict:
     results_dir = Path(cfg.data.results_dir) if cfg.data.results_dir else None
     nodes = wait_for_nodes(grid, cfg.data.institutions)
-    n_items = agree_on_catalogue(grid, nodes)
+    n_items, institution_names = agree_on_catalogue(grid, nodes)
     dim = cfg.train.mf_dim
     global_arrays: dict[str, np.ndarray] = {"item_bias": np.zeros(n_items, np.float32)}
     if dim:
         rng = np.random.default_rng(cfg.data.seed)
         global_arrays["item_factors"] = (0.1 * rng.standard_normal((n_items, dim))).astype(np.float32)
     protocol = make_sum_protocol(cfg)
-    history: dict = {"rounds": [], "config": cfg.to_flat()}
+    history: dict = {"rounds": [], "config": cfg.to_flat(), "institutions": institution_names}
     if results_dir:
         results_dir.mkdir(parents=True, exist_ok=True)
         (results_dir / "config.json").write_text(json.dumps(_jsonable(cfg.to_flat()), indent=2))

@@ -24,6 +24,11 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """fedrec coordinator: audit runs, start the federation server."""
+
+
 @app.command("audit")
 def audit_cmd(
     run_dir: Path = typer.Argument(..., help="A results folder written by `fedrec-sim run`."),

@@ -13,6 +13,8 @@ import numpy as np
 
 __all__ = ["partition_persons", "split_person_ratings", "skew_to_alpha"]
 
+from fedrec.common.ratings import split_person_ratings  # noqa: E402  (re-export: one split for all)
+
 
 def skew_to_alpha(skew: float) -> float:
     """Dirichlet concentration for a skew in [0, 1]: 0 -> 1e2 (near IID), 0.5 -> 1, 1 -> 1e-2."""
@@ -55,23 +57,3 @@ def partition_persons(
             counts[donor] -= 1
             counts[k] += 1
     return owner
-
-
-def split_person_ratings(
-    person: np.ndarray, *, test_fraction: float, seed: int
-) -> np.ndarray:
-    """Boolean mask of test rows: for each person a seeded ``test_fraction`` of their rows.
-
-    Every person with at least two rows keeps at least one row on each side.
-    """
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(person), dtype=bool)
-    order = np.argsort(person, kind="stable")
-    bounds = np.flatnonzero(np.diff(person[order])) + 1
-    for rows in np.split(order, bounds):
-        m = len(rows)
-        if m < 2:
-            continue
-        n_test = min(max(1, int(round(test_fraction * m))), m - 1)
-        test[rng.choice(rows, size=n_test, replace=False)] = True
-    return test

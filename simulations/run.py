@@ -72,8 +72,19 @@ def prepare_data(cfg: RunConfig, workdir: Path) -> Path:
             test_fraction=cfg.data.test_fraction, seed=cfg.data.seed,
         )
         return root
+    if ds in DOMAINS:
+        from fedrec.common.datasets import write_institution
+        from fedrec.simulations.domains import domain_federation
+
+        institutions, _truth = domain_federation(
+            ds, institutions=cfg.data.institutions, people=cfg.data.people,
+            seed=cfg.data.seed, skew=cfg.data.partition_skew,
+        )
+        for k, data in enumerate(institutions):
+            write_institution(root / f"institution_{k:02d}", data, fmt="parquet")
+        return root
     raise FedrecInputError(
-        f"--dataset {ds!r} is not supported for training yet; fix: use movielens"
+        f"--dataset {ds!r} is not known; fix: use movielens, health, education or finance"
     )
 
 
@@ -151,7 +162,13 @@ def validate_data_dir(root: Path, institutions: int) -> None:
     if not root.is_dir():
         raise FedrecInputError(f"--data {root}: no such folder; fix: give a folder of institution_XX folders")
     for k in range(institutions):
-        load_institution_ratings(root / f"institution_{k:02d}")
+        folder = root / f"institution_{k:02d}"
+        if (folder / "study.toml").exists():
+            from fedrec.common.datasets import load_institution
+
+            load_institution(folder)
+        else:
+            load_institution_ratings(folder)
 
 
 def plot_metrics(history: dict, path: Path) -> None:

@@ -11,13 +11,24 @@ cross-check). Every release an institution makes is one of two event kinds:
   q = 1 case of the subsampled Gaussian, which is how it is composed.
 
 Privacy arguments are keyword-only, as in Opacus.
+
+Additions for the ledger and the audit (the original functions keep their signatures):
+
+* :func:`epsilon_for` composes events in merged form — events with the same (σ, q) are one
+  Opacus history entry with the summed step count, which is the same composition (and the
+  same number) but costs one PRV instead of one per round — and caches results.
+* :func:`epsilon_pair` — ``(ε_PRV, ε_RDP)`` side by side; PRV is primary, RDP the cross-check.
+* :func:`gaussian_epsilon` — the exact ε(δ) of ``count`` un-subsampled Gaussian releases
+  (analytic Gaussian mechanism, Balle & Wang 2018): a closed form the accountants are
+  tested against.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -29,6 +40,10 @@ __all__ = [
     "epsilon_for",
     "calibrate_noise_multiplier",
     "opacus_history",
+    "calibrate_for_events",
+    "merged_history",
+    "epsilon_pair",
+    "gaussian_epsilon",
 ]
 
 
@@ -77,21 +92,89 @@ def opacus_history(events: Iterable[Event]) -> list[tuple[float, float, int]]:
     return hist
 
 
+def merged_history(events: Iterable[Event]) -> tuple[tuple[float, float, int], ...]:
+    """Opacus history with equal (σ, q) entries merged (steps summed), in a canonical order.
+
+    Composition is commutative, so this is the same mechanism as :func:`opacus_history`.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in opacus_history(events):
+        steps[(sigma, q)] = steps.get((sigma, q), 0) + n
+    return tuple(sorted((s, q, n) for (s, q), n in steps.items()))
+
+
 def epsilon_for(events: Sequence[Event], *, delta: float, accountant: str = "prv") -> float:
     """ε(δ) of the composition of ``events`` (0.0 for no events).
 
-    ``accountant`` is ``"prv"`` (Opacus PRVAccountant, tight) or ``"rdp"`` (RDPAccountant,
-    an upper bound; used as the cross-check).
+    ``accountant`` is ``"prv"`` (Opacus PRVAccountant, tight; its upper estimate is
+    returned) or ``"rdp"`` (RDPAccountant, an upper bound; used as the cross-check).
     """
-    hist = opacus_history(events)
+    if accountant not in ("prv", "rdp"):
+        raise ValueError(f"unknown accountant {accountant!r}; use 'prv' or 'rdp'")
+    if not (0 < delta < 1):
+        raise ValueError("delta must lie in (0, 1)")
+    hist = merged_history(events)
     if not hist:
         return 0.0
+    return _epsilon_cached(hist, float(delta), accountant)
+
+
+def epsilon_pair(events: Sequence[Event], *, delta: float) -> tuple[float, float]:
+    """``(ε_PRV, ε_RDP)`` at ``delta``: the primary value and its cross-check."""
+    return (
+        epsilon_for(events, delta=delta, accountant="prv"),
+        epsilon_for(events, delta=delta, accountant="rdp"),
+    )
+
+
+@lru_cache(maxsize=256)
+def _epsilon_cached(hist: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    import warnings
+
     acc = _make(accountant)
     acc.history = list(hist)
-    if accountant == "prv":
-        # PRV accuracy needs an ε-error; Opacus' default is fine for ε >= 0.1.
-        return float(acc.get_epsilon(delta=delta))
-    return float(acc.get_epsilon(delta=delta))
+    with warnings.catch_warnings():
+        # Opacus' PRV takes log(1 - q) = log(0) at q = 1 (un-subsampled Gaussian) and
+        # handles it with np.where; the warning is noise.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        eps = float(acc.get_epsilon(delta=delta))
+    if math.isnan(eps):  # inf is a valid (useless) bound; NaN is not a bound at all
+        raise ArithmeticError(f"{accountant} accountant returned ε = NaN for history {hist}")
+    return max(eps, 0.0)
+
+
+def gaussian_epsilon(*, noise_multiplier: float, delta: float, count: int = 1) -> float:
+    """Exact ε(δ) of ``count`` Gaussian releases with noise ``σ`` · sensitivity (no subsampling).
+
+    The composition is μ-GDP with μ = √count / σ, whose privacy profile is
+    δ(ε) = Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Balle & Wang 2018, Thm. 8; Dong, Roth & Su
+    2019); ε is found by bisection on this monotone curve.
+    """
+    from scipy.stats import norm
+
+    if not (noise_multiplier > 0 and count >= 1 and 0 < delta < 1):
+        raise ValueError("gaussian_epsilon needs σ > 0, count >= 1, δ in (0, 1)")
+    mu = math.sqrt(count) / noise_multiplier
+
+    def delta_of(eps: float) -> float:  # second term in log space: e^ε overflows for small σ
+        return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2)))
+
+    if delta_of(0.0) <= delta:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while delta_of(hi) > delta:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            return math.inf
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if delta_of(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12:
+            break
+    return hi
 
 
 def calibrate_noise_multiplier(
@@ -126,3 +209,32 @@ def _make(name: str) -> PRVAccountant | RDPAccountant:
     if name == "rdp":
         return RDPAccountant()
     raise ValueError(f"unknown accountant {name!r}; use 'prv' or 'rdp'")
+
+
+def calibrate_for_events(
+    make_events: Callable[[float], Sequence[Event]],
+    *,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "prv",
+    sigma_bounds: tuple[float, float] = (0.05, 500.0),
+    tolerance: float = 0.01,
+) -> float:
+    """Smallest σ (to ``tolerance`` in ε) whose events ``make_events(σ)`` compose to ≤ target ε.
+
+    For runs made of several release kinds sharing one σ (e.g. one count release plus R
+    rounds of DP-SGD). Bisection on the composed ε, which is decreasing in σ.
+    """
+    lo, hi = sigma_bounds
+    if epsilon_for(make_events(hi), delta=delta, accountant=accountant) > target_epsilon:
+        raise ValueError(f"target ε={target_epsilon} is not reachable with σ <= {hi}")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        eps = epsilon_for(make_events(mid), delta=delta, accountant=accountant)
+        if eps > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if target_epsilon - eps < tolerance:
+                break
+    return hi

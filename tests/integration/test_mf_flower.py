@@ -71,8 +71,12 @@ def test_reported_epsilon_is_the_whole_run_composed_from_the_ledger(run):
         assert {s for (s,) in rows} == {"released"}
 
 
-def test_no_user_side_parameter_leaves_the_institution(tmp_path):
+def test_no_user_side_parameter_leaves_the_institution(tmp_path, monkeypatch):
     """Inspect what the train and count handlers hand to secure aggregation."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("run_id", "task_id", "node_id"):  # Messages need a task identity outside a run
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
     folder = write_movielens_federation(tmp_path / "data", institutions=3, skew=0.5, test_fraction=0.2, seed=0)[1]
     inst = load_institution_ratings(folder)
     cfg = CFG.override(**{"results-dir": str(tmp_path), "mf.dim": 2})
