@@ -85,7 +85,9 @@ def item_step_sizes(
     Post-processing only: the Wiener gain uses the counts' sum and the variance of the
     gradient noise the institutions declare (a public function of their DP settings).
     """
-    content = RecordDict({"config": ConfigRecord({"server-round": 0})})
+    # public quantization range: a person adds at most w_u <= 1 to a count, so an institution's
+    # count is at most its number of persons; 1e6 covers any partner (clamping is reported)
+    content = RecordDict({"config": ConfigRecord({"server-round": 0, "secagg.clip-range": 1.0e6})})
     res = protocol.run_round(
         grid, nodes, message_type="query.counts", content=content, server_round=0, min_contributors=min_contributors
     )
@@ -134,6 +136,9 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         min_contributors = max(min_contributors, cfg.n_min)
     epsilon: dict[str, float] = {}
     precond = item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
+    # a noiseless delta coordinate is a step of at most the rating range (Newton step on a
+    # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare
+    train_range = 10.0 * cfg.train.lr * max(1, cfg.train.local_steps)
     progress = _Progress(cfg.train.rounds)
     for r in range(1, cfg.train.rounds + 1):
         t0 = time.monotonic()
@@ -141,7 +146,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
             {
                 "arrays": numpy_to_arrays(global_arrays),
                 "precond": numpy_to_arrays({"precond": precond}),
-                "config": ConfigRecord({"server-round": r}),
+                "config": ConfigRecord({"server-round": r, "secagg.clip-range": train_range}),
             }
         )
         res = protocol.run_round(

@@ -23,7 +23,7 @@ from fedrec.simulations.run import run_simulation
 
 pytestmark = pytest.mark.slow
 
-CFG = RunConfig().override(**{"institutions": 3, "rounds": 2, "privacy.epsilon": 8.0, "seed": 3, "secagg.enabled": False})  # TEMP
+CFG = RunConfig().override(**{"institutions": 3, "rounds": 2, "privacy.epsilon": 8.0, "seed": 3})
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_no_user_side_parameter_leaves_the_institution(tmp_path, monkeypatch):
     """Inspect what the train and count handlers hand to secure aggregation."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    for attr in ("run_id", "task_id", "node_id"):  # Messages need a task identity outside a run
-        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    for attr in ("_run_id", "_task_id", "_node_id"):  # Messages need a task identity outside a run
+        monkeypatch.setattr(TaskIdentity, attr, 1)
     folder = write_movielens_federation(tmp_path / "data", institutions=3, skew=0.5, test_fraction=0.2, seed=0)[1]
     inst = load_institution_ratings(folder)
     cfg = CFG.override(**{"results-dir": str(tmp_path), "mf.dim": 2})

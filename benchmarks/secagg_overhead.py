@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Round time of plain FedAvg vs Flower's SecAgg+ vs fedrec's SecAgg+, in one simulation.
+
+Prints one JSON object ``{"meta": {...}, "rows": [...]}``; rows: clients, plain_s,
+flower_secagg_s, fedrec_secagg_s, fedrec_ratio, flower_ratio (ratios to plain, same run).
+
+One Flower simulation (Ray, ``client_resources num_cpus=1``) with ``max(clients)``
+SuperNodes; for each client count the three protocols take turns round by round (so load
+from other processes hits all three alike), each on the same deterministic per-node vectors
+of ``--dim`` float32 parameters. The first round of each protocol is excluded (fedrec pays its
+key setup there; Flower re-runs its four stages every round). Times are medians of the
+steady-state rounds. The plain sums are also the reference of a cross-check: ``meta`` reports
+the largest deviation of each secure sum from the plain sum.
+
+* plain: :class:`fedrec.server.aggregation.PlainSum` (one stage);
+* Flower SecAgg+: legacy API — ``SecAggPlusWorkflow`` + ``secaggplus_mod`` with a
+  NumPyClient, FedAvg weights 1 (``max_weight=1``), the same neighbour count as ours;
+* fedrec SecAgg+: :class:`fedrec.server.secagg_workflow.SecAggPlusSum` +
+  ``fedrec.client.secagg_mod.secaggplus_mod``.
+
+``--quick``: 5 clients, 1 000 parameters, 3 rounds (a smoke run for the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def bench_vector(node_id: int, r: int, dim: int) -> np.ndarray:
+    return np.random.default_rng([node_id % (2**32), r]).uniform(-1, 1, dim).astype(np.float32)
+
+
+def make_client_app(dim: int):
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod as flower_secaggplus_mod
+    from flwr.clientapp import ClientApp
+
+    from fedrec.client.secagg_mod import secaggplus_mod
+
+    def handler(msg: Message, context: Context) -> Message:
+        r = int(msg.content["config"]["server-round"])
+        v = bench_vector(context.node_id, r, dim)
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(v)}), "metrics": MetricRecord({"n": 1})}),
+                       reply_to=msg)
+
+    ours = ClientApp(mods=[secaggplus_mod])
+    ours.train()(handler)
+    plain = ClientApp()
+    plain.train()(handler)
+
+    class BenchClient(NumPyClient):
+        def __init__(self, node_id: int):
+            self.node_id = node_id
+
+        def fit(self, parameters, config):
+            return [bench_vector(self.node_id, int(config["server-round"]), dim)], 1, {}
+
+    legacy = ClientApp(client_fn=lambda context: BenchClient(context.node_id).to_client(),
+                       mods=[flower_secaggplus_mod])
+
+    class Dual(ClientApp):
+        def __call__(self, message, context):
+            c = message.content
+            if "fedrec.secagg" in c.config_records:
+                return ours(message, context)
+            if "bench" in c.config_records:
+                return plain(message, context)
+            return legacy(message, context)
+
+    return Dual()
+
+
+def run(clients: list[int], dim: int, rounds: int) -> dict:
+    import logging
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedrec.common.secagg._graph import default_degree
+    from fedrec.server.aggregation import PlainSum
+    from fedrec.server.secagg_workflow import SecAggPlusSum
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    total_nodes = max(clients)
+    out: dict = {"rows": [], "diffs": {"fedrec": 0.0, "flower": 0.0, "fedrec_vs_flower": 0.0}, "bound": 0.0,
+                 "neighbours": {}, "error": None}
+    flower_clip, flower_qrange = 8.0, 1 << 22
+
+    class TimedFedAvg(FedAvg):
+        def configure_fit(self, server_round, parameters, client_manager):
+            self.t0 = time.perf_counter()
+            res = super().configure_fit(server_round, parameters, client_manager)
+            self.sampled = sorted(int(c.cid) for c, _ in res)
+            return res
+
+        def aggregate_fit(self, server_round, results, failures):
+            res = super().aggregate_fit(server_round, results, failures)
+            self.t1 = time.perf_counter()
+            self.params = res[0]
+            return res
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        try:
+            t0 = time.monotonic()
+            while len(grid.get_node_ids()) < total_nodes and time.monotonic() - t0 < 120:
+                time.sleep(0.2)
+            all_nodes = sorted(grid.get_node_ids())
+            glob = ArrayRecord({"w": Array(np.zeros(dim, np.float32))})
+            r_global = 0
+            for n in clients:
+                nodes = all_nodes[:n]
+                k = default_degree(n)
+                k_eff = (n - 1) if k == 0 else k
+                out["neighbours"][str(n)] = k_eff
+                plain, ours = PlainSum(), SecAggPlusSum(clip_range=1.0, neighbours=k, rounds_per_setup=rounds + 1)
+                times = {"plain": [], "flower": [], "fedrec": []}
+                stages = {"mask": [], "unmask": []}
+                for _ in range(rounds):
+                    r_global += 1
+                    r = r_global
+                    content = RecordDict({"arrays": glob, "config": ConfigRecord({"server-round": r}),
+                                          "bench": ConfigRecord({})})
+                    t = time.perf_counter()
+                    res_p = plain.run_round(grid, nodes, message_type="train", content=content, server_round=r,
+                                            min_contributors=n)
+                    times["plain"].append(time.perf_counter() - t)
+                    ref = res_p.total["w"]
+                    # Flower SecAgg+ (legacy API), one round per workflow call
+                    strategy = TimedFedAvg(
+                        fraction_fit=n / total_nodes, min_fit_clients=n, min_available_clients=total_nodes,
+                        fraction_evaluate=0.0, min_evaluate_clients=0,
+                        initial_parameters=ndarrays_to_parameters([np.zeros(dim, np.float32)]),
+                        on_fit_config_fn=lambda _r, r=r: {"server-round": r},
+                    )
+                    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+                    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+                        num_shares=k_eff + 1, reconstruction_threshold=k_eff // 2 + 2, max_weight=1.0,
+                        clipping_range=flower_clip, quantization_range=flower_qrange))(grid, legacy)
+                    times["flower"].append(strategy.t1 - strategy.t0)
+                    flower_sum = parameters_to_ndarrays(strategy.params)[0].astype(np.float64) * n
+                    flower_ref = sum(bench_vector(s, r, dim).astype(np.float64) for s in strategy.sampled)
+                    t = time.perf_counter()
+                    res_o = ours.run_round(grid, nodes, message_type="train", content=content, server_round=r,
+                                           min_contributors=n)
+                    times["fedrec"].append(time.perf_counter() - t)
+                    stages["mask"].append(ours.stats["mask_stage_s"])
+                    stages["unmask"].append(ours.stats["unmask_stage_s"])
+                    d = out["diffs"]
+                    d["fedrec"] = max(d["fedrec"], float(np.abs(res_o.total["w"] - ref).max()))
+                    d["flower"] = max(d["flower"], float(np.abs(flower_sum - flower_ref).max()))
+                    if strategy.sampled == nodes:
+                        d["fedrec_vs_flower"] = max(d["fedrec_vs_flower"],
+                                                    float(np.abs(flower_sum - res_o.total["w"]).max()))
+                    out["bound"] = max(out["bound"], n * 2 * flower_clip / flower_qrange + 1e-6 * n)
+                    print(f"n={n} round {r}: " + ", ".join(f"{m} {v[-1]:.3f}s" for m, v in times.items())
+                          + f" (fedrec stages {stages['mask'][-1]:.3f}s + {stages['unmask'][-1]:.3f}s)",
+                          file=sys.stderr, flush=True)
+                med = {m: statistics.median(v[1:]) for m, v in times.items()}
+                out["rows"].append({
+                    "clients": n, "plain_s": round(med["plain"], 4), "flower_secagg_s": round(med["flower"], 4),
+                    "fedrec_secagg_s": round(med["fedrec"], 4),
+                    "fedrec_ratio": round(med["fedrec"] / med["plain"], 3),
+                    "flower_ratio": round(med["flower"] / med["plain"], 3),
+                    "neighbours": k_eff, "fedrec_setup_s": round(ours.stats["setup_s"], 4),
+                    "fedrec_mask_stage_s": round(statistics.median(stages["mask"][1:]), 4),
+                    "fedrec_unmask_stage_s": round(statistics.median(stages["unmask"][1:]), 4),
+                })
+        except Exception:  # noqa: BLE001 - reported in the JSON and the exit code
+            import traceback
+
+            out["error"] = traceback.format_exc()
+
+    run_simulation(server_app=server, client_app=make_client_app(dim), num_supernodes=total_nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 5 clients, 1k params, 3 rounds")
+    ap.add_argument("--clients", type=int, nargs="*", default=None)
+    ap.add_argument("--dim", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per protocol (first excluded)")
+    args = ap.parse_args(argv)
+    clients = args.clients or ([5] if args.quick else [10, 50, 100])
+    dim = args.dim or (1000 if args.quick else 100_000)
+    rounds = args.rounds or (3 if args.quick else 4)
+    # keep stdout for the JSON alone: Flower and Ray log to fd 1
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    t0 = time.time()
+    out = run(clients, dim, rounds)
+    import flwr
+
+    result = {
+        "meta": {
+            "benchmark": "secagg_overhead", "dim": dim, "rounds": rounds, "steady_rounds": rounds - 1,
+            "statistic": "median of steady-state rounds", "cpus": os.cpu_count(), "flwr": flwr.__version__,
+            "backend": "flwr simulation (ray), client_resources num_cpus=1",
+            "neighbours": out["neighbours"],
+            "max_abs_diff_fedrec_vs_plain": out["diffs"]["fedrec"],
+            "max_abs_diff_flower_vs_plain": out["diffs"]["flower"],
+            "max_abs_diff_fedrec_vs_flower": out["diffs"]["fedrec_vs_flower"],
+            "flower_quantization_bound": out["bound"],
+            "wall_s": round(time.time() - t0, 1),
+            "error": out["error"],
+        },
+        "rows": out["rows"],
+    }
+    json_out.write(json.dumps(result) + "\n")
+    json_out.flush()
+    return 1 if out["error"] or not out["rows"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""fedrec's SecAgg+ client mod for Flower's Message API.
+
+Use it as a ClientApp mod::
+
+    from fedrec.client.secagg_mod import secaggplus_mod
+    app = ClientApp(mods=[secaggplus_mod])   # first (outermost): it answers setup/unmask
+                                             # messages itself, before any other mod runs
+
+Messages from ``server/secagg_workflow.py`` carry a ConfigRecord named ``"fedrec.secagg"``
+(the :data:`SECAGG_RECORD`) whose ``stage`` says what to do:
+
+* ``setup-keys`` / ``setup-shares`` (once per session): answered by the mod itself — fresh
+  X25519 key pairs, then AES-GCM-encrypted Shamir shares for the neighbours. The handler
+  is not called. These stages reuse the round's own message type (e.g. ``train``), because a
+  Message-API ClientApp runs its mods only for message types that have a handler.
+* ``mask``: the mod validates the request (known session, fresh slot) *before* the handler
+  runs, calls the handler, and replaces the reply's ``"arrays"`` (the handler's already
+  noised contribution) by one quantized, masked uint vector; ``"metrics"`` pass unchanged. A
+  ``"refusal"`` reply passes unchanged (the server counts the node as dropped).
+* ``unmask``: the mod opens the share ciphertexts the server forwards and returns the shares.
+
+Protocol secrets (X25519 private keys, pairwise seeds, self-mask seeds) live in
+``context.state`` under the same name; they never appear in a reply.
+
+**Plain mode.** A message *without* the SecAgg record would send the contribution in the
+clear. The mod refuses that (a ``"refusal"`` reply, before the handler runs for ``train``
+messages, and by withholding the ``"arrays"`` of any other reply) whenever secure
+aggregation is required. Requirement, in order:
+
+1. the node config key ``secagg-required`` (set by the institution's IT) — always wins;
+   nothing the server sends can lower it;
+2. otherwise, on a *simulated* node (one with Flower simulation's ``partition-id`` and
+   ``num-partitions`` in its node config), the run config's ``secagg.enabled`` (default true):
+   a simulation may opt into plain sums for tests and benchmark peers;
+3. otherwise: required.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedrec.common.secagg import ClientState, SecAggClient, SecAggError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["secaggplus_mod", "SECAGG_RECORD", "secagg_required"]
+
+SECAGG_RECORD = "fedrec.secagg"
+_STATE = "fedrec.secagg"
+
+
+def _truthy(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def secagg_required(context: Context) -> bool:
+    """Whether this node may only release contributions through SecAgg+ (see module doc)."""
+    node = context.node_config
+    if "secagg-required" in node:
+        return _truthy(node["secagg-required"])
+    if "partition-id" in node and "num-partitions" in node:
+        return _truthy(context.run_config.get("secagg.enabled", True))
+    return True
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    return Message(RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
+
+
+def _error(msg: Message, reason: str) -> Message:
+    log.warning("secagg: %s", reason)
+    return Message(RecordDict({SECAGG_RECORD: ConfigRecord({"error": reason})}), reply_to=msg)
+
+
+def _load(context: Context) -> SecAggClient:
+    rec = context.state.config_records.get(_STATE)
+    return SecAggClient(ClientState.from_dict(dict(rec.items())) if rec is not None else None)
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    context.state.config_records[_STATE] = ConfigRecord(client.state.to_dict())
+
+
+def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower mod: SecAgg+ for messages that carry the ``fedrec.secagg`` record (see module doc)."""
+    rec = msg.content.config_records.get(SECAGG_RECORD)
+    if rec is None:
+        return _plain(msg, context, call_next)
+    stage = str(rec.get("stage", ""))
+    client = _load(context)
+    if client.is_mask_stage(rec):
+        return _mask(msg, context, call_next, client, rec)
+    try:
+        out = client.handle(rec)
+    except (SecAggError, ValueError, KeyError) as err:
+        return _error(msg, f"{stage}: {err}")
+    _save(context, client)
+    return Message(RecordDict({SECAGG_RECORD: ConfigRecord(out)}), reply_to=msg)
+
+
+def _mask(msg: Message, context: Context, call_next: ClientAppCallable, client: SecAggClient, rec) -> Message:
+    try:  # refuse before the handler charges the budget or touches data
+        client.check_mask_request(rec)
+    except SecAggError as err:
+        return _error(msg, f"mask: {err}")
+    reply = call_next(msg, context)
+    if reply.has_error() or "arrays" not in reply.content.array_records:
+        return reply  # refusal / failure / nothing to sum: the server counts a dropout
+    arrays = reply.content.array_records["arrays"]
+    names = list(arrays.keys())
+    parts = [arrays[k].numpy() for k in names]
+    shapes = [list(p.shape) for p in parts]
+    vec = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
+    try:
+        masked = client.mask(rec, vec)
+    except (SecAggError, ValueError) as err:
+        return _error(msg, f"mask: {err}")
+    _save(context, client)
+    content = RecordDict()
+    for key, record in reply.content.items():
+        if key != "arrays":
+            content[key] = record
+    content["arrays"] = ArrayRecord({"masked": Array(masked)})
+    content[SECAGG_RECORD] = ConfigRecord(
+        {"names": names, "shapes": json.dumps(shapes), "slot": int(rec["slot"])}
+    )
+    return Message(content, reply_to=msg)
+
+
+def _plain(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    if not secagg_required(context):
+        return call_next(msg, context)
+    why = ("this institution requires secure aggregation (node config secagg-required); "
+           "the server asked for a contribution in the clear")
+    if msg.metadata.message_type.split(".")[0] == "train":
+        return _refuse(msg, why)
+    reply = call_next(msg, context)
+    if not reply.has_error() and "arrays" in reply.content.array_records:
+        log.warning("secagg: withheld an unmasked contribution (%s)", msg.metadata.message_type)
+        return _refuse(msg, why)
+    return reply

@@ -1,0 +1,88 @@
+"""Key agreement, key derivation and authenticated encryption for SecAgg+.
+
+Private to :mod:`fedrec.common.secagg`; only ``cryptography`` primitives:
+
+* X25519 for the key pairs each participant advertises per session (``c``: the
+  share-encryption channel; ``s``: one pairwise-mask key pair *per slot* (round), so that
+  revealing a dropout's key for one round reveals nothing about its masks in any other);
+* HKDF-SHA256 to turn agreed secrets into channel keys and per-slot mask keys;
+* AES-256-GCM for share ciphertexts, with associated data binding every ciphertext to
+  (session, sender, receiver, kind, slot), so a ciphertext replayed in another session,
+  slot, direction or kind fails authentication.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+NONCE_BYTES = 12
+_RAW = serialization.Encoding.Raw
+
+
+class ShareAuthError(ValueError):
+    """A share ciphertext failed authentication (tampered, replayed or misrouted)."""
+
+
+def generate_keypair() -> tuple[bytes, bytes]:
+    """(private, public) raw 32-byte X25519 keys."""
+    sk = X25519PrivateKey.generate()
+    return (
+        sk.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+        sk.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw),
+    )
+
+
+def agree(private: bytes, public: bytes) -> bytes:
+    """The 32-byte X25519 shared secret."""
+    return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
+
+
+def hkdf(secret: bytes, *, salt: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
+def _pair(a: int, b: int) -> bytes:
+    return struct.pack(">II", min(a, b), max(a, b))
+
+
+def channel_key(private: bytes, public: bytes, *, session: bytes, a: int, b: int) -> bytes:
+    """Symmetric AES-256-GCM key between participants ``a`` and ``b`` of ``session``."""
+    return hkdf(agree(private, public), salt=session, info=b"fedrec-secagg/channel" + _pair(a, b))
+
+
+def pair_seed(private: bytes, public: bytes, *, session: bytes, a: int, b: int, slot: int) -> bytes:
+    """The full 256-bit pairwise mask secret of ``a`` and ``b`` for one slot of ``session``.
+
+    ``private``/``public`` are the slot's own mask key pairs: revealing one node's slot key
+    (to remove a dropout's masks) exposes that slot's pairwise masks and no other.
+    """
+    return hkdf(agree(private, public), salt=session,
+                info=b"fedrec-secagg/pair" + _pair(a, b) + struct.pack(">Q", slot))
+
+
+def slot_key(seed: bytes, *, session: bytes, slot: int, kind: bytes) -> bytes:
+    """Per-slot (per-round) 256-bit keystream key from a 256-bit seed: HKDF(seed, slot)."""
+    return hkdf(seed, salt=session, info=b"fedrec-secagg/mask/" + kind + struct.pack(">Q", slot))
+
+
+def associated_data(*, session: bytes, sender: int, receiver: int, kind: str, slot: int) -> bytes:
+    return b"fedrec-secagg/share|" + session + struct.pack(">IIQ", sender, receiver, slot) + kind.encode()
+
+
+def encrypt(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, ad)
+
+
+def decrypt(key: bytes, ciphertext: bytes, ad: bytes) -> bytes:
+    try:
+        return AESGCM(key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], ad)
+    except (InvalidTag, ValueError) as err:
+        raise ShareAuthError("share ciphertext failed authentication (tampered or replayed)") from err

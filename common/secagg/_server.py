@@ -1,0 +1,210 @@
+"""The server half of SecAgg+ as bookkeeping over plain dicts (private).
+
+Flower-free: ``server/secagg_workflow.py`` sends the records this class produces and feeds
+back the replies. One :class:`ServerSession` = one key setup, valid for ``slots`` masked
+rounds. Pairwise masks follow the sparse neighbour graph; the Shamir shares of every node's
+per-slot secrets are held by a random committee of share holders (Flamingo-style), so the
+unmask stage talks to the committee only. A slot is never reused. Every node holds one mask key pair per slot, so removing a
+dropout's masks in slot r (by reconstructing its slot-r key) reveals nothing about its
+masks in other slots: it rejoins next round under keys the server has never seen. A node
+that missed the setup joins through a new setup (every node re-keys).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedrec.common.secagg import _graph, _keys, _masking, _quantize, _shamir
+from fedrec.common.secagg._client import STAGE_MASK, STAGE_SETUP_KEYS, STAGE_SETUP_SHARES, STAGE_UNMASK
+from fedrec.common.secagg._errors import SecAggError
+
+
+def threshold_for(k: int) -> int:
+    """Shamir threshold for k shareholders: a strict majority (t > k/2)."""
+    return k // 2 + 1
+
+
+def default_committee(n: int) -> int:
+    """Share holders per session: every node up to 32, else 32 random nodes (threshold 17)."""
+    return min(n, 32)
+
+
+@dataclass
+class ServerSession:
+    nodes: dict[int, int]  #: node id -> session index (1..n)
+    slots: int
+    degree: int = 0  #: neighbours per node in the mask graph (0 = complete graph)
+    committee_size: int = 0  #: share holders (0 = default_committee(n))
+    session: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    c_pks: dict[int, bytes] = field(default_factory=dict)
+    s_pks: dict[int, list[bytes]] = field(default_factory=dict)  #: per slot
+    neighbours: dict[int, list[int]] = field(default_factory=dict)
+    committee: list[int] = field(default_factory=list)
+    threshold: int = 0
+    members: set[int] = field(default_factory=set)  #: indices that completed setup
+    next_slot: int = 0
+    # (kind, sender, holder, slot) -> share ciphertext (s: slot mask key, b: slot self seed)
+    _ct: dict[tuple[str, int, int, int], bytes] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, node_ids: Sequence[int], *, slots: int, degree: int | None,
+               committee: int | None = None) -> ServerSession:
+        """``degree``: neighbours per node; 0 = complete graph; None = automatic (see ``_graph``).
+        ``committee``: share holders; None = :func:`default_committee`."""
+        if degree is None:
+            degree = _graph.default_degree(len(node_ids))
+        return cls(nodes={nid: i + 1 for i, nid in enumerate(sorted(node_ids))}, slots=slots, degree=degree,
+                   committee_size=committee or 0)
+
+    @staticmethod
+    def quantization(*, clip_range: float, noise_std: float | None, n_clients: int, dim: int) -> _quantize.QuantParams:
+        return _quantize.derive(clip_range=clip_range, noise_std=noise_std, n_clients=n_clients, dim=dim)
+
+    @staticmethod
+    def dequantize(total: np.ndarray, n_contributors: int, quant: _quantize.QuantParams) -> tuple[np.ndarray, int]:
+        """(float64 sum, number of clamped coordinates) from the unmasked integer sum."""
+        return _quantize.dequantize(total, n_contributors, quant)
+
+    @property
+    def node_of(self) -> dict[int, int]:
+        return {i: nid for nid, i in self.nodes.items()}
+
+    # ------------------------------------------------------------------ setup
+    def setup_keys_records(self) -> dict[int, dict]:
+        return {nid: {"stage": STAGE_SETUP_KEYS, "session": self.session, "index": i, "slots": self.slots}
+                for nid, i in self.nodes.items()}
+
+    def keys_received(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
+        """Public keys from the nodes that answered stage 1 -> the stage-2 record of each."""
+        for nid, rec in replies.items():
+            i = self.nodes[nid]
+            c_pk, s_pks = bytes(rec["c-pk"]), [bytes(x) for x in rec["s-pks"]]
+            if len(c_pk) != 32 or len(s_pks) != self.slots or any(len(x) != 32 for x in s_pks):
+                raise SecAggError(f"node {nid} advertised malformed keys")
+            self.c_pks[i], self.s_pks[i] = c_pk, s_pks
+        alive = sorted(self.c_pks)
+        self.neighbours = _graph.harary(alive, self.degree)
+        size = min(len(alive), self.committee_size or default_committee(len(alive)))
+        self.committee = sorted(_graph.sample(alive, size))
+        self.threshold = threshold_for(size)
+        cset = set(self.committee)
+        out = {}
+        for i in alive:
+            nb = self.neighbours[i]
+            peers = alive if i in cset else self.committee  # channel keys: holders need everyone's
+            out[self.node_of[i]] = {
+                "stage": STAGE_SETUP_SHARES, "session": self.session, "index": i, "slots": self.slots,
+                "neighbours": nb, "s-pks": [pk for j in nb for pk in self.s_pks[j]],
+                "committee": self.committee, "threshold": self.threshold,
+                "peers": peers, "c-pks": [self.c_pks[j] for j in peers],
+            }
+        return out
+
+    def shares_received(self, replies: Mapping[int, Mapping]) -> None:
+        """Store the encrypted shares; members = nodes that completed both setup stages."""
+        C, R = len(self.committee), self.slots
+        for nid, rec in replies.items():
+            i = self.nodes[nid]
+            ct_s, ct_b = list(rec["ct-s"]), list(rec["ct-b"])
+            if len(ct_s) != C * R or len(ct_b) != C * R:
+                raise SecAggError(f"node {nid} sent {len(ct_s)}/{len(ct_b)} share ciphertexts, expected "
+                                  f"{C * R} of each")
+            for p, j in enumerate(self.committee):
+                for slot in range(R):
+                    self._ct[("s", i, j, slot)] = bytes(ct_s[p * R + slot])
+                    self._ct[("b", i, j, slot)] = bytes(ct_b[p * R + slot])
+            self.members.add(i)
+        holders = [j for j in self.committee if j in self.members]
+        if len(holders) < self.threshold:
+            raise SecAggError(f"setup: {len(holders)} of {C} share holders completed the setup, "
+                              f"{self.threshold} needed")
+
+    def usable_for(self, node_ids: Sequence[int]) -> bool:
+        """Can a round over ``node_ids`` run in this session (all completed setup, a slot left)?"""
+        idx = [self.nodes.get(n) for n in node_ids]
+        return self.next_slot < self.slots and all(i is not None and i in self.members for i in idx)
+
+    # ------------------------------------------------------------------- mask
+    def mask_record(self, node_ids: Sequence[int], quant: _quantize.QuantParams, server_round: int) -> tuple[int, dict]:
+        slot = self.next_slot
+        self.next_slot += 1  # burned whatever happens next
+        active = sorted(self.nodes[n] for n in node_ids)
+        return slot, {"stage": STAGE_MASK, "session": self.session, "slot": slot, "active": active,
+                      "round": int(server_round), **quant.to_record()}
+
+    # ----------------------------------------------------------------- unmask
+    def holders_among(self, survivors: Sequence[int]) -> list[int]:
+        """Share holders (node ids) still reachable, in random order; SecAggError if too few."""
+        alive = {self.nodes[n] for n in survivors}
+        ask = [self.node_of[v] for v in _graph.sample([v for v in self.committee if v in alive], len(alive))]
+        if len(ask) < self.threshold:
+            raise SecAggError(f"only {len(ask)} share holders survived, {self.threshold} needed")
+        return ask
+
+    def unmask_records(self, slot: int, survivors: Sequence[int], dropped: Sequence[int],
+                       holders: Sequence[int] | None = None) -> dict[int, dict]:
+        """Per share holder asked (default: every surviving one): the ciphertexts it must open —
+        self-seed shares of survivors, this slot's mask-key shares of dropouts."""
+        s_idx = sorted(self.nodes[n] for n in survivors)
+        d_idx = sorted(self.nodes[n] for n in dropped)
+        if holders is None:
+            holders = self.holders_among(survivors)
+        out = {}
+        frm = s_idx + d_idx
+        kind = ["b"] * len(s_idx) + ["s"] * len(d_idx)
+        for nid in holders:
+            v = self.nodes[nid]
+            ct = [self._ct[(k, u, v, slot)] for u, k in zip(frm, kind)]
+            out[nid] = {"stage": STAGE_UNMASK, "session": self.session, "slot": slot,
+                        "survivors": s_idx, "dropped": d_idx, "ct": ct, "ct-from": frm, "ct-kind": kind}
+        return out
+
+    def check_survivors(self, survivors: Sequence[int]) -> None:
+        """Refuse to unmask when the survivors' graph is split: that would reveal partial sums."""
+        s_idx = [self.nodes[n] for n in survivors]
+        if not _graph.connected(s_idx, self.neighbours):
+            raise SecAggError("survivors' neighbour graph is disconnected: unmasking would reveal partial sums")
+
+    def unmask(self, slot: int, masked: Mapping[int, np.ndarray], dropped: Sequence[int],
+               share_replies: Mapping[int, Mapping]) -> np.ndarray:
+        """Sum of the survivors' masked vectors with every mask removed (mod 2^bits)."""
+        s_idx = {self.nodes[n] for n in masked}
+        d_idx = {self.nodes[n] for n in dropped}
+        cset = set(self.committee)
+        b_sh: dict[int, dict[int, bytes]] = {u: {} for u in s_idx}
+        s_sh: dict[int, dict[int, bytes]] = {u: {} for u in d_idx}
+        for nid, rec in share_replies.items():
+            v = self.nodes[nid]
+            if v not in cset:
+                continue
+            for u, kind, share in zip(rec["share-from"], rec["share-kind"], rec["shares"]):
+                u = int(u)
+                if kind == "b" and u in b_sh:
+                    b_sh[u][v] = bytes(share)
+                elif kind == "s" and u in s_sh:
+                    s_sh[u][v] = bytes(share)
+        vecs = list(masked.values())
+        total = vecs[0].copy()
+        for y in vecs[1:]:
+            total += y
+        t = self.threshold
+        for u in sorted(s_idx):
+            if len(b_sh[u]) < t:
+                raise SecAggError(f"unmask: {len(b_sh[u])} self-seed shares for node {self.node_of[u]}, {t} needed")
+            seed = _shamir.combine(b_sh[u], t)
+            _masking.add_into(total, _keys.slot_key(seed, session=self.session, slot=slot, kind=b"self"), -1)
+        for u in sorted(d_idx):
+            if len(s_sh[u]) < t:
+                raise SecAggError(f"unmask: {len(s_sh[u])} mask-key shares for dropped node {self.node_of[u]}, "
+                                  f"{t} needed")
+            s_sk = _shamir.combine(s_sh[u], t)  # u's mask key for this slot only
+            for w in self.neighbours[u]:
+                if w in s_idx:  # w added sign(w, u) * mask(w, u); take it out
+                    seed = _keys.pair_seed(s_sk, self.s_pks[w][slot], session=self.session, a=u, b=w, slot=slot)
+                    _masking.add_into(total, _keys.slot_key(seed, session=self.session, slot=slot, kind=b"pair"),
+                                      -_masking.pair_sign(w, u))
+        return total

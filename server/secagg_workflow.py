@@ -1,0 +1,283 @@
+"""fedrec's SecAgg+ on Flower's Message API: the server side of every secure sum.
+
+:class:`SecAggPlusSum` implements :class:`fedrec.server.aggregation.SumProtocol`. Per run it
+pays the key setup once (two stages, sent with the round's own message type and answered by
+``client/secagg_mod.py`` without calling the handler): key advertisement, then encrypted
+Shamir shares of each node's mask key and of fresh self-mask seeds for a block of
+``rounds_per_setup`` rounds. A steady-state round is then two stages:
+
+1. **mask** — the round's own message (``content`` plus the SecAgg record); the reply carries
+   the quantized, masked contribution instead of the float arrays;
+2. **unmask** — small, and only to the share-holder committee (every node up to 32 nodes,
+   else 32 random ones): they open the share ciphertexts the server forwards (self-seed
+   shares of survivors, this round's mask-key shares of dropouts).
+
+Dropouts: too few answers at any stage, too few shares, a split survivor graph, or (in
+``distributed`` noise mode) fewer than ``n_min`` survivors raise :class:`RoundFailed` with
+the reason — a round never silently keeps the old model. Mask keys are per round (one key
+pair per slot, all advertised at setup): removing a dropout's masks reveals its key for that
+round only, so it rejoins next round under keys the server has never seen. A node that
+missed the setup (or a new node) triggers a fresh setup in which every node re-keys.
+Security argument: docs/secure-aggregation.md.
+
+Wiring::
+
+    protocol = SecAggPlusSum.from_config(cfg, clip_range=..., noise_std=...)
+    res = protocol.run_round(grid, nodes, message_type="train", content=content,
+                             server_round=r, min_contributors=m)
+
+``clip_range`` (bound on each noiseless coordinate of one contribution) and ``noise_std``
+(the DP noise std one client adds per coordinate) set the quantization; a round can override
+both through ``content["config"]`` keys ``secagg.clip-range`` / ``secagg.noise-std``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedrec.common.secagg import SecAggError, ServerSession
+from fedrec.server.aggregation import RoundFailed, RoundResult, reply_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SecAggPlusSum", "SECAGG_RECORD"]
+
+SECAGG_RECORD = "fedrec.secagg"  # same name as in client/secagg_mod.py (the wire contract)
+
+
+class SecAggPlusSum:
+    """SecAgg+ sums over Flower's Message API (see module doc).
+
+    Parameters (keyword-only):
+      clip_range: bound on each noiseless coordinate of one contribution (contribution units).
+      noise_std: DP noise std one client adds per coordinate (None: DP off; finest 32-bit step).
+      neighbours: neighbours per node in the SecAgg+ graph; 0 = complete graph (SecAgg);
+        None = automatic (complete up to 20 nodes, else the smallest even k >= 2 log2 n).
+      noise_mode / n_min: in ``distributed`` mode a round with fewer than ``n_min`` survivors
+        is discarded (RoundFailed): the sum would carry less than the accounted noise.
+      rounds_per_setup: rounds (slots) prepared per setup (a new setup follows when used up).
+      committee: share holders per session (None: every node up to 32, else 32 random ones;
+        majority threshold); the unmask stage asks ``threshold + spare_holders`` of them, and the
+        others only if too few answer.
+      setup_timeout: seconds for each setup stage.
+    """
+
+    def __init__(self, *, clip_range: float, noise_std: float | None = None, neighbours: int | None = None,
+                 noise_mode: str = "local", n_min: int = 0, rounds_per_setup: int = 16,
+                 committee: int | None = None, spare_holders: int = 2, setup_timeout: float = 300.0):
+        if noise_mode not in ("local", "distributed"):
+            raise ValueError("noise_mode must be 'local' or 'distributed'")
+        if rounds_per_setup < 1:
+            raise ValueError("rounds_per_setup must be >= 1")
+        self.clip_range = float(clip_range)
+        self.noise_std = noise_std
+        self.neighbours = neighbours
+        self.noise_mode = noise_mode
+        self.n_min = int(n_min)
+        self.rounds_per_setup = int(rounds_per_setup)
+        self.committee = committee
+        self.spare_holders = int(spare_holders)
+        self.setup_timeout = float(setup_timeout)
+        self._session: ServerSession | None = None
+        #: number of setups, seconds of the last setup and of the last round's two stages,
+        #: clamped coordinates in the last round
+        self.stats: dict[str, float] = {"setups": 0, "setup_s": 0.0, "mask_stage_s": 0.0,
+                                        "unmask_stage_s": 0.0, "clamped": 0}
+
+    @classmethod
+    def from_config(cls, cfg, *, clip_range: float | None = None, noise_std: float | None = None,
+                    **kwargs) -> SecAggPlusSum:
+        """From a :class:`fedrec.common.config.RunConfig`.
+
+        ``clip_range`` defaults to ``2 · lr · clip-norm · local-steps`` (a clipped DP-SGD mean
+        step moves a coordinate by at most lr·C per step; ×2 for Poisson batch fluctuation); the
+        clamped count the server learns warns when it was too small.
+        """
+        if clip_range is None:
+            clip_range = 2.0 * cfg.train.lr * cfg.privacy.clip_norm * cfg.train.local_steps
+        kwargs.setdefault("neighbours", cfg.secagg.neighbours)
+        return cls(clip_range=clip_range, noise_std=noise_std, noise_mode=cfg.privacy.noise_mode,
+                   n_min=cfg.n_min if cfg.privacy.noise_mode == "distributed" else 0, **kwargs)
+
+    # ------------------------------------------------------------------ round
+    def run_round(self, grid: Grid, node_ids: list[int], *, message_type: str, content: RecordDict,
+                  server_round: int, min_contributors: int, timeout: float = 600.0) -> RoundResult:
+        nodes = sorted(int(n) for n in node_ids)
+        if self._session is None or not self._session.usable_for(nodes):
+            self._setup(grid, nodes, message_type, min_contributors)
+        sess = self._session
+        assert sess is not None
+        participants = [n for n in nodes if n in sess.nodes and sess.nodes[n] in sess.members]
+        not_set_up = sorted(set(nodes) - set(participants))
+        quant = self._quantization(content, len(participants))
+        slot, mrec = sess.mask_record(participants, quant, server_round)
+        out = RecordDict()
+        for key, record in content.items():
+            out[key] = record
+        out[SECAGG_RECORD] = ConfigRecord(mrec)
+        msgs = [Message(content=out, dst_node_id=n, message_type=message_type) for n in participants]
+        t_mask = time.monotonic()
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        self.stats["mask_stage_s"] = time.monotonic() - t_mask
+
+        masked: dict[int, np.ndarray] = {}
+        layout: dict[int, tuple[list[str], list[list[int]]]] = {}
+        metrics: dict[int, dict[str, float]] = {}
+        refusals: dict[int, str] = {}
+        for m in replies:
+            node = m.metadata.src_node_id
+            if m.has_error():
+                log.warning("round %s: node %s failed: %s", server_round, node, m.error.reason)
+                continue
+            c = m.content
+            if "refusal" in c.config_records:
+                refusals[node] = str(c.config_records["refusal"].get("reason", ""))
+                continue
+            srec = c.config_records.get(SECAGG_RECORD)
+            if srec is None or "error" in srec or "arrays" not in c.array_records:
+                why = srec.get("error") if srec is not None and "error" in srec else "no masked vector"
+                log.warning("round %s: node %s dropped: %s", server_round, node, why)
+                if srec is not None and "error" in srec:  # lost or stale protocol state: re-key it
+                    sess.members.discard(sess.nodes[node])
+                continue
+            y = c.array_records["arrays"]["masked"].numpy()
+            if y.dtype.itemsize * 8 != quant.bits or int(srec["slot"]) != slot:
+                log.warning("round %s: node %s sent a vector for another slot/modulus", server_round, node)
+                continue
+            masked[node] = y
+            layout[node] = (list(srec["names"]), json.loads(str(srec["shapes"])))
+            metrics[node] = reply_metrics(m)
+        if masked:  # every contribution must have the same layout, else it cannot be summed
+            ref = max(set(map(json.dumps, layout.values())), key=lambda s: sum(
+                json.dumps(v) == s for v in layout.values()))
+            for node in [n for n, lay in layout.items() if json.dumps(lay) != ref]:
+                log.warning("round %s: node %s sent a different array layout; dropped", server_round, node)
+                masked.pop(node), metrics.pop(node)
+        survivors = sorted(masked)
+        dropped_now = sorted(set(participants) - set(survivors))
+        dropped = sorted(set(dropped_now) | set(not_set_up))
+        self._check_enough(server_round, survivors, nodes, min_contributors, refusals, dropped)
+        if not survivors:
+            raise RoundFailed(f"round {server_round}: no node contributed (dropped {dropped}, refused {refusals})")
+        try:
+            sess.check_survivors(survivors)
+        except SecAggError as err:
+            raise RoundFailed(f"round {server_round}: {err}") from err
+
+        # unmask: share holders open shares of survivors' self seeds and dropouts' slot keys.
+        # Ask a quorum first (threshold + spare), the other holders only if too few answer.
+        try:
+            holders = sess.holders_among(survivors)
+        except SecAggError as err:
+            raise RoundFailed(f"round {server_round}: secure aggregation could not unmask: {err}") from err
+        quorum = min(len(holders), sess.threshold + self.spare_holders)
+        share_replies: dict[int, ConfigRecord] = {}
+        t_unmask = time.monotonic()
+        for batch in (holders[:quorum], holders[quorum:]):
+            if not batch or len(share_replies) >= sess.threshold:
+                break
+            urecs = sess.unmask_records(slot, survivors, dropped_now, holders=batch)
+            umsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n,
+                             message_type=message_type) for n, r in urecs.items()]
+            for m in grid.send_and_receive(umsgs, timeout=timeout):
+                node = m.metadata.src_node_id
+                if m.has_error():
+                    log.warning("round %s: node %s failed in unmasking: %s", server_round, node, m.error.reason)
+                    continue
+                srec = m.content.config_records.get(SECAGG_RECORD)
+                if srec is None or "error" in srec:
+                    log.warning("round %s: node %s refused to unmask: %s", server_round, node,
+                                None if srec is None else srec.get("error"))
+                    continue
+                share_replies[node] = srec
+        self.stats["unmask_stage_s"] = time.monotonic() - t_unmask
+        try:
+            total_int = sess.unmask(slot, masked, dropped_now, share_replies)
+        except (SecAggError, ValueError) as err:
+            raise RoundFailed(f"round {server_round}: secure aggregation could not unmask: {err}") from err
+        flat, clamped = ServerSession.dequantize(total_int, len(survivors), quant)
+        self.stats["clamped"] = clamped
+        if clamped:
+            log.warning("round %s: %d coordinates were clamped to ±%.3g before masking; raise clip_range",
+                        server_round, clamped, quant.bound)
+        names, shapes = json.loads(ref)
+        total, pos = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape)) if shape else 1
+            total[name] = flat[pos:pos + size].reshape(shape)
+            pos += size
+        if pos != flat.size:
+            raise RoundFailed(f"round {server_round}: unmasked vector has {flat.size} values, layout {pos}")
+        return RoundResult(total=total, contributors=survivors, dropped=dropped, metrics=metrics, refusals=refusals)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_enough(self, server_round, survivors, nodes, min_contributors, refusals, dropped) -> None:
+        if self.noise_mode == "distributed" and len(survivors) < self.n_min:
+            raise RoundFailed(
+                f"round {server_round} discarded: distributed noise needs n_min={self.n_min} contributors, "
+                f"{len(survivors)} survived (dropped {dropped}, refused {sorted(refusals)}); the sum would "
+                "carry less than the accounted noise. Clients' budgets stay charged.")
+        if len(survivors) < min_contributors:
+            raise RoundFailed(
+                f"round {server_round}: {len(survivors)} of {len(nodes)} nodes contributed, {min_contributors} "
+                f"needed (dropped {dropped}, refused {refusals})")
+
+    def _quantization(self, content: RecordDict, n: int):
+        clip, std = self.clip_range, self.noise_std
+        cfg = content.config_records.get("config")
+        if cfg is not None:
+            clip = float(cfg.get("secagg.clip-range", clip))
+            std = cfg.get("secagg.noise-std", std)
+            std = None if std is None else float(std)
+        dim = 0
+        if "arrays" in content.array_records:
+            dim = sum(int(np.prod(a.shape)) for a in content.array_records["arrays"].values())
+        return ServerSession.quantization(clip_range=clip, noise_std=std, n_clients=n, dim=dim)
+
+    def _setup(self, grid: Grid, nodes: list[int], message_type: str, min_contributors: int) -> None:
+        t0 = time.monotonic()
+        sess = ServerSession.create(nodes, slots=self.rounds_per_setup, degree=self.neighbours,
+                                    committee=self.committee)
+        degree = sess.degree
+        self._session = None
+        recs = sess.setup_keys_records()
+        ok1 = self._stage(grid, recs, message_type, "key advertisement")
+        if len(ok1) < max(min_contributors, 2):
+            raise RoundFailed(f"secagg setup: {len(ok1)} of {len(nodes)} nodes advertised keys, "
+                              f"{max(min_contributors, 2)} needed (missing {sorted(set(nodes) - set(ok1))})")
+        try:
+            recs2 = sess.keys_received(ok1)
+            ok2 = self._stage(grid, recs2, message_type, "share distribution")
+            if len(ok2) < max(min_contributors, 2):
+                raise RoundFailed(f"secagg setup: {len(ok2)} of {len(nodes)} nodes distributed shares, "
+                                  f"{max(min_contributors, 2)} needed (missing {sorted(set(nodes) - set(ok2))})")
+            sess.shares_received(ok2)
+        except SecAggError as err:
+            raise RoundFailed(f"secagg setup failed: {err}") from err
+        self._session = sess
+        self.stats["setups"] += 1
+        self.stats["setup_s"] = time.monotonic() - t0
+        log.info("secagg setup: %d/%d nodes, degree %s, %d slots, %.2f s", len(sess.members), len(nodes),
+                 degree or "complete", sess.slots, self.stats["setup_s"])
+
+    def _stage(self, grid: Grid, recs: dict[int, dict], message_type: str, what: str) -> dict[int, ConfigRecord]:
+        msgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
+                for n, r in recs.items()]
+        ok = {}
+        for m in grid.send_and_receive(msgs, timeout=self.setup_timeout):
+            node = m.metadata.src_node_id
+            if m.has_error():
+                log.warning("secagg %s: node %s failed: %s", what, node, m.error.reason)
+                continue
+            srec = m.content.config_records.get(SECAGG_RECORD)
+            if srec is None or "error" in srec:
+                log.warning("secagg %s: node %s refused: %s", what, node, None if srec is None else srec.get("error"))
+                continue
+            ok[node] = srec
+        return ok
