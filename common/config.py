@@ -61,7 +61,7 @@ class TrainConfig:
     #: ridge shrinkage of the shared item side, in units of (weighted) raters.
     item_reg: float = 1.0
     #: prior variance of item parameters; sets the Wiener step size under DP noise.
-    item_prior_var: float = 0.25
+    item_prior_var: float = 0.05
     #: server learning rate applied to the mean of institution updates.
     server_lr: float = 1.0
 
