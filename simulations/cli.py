@@ -84,6 +84,22 @@ def generate_cmd(
     generate(domain, institutions=institutions, people=people, seed=seed, skew=skew, out=out, console=console)
 
 
+@app.command("causal")
+def causal_cmd(
+    data: Path = typer.Option(..., "--data", help="Folder of institution folders in the data contract."),
+    item: Optional[str] = typer.Option(None, "--item", help="Treatment = exposed to this item (default: every item)."),
+    epsilon: str = typer.Option("1", "--epsilon", help="ε per institution for the whole estimation; 'inf' = no DP."),
+    estimator: str = typer.Option("aipw", "--estimator", help="aipw | ipw | ra"),
+    compare_pooled: bool = typer.Option(False, "--compare-pooled", help="Also compute the non-private pooled estimate (statsmodels)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder for causal.json."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Estimate ATE/CATE with 95% CIs from DP, securely aggregated statistics (Flower simulation)."""
+    from fedrec.simulations.causal_cli import causal_command
+
+    raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console))
+
+
 def main() -> None:
     try:
         app()
