@@ -7,14 +7,13 @@ and node authentication).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from fedrec.common.errors import BudgetExceeded, FedrecInputError
+from fedrec.common.errors import run_cli
 
 app = typer.Typer(
     add_completion=False,
@@ -23,7 +22,6 @@ app = typer.Typer(
     help="fedrec institution client: validate data, inspect the privacy budget, join a federation.",
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 @app.command("check-data")
@@ -37,7 +35,7 @@ def check_data_cmd(
     """
     from fedrec.client.check_data import run_check
 
-    raise typer.Exit(run_check(folder, console=console, err_console=err_console))
+    raise typer.Exit(run_check(folder, console=console, err_console=Console(stderr=True)))
 
 
 @app.command("budget")
@@ -52,11 +50,7 @@ def budget_cmd(
 
 
 def main() -> None:
-    try:
-        app()
-    except (FedrecInputError, BudgetExceeded) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
+    run_cli(app)
 
 
 if __name__ == "__main__":

@@ -13,3 +13,17 @@ class BudgetExceeded(RuntimeError):
     """A release would exceed the institution's (ε, δ) cap; nothing was computed."""
 
     exit_code = 3
+
+
+def run_cli(app) -> None:
+    """Run a Typer app; a FedrecInputError or BudgetExceeded ends it with one line on stderr
+    and the error's exit code (2 for bad input, 3 for an exhausted budget)."""
+    import sys
+
+    from rich.console import Console
+
+    try:
+        app()
+    except (FedrecInputError, BudgetExceeded) as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)

@@ -40,7 +40,6 @@ __all__ = [
     "PlainSum",
     "arrays_to_numpy",
     "numpy_to_arrays",
-    "apply_mean_update",
 ]
 
 
@@ -156,22 +155,3 @@ class PlainSum:
             metrics={n: reply_metrics(m) for n, m in ok.items()},
             refusals=refusals,
         )
-
-
-def apply_mean_update(
-    global_arrays: Mapping[str, np.ndarray],
-    total_update: Mapping[str, np.ndarray],
-    n_contributors: int,
-    server_lr: float = 1.0,
-) -> dict[str, np.ndarray]:
-    """FedAvg with equal institution weights on the summed updates.
-
-    Equal weights keep institution sizes private (a size-weighted mean would need each
-    institution's count in the clear).
-    """
-    return {
-        k: (global_arrays[k] + server_lr * total_update[k] / n_contributors).astype(
-            global_arrays[k].dtype
-        )
-        for k in global_arrays
-    }

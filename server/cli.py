@@ -6,13 +6,12 @@ TLS, node authentication and a state database).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from fedrec.common.errors import FedrecInputError
+from fedrec.common.errors import run_cli
 
 app = typer.Typer(
     add_completion=False,
@@ -21,7 +20,6 @@ app = typer.Typer(
     help="fedrec coordinator: audit runs, start the federation server.",
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 @app.callback()
@@ -42,11 +40,7 @@ def audit_cmd(
 
 
 def main() -> None:
-    try:
-        app()
-    except FedrecInputError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
+    run_cli(app)
 
 
 if __name__ == "__main__":

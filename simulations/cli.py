@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from fedrec.common.errors import BudgetExceeded, FedrecInputError
+from fedrec.common.errors import run_cli
 
 app = typer.Typer(
     add_completion=False,
@@ -18,7 +17,6 @@ app = typer.Typer(
     help="fedrec simulations: federated training runs, synthetic institutions, causal studies.",
 )
 console = Console()
-err_console = Console(stderr=True)
 
 
 def _epsilon(value: str) -> float:
@@ -101,11 +99,7 @@ def causal_cmd(
 
 
 def main() -> None:
-    try:
-        app()
-    except (FedrecInputError, BudgetExceeded) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
+    run_cli(app)
 
 
 if __name__ == "__main__":
