@@ -179,8 +179,8 @@ def _guarded_release(msg: Message, context: Context, cfg: RunConfig, inst: Insti
     """Charge (write-ahead) -> compute on the data -> reply -> mark released.
 
     A refused charge replies with the reason and touches no data. The reply's metrics are
-    public accounting facts: ε spent (PRV and RDP), δ, and the variance of the noise this
-    institution added per coordinate (the server needs it for the Wiener step size).
+    public accounting facts: ε spent (PRV and RDP), δ, and the variance of the gradient noise
+    this institution adds per coordinate (the server needs it for the Wiener step size).
     """
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
     guard = _guard(context, cfg, inst.data.name)
@@ -193,7 +193,8 @@ def _guarded_release(msg: Message, context: Context, cfg: RunConfig, inst: Insti
     arrays, metrics = compute(_trainer(inst, cfg))
     eps_prv, eps_rdp = guard.spent(delta=cfg.privacy.delta)
     sched = inst.schedule
-    noise_sd = 0.0 if sched is None else sched.local_noise_multiplier * (1.0 if task == "item-counts" else sched.clip_norm)
+    # per-coordinate std of the gradient noise this institution adds in training (public)
+    noise_sd = 0.0 if sched is None else sched.local_noise_multiplier * sched.clip_norm
     metrics.update({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": cfg.privacy.delta, "noise-var": noise_sd**2})
     reply = Message(
         RecordDict({"arrays": ArrayRecord({k: _array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)}),

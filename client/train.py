@@ -68,10 +68,12 @@ class DPSchedule:
     steps_per_round: int
     rounds: int
     clip_norm: float
+    #: the item counts carry this many times σ (they only set step sizes: coarse is enough)
+    count_noise_factor: float = 1.0
 
     def count_event(self) -> GaussianEvent:
         """The item-count release (sensitivity 1: each person's count vector has norm 1)."""
-        return GaussianEvent(noise_multiplier=self.noise_multiplier, count=1, sensitivity=1.0)
+        return GaussianEvent(noise_multiplier=self.count_noise_factor * self.noise_multiplier, count=1, sensitivity=1.0)
 
     def round_event(self) -> DPSGDEvent:
         """The mechanism event one round releases (charged to the ledger before training)."""
@@ -97,14 +99,17 @@ def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
             "privacy.noise-mode=distributed needs local-steps=1: a second local step would "
             "build on an update that carries only σ²/n_min of the noise"
         )
-    if q == 1.0:  # all releases are full-batch Gaussians: closed-form composition
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=p.epsilon, delta=p.delta, sample_rate=1.0,
-            steps=t.rounds * t.local_steps + 1, accountant=p.accountant,
+    k = p.count_noise_factor
+    if q == 1.0:
+        # all releases are full-batch Gaussians, whose composition is exactly one Gaussian with
+        # 1/σ_eff² = Σ 1/σ_i² = (rounds·steps + 1/k²)/σ²: calibrate σ_eff, scale back
+        sigma_eff = calibrate_noise_multiplier(
+            target_epsilon=p.epsilon, delta=p.delta, sample_rate=1.0, steps=1, accountant=p.accountant,
         )
+        sigma = sigma_eff * math.sqrt(t.rounds * t.local_steps + 1.0 / k**2)
     else:
         def events(s: float) -> list[Event]:
-            return [GaussianEvent(noise_multiplier=s)] + [DPSGDEvent(noise_multiplier=s, sample_rate=q, steps=t.local_steps)] * t.rounds
+            return [GaussianEvent(noise_multiplier=k * s)] + [DPSGDEvent(noise_multiplier=s, sample_rate=q, steps=t.local_steps)] * t.rounds
 
         sigma = calibrate_for_events(events, target_epsilon=p.epsilon, delta=p.delta, accountant=p.accountant)
     local_sigma = sigma / math.sqrt(cfg.n_min) if p.noise_mode == "distributed" else sigma
@@ -115,6 +120,7 @@ def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
         steps_per_round=t.local_steps,
         rounds=t.rounds,
         clip_norm=p.clip_norm,
+        count_noise_factor=k,
     )
 
 
@@ -143,11 +149,12 @@ class MFTrainer:
 
         Privacy contract: each person's count vector has L2 norm exactly 1 (w_u = 1/√n_u),
         so this is the Gaussian mechanism with sensitivity 1 and noise std
-        ``schedule.local_noise_multiplier`` (σ in local mode, σ/√n_min in distributed mode).
+        ``count_noise_factor · local_noise_multiplier`` (σ_local is σ in local mode, σ/√n_min
+        in distributed mode).
         """
         counts = weighted_item_counts(self.ratings, self.item_side.n_items)
         if schedule is not None:
-            counts = counts + schedule.local_noise_multiplier * torch.randn(
+            counts = counts + schedule.count_noise_factor * schedule.local_noise_multiplier * torch.randn(
                 counts.shape, generator=self.noise_generator
             )
         return counts.numpy()

@@ -74,6 +74,9 @@ class PrivacyConfig:
     #: per-person L2 clipping bound on the released gradient.
     clip_norm: float = 1.0
     accountant: str = "prv"
+    #: the once-per-run item counts carry this many times the training σ (a cheaper release:
+    #: they only set step sizes).
+    count_noise_factor: float = 1.0
     #: ``local``: each client adds the full noise. ``distributed``: each adds σ²/n_min.
     noise_mode: str = "local"
     #: survivors needed for distributed noise to be complete (0 = all institutions).

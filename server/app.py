@@ -93,9 +93,8 @@ def item_step_sizes(
     )
     if res.total is None:
         raise RoundFailed("item-count round: no contribution")
-    # noise variance of each summed gradient coordinate: Σ_k (σ_k C)², where σ_k² is the
-    # count noise variance institution k declares (sensitivity 1 there, C in training)
-    noise_var = cfg.privacy.clip_norm**2 * sum(m.get("noise-var", 0.0) for m in res.metrics.values())
+    # noise variance of each summed gradient coordinate: Σ_k (σ_k C)², as each declares
+    noise_var = sum(m.get("noise-var", 0.0) for m in res.metrics.values())
     for node, m in res.metrics.items():
         if "epsilon" in m:
             epsilon[str(node)] = m["epsilon"]

@@ -133,3 +133,13 @@ def test_dp_off_and_distributed_mode_plans():
     assert s.local_noise_multiplier == pytest.approx(s.noise_multiplier / 2)
     with pytest.raises(ConfigError, match="local-steps=1"):
         plan_dp(cfg.override(**{"local-steps": 2}), 50)
+
+
+def test_cheaper_count_release_still_composes_to_the_run_epsilon():
+    cfg = RunConfig().override(**{"privacy.epsilon": 8.0, "rounds": 2, "privacy.count-noise-factor": 2.0})
+    s = plan_dp(cfg, 60)
+    assert s.count_event().noise_multiplier == pytest.approx(2 * s.noise_multiplier)
+    eps = epsilon_for(s.run_events(), delta=cfg.privacy.delta, accountant="prv")
+    assert 7.9 <= eps <= 8.0 + 1e-6
+    # the training σ is smaller than with equal shares (budget moved from the counts)
+    assert s.noise_multiplier < plan_dp(cfg.override(**{"privacy.count-noise-factor": 1.0}), 60).noise_multiplier
