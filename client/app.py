@@ -227,3 +227,7 @@ def _array(v: np.ndarray):
 def _guard(context: Context, cfg: RunConfig, institution: str) -> ReleaseGuard:
     """The institution's release guard over its SQLite ledger (client/guard.py)."""
     return open_guard(ledger_path(context, cfg, institution), institution=institution, cfg=cfg)
+
+
+# causal-estimation handlers (query.causal-*) register on this same ClientApp
+from fedrec.client import causal_app as _causal_app  # noqa: E402,F401

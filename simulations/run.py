@@ -28,22 +28,28 @@ from rich.console import Console
 from fedrec.common.config import DEFAULTS, ConfigError, RunConfig
 from fedrec.common.errors import FedrecInputError
 
-__all__ = ["run_simulation", "run_from_cli", "write_app_dir"]
+__all__ = ["run_simulation", "run_from_cli", "write_app_dir", "launch_flower"]
 
 DOMAINS = ("health", "education", "finance")
 
 
-def write_app_dir(path: Path) -> Path:
-    """A minimal Flower app folder: components + every knob's default (from common/config)."""
+SERVER_APP = "fedrec.server.app:app"
+CLIENT_APP = "fedrec.client.app:app"
+
+
+def write_app_dir(path: Path, *, server_app: str = SERVER_APP, client_app: str = CLIENT_APP,
+                  extra_config: dict[str, Any] | None = None) -> Path:
+    """A minimal Flower app folder: components + every knob's default (from common/config),
+    plus ``extra_config`` (knobs of apps that keep their own, e.g. ``causal.*``)."""
     lines = [
         "[project]", 'name = "fedrec-sim-app"', 'version = "0.1.0"', "",
         "[tool.flwr.app]", 'publisher = "fedrec"', "",
         "[tool.flwr.app.components]",
-        'serverapp = "fedrec.server.app:app"',
-        'clientapp = "fedrec.client.app:app"', "",
+        f'serverapp = "{server_app}"',
+        f'clientapp = "{client_app}"', "",
         "[tool.flwr.app.config]",
     ]
-    for key, value in DEFAULTS.items():
+    for key, value in {**DEFAULTS, **(extra_config or {})}.items():
         lines.append(f'"{key}" = {_toml(value)}')
     path.mkdir(parents=True, exist_ok=True)
     (path / "pyproject.toml").write_text("\n".join(lines) + "\n")
@@ -88,18 +94,57 @@ def prepare_data(cfg: RunConfig, workdir: Path) -> Path:
     )
 
 
-def run_simulation(cfg: RunConfig, out: Path, *, num_cpus_per_client: float = 1.0, quiet: bool = False) -> dict:
-    """Run one federated training simulation; return the metrics history (also in out/)."""
+def launch_flower(overrides: dict[str, Any], work: Path, *, num_supernodes: int,
+                  server_app: str = SERVER_APP, client_app: str = CLIENT_APP,
+                  extra_config: dict[str, Any] | None = None, num_cpus_per_client: float = 1.0,
+                  quiet: bool = False) -> None:
+    """Run a ServerApp/ClientApp pair on Flower's simulation engine with this run config.
+
+    The one place that touches Flower's private ``_run_simulation``: it builds the same ``Run``
+    the deprecated public wrapper builds, plus our ``override_config``.
+    """
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
 
+    app_dir = write_app_dir(work / "app", server_app=server_app, client_app=client_app, extra_config=extra_config)
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.override_config = dict(overrides)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    ctx = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                  run_config=get_fused_config_from_dir(app_dir, run.override_config))
+    backend = {
+        "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+    }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if quiet:
+        os.environ["FEDREC_NO_PROGRESS"] = "1"
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)  # Flower's DEBUG chatter hides the progress bar
+    try:
+        _run_simulation(
+            num_supernodes=num_supernodes, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app_attr=client_app, server_app_attr=server_app, backend_name="ray",
+            backend_config=backend, server_app_context=ctx, app_dir=str(app_dir), run=run, is_app=True,
+        )
+    finally:
+        flwr_logger.setLevel(old_level)
+
+
+def run_simulation(cfg: RunConfig, out: Path, *, num_cpus_per_client: float = 1.0, quiet: bool = False) -> dict:
+    """Run one federated training simulation; return the metrics history (also in out/)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fedrec-sim-"))
@@ -108,43 +153,8 @@ def run_simulation(cfg: RunConfig, out: Path, *, num_cpus_per_client: float = 1.
         cfg = cfg.override(**{"data-dir": str(data_root.resolve()), "results-dir": str(out.resolve())})
         if not cfg.privacy.ledger_dir:
             cfg = cfg.override(**{"privacy.ledger-dir": str((out / "ledgers").resolve())})
-        app_dir = write_app_dir(work / "app")
-        overrides = {k: v for k, v in cfg.to_flat().items()}
-        # the same Run the deprecated public wrapper builds, plus our override_config
-        run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-        run.override_config = overrides
-        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-        run.federation_id = NOOP_FEDERATION_ID
-        TaskIdentity.task_id = 1
-        TaskIdentity.run_id = run.run_id
-        TaskIdentity.node_id = SUPERLINK_NODE_ID
-        ctx = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=get_fused_config_from_dir(app_dir, overrides))
-        backend = {
-            "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        }
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        flwr_logger = logging.getLogger("flwr")
-        old_level = flwr_logger.level
-        flwr_logger.setLevel(logging.WARNING)  # Flower's DEBUG chatter hides the progress bar
-        if quiet:
-            os.environ["FEDREC_NO_PROGRESS"] = "1"
-        try:
-            _run_simulation(
-                num_supernodes=cfg.data.institutions,
-                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                client_app_attr="fedrec.client.app:app",
-                server_app_attr="fedrec.server.app:app",
-                backend_name="ray",
-                backend_config=backend,
-                server_app_context=ctx,
-                app_dir=str(app_dir),
-                run=run,
-                is_app=True,
-            )
-        finally:
-            flwr_logger.setLevel(old_level)
+        launch_flower(cfg.to_flat(), work, num_supernodes=cfg.data.institutions,
+                      num_cpus_per_client=num_cpus_per_client, quiet=quiet)
         metrics_file = out / "metrics.json"
         if not metrics_file.exists():
             raise RuntimeError(f"the simulation ended without writing {metrics_file}")

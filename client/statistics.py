@@ -1,0 +1,292 @@
+"""Local clipped statistics for each causal step: one function per sufficient statistic.
+
+Every function here returns a :class:`Contribution`: one row of ``terms`` per **person**
+(the unit of privacy; a person has one row per item considered, and the treatment of a row
+is ``exposed`` for that item) and the public L2 ``bound`` each row is clipped to. The bound is
+derived from the study's **declared** bounds only, never from the data:
+
+* covariates are scaled to [-1, 1] by their public bounds and an intercept is prepended, so a
+  design row ``x`` has ``p = d + 1`` coordinates, ``|x_k| <= 1`` and ``||x||^2 <= p``;
+* the outcome is centred on the middle of its public bounds and divided by the half range,
+  so ``|y| <= 1``;
+* ``vech`` of an outer product ``x x'`` (upper triangle with diagonal) has squared norm
+  ``(||x||^4 + sum x_k^4) / 2 <= (p^2 + p) / 2``.
+
+:func:`release` clips each person's row to the bound (so a wrong derivation can only lose
+signal, never privacy), sums over persons, and adds the Gaussian noise of
+``common/privacy/gaussian.py`` with sensitivity ``bound * sqrt(J)`` when one release carries
+J items' blocks (a person may be considered for every item in the catalogue).
+
+Adding a statistic (policy value, mediation, ...) = adding one function that returns a
+Contribution; the release path, the accounting and the server's sums do not change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fedrec.common.causal.estimators import (
+    TRIM,
+    Whitening,
+    design,
+    moments_bound,
+    influence_bound,
+    influence_terms,
+    influence_weights,
+    outcome_bound,
+    propensity_bound,
+    scale_covariates,
+    scale_outcome,
+    sigmoid,
+    vech,
+)
+from fedrec.common.datasets import InstitutionData
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.gaussian import clip_rows, gaussian_mechanism
+
+__all__ = [
+    "ItemRows",
+    "Contribution",
+    "design_columns",
+    "encode_item",
+    "people_design",
+    "whiten_rows",
+    "covariate_moments_terms",
+    "propensity_newton_terms",
+    "outcome_gram_terms",
+    "influence_sum_terms",
+    "influence_scale_terms",
+    "release",
+    "clipped_sum",
+]
+
+
+@dataclass(frozen=True)
+class ItemRows:
+    """One item's analysis rows at one institution: one row per person considered for it.
+
+    ``x``: scaled design with intercept (n, p); ``t``: exposed 0/1; ``y``: scaled outcome.
+    """
+
+    item: str
+    x: np.ndarray
+    t: np.ndarray
+    y: np.ndarray
+    #: public bound on ||x||^2 of a row (p for the bound-scaled design; 1 + radius^2 whitened)
+    r2: float = -1.0
+
+    @property
+    def p(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def row_norm2(self) -> float:
+        return float(self.p) if self.r2 < 0 else self.r2
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """Per-person terms (n, k) whose clipped sum is released, and their public L2 bound."""
+
+    terms: np.ndarray
+    bound: float
+
+
+# --------------------------------------------------------------------------- encoding
+def design_columns(data: InstitutionData, covariates: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
+    """The study's design columns (name, lower, upper) restricted to ``covariates``.
+
+    Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
+    """
+    study = data.study
+    cols = study.design_columns()
+    if covariates is None:
+        return cols
+    known = set(study.covariate_names)
+    for name in covariates:
+        if name not in known:
+            raise FedrecInputError(
+                f"study.toml: covariate {name!r} is not declared (declared: {', '.join(study.covariate_names)}); "
+                "fix: use a declared covariate or add [covariates.NAME] with its bounds to study.toml")
+    keep = set(covariates)
+    return [c for c in cols if c[0].split("=", 1)[0] in keep]
+
+
+def encode_item(data: InstitutionData, item: str, covariates: Sequence[str] | None = None) -> ItemRows:
+    """Rows of the people considered for ``item``: scaled covariates + intercept, exposure,
+    scaled outcome (clipped to the declared bounds)."""
+    cols = design_columns(data, covariates)
+    names = [c[0] for c in data.study.design_columns()]
+    idx = [names.index(c[0]) for c in cols]
+    inter = data.interactions
+    rows = inter[inter["item_id"] == item]
+    people = data.people["person_id"].astype(str).to_numpy()
+    pos = {p: i for i, p in enumerate(people)}
+    take = np.array([pos[p] for p in rows["person_id"].astype(str)], dtype=np.int64)
+    cov = data.covariate_matrix()[:, idx] if len(idx) else np.zeros((len(people), 0))
+    x = design(scale_covariates(cov[take], [(lo, hi) for _, lo, hi in cols]))
+    if len(take) == 0:
+        x = np.zeros((0, len(cols) + 1))
+    t = rows["exposed"].to_numpy(np.float64)
+    y = scale_outcome(rows["outcome"].to_numpy(np.float64), data.study.outcome_bounds)
+    return ItemRows(item=item, x=x, t=t, y=y)
+
+
+def people_design(data: InstitutionData, covariates: Sequence[str] | None = None) -> np.ndarray:
+    """Every person once: bound-scaled covariates + intercept (rows of norm <= sqrt(p))."""
+    cols = design_columns(data, covariates)
+    names = [c[0] for c in data.study.design_columns()]
+    idx = [names.index(c[0]) for c in cols]
+    cov = data.covariate_matrix()[:, idx] if len(idx) else np.zeros((len(data.people), 0))
+    return design(scale_covariates(cov, [(lo, hi) for _, lo, hi in cols]))
+
+
+def whiten_rows(rows: ItemRows, whitening: Whitening) -> ItemRows:
+    """The same rows on the public whitened design (``||w||^2 <= 1 + radius^2``)."""
+    return ItemRows(rows.item, whitening.apply(rows.x), rows.t, rows.y, r2=whitening.r2)
+
+
+# --------------------------------------------------------------------------- statistics
+def covariate_moments_terms(x_people: np.ndarray) -> Contribution:
+    """Per person (each once, whatever the items) ``vech(x x')`` of the bound-scaled design.
+
+    Sum: count (entry [0, 0]), covariate sums and second moments: the server's whitening.
+    L2 bound per person: ``sqrt((p^2 + p)/2)`` (:func:`moments_bound`).
+    """
+    x = x_people
+    return Contribution(vech(x[:, :, None] * x[:, None, :]), moments_bound(x.shape[1]))
+
+
+def propensity_newton_terms(rows: ItemRows, beta: np.ndarray) -> Contribution:
+    """Per person ``[(T - e(x)) x, vech(e(1-e) x x')]`` at the current logistic coefficients.
+
+    Sum: log-likelihood gradient and Hessian for one Newton step. L2 bound per person:
+    :func:`propensity_bound` ``sqrt(r2 + r2^2/16)`` with r2 the public bound on ``||x||^2``.
+    """
+    x = rows.x
+    e = sigmoid(x @ beta)
+    grad = (rows.t - e)[:, None] * x
+    hess = vech((e * (1 - e))[:, None, None] * x[:, :, None] * x[:, None, :])
+    return Contribution(np.hstack([grad, hess]), propensity_bound(rows.row_norm2))
+
+
+def outcome_gram_terms(rows: ItemRows) -> Contribution:
+    """Per person, for each arm (0 then 1): ``[vech(x x'), x y, y^2]``, zero in the other arm.
+
+    Sums: the per-arm Gram ``X'X`` (its [0, 0] entry is the arm's count, its first row the
+    covariate sums), ``X'y`` and ``y'y`` — ridge fits, residual variances and (later)
+    mediation paths come from them. L2 bound per person: :func:`outcome_bound`
+    ``sqrt(r2^2 + r2 + 1)`` with r2 the public bound on ``||x||^2``.
+    """
+    x, y = rows.x, rows.y
+    block = np.hstack([vech(x[:, :, None] * x[:, None, :]), x * y[:, None], (y * y)[:, None]])
+    t = rows.t[:, None]
+    return Contribution(np.hstack([block * (1 - t), block * t]), outcome_bound(rows.row_norm2))
+
+
+def influence_sum_terms(rows: ItemRows, *, estimator: str, clip: float, prop_coef: np.ndarray | None,
+                        coef1: np.ndarray | None, coef0: np.ndarray | None,
+                        trim: tuple[float, float] = TRIM) -> Contribution:
+    """Per person ``[w_n, psi, w_2 psi^2]`` with psi (aipw or ipw influence term) clipped to
+    ``[-clip, clip]``; the server divides the weights out. L2 bound per person:
+    :func:`influence_bound` = ``1.146 * clip``.
+    """
+    psi = np.clip(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
+                                  coef1=coef1, coef0=coef0, trim=trim), -clip, clip)
+    w_n, w_2 = influence_weights(clip)
+    terms = np.column_stack([np.full(len(psi), w_n), psi, w_2 * psi * psi])
+    return Contribution(terms, influence_bound(clip))
+
+
+def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, prop_coef: np.ndarray | None,
+                          coef1: np.ndarray | None, coef0: np.ndarray | None,
+                          trim: tuple[float, float] = TRIM) -> Contribution:
+    """Per person a one-hot row: which bin of the public grid ``edges`` |psi| falls in.
+
+    Sum: a histogram of |psi|; the server picks the psi clip from its tail. L2 bound per
+    person: 1 (one count in one bin).
+    """
+    psi = np.abs(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
+                                 coef1=coef1, coef0=coef0, trim=trim))
+    b = np.searchsorted(edges, psi, side="right")
+    terms = np.zeros((len(psi), len(edges) + 1))
+    terms[np.arange(len(psi)), b] = 1.0
+    return Contribution(terms, 1.0)
+
+
+# --------------------------------------------------------------------------- release
+def clipped_sum(c: Contribution) -> np.ndarray:
+    """Sum over persons of the rows clipped to ``c.bound`` (sensitivity ``c.bound``)."""
+    if len(c.terms) == 0:
+        return np.zeros(c.terms.shape[1])
+    if not math.isfinite(c.bound):  # DP off (ε = inf, no whitening radius): nothing to bound
+        return c.terms.sum(axis=0)
+    return clip_rows(c.terms, c.bound).sum(axis=0)
+
+
+def release(blocks: Mapping[str, Contribution], *, noise_multiplier: float, noise_mode: str = "local",
+            n_min: int = 1, generator: np.random.Generator | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Clip, sum and noise a release carrying one block per item.
+
+    Returns ``({item: noisy sum}, sensitivity)`` with ``sensitivity = max bound * sqrt(J)``
+    (J blocks; one person can appear in each). ``noise_multiplier = 0`` means DP off (no
+    noise; simulations at ε = inf only).
+    """
+    bound = max(c.bound for c in blocks.values())
+    sens = bound * math.sqrt(len(blocks))
+    if noise_multiplier > 0 and not math.isfinite(sens):
+        raise ValueError("a DP release needs a finite sensitivity (whitening radius inf?)")
+    out: dict[str, np.ndarray] = {}
+    for item, c in blocks.items():
+        s = clipped_sum(c)
+        if noise_multiplier > 0:
+            s = gaussian_mechanism(s, sensitivity=sens, noise_multiplier=noise_multiplier,
+                                   noise_mode=noise_mode, n_min=n_min, generator=generator)
+        out[item] = s
+    return out, sens
+
+
+# --------------------------------------------------------------------------- one step
+def whitening_from_arrays(arrays: Mapping[str, np.ndarray]) -> Whitening | None:
+    """The public whitening the server sent with a step (None before the moments step)."""
+    if "whiten/a" not in arrays:
+        return None
+    radius = float(arrays["whiten/radius"][0])
+    return Whitening(np.asarray(arrays["whiten/a"]), np.asarray(arrays["whiten/b"]), radius if radius > 0 else math.inf)
+
+
+def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], arrays: Mapping[str, np.ndarray], *,
+                       estimator: str, trim: tuple[float, float] = TRIM, covariates: Sequence[str] | None = None,
+                       cache: dict | None = None) -> dict[str, Contribution]:
+    """The blocks an institution releases for one protocol step (``moments``, ``propensity``,
+    ``outcome``, ``influence``), each a per-person :class:`Contribution` with its bound.
+    The client handler and the in-process benchmark both call this."""
+    cache = {} if cache is None else cache
+    if kind == "moments":
+        return {"moments": covariate_moments_terms(people_design(data, covariates))}
+    wh = whitening_from_arrays(arrays)
+    blocks: dict[str, Contribution] = {}
+    for it in items:
+        key = (data.name, it)
+        if key not in cache:
+            cache[key] = encode_item(data, it, covariates)
+        rows = cache[key] if wh is None else whiten_rows(cache[key], wh)
+        if kind == "propensity":
+            blocks[it] = propensity_newton_terms(rows, arrays[f"beta/{it}"])
+        elif kind == "outcome":
+            blocks[it] = outcome_gram_terms(rows)
+        elif kind == "scale":
+            blocks[it] = influence_scale_terms(rows, estimator=estimator, edges=np.asarray(arrays["edges"]),
+                                               prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
+                                               coef0=arrays.get(f"mu0/{it}"), trim=trim)
+        elif kind == "influence":
+            blocks[it] = influence_sum_terms(rows, estimator=estimator, clip=float(arrays["clip"][0]),
+                                             prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
+                                             coef0=arrays.get(f"mu0/{it}"), trim=trim)
+        else:
+            raise ValueError(f"unknown causal step {kind!r}")
+    return blocks

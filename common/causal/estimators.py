@@ -1,0 +1,724 @@
+"""ATE / CATE with confidence intervals from aggregated (DP) sufficient statistics.
+
+Pure math, no I/O and no Flower: the client computes per-person contributions with
+:mod:`fedrec.client.statistics`, the server (or a benchmark adding the same vectors in numpy)
+sums them, and everything here turns sums into estimates. It is post-processing of DP
+releases and costs no budget.
+
+Units. Covariates are scaled to [-1, 1] by their **public** bounds (``scale_covariates``) and a
+leading intercept 1 is added, so a design row ``x`` has ``p = d + 1`` coordinates with
+``|x_k| <= 1`` and ``||x|| <= sqrt(p)``. The outcome is centred on the middle of its public
+bounds and divided by the half range (``scale_outcome``), so ``y`` lies in [-1, 1]. Effects
+are computed on this scale and reported in the outcome's units (``half_range * tau``).
+
+Estimators (EconML-like names on :class:`FederatedCausalEstimator`):
+
+* ``ra``   — regression adjustment: per-arm ridge models; ATE = mean of mu1(x) - mu0(x);
+* ``ipw``  — inverse propensity weighting (Horvitz-Thompson on the centred outcome);
+* ``aipw`` — doubly robust: psi = mu1 - mu0 + T (y - mu1)/e - (1 - T)(y - mu0)/(1 - e).
+
+Propensities are trimmed to [0.05, 0.95] (``TRIM``). Why: the weights 1/e and 1/(1-e) are then
+at most 20, which (a) bounds each person's influence term and so the DP sensitivity of the
+released sum, (b) bounds the variance that near-0/1 propensities would otherwise blow up, and
+(c) states the overlap assumption explicitly: people the logging policy (almost) never or
+always treats carry no information about the effect. If the true propensity leaves that
+band, the trimmed estimator targets a slightly different weighting: say so in reports.
+
+Standard errors include the DP noise: every released sum ``S = sum + eta`` has public noise
+variance ``v`` per coordinate (number of contributors x (sigma * sensitivity)^2 in local
+mode, (sigma * sensitivity)^2 in distributed mode), and the delta-method variance of
+ATE = S_psi / S_n adds ``v_psi / N^2 + ATE^2 v_n / N^2`` to the sampling variance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+from scipy.stats import norm
+
+__all__ = [
+    "TRIM",
+    "ESTIMATORS",
+    "vech",
+    "unvech",
+    "vech_len",
+    "half_range",
+    "psi_worst_case",
+    "scale_covariates",
+    "scale_outcome",
+    "design",
+    "sigmoid",
+    "trimmed_propensity",
+    "newton_update",
+    "ridge_fit",
+    "influence_terms",
+    "ate_from_sums",
+    "ArmModel",
+    "ATEResult",
+    "FederatedCausalEstimator",
+    "CausalConfig",
+    "BudgetPlan",
+    "plan_budget",
+    "propensity_bound",
+    "outcome_bound",
+    "influence_bound",
+    "influence_weights",
+    "step_bound",
+    "moments_bound",
+    "psi_grid",
+    "clip_from_histogram",
+    "Whitening",
+    "whitening_from_moments",
+]
+
+#: Propensity trimming band (see module docstring).
+TRIM = (0.05, 0.95)
+ESTIMATORS = ("aipw", "ipw", "ra")
+Estimator = Literal["aipw", "ipw", "ra"]
+
+
+# --------------------------------------------------------------------------- linear algebra
+def vech_len(p: int) -> int:
+    return p * (p + 1) // 2
+
+
+def vech(m: np.ndarray) -> np.ndarray:
+    """Upper triangle (with diagonal) of the last two axes, row-major: (..., p, p) -> (..., p(p+1)/2)."""
+    p = m.shape[-1]
+    iu = np.triu_indices(p)
+    return m[..., iu[0], iu[1]]
+
+
+def unvech(v: np.ndarray, p: int) -> np.ndarray:
+    """Symmetric (p, p) matrix from its :func:`vech`."""
+    out = np.zeros((p, p))
+    iu = np.triu_indices(p)
+    out[iu] = v
+    out[(iu[1], iu[0])] = v
+    return out
+
+
+def _solve_pd(a: np.ndarray, b: np.ndarray, floor: float) -> np.ndarray:
+    """Solve with a symmetric matrix whose eigenvalues are floored (DP noise can break PD)."""
+    a = (a + a.T) / 2
+    w, v = np.linalg.eigh(a)
+    w = np.maximum(w, floor)
+    return v @ ((v.T @ b) / w if b.ndim == 1 else (v.T @ b) / w[:, None])
+
+
+def _inv_pd(a: np.ndarray, floor: float) -> np.ndarray:
+    return _solve_pd(a, np.eye(a.shape[0]), floor)
+
+
+# --------------------------------------------------------------------------- scaling
+def scale_covariates(x: np.ndarray, bounds: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Map each column to [-1, 1] by its public (lower, upper) bounds, clipping outside values."""
+    x = np.asarray(x, dtype=np.float64)
+    lo = np.array([b[0] for b in bounds], dtype=np.float64)
+    hi = np.array([b[1] for b in bounds], dtype=np.float64)
+    z = 2.0 * (x - lo) / (hi - lo) - 1.0
+    return np.clip(z, -1.0, 1.0)
+
+
+def design(z: np.ndarray) -> np.ndarray:
+    """Prepend the intercept column: rows of norm <= sqrt(d + 1)."""
+    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+    return np.column_stack([np.ones(len(z)), z])
+
+
+def scale_outcome(y: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """Centre on the middle of the public bounds, divide by the half range, clip to [-1, 1]."""
+    lo, hi = bounds
+    mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
+    return np.clip((np.asarray(y, dtype=np.float64) - mid) / half, -1.0, 1.0)
+
+
+def half_range(bounds: tuple[float, float]) -> float:
+    return (bounds[1] - bounds[0]) / 2.0
+
+
+def sigmoid(t: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(t, dtype=np.float64)))
+
+
+def trimmed_propensity(x: np.ndarray, beta: np.ndarray, trim: tuple[float, float] = TRIM) -> np.ndarray:
+    return np.clip(sigmoid(x @ beta), trim[0], trim[1])
+
+
+# --------------------------------------------------------------------------- nuisance fits
+def newton_update(beta: np.ndarray, grad_sum: np.ndarray, hess_vech_sum: np.ndarray, *,
+                  ridge: float = 0.0, floor: float = 1e-8) -> np.ndarray:
+    """One Newton step for (ridge-penalised) logistic regression from summed statistics.
+
+    ``grad_sum = sum (T - e(x)) x`` (log-likelihood gradient), ``hess_vech_sum = vech(sum
+    e(1 - e) x x')``. Maximises ``loglik - ridge/2 |beta|^2`` (ridge = 0: plain MLE step).
+    """
+    p = beta.shape[0]
+    h = unvech(hess_vech_sum, p) + ridge * np.eye(p)
+    g = grad_sum - ridge * beta
+    return beta + _solve_pd(h, g, max(floor, ridge))
+
+
+@dataclass(frozen=True)
+class ArmModel:
+    """Per-arm ridge outcome model ``mu_t(x) = x' coef`` on the scaled outcome, with what its
+    covariance needs: the (noisy) Gram, the residual variance and the number of people."""
+
+    coef: np.ndarray
+    gram: np.ndarray
+    n: float
+    resid_var: float
+    cov: np.ndarray
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x @ self.coef, -1.0, 1.0)
+
+
+def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float = 0.0,
+              noise_var: float = 0.0, floor: float = 1e-8) -> ArmModel:
+    """Ridge regression from summed ``vech(X'X)``, ``X'y`` and ``y'y`` of one arm.
+
+    The residual variance comes from ``RSS = y'y - 2 b'X'y + b'X'X b`` (post-processing of the
+    same release), and the coefficient covariance is ``A^-1 (s^2 G + v I) A^-1`` with
+    ``A = G + ridge I``: the sampling part plus the DP noise ``v`` on each coordinate of
+    ``X'y`` (the noise on the Gram is a second-order term and is ignored).
+    """
+    p = xy.shape[0]
+    g = unvech(gram_vech, p)
+    pen = np.eye(p)
+    pen[0, 0] = 0.0  # the intercept is not shrunk (0 is the middle of the bounds, not the mean)
+    a = g + ridge * pen
+    coef = _solve_pd(a, xy, max(floor, ridge))
+    n = max(float(g[0, 0]), 1.0)
+    rss = float(yy - 2 * coef @ xy + coef @ g @ coef)
+    resid_var = max(rss / max(n - p, 1.0), 1e-12)
+    ainv = _inv_pd(a, max(floor, ridge))
+    gpd = (g + g.T) / 2
+    w, v = np.linalg.eigh(gpd)
+    gpd = (v * np.maximum(w, 0.0)) @ v.T
+    cov = ainv @ (resid_var * gpd + noise_var * np.eye(p)) @ ainv
+    return ArmModel(coef=coef, gram=g, n=n, resid_var=resid_var, cov=cov)
+
+
+# --------------------------------------------------------------------------- influence terms
+def influence_terms(x: np.ndarray, t: np.ndarray, y: np.ndarray, *, estimator: str,
+                    prop_coef: np.ndarray | None, coef1: np.ndarray | None, coef0: np.ndarray | None,
+                    trim: tuple[float, float] = TRIM) -> np.ndarray:
+    """Per-person influence term psi (scaled outcome units) whose mean is the ATE estimate.
+
+    aipw: ``mu1 - mu0 + T (y - mu1)/e - (1-T)(y - mu0)/(1-e)``; ipw: ``T y/e - (1-T) y/(1-e)``;
+    ra: ``mu1 - mu0``. With y, mu in [-1, 1] and e in ``trim``, |psi| <= 2 + 2/min(trim) (42
+    at the default band): the worst-case bound :func:`psi_worst_case` reports.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    if estimator == "ra":
+        return np.clip(x @ coef1, -1.0, 1.0) - np.clip(x @ coef0, -1.0, 1.0)
+    e = trimmed_propensity(x, prop_coef, trim)
+    if estimator == "ipw":
+        return t * y / e - (1 - t) * y / (1 - e)
+    if estimator == "aipw":
+        m1 = np.clip(x @ coef1, -1.0, 1.0)
+        m0 = np.clip(x @ coef0, -1.0, 1.0)
+        return m1 - m0 + t * (y - m1) / e - (1 - t) * (y - m0) / (1 - e)
+    raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
+
+
+def psi_worst_case(estimator: str, trim: tuple[float, float] = TRIM) -> float:
+    """Largest |psi| the scaled outcome and the trimming band allow (no data involved)."""
+    w = 1.0 / min(trim[0], 1.0 - trim[1])
+    if estimator == "ra":
+        return 2.0
+    if estimator == "ipw":
+        return w
+    return 2.0 + 2.0 * w
+
+
+# --------------------------------------------------------------------------- ATE from sums
+@dataclass(frozen=True)
+class ATEResult:
+    """ATE in the outcome's units with its standard error and the parts of its variance."""
+
+    ate: float
+    se: float
+    n: float
+    sampling_var: float
+    noise_var: float
+
+    def interval(self, alpha: float = 0.05) -> tuple[float, float]:
+        z = float(norm.ppf(1 - alpha / 2))
+        return (self.ate - z * self.se, self.ate + z * self.se)
+
+
+def ate_from_sums(s_n: float, s_psi: float, s_psi2: float, *, v_n: float = 0.0, v_psi: float = 0.0,
+                  v_psi2: float = 0.0, scale: float = 1.0) -> ATEResult:
+    """ATE = S_psi / S_n and its SE from (noisy) sums of 1, psi and psi^2.
+
+    ``v_*`` are the DP noise variances of those sums (0 when DP is off). The sampling variance
+    of psi is ``S_psi2/N - ATE^2`` corrected for the noise ``S_psi`` carries; the SE adds the
+    noise terms by the delta method. ``scale`` converts to the outcome's units.
+    """
+    n = max(float(s_n), 1.0)
+    ate = s_psi / n
+    # E[(S/N)^2] = ate^2 + v_psi/N^2: remove the noise's share before taking the variance
+    var_psi = s_psi2 / n - ate**2 + v_psi / n**2
+    var_psi = max(var_psi, 1e-12)
+    sampling = var_psi / n
+    noise = v_psi / n**2 + ate**2 * v_n / n**2
+    se = math.sqrt(sampling + noise)
+    return ATEResult(ate=scale * ate, se=scale * se, n=n, sampling_var=scale**2 * sampling,
+                     noise_var=scale**2 * noise)
+
+
+# --------------------------------------------------------------------------- the estimator
+@dataclass
+class FederatedCausalEstimator:
+    """ATE / CATE for one binary treatment from released statistics (EconML-like API).
+
+    ``fit`` takes the fitted nuisances and the summed influence terms; ``effect(X)`` is the
+    linear CATE ``(coef1 - coef0)' x`` (difference of the per-arm ridge models) in outcome
+    units; ``effect_interval`` its pointwise CI from the models' covariances; ``ate`` /
+    ``ate_interval`` / ``ate_stderr`` the chosen estimator's ATE.
+    """
+
+    covariate_bounds: Sequence[tuple[float, float]]
+    outcome_bounds: tuple[float, float]
+    estimator: str = "aipw"
+    trim: tuple[float, float] = TRIM
+    prop_coef: np.ndarray | None = None
+    arm1: ArmModel | None = None
+    arm0: ArmModel | None = None
+    result: ATEResult | None = None
+    whitening: Whitening | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return half_range(self.outcome_bounds)
+
+    def fit(self, *, prop_coef: np.ndarray | None, arm1: ArmModel | None, arm0: ArmModel | None,
+            sums: Mapping[str, float] | None = None, noise: Mapping[str, float] | None = None,
+            ) -> FederatedCausalEstimator:
+        """Store the nuisances and compute the ATE.
+
+        ``sums``: ``{"n", "psi", "psi2"}`` summed influence terms (aipw/ipw) with their noise
+        variances ``noise`` (same keys). For ``ra`` the ATE comes from the arm models and the
+        covariate mean (first row of the pooled Gram): no influence-term release is needed.
+        """
+        self.prop_coef, self.arm1, self.arm0 = prop_coef, arm1, arm0
+        noise = dict(noise or {})
+        if self.estimator == "ra":
+            assert arm1 is not None and arm0 is not None
+            gram = arm1.gram + arm0.gram
+            n = max(gram[0, 0], 1.0)
+            xbar = gram[0] / n
+            diff = arm1.coef - arm0.coef
+            ate = float(xbar @ diff)
+            # heterogeneity of tau(x) across people + coefficient uncertainty (+ noise in xbar)
+            second = gram / n
+            var_tau = max(float(diff @ second @ diff) - ate**2, 0.0)
+            coef_var = float(xbar @ (arm1.cov + arm0.cov) @ xbar)
+            noise_x = float(noise.get("gram", 0.0)) * float(diff @ diff) / n**2
+            sampling = var_tau / n + coef_var
+            self.result = ATEResult(ate=self.scale * ate, se=self.scale * math.sqrt(sampling + noise_x), n=n,
+                                    sampling_var=self.scale**2 * sampling, noise_var=self.scale**2 * noise_x)
+        else:
+            if sums is None:
+                raise ValueError(f"{self.estimator} needs the summed influence terms")
+            self.result = ate_from_sums(sums["n"], sums["psi"], sums["psi2"], v_n=noise.get("n", 0.0),
+                                        v_psi=noise.get("psi", 0.0), v_psi2=noise.get("psi2", 0.0),
+                                        scale=self.scale)
+        return self
+
+    # ---- ATE
+    def ate(self) -> float:
+        assert self.result is not None, "call fit() first"
+        return self.result.ate
+
+    def ate_stderr(self) -> float:
+        assert self.result is not None, "call fit() first"
+        return self.result.se
+
+    def ate_interval(self, alpha: float = 0.05) -> tuple[float, float]:
+        assert self.result is not None, "call fit() first"
+        return self.result.interval(alpha)
+
+    # ---- CATE (linear in covariates)
+    def _rows(self, X: np.ndarray) -> np.ndarray:
+        x = design(scale_covariates(np.atleast_2d(X), self.covariate_bounds))
+        return x if self.whitening is None else self.whitening.apply(x)
+
+    def _coef(self) -> np.ndarray:
+        if self.arm1 is None or self.arm0 is None:
+            raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
+        return self.scale * (self.arm1.coef - self.arm0.coef)
+
+    def cate_coef(self) -> np.ndarray:
+        """CATE coefficients on the bound-scaled design (intercept first), outcome units
+        (the linear map; exact for people inside the whitening radius)."""
+        c = self._coef()
+        return c if self.whitening is None else self.whitening.linear_coef(c)
+
+    def effect(self, X: np.ndarray) -> np.ndarray:
+        """tau(x) for raw covariate rows X (columns in ``study.design_columns()`` order)."""
+        return self._rows(X) @ self._coef()
+
+    def effect_interval(self, X: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+        assert self.arm1 is not None and self.arm0 is not None
+        x = self._rows(X)
+        cov = self.arm1.cov + self.arm0.cov
+        se = self.scale * np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, cov, x), 0.0))
+        z = float(norm.ppf(1 - alpha / 2))
+        tau = x @ self._coef()
+        return tau - z * se, tau + z * se
+
+
+# --------------------------------------------------------------------------- config and budget
+@dataclass(frozen=True)
+class CausalConfig:
+    """Knobs of one causal-estimation run (carried in run config keys ``causal.*`` and in the
+    step messages' ConfigRecords).
+
+    ``epsilon``/``delta``: the run's total per institution (``inf`` = DP off, simulations only).
+    ``shares``: the split of the run's budget across steps, as fractions of the Gaussian
+    "privacy loss" 1/sigma^2 (Gaussian releases compose by adding 1/sigma^2, so a step with
+    share w gets sigma_step = sigma / sqrt(w)); the propensity share is split evenly over the
+    Newton steps; shares of steps an estimator does not run are renormalised away.
+    ``psi_clip``: |psi| bound in scaled outcome units (None = automatic: ``psi_clip_k`` x the
+    larger DP residual sd of the outcome step for aipw; the worst case 1/trim for ipw).
+    ``ridge``: ridge penalty of the nuisance fits (None = automatic: 0 without DP, else the
+    noise sd of a released Gram coordinate x sqrt(p)).
+    """
+
+    estimator: str = "aipw"
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    items: tuple[str, ...] = ()
+    covariates: tuple[str, ...] | None = None
+    newton_steps: int = 4
+    share_moments: float = 0.10
+    share_propensity: float = 0.35
+    share_outcome: float = 0.25
+    share_influence: float = 0.30
+    share_scale: float = 0.08
+    psi_tail: float = 0.01
+    psi_clip_margin: float = 2.0
+    whiten_radius: float | None = None
+    whiten_mode: str = "diag"
+    psi_clip: float | None = None
+    psi_clip_k: float = 20.0
+    ridge: float | None = None
+    trim: tuple[float, float] = TRIM
+    noise_mode: str = "local"
+    n_min: int = 1
+    accountant: str = "prv"
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator {self.estimator!r}: use one of {', '.join(ESTIMATORS)}")
+        if not self.epsilon > 0:
+            raise ValueError("epsilon must be > 0 (inf turns DP off)")
+        if self.newton_steps < 1:
+            raise ValueError("newton_steps must be >= 1")
+        if min(self.share_moments, self.share_propensity, self.share_outcome, self.share_influence) < 0:
+            raise ValueError("budget shares must be >= 0")
+
+    @property
+    def dp(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+    @property
+    def radius_factor(self) -> float | None:
+        """Whitening radius / sqrt(d): the config's, else 1.0 up to ε = 2 and 1.5 above (a
+        smaller radius clips more people's features — a model change, more bias — but lowers
+        the sensitivity; measured on the three simulators, see docs/causal.md). None: DP off."""
+        if not self.dp:
+            return None
+        if self.whiten_radius is not None:
+            return self.whiten_radius
+        return 1.0 if self.epsilon <= 2.0 else 1.5
+
+    def steps(self) -> list[str]:
+        """The releases of one run, in order (``propensity:k`` per Newton step)."""
+        prop = [f"propensity:{k}" for k in range(1, self.newton_steps + 1)]
+        if self.estimator == "ra":
+            return ["moments", "outcome"]
+        if self.estimator == "ipw":
+            return ["moments"] + prop + ["scale", "influence"]
+        return ["moments"] + prop + ["outcome", "scale", "influence"]
+
+    def step_shares(self) -> dict[str, float]:
+        raw = {}
+        for s in self.steps():
+            if s == "moments":
+                raw[s] = self.share_moments
+            elif s.startswith("propensity"):
+                raw[s] = self.share_propensity / self.newton_steps
+            elif s == "outcome":
+                raw[s] = self.share_outcome
+            elif s == "scale":
+                raw[s] = self.share_scale
+            else:
+                raw[s] = self.share_influence
+        tot = sum(raw.values())
+        if tot <= 0:
+            raise ValueError("the budget shares of the steps this estimator runs sum to 0")
+        return {k: v / tot for k, v in raw.items()}
+
+    def to_flat(self) -> dict[str, object]:
+        import json
+
+        return {
+            "causal.estimator": self.estimator, "causal.epsilon": float(self.epsilon), "causal.delta": self.delta,
+            "causal.items": json.dumps(list(self.items)),
+            "causal.covariates": json.dumps(None if self.covariates is None else list(self.covariates)),
+            "causal.newton-steps": self.newton_steps, "causal.share-moments": self.share_moments,
+            "causal.whiten-radius": -1.0 if self.whiten_radius is None else float(self.whiten_radius), "causal.share-propensity": self.share_propensity,
+            "causal.share-scale": self.share_scale, "causal.psi-tail": self.psi_tail,
+            "causal.psi-clip-margin": self.psi_clip_margin, "causal.whiten-mode": self.whiten_mode,
+            "causal.share-outcome": self.share_outcome, "causal.share-influence": self.share_influence,
+            "causal.psi-clip": -1.0 if self.psi_clip is None else float(self.psi_clip),
+            "causal.psi-clip-k": self.psi_clip_k, "causal.ridge": -1.0 if self.ridge is None else float(self.ridge),
+            "causal.trim-low": self.trim[0], "causal.trim-high": self.trim[1],
+            "causal.noise-mode": self.noise_mode, "causal.n-min": self.n_min,
+            "causal.accountant": self.accountant, "causal.alpha": self.alpha,
+        }
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, object]) -> CausalConfig:
+        import json
+
+        d = {k[len("causal."):]: v for k, v in flat.items() if k.startswith("causal.")}
+        kw: dict = {}
+        if "estimator" in d:
+            kw["estimator"] = str(d["estimator"])
+        for key, attr in (("epsilon", "epsilon"), ("delta", "delta"), ("share-propensity", "share_propensity"),
+                          ("share-moments", "share_moments"),
+                          ("share-scale", "share_scale"), ("psi-tail", "psi_tail"),
+                          ("psi-clip-margin", "psi_clip_margin"),
+                          ("share-outcome", "share_outcome"), ("share-influence", "share_influence"),
+                          ("psi-clip-k", "psi_clip_k"), ("alpha", "alpha")):
+            if key in d:
+                kw[attr] = float(d[key])  # type: ignore[arg-type]
+        for key, attr in (("newton-steps", "newton_steps"), ("n-min", "n_min")):
+            if key in d:
+                kw[attr] = int(d[key])  # type: ignore[arg-type]
+        if "items" in d:
+            kw["items"] = tuple(json.loads(str(d["items"])))
+        if "covariates" in d:
+            cov = json.loads(str(d["covariates"]))
+            kw["covariates"] = None if cov is None else tuple(cov)
+        if "psi-clip" in d:
+            v = float(d["psi-clip"])  # type: ignore[arg-type]
+            kw["psi_clip"] = None if v <= 0 else v
+        if "whiten-radius" in d:
+            v = float(d["whiten-radius"])  # type: ignore[arg-type]
+            kw["whiten_radius"] = None if v <= 0 else v
+        if "ridge" in d:
+            v = float(d["ridge"])  # type: ignore[arg-type]
+            kw["ridge"] = None if v < 0 else v
+        if "trim-low" in d or "trim-high" in d:
+            kw["trim"] = (float(d.get("trim-low", TRIM[0])), float(d.get("trim-high", TRIM[1])))  # type: ignore[arg-type]
+        for key, attr in (("noise-mode", "noise_mode"), ("accountant", "accountant"), ("whiten-mode", "whiten_mode")):
+            if key in d:
+                kw[attr] = str(d[key])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Noise multiplier per step (0 = DP off) and what the run spends in all."""
+
+    sigma: dict[str, float]
+    shares: dict[str, float]
+    epsilon: float
+    delta: float
+
+    def events(self) -> list:
+        from fedrec.common.privacy.accountant import GaussianEvent
+
+        return [GaussianEvent(noise_multiplier=s) for s in self.sigma.values() if s > 0]
+
+    def step_epsilon(self, accountant: str = "prv") -> dict[str, float]:
+        """ε of each step alone (for the report; the run's total is their composition)."""
+        from fedrec.common.privacy.accountant import GaussianEvent, epsilon_for
+
+        if not math.isfinite(self.epsilon):
+            return {k: math.inf for k in self.sigma}
+        return {k: epsilon_for([GaussianEvent(noise_multiplier=s)], delta=self.delta, accountant=accountant)
+                for k, s in self.sigma.items()}
+
+
+def plan_budget(cfg: CausalConfig) -> BudgetPlan:
+    """Calibrate one sigma so that the run's steps (sigma / sqrt(share) each) compose to the
+    target ε at δ under the ledger's accountant; DP off (ε = inf) gives sigma 0 everywhere."""
+    shares = cfg.step_shares()
+    if not cfg.dp:
+        return BudgetPlan({k: 0.0 for k in shares}, shares, math.inf, cfg.delta)
+    from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
+
+    used = {k: w for k, w in shares.items() if w > 0}
+    if len(used) != len(shares):
+        raise ValueError(f"every step needs a budget share > 0, got {shares}")
+    sigma = _calibrate_cached(tuple(sorted(used.items())), float(cfg.epsilon), float(cfg.delta), cfg.accountant)
+    return BudgetPlan({k: sigma / math.sqrt(w) for k, w in shares.items()}, shares, float(cfg.epsilon), cfg.delta)
+
+
+_CAL: dict = {}
+
+
+def _calibrate_cached(shares: tuple, epsilon: float, delta: float, accountant: str) -> float:
+    from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
+
+    import warnings
+
+    key = (shares, epsilon, delta, accountant)
+    if key not in _CAL:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _CAL[key] = calibrate_for_events(
+                lambda s: [GaussianEvent(noise_multiplier=s / math.sqrt(w)) for _, w in shares],
+                target_epsilon=epsilon, delta=delta, accountant=accountant, sigma_bounds=(0.05, 2000.0),
+                tolerance=0.002 * epsilon)
+    return _CAL[key]
+
+
+# --------------------------------------------------------------------------- public L2 bounds
+# One person's contribution to each release, from public quantities only: the declared bounds
+# (through r2, the public bound on a design row's squared norm) and the run's clip choices.
+# client/statistics.py clips every person's row to exactly these.
+def moments_bound(p: int) -> float:
+    """L2 bound of ``vech(x x')`` for a bound-scaled design row (|x_k| <= 1, p coordinates):
+    ``||vech(x x')||^2 = (||x||^4 + sum x_k^4)/2 <= (p^2 + p)/2``."""
+    return math.sqrt((p * p + p) / 2.0)
+
+
+def propensity_bound(r2: float) -> float:
+    """L2 bound of one person's propensity Newton terms for design rows with ``||w||^2 <= r2``:
+    ``sqrt(r2 + r2^2/16)``. Gradient ``(T - e) w``: norm <= sqrt(r2); Hessian ``e(1-e) w w'``
+    with ``e(1-e) <= 1/4``: ``||vech|| <= ||w||^2 / 4``."""
+    return math.sqrt(r2 + r2 * r2 / 16.0)
+
+
+def outcome_bound(r2: float) -> float:
+    """L2 bound of one person's outcome Gram terms for rows with ``||w||^2 <= r2``, |y| <= 1:
+    ``sqrt(r2^2 + r2 + 1)`` (``||vech(w w')|| <= ||w||^2``, ``||w y|| <= ||w||``, ``y^2 <= 1``;
+    the person is in one arm's block only)."""
+    return math.sqrt(r2 * r2 + r2 + 1.0)
+
+
+def influence_weights(clip: float) -> tuple[float, float]:
+    """Coordinate weights (w_n, w_2) of ``[w_n, psi, w_2 psi^2]``: the count and the square get
+    about a fifth of the noise budget each, relative to psi."""
+    return clip / 4.0, 1.0 / (2.0 * clip)
+
+
+def influence_bound(clip: float) -> float:
+    """L2 bound of ``[w_n, psi, w_2 psi^2]`` with |psi| <= clip: ``clip * sqrt(1/16 + 1 + 1/4)``."""
+    w_n, w_2 = influence_weights(clip)
+    return math.sqrt(w_n**2 + clip**2 + (w_2 * clip**2) ** 2)
+
+
+def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0) -> float:
+    """Per-item L2 bound of one person's contribution to ``step`` (r2 defaults to p)."""
+    r2 = float(p) if r2 is None else r2
+    if step == "moments":
+        return moments_bound(p)
+    if step.startswith("propensity"):
+        return propensity_bound(r2)
+    if step == "outcome":
+        return outcome_bound(r2)
+    if step == "influence":
+        return influence_bound(clip)
+    if step == "scale":
+        return 1.0
+    raise ValueError(step)
+
+
+def psi_grid(estimator: str, trim: tuple[float, float] = TRIM, factor: float = 2.0, decades: float = 3.0) -> np.ndarray:
+    """Public geometric grid of |psi| values (scaled units) for the clip-choosing histogram:
+    from the worst case down by ``decades`` powers of ten, ratio ``factor``."""
+    top = psi_worst_case(estimator, trim)
+    n = int(math.ceil(decades * math.log(10) / math.log(factor)))
+    return top / factor ** np.arange(n, -1, -1)
+
+
+def clip_from_histogram(counts: np.ndarray, edges: np.ndarray, *, tail: float) -> float:
+    """Smallest grid edge above which at most ``tail`` of the people lie, from (noisy) counts
+    of |psi| per bin (bin b = [edges[b-1], edges[b]), bin 0 below edges[0], last bin at the top)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = max(float(counts.sum()), 1.0)
+    above = np.cumsum(counts[::-1])[::-1]  # above[b] = people in bins >= b
+    # people with |psi| >= edges[b] are in bins >= b + 1
+    for b, edge in enumerate(edges):
+        rest = above[b + 1] if b + 1 < len(above) else 0.0
+        if rest <= tail * n:
+            return float(edge)
+    return float(edges[-1])
+
+
+# --------------------------------------------------------------------------- whitening
+@dataclass(frozen=True)
+class Whitening:
+    """A public affine map of the bound-scaled design to (about) standardised coordinates.
+
+    ``w = [1, clip(A x_c + b)]`` where the covariate part is scaled down to norm <= ``radius``
+    (``inf``: no clipping). Built by :func:`whitening_from_moments` from the DP covariate
+    moments (post-processing), it makes the nuisance fits well-conditioned: covariates whose
+    real spread is a small part of their declared range no longer need huge coefficients that
+    DP noise and eigenvalue floors would shrink. Rows then have ``||w||^2 <= 1 + radius^2``.
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    radius: float
+
+    @property
+    def r2(self) -> float:
+        return 1.0 + self.radius**2
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """Design rows (intercept first, bound-scaled) -> whitened design rows."""
+        z = x[:, 1:] @ self.a.T + self.b
+        if math.isfinite(self.radius):
+            norms = np.linalg.norm(z, axis=1)
+            z = z * np.minimum(1.0, self.radius / np.maximum(norms, 1e-300))[:, None]
+        return np.column_stack([np.ones(len(x)), z])
+
+    def linear_coef(self, c: np.ndarray) -> np.ndarray:
+        """Coefficients on the bound-scaled design of ``c' w`` (exact where no row is clipped)."""
+        return np.concatenate([[c[0] + c[1:] @ self.b], self.a.T @ c[1:]])
+
+    @staticmethod
+    def identity(p: int) -> Whitening:
+        return Whitening(np.eye(p - 1), np.zeros(p - 1), math.inf)
+
+
+def whitening_from_moments(gram_vech: np.ndarray, p: int, *, noise_var: float = 0.0,
+                           radius_factor: float | None = 1.5, mode: str = "diag") -> Whitening:
+    """Whitening from the summed ``vech(x x')`` of people (noisy). ``mode="diag"``
+    standardises each covariate by its DP mean and sd; ``"full"`` decorrelates too (needs a
+    covariance precise enough to resolve its smallest eigenvalues: large ε or many people).
+    Variances / eigenvalues are floored at what the noise can resolve. ``radius = radius_factor *
+    sqrt(p - 1)`` (E||z||^2 = p - 1 for whitened data); None: inf (DP off, nothing to bound)."""
+    g = unvech(gram_vech, p)
+    n = max(float(g[0, 0]), 1.0)
+    m = g[0, 1:] / n
+    cov = g[1:, 1:] / n - np.outer(m, m)
+    cov = (cov + cov.T) / 2
+    if mode == "full":
+        lam, vec = np.linalg.eigh(cov)
+        floor = max(2.0 * math.sqrt(noise_var * p) / n, 1e-9 * max(float(np.trace(cov)), 1e-12))
+        lam = np.maximum(lam, floor)
+        a = (vec / np.sqrt(lam)).T
+    elif mode == "diag":
+        var = np.diag(cov)
+        floor = max(2.0 * math.sqrt(noise_var) / n, 1e-9 * max(float(np.trace(cov)), 1e-12))
+        a = np.diag(1.0 / np.sqrt(np.maximum(var, floor)))
+    else:
+        raise ValueError(f"whitening mode {mode!r}: use 'full' or 'diag'")
+    radius = radius_factor * math.sqrt(p - 1) if radius_factor is not None else math.inf
+    return Whitening(a=a, b=-a @ m, radius=radius)

@@ -1,0 +1,368 @@
+"""The causal estimation protocol, step by step (server side).
+
+One run estimates, for each requested item, the effect of ``exposed`` on the outcome:
+
+0. ``moments`` — DP sum of ``vech(x x')`` over people (each once): the server derives a public
+   whitening of the bound-scaled design (per-covariate DP mean/sd, radius-clipped).
+1. ``propensity:k`` (k = 1..newton_steps) — the server sends the current logistic
+   coefficients; each institution releases the DP sum of ``[(T - e) w, vech(e(1-e) w w')]``
+   per item; the server takes a Newton step.
+2. ``outcome`` — DP sums of per-arm ``vech(W'W), W'y, y'y``; the server fits the per-arm ridge
+   models (CATE = their difference) and their DP residual variances.
+3. ``scale`` — a DP histogram of |psi| on a public grid; the server picks the psi clip.
+4. ``influence`` — the server sends the nuisances and the clip; institutions release DP sums
+   of ``[1, psi, psi^2]`` (weighted); the server forms ATE, SE (with DP noise variance) and CI.
+
+Every step is one round of a :class:`~fedrec.server.aggregation.SumProtocol` (SecAgg+ by
+default): the server sees only sums, and only noised ones. The driver
+:func:`run_protocol` is transport-free: :func:`estimate` plugs in Flower rounds, the benchmark
+plugs in numpy sums of the very same client functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedrec.common.causal.estimators import (
+    BudgetPlan,
+    CausalConfig,
+    FederatedCausalEstimator,
+    half_range,
+    newton_update,
+    plan_budget,
+    psi_worst_case,
+    clip_from_histogram,
+    influence_bound,
+    influence_weights,
+    psi_grid,
+    ridge_fit,
+    step_bound,
+    vech_len,
+    whitening_from_moments,
+)
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.gaussian import noise_std
+from fedrec.server.aggregation import RoundFailed, SumProtocol, numpy_to_arrays, split_replies
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CausalResult", "StudyInfo", "run_protocol", "estimate", "app", "MESSAGE_TYPES"]
+
+#: message type of each step (client handlers: client/causal_app.py)
+MESSAGE_TYPES = {"study": "query.causal_study", "moments": "query.causal_moments", "propensity": "query.causal_propensity",
+                 "scale": "query.causal_scale",
+                 "outcome": "query.causal_outcome", "influence": "query.causal_influence"}
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """What the server knows of the study: public declarations only."""
+
+    columns: list[tuple[str, float, float]]
+    outcome_bounds: tuple[float, float]
+    better: str
+    items: list[str]
+
+    @property
+    def p(self) -> int:
+        return len(self.columns) + 1
+
+
+@dataclass
+class CausalResult:
+    """Per item: ATE, SE, CI (outcome units) and the CATE model; the run's budget plan."""
+
+    items: dict[str, dict] = field(default_factory=dict)
+    estimators: dict[str, FederatedCausalEstimator] = field(default_factory=dict)
+    plan: BudgetPlan | None = None
+    epsilon: dict[str, float] = field(default_factory=dict)
+    contributors: dict[str, int] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        plan = self.plan
+        return {
+            "items": self.items,
+            "budget": None if plan is None else {
+                "epsilon": _num(plan.epsilon), "delta": plan.delta,
+                "steps": {k: {"share": plan.shares[k], "noise_multiplier": plan.sigma[k]} for k in plan.sigma},
+            },
+            "epsilon_per_institution": {k: _num(v) for k, v in self.epsilon.items()},
+            "contributors": self.contributors,
+            "config": self.config,
+        }
+
+
+def _num(x: float):
+    return x if math.isfinite(x) else "inf"
+
+
+# Send(step, arrays_for_clients, config) -> (totals {item: summed array}, n_contributors, metrics)
+Send = Callable[[str, dict[str, np.ndarray], dict], tuple[dict[str, np.ndarray], int, dict]]
+
+
+def _noise_var(cfg: CausalConfig, sigma: float, sens: float, n_contrib: int) -> float:
+    """Public noise variance per coordinate of a summed release."""
+    if sigma <= 0:
+        return 0.0
+    std = noise_std(sensitivity=sens, noise_multiplier=sigma, noise_mode=cfg.noise_mode, n_min=max(cfg.n_min, 1))
+    return n_contrib * std**2
+
+
+def _ridge(cfg: CausalConfig, nv: float, p: int) -> float:
+    """Ridge penalty: the config's, else 0 (the eigenvalue floor alone keeps noisy Grams PD:
+    a ridge on the bound-scaled design shrinks the large coefficients that narrow covariate
+    ranges need, and biased the nuisances more than the noise did in our measurements)."""
+    if cfg.ridge is not None:
+        return cfg.ridge
+    return 0.0
+
+
+def _floor(nv: float, p: int) -> float:
+    """Eigenvalue floor of a noisy Gram/Hessian: about the spectral norm of its noise."""
+    return 2.0 * math.sqrt(nv * p) if nv > 0 else 1e-8
+
+
+def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: BudgetPlan | None = None) -> CausalResult:
+    """The estimation protocol over any transport (see module doc).
+
+    Everything here is post-processing of released sums; ``send(step, arrays, config)``
+    performs one release round and returns (sums by block name, contributors, per-node metrics).
+    """
+    plan = plan or plan_budget(cfg)
+    items = list(cfg.items) or list(study.items)
+    p = study.p
+    scale = half_range(study.outcome_bounds)
+    j = len(items)
+    result = CausalResult(plan=plan, config=dict(cfg.to_flat()))
+    sens_factor = math.sqrt(j)
+
+    def record(step: str, n: int, metrics: dict) -> None:
+        result.contributors[step] = n
+        for node, m in metrics.items():
+            if "epsilon" in m:
+                result.epsilon[str(node)] = float(m["epsilon"])
+
+    # 0. covariate moments of all people (each once) -> public whitening of the design
+    sigma = plan.sigma["moments"]
+    totals, n, metrics = send("moments", {}, {"noise-multiplier": sigma})
+    record("moments", n, metrics)
+    nv = _noise_var(cfg, sigma, step_bound("moments", p), n)
+    wh = whitening_from_moments(totals["moments"], p, noise_var=nv, radius_factor=cfg.radius_factor,
+                                mode=cfg.whiten_mode)
+    r2 = wh.r2
+    warrays = {"whiten/a": wh.a, "whiten/b": wh.b, "whiten/radius": np.array([wh.radius if math.isfinite(wh.radius) else -1.0])}
+
+    # 1. propensity: Newton steps from beta = 0 on the whitened design
+    beta = {it: np.zeros(p) for it in items}
+    if cfg.estimator in ("aipw", "ipw"):
+        for k in range(1, cfg.newton_steps + 1):
+            step = f"propensity:{k}"
+            sigma = plan.sigma[step]
+            totals, n, metrics = send(step, {**warrays, **{f"beta/{it}": beta[it] for it in items}},
+                                      {"noise-multiplier": sigma})
+            record(step, n, metrics)
+            nv = _noise_var(cfg, sigma, step_bound(step, p, r2=r2) * sens_factor, n)
+            lam = _ridge(cfg, nv, p)
+            for it in items:
+                tot = totals[it]
+                beta[it] = newton_update(beta[it], tot[:p], tot[p:], ridge=lam, floor=_floor(nv, p))
+    # 2. outcome models per arm
+    arms: dict[str, tuple] = {}
+    out_noise = 0.0
+    if cfg.estimator in ("aipw", "ra"):
+        sigma = plan.sigma["outcome"]
+        totals, n, metrics = send("outcome", dict(warrays), {"noise-multiplier": sigma})
+        record("outcome", n, metrics)
+        out_noise = _noise_var(cfg, sigma, step_bound("outcome", p, r2=r2) * sens_factor, n)
+        # whitened design: the ridge shrinks slopes isotropically towards "no covariate effect";
+        # at about the noise's spectral norm it trades a little bias for much less noise
+        lam = cfg.ridge if cfg.ridge is not None else _floor(out_noise, p)
+        m = vech_len(p) + p + 1
+        for it in items:
+            tot = totals[it]
+            fits = []
+            for a in (0, 1):
+                blk = tot[a * m:(a + 1) * m]
+                fits.append(ridge_fit(blk[:vech_len(p)], blk[vech_len(p):vech_len(p) + p], float(blk[-1]),
+                                      ridge=lam, noise_var=out_noise, floor=_floor(out_noise, p)))
+            arms[it] = (fits[0], fits[1])
+    # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
+    clip = 0.0
+    if cfg.estimator in ("aipw", "ipw"):
+        nuis = dict(warrays)
+        for it in items:
+            nuis[f"beta/{it}"] = beta[it]
+            if it in arms:
+                nuis[f"mu0/{it}"] = arms[it][0].coef
+                nuis[f"mu1/{it}"] = arms[it][1].coef
+        if cfg.psi_clip is not None:
+            clip = cfg.psi_clip
+        elif not cfg.dp:  # no noise: no reason to clip below the worst case
+            clip = psi_worst_case(cfg.estimator, cfg.trim)
+        else:
+            # a DP histogram of |psi| on a public grid; the clip is the grid edge above which
+            # at most psi_tail of the people lie (the largest over items)
+            edges = psi_grid(cfg.estimator, cfg.trim)
+            sigma = plan.sigma["scale"]
+            totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
+            record("scale", n, metrics)
+            clip = max(clip_from_histogram(totals[it], edges, tail=cfg.psi_tail) for it in items)
+            clip = min(cfg.psi_clip_margin * clip, psi_worst_case(cfg.estimator, cfg.trim))
+        # one release, one bound: the same clip for every item of the release
+        arrays = {**nuis, "clip": np.array([clip])}
+        sigma = plan.sigma["influence"]
+        totals, n, metrics = send("influence", arrays, {"noise-multiplier": sigma})
+        record("influence", n, metrics)
+    for it in items:
+        est = FederatedCausalEstimator(covariate_bounds=[(lo, hi) for _, lo, hi in study.columns],
+                                       outcome_bounds=study.outcome_bounds, estimator=cfg.estimator, trim=cfg.trim,
+                                       whitening=wh)
+        a0, a1 = arms.get(it, (None, None))
+        if cfg.estimator == "ra":
+            est.fit(prop_coef=None, arm1=a1, arm0=a0, noise={"gram": out_noise})
+        else:
+            w_n, w_2 = influence_weights(clip)
+            nv = _noise_var(cfg, plan.sigma["influence"], influence_bound(clip) * sens_factor, n)
+            tot = totals[it]
+            sums = {"n": tot[0] / w_n, "psi": tot[1], "psi2": tot[2] / w_2}
+            noise = {"n": nv / w_n**2, "psi": nv, "psi2": nv / w_2**2}
+            est.fit(prop_coef=beta[it], arm1=a1, arm0=a0, sums=sums, noise=noise)
+            est.extra["psi_clip"] = clip
+        lo, hi = est.ate_interval(cfg.alpha)
+        r = est.result
+        assert r is not None
+        row = {"ate": r.ate, "se": r.se, "ci_low": lo, "ci_high": hi, "n": r.n,
+               "sampling_se": math.sqrt(r.sampling_var), "noise_se": math.sqrt(r.noise_var),
+               "estimator": cfg.estimator}
+        if "psi_clip" in est.extra:
+            row["psi_clip_outcome_units"] = est.extra["psi_clip"] * scale
+        if a1 is not None:
+            row["cate_coef"] = dict(zip(["intercept"] + [c[0] for c in study.columns],
+                                        [float(v) for v in est.cate_coef()]))
+        result.items[it] = row
+        result.estimators[it] = est
+    return result
+
+
+# --------------------------------------------------------------------------- Flower transport
+def query_study(grid: Grid, nodes: list[int], cfg: CausalConfig, *, timeout: float = 300.0) -> StudyInfo:
+    """Ask every institution for its public study declaration; they must agree. Unknown
+    covariates or items raise :class:`FedrecInputError` before any budget is spent."""
+    content = RecordDict({"config": ConfigRecord({"covariates": json.dumps(
+        None if cfg.covariates is None else list(cfg.covariates))})})
+    msgs = [Message(content, dst_node_id=n, message_type=MESSAGE_TYPES["study"]) for n in nodes]
+    ok, refusals, failed = split_replies(grid.send_and_receive(msgs, timeout=timeout))
+    if refusals:
+        raise FedrecInputError(next(iter(refusals.values())))
+    if failed or len(ok) < len(nodes):
+        raise RoundFailed(f"study query failed at nodes {sorted(set(nodes) - set(ok))}")
+    seen = {str(m.content["study"]["declaration"]) for m in ok.values()}
+    if len(seen) != 1:
+        raise FedrecInputError("institutions declare different studies; fix: every institution of a "
+                               "federation declares the same study.toml")
+    d = json.loads(seen.pop())
+    info = StudyInfo(columns=[tuple(c) for c in d["columns"]], outcome_bounds=tuple(d["outcome_bounds"]),
+                     better=d["better"], items=list(d["items"]))
+    unknown = [it for it in cfg.items if it not in info.items]
+    if unknown:
+        raise FedrecInputError(f"item(s) {unknown} are not in the catalogue ({', '.join(info.items)}); "
+                               "fix: give an item_id from items.csv")
+    return info
+
+
+def flower_send(grid: Grid, nodes: list[int], protocol: SumProtocol, cfg: CausalConfig, study: StudyInfo,
+                *, min_contributors: int, timeout: float = 600.0) -> Send:
+    """A :data:`Send` that runs one SumProtocol round per step."""
+    items = list(cfg.items) or list(study.items)
+    flat = {k: (v if not isinstance(v, float) or math.isfinite(v) else 1e308) for k, v in cfg.to_flat().items()}
+    counter = {"round": 0}
+
+    def send(step: str, arrays: dict[str, np.ndarray], config: dict):
+        counter["round"] += 1
+        kind = step.split(":")[0]
+        sigma = float(config["noise-multiplier"])
+        p = study.p
+        clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
+        r2 = float(p)
+        if "whiten/radius" in arrays and arrays["whiten/radius"][0] > 0:
+            r2 = 1.0 + float(arrays["whiten/radius"][0]) ** 2
+        sens = step_bound(step, p, r2=r2, clip=clip) * (1.0 if step == "moments" else math.sqrt(len(items)))
+        rec = {"server-round": counter["round"], "step": step, "items": json.dumps(items),
+               "noise-multiplier": sigma, **{k: v for k, v in flat.items()}}
+        # SecAgg+ quantisation: a coordinate of one institution's noiseless sum is at most
+        # (people) x bound; noise std per coordinate as the client adds it
+        rec["secagg.clip-range"] = float(cfg_max_people(cfg) * sens)
+        if sigma > 0:
+            rec["secagg.noise-std"] = float(noise_std(sensitivity=sens, noise_multiplier=sigma,
+                                                       noise_mode=cfg.noise_mode, n_min=max(cfg.n_min, 1)))
+        content = RecordDict({"config": ConfigRecord(rec)})
+        if arrays:
+            content["arrays"] = numpy_to_arrays({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})
+        res = protocol.run_round(grid, nodes, message_type=MESSAGE_TYPES[kind], content=content,
+                                 server_round=counter["round"], min_contributors=min_contributors, timeout=timeout)
+        if res.total is None:
+            raise RoundFailed(f"causal step {step}: no contribution")
+        totals = {k: np.asarray(v, dtype=np.float64) for k, v in res.total.items()}
+        return totals, len(res.contributors), res.metrics
+
+    return send
+
+
+def cfg_max_people(cfg: CausalConfig) -> int:
+    """Public bound on people per institution used to size SecAgg+ quantisation."""
+    return 1_000_000
+
+
+def estimate(grid: Grid, nodes: list[int], protocol: SumProtocol, causal_cfg: CausalConfig, *,
+             min_contributors: int | None = None) -> CausalResult:
+    """Run the whole protocol inside a ServerApp main: study check (free, public), then the
+    DP steps through ``protocol``. Returns the :class:`CausalResult`."""
+    study = query_study(grid, nodes, causal_cfg)
+    need = len(nodes) if min_contributors is None else min_contributors
+    if causal_cfg.noise_mode == "distributed":
+        need = max(need, causal_cfg.n_min)
+    send = flower_send(grid, nodes, protocol, causal_cfg, study, min_contributors=need)
+    result = run_protocol(send, study, causal_cfg)
+    result.config["study"] = {"columns": [c[0] for c in study.columns], "outcome_bounds": list(study.outcome_bounds),
+                              "better": study.better, "items": study.items}
+    return result
+
+
+# --------------------------------------------------------------------------- ServerApp
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Causal run: reads ``causal.*`` knobs and the usual run config; writes causal.json to
+    ``results-dir`` (the CLI adds recommendations and the pooled comparison)."""
+    from pathlib import Path
+
+    from fedrec.common.config import RunConfig
+    from fedrec.server.aggregation import PlainSum
+    from fedrec.server.app import wait_for_nodes
+
+    flat = dict(context.run_config)
+    ccfg = CausalConfig.from_flat(flat)
+    cfg = RunConfig.from_flat({k: v for k, v in flat.items() if not k.startswith("causal.")})
+    nodes = wait_for_nodes(grid, cfg.data.institutions)
+    if cfg.secagg.enabled:
+        from fedrec.server.secagg_workflow import SecAggPlusSum
+
+        protocol: SumProtocol = SecAggPlusSum.from_config(cfg, clip_range=1.0)
+    else:
+        protocol = PlainSum()
+    result = estimate(grid, nodes, protocol, ccfg)
+    if cfg.data.results_dir:
+        out = Path(cfg.data.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "causal_raw.json").write_text(json.dumps(result.to_json(), indent=2, default=float))

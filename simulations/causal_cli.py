@@ -1,0 +1,243 @@
+"""``fedrec-sim causal``: federated causal estimation on any study in the data contract.
+
+:func:`causal_command` validates the study at the boundary (before any budget is spent),
+runs the real Flower simulation (one SuperNode per institution folder; ServerApp
+``fedrec.server.causal:app``, ClientApp ``fedrec.client.causal_app:app``), prints a table and
+writes ``causal.json``: estimate, SE, CI per item, ε spent per institution, the budget split,
+and — with ``--compare-pooled`` — a non-private pooled AIPW on the union (statsmodels), and —
+when ``ground_truth/`` is beside the institution folders — the true ATEs and the causal
+recommendations' policy value.
+
+:func:`inprocess_send` runs the same client statistics functions on in-memory institutions and
+adds the releases in numpy: the benchmark and unit tests use it with the same server code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedrec.common.causal.estimators import CausalConfig, ate_from_sums, half_range, influence_terms
+from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_federation, read_ground_truth
+from fedrec.common.errors import FedrecInputError
+
+__all__ = ["causal_command", "inprocess_send", "study_info", "validate_study", "pooled_estimate",
+           "estimate_inprocess"]
+
+
+# --------------------------------------------------------------------------- in-process
+def study_info(institutions: Sequence[InstitutionData], cfg: CausalConfig):
+    from fedrec.client.statistics import design_columns
+    from fedrec.server.causal import StudyInfo
+
+    d = institutions[0]
+    return StudyInfo(columns=design_columns(d, cfg.covariates), outcome_bounds=d.study.outcome_bounds,
+                     better=d.study.outcome_better, items=sorted(d.items["item_id"].astype(str).tolist()))
+
+
+def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, items: Sequence[str],
+                   *, rng: np.random.Generator | None = None, cache: dict | None = None):
+    """A transport for :func:`fedrec.server.causal.run_protocol`: each institution computes its
+    release with client/statistics.py (clip + noise), the sums are added in numpy."""
+    from fedrec.client.statistics import release, step_contributions
+
+    cache = {} if cache is None else cache
+
+    def send(step: str, arrays: dict, config: dict):
+        kind = step.split(":")[0]
+        sigma = float(config["noise-multiplier"])
+        totals: dict[str, np.ndarray] = {}
+        for d in institutions:
+            blocks = step_contributions(kind, d, items, arrays, estimator=cfg.estimator, trim=cfg.trim,
+                                        covariates=cfg.covariates, cache=cache)
+            sums, _ = release(blocks, noise_multiplier=sigma, noise_mode=cfg.noise_mode,
+                              n_min=max(cfg.n_min, 1), generator=rng)
+            for k, v in sums.items():
+                totals[k] = totals[k] + v if k in totals else v.copy()
+        return totals, len(institutions), {}
+
+    return send
+
+
+def estimate_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig, *,
+                       rng: np.random.Generator | None = None, plan=None, cache: dict | None = None):
+    """The protocol with sums added in numpy (same client and server code as the Flower run)."""
+    from fedrec.server.causal import run_protocol
+
+    info = study_info(institutions, cfg)
+    items = list(cfg.items) or info.items
+    return run_protocol(inprocess_send(institutions, cfg, items, rng=rng, cache=cache), info, cfg, plan=plan)
+
+
+# --------------------------------------------------------------------------- validation
+def validate_study(institutions: Sequence[InstitutionData], cfg: CausalConfig) -> list[str]:
+    """Check the study at the boundary; raise a one-line FedrecInputError. Returns the items."""
+    from fedrec.client.statistics import design_columns
+
+    first = institutions[0]
+    design_columns(first, cfg.covariates)  # unknown covariate -> FedrecInputError
+    catalogue = sorted(first.items["item_id"].astype(str).tolist())
+    items = list(cfg.items) or catalogue
+    for it in items:
+        if it not in catalogue:
+            raise FedrecInputError(f"--item {it!r}: not in the catalogue ({', '.join(catalogue)}); "
+                                   "fix: give an item_id from items.csv")
+        arms: set[int] = set()
+        for d in institutions:
+            e = d.interactions.loc[d.interactions["item_id"] == it, "exposed"]
+            arms |= set(int(v) for v in e.unique())
+        if arms != {0, 1}:
+            only = "nobody considered" if not arms else f"exposed = {arms.pop()} for everyone"
+            raise FedrecInputError(f"treatment exposed for item {it!r} has one arm only at every institution "
+                                   f"({only}); fix: choose an item with both exposed and unexposed people")
+    return items
+
+
+# --------------------------------------------------------------------------- pooled peer
+def pooled_estimate(institutions: Sequence[InstitutionData], item: str, cfg: CausalConfig) -> dict:
+    """Non-private AIPW on the union with statsmodels (Logit propensity, per-arm OLS), the same
+    scaling and trimming; SE from the influence terms. The peer the benchmark compares with."""
+    import statsmodels.api as sm
+
+    from fedrec.client.statistics import encode_item
+
+    rows = [encode_item(d, item, cfg.covariates) for d in institutions]
+    x = np.vstack([r.x for r in rows])
+    t = np.concatenate([r.t for r in rows])
+    y = np.concatenate([r.y for r in rows])
+    prop = sm.Logit(t, x).fit(disp=0, maxiter=100).params
+    c1 = sm.OLS(y[t == 1], x[t == 1]).fit().params
+    c0 = sm.OLS(y[t == 0], x[t == 0]).fit().params
+    est = cfg.estimator
+    psi = influence_terms(x, t, y, estimator=est if est != "ra" else "aipw", prop_coef=prop, coef1=c1,
+                          coef0=c0, trim=cfg.trim)
+    scale = half_range(institutions[0].study.outcome_bounds)
+    r = ate_from_sums(len(psi), psi.sum(), (psi**2).sum(), scale=scale)
+    lo, hi = r.interval(cfg.alpha)
+    return {"ate": r.ate, "se": r.se, "ci_low": lo, "ci_high": hi, "n": int(len(psi)),
+            "estimator": "aipw" if est == "ra" else est}
+
+
+# --------------------------------------------------------------------------- the command
+def causal_command(data: Path, item: str | None, epsilon: float, estimator: str, compare_pooled: bool,
+                   out: Path | None, seed: int, console, *, plain: bool = False,
+                   causal_overrides: dict | None = None) -> int:
+    """Run federated causal estimation on the institution folders under ``data``."""
+    import time
+
+    if estimator not in ("aipw", "ipw", "ra"):
+        raise FedrecInputError(f"--estimator {estimator!r}: fix: use aipw, ipw or ra")
+    if not epsilon > 0:
+        raise FedrecInputError(f"--epsilon {epsilon}: fix: give a positive number (inf turns DP off)")
+    institutions = load_federation(Path(data))  # bad study.toml (missing bounds...) -> one line
+    ccfg = CausalConfig(estimator=estimator, epsilon=float(epsilon), items=(item,) if item else (),
+                        **(causal_overrides or {}))
+    items = validate_study(institutions, ccfg)
+    from fedrec.common.causal.estimators import plan_budget
+
+    plan = plan_budget(ccfg)  # fails loudly before anything runs
+    out = Path(out) if out else Path("results") / f"causal-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain)
+    names = [d.name for d in institutions]
+    report = dict(raw)
+    report["institutions"] = names
+    # per-institution ε: the ledgers (one per institution folder name) are the source of truth
+    report["epsilon_per_institution"] = _ledger_epsilon(out / "ledgers", names, ccfg)
+    report["epsilon_requested"] = epsilon if math.isfinite(epsilon) else "inf"
+    report["delta"] = ccfg.delta
+    if compare_pooled:
+        report["pooled"] = {it: pooled_estimate(institutions, it, ccfg) for it in items}
+    gt = Path(data) / GROUND_TRUTH_DIR
+    if gt.is_dir():
+        truth = read_ground_truth(gt)
+        for it in items:
+            report["items"][it]["true_ate"] = float(truth.ate[it])
+        if len(items) == len(truth.item_ids) and all("cate_coef" in report["items"][it] for it in items):
+            from fedrec.server.causal_recommend import policy_values
+
+            report["recommendations"] = policy_values(institutions, truth, report["items"], ccfg.covariates)
+    (out / "causal.json").write_text(json.dumps(_jsonable(report), indent=2))
+    _print_table(console, report, items)
+    console.print(f"causal.json -> {out / 'causal.json'}")
+    return 0
+
+
+def _ledger_epsilon(folder: Path, names: list[str], ccfg: CausalConfig) -> dict[str, float | str]:
+    from fedrec.common.privacy.accountant import epsilon_for
+    from fedrec.common.privacy.ledger import PrivacyLedger
+
+    out: dict[str, float | str] = {}
+    for n in names:
+        path = folder / f"{n}.db"
+        if not path.exists():
+            out[n] = 0.0
+            continue
+        events = PrivacyLedger(path).events()
+        out[n] = epsilon_for(list(events), delta=ccfg.delta) if events else 0.0
+    return out
+
+
+def _run_flower(data: Path, ccfg: CausalConfig, n_inst: int, out: Path, *, seed: int, plain: bool) -> dict:
+    from fedrec.common.config import RunConfig
+    from fedrec.simulations.run import launch_flower
+
+    cap = 1e6 if not math.isfinite(ccfg.epsilon) else ccfg.epsilon * 1.02 + 1e-6
+    cfg = RunConfig().override(**{"institutions": n_inst, "seed": seed, "data-dir": str(Path(data).resolve()),
+                                  "results-dir": str(out.resolve()),
+                                  "privacy.ledger-dir": str((out / "ledgers").resolve()),
+                                  "privacy.epsilon-cap": cap, "privacy.delta-cap": ccfg.delta,
+                                  "privacy.delta": ccfg.delta, "secagg.enabled": not plain})
+    work = Path(tempfile.mkdtemp(prefix="fedrec-causal-"))
+    try:
+        causal_flat = ccfg.to_flat()
+        launch_flower({**cfg.to_flat(), **causal_flat}, work, num_supernodes=n_inst,
+                      server_app="fedrec.server.causal:app", client_app="fedrec.client.causal_app:app",
+                      extra_config=causal_flat, quiet=True)
+        raw = out / "causal_raw.json"
+        if not raw.exists():
+            raise RuntimeError(f"the causal simulation ended without writing {raw}")
+        return json.loads(raw.read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_table(console, report: dict, items: list[str]) -> None:
+    from rich.table import Table
+
+    tab = Table(title=f"{report['config'].get('causal.estimator', '')} ATE per item "
+                      f"(ε per institution {report['epsilon_requested']})")
+    for col in ("item", "ATE", "SE", "95% CI", "true ATE", "pooled ATE (non-private)"):
+        tab.add_column(col)
+    for it in items:
+        r = report["items"][it]
+        pooled = report.get("pooled", {}).get(it)
+        tab.add_row(it, f"{r['ate']:.4g}", f"{r['se']:.3g}", f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]",
+                    f"{r['true_ate']:.4g}" if "true_ate" in r else "-",
+                    f"{pooled['ate']:.4g} ± {1.96 * pooled['se']:.3g}" if pooled else "-")
+    console.print(tab)
+    eps = report["epsilon_per_institution"]
+    console.print("ε spent per institution: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in eps.items()))
+    if "recommendations" in report:
+        rec = report["recommendations"]
+        console.print(f"policy value (mean true benefit of top-1): causal {rec['causal']['policy_value']:.4g}, "
+                      f"engagement {rec['engagement']['policy_value']:.4g}, oracle {rec['oracle']['policy_value']:.4g}")
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _jsonable(obj.item())
+    return obj

@@ -1,0 +1,248 @@
+"""Causal estimation on privatized aggregates: exactness, coverage, sensitivity, boundaries."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from fedrec.client.statistics import (
+    ItemRows,
+    clipped_sum,
+    encode_item,
+    influence_sum_terms,
+    outcome_gram_terms,
+    propensity_newton_terms,
+)
+from fedrec.common.causal.estimators import (
+    CausalConfig,
+    FederatedCausalEstimator,
+    influence_bound,
+    outcome_bound,
+    plan_budget,
+    propensity_bound,
+)
+from fedrec.common.datasets import write_ground_truth, write_institution
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.accountant import epsilon_for
+from fedrec.simulations.causal_cli import causal_command, estimate_inprocess, pooled_estimate
+from fedrec.simulations.domains import domain_federation
+
+warnings.filterwarnings("ignore", category=UserWarning)
+INF = float("inf")
+
+
+@pytest.fixture(scope="module")
+def health():
+    return domain_federation("health", institutions=3, people=3000, seed=11, skew=0.5)
+
+
+def test_federated_equals_pooled_at_epsilon_inf(health):
+    insts, truth = health
+    item = "diet_counselling"
+    cfg = CausalConfig(epsilon=INF, items=(item,), newton_steps=10)
+    fed = estimate_inprocess(insts, cfg).items[item]
+    pooled = pooled_estimate(insts, item, cfg)  # statsmodels Logit + OLS on the union
+    assert fed["ate"] == pytest.approx(pooled["ate"], rel=1e-7, abs=1e-9)
+    assert fed["se"] == pytest.approx(pooled["se"], rel=1e-6)
+    assert fed["noise_se"] == 0.0
+    # and the estimate is about the truth (known effect)
+    assert abs(fed["ate"] - truth.ate[item]) < 4 * fed["se"]
+
+
+def test_estimator_api_names(health):
+    insts, _ = health
+    cfg = CausalConfig(epsilon=INF, items=("walking_group",), newton_steps=8)
+    est: FederatedCausalEstimator = estimate_inprocess(insts, cfg).estimators["walking_group"]
+    lo, hi = est.ate_interval()
+    assert lo < est.ate() < hi and est.ate_stderr() > 0
+    x = insts[0].covariate_matrix()[:5]
+    tau = est.effect(x)
+    elo, ehi = est.effect_interval(x)
+    assert tau.shape == (5,) and np.all(elo <= tau) and np.all(tau <= ehi)
+
+
+def test_budget_plan_composes_to_the_target():
+    for eps in (0.5, 2.0):
+        cfg = CausalConfig(epsilon=eps)
+        plan = plan_budget(cfg)
+        spent = epsilon_for(plan.events(), delta=cfg.delta, accountant="prv")
+        assert 0.97 * eps <= spent <= eps + 1e-9
+        assert set(plan.sigma) == set(cfg.steps()) and sum(plan.shares.values()) == pytest.approx(1.0)
+    assert all(s == 0 for s in plan_budget(CausalConfig(epsilon=INF)).sigma.values())
+
+
+def _coverage(insts, truth_ate, cfg, seeds, rng_seed=0):
+    hits = 0
+    plan = plan_budget(cfg)
+    rng = np.random.default_rng(rng_seed)
+    for s in seeds:
+        d, t = insts(s)
+        r = estimate_inprocess(d, cfg, rng=rng, plan=plan).items[cfg.items[0]]
+        hits += r["ci_low"] <= t.ate[cfg.items[0]] <= r["ci_high"]
+    return hits / len(seeds)
+
+
+def test_coverage_over_seeds_non_private():
+    item = "exercise_coaching"
+    cov = _coverage(lambda s: domain_federation("health", institutions=3, people=2000, seed=s, skew=0.3),
+                    None, CausalConfig(epsilon=INF, items=(item,), newton_steps=6), range(24))
+    assert cov >= 20 / 24, cov
+
+
+def test_coverage_over_seeds_at_fixed_epsilon():
+    """24 seeded federations (3 x 1,000 people), ε = 4 per institution, local noise: the 95%
+    CI (sampling + DP noise variance) covers the true ATE in >= 20 of 24."""
+    item = "exercise_coaching"
+    cov = _coverage(lambda s: domain_federation("health", institutions=3, people=3000, seed=s, skew=0.3),
+                    None, CausalConfig(epsilon=4.0, items=(item,)), range(24))
+    assert cov >= 20 / 24, cov
+
+
+def _extreme(rows: ItemRows, scale: float) -> ItemRows:
+    """rows plus one person whose values ignore the declared bounds (a broken encoder)."""
+    x = np.vstack([rows.x, np.full(rows.p, scale)])
+    return ItemRows(rows.item, x, np.append(rows.t, 1.0), np.append(rows.y, scale))
+
+
+@pytest.mark.parametrize("which", ["propensity", "outcome", "influence"])
+def test_one_person_moves_a_release_by_at_most_the_declared_bound(health, which):
+    insts, _ = health
+    rows = encode_item(insts[0], "diet_counselling")
+    p = rows.p
+    beta = np.zeros(p)
+    coef = np.zeros(p)
+
+    def contrib(r):
+        if which == "propensity":
+            return propensity_newton_terms(r, beta)
+        if which == "outcome":
+            return outcome_gram_terms(r)
+        return influence_sum_terms(r, estimator="aipw", clip=0.5, prop_coef=beta, coef1=coef, coef0=coef)
+
+    bound = {"propensity": propensity_bound(p), "outcome": outcome_bound(p), "influence": influence_bound(0.5)}[which]
+    base, plus = contrib(rows), contrib(_extreme(rows, 50.0))
+    assert base.bound == pytest.approx(bound)
+    # every honest person (encoded within the declared bounds) is within the bound already
+    assert np.linalg.norm(base.terms, axis=1).max() <= bound + 1e-9
+    # the released (clipped) sum moves by at most the bound ...
+    assert np.linalg.norm(clipped_sum(plus) - clipped_sum(base)) <= bound + 1e-9
+    # ... while without clipping the extreme person would move it by far more (the test bites)
+    if which == "influence":
+        from fedrec.common.causal.estimators import influence_terms
+
+        big = _extreme(rows, 50.0)
+        raw = influence_terms(big.x[-1:], big.t[-1:], big.y[-1:], estimator="aipw", prop_coef=beta,
+                              coef1=coef, coef0=coef)
+        assert abs(raw[0]) > 2 * bound
+    else:
+        assert np.linalg.norm(plus.terms.sum(0) - base.terms.sum(0)) > 2 * bound
+
+
+def test_encoder_applies_the_declared_bounds(health):
+    insts, _ = health
+    rows = encode_item(insts[1], "walking_group")
+    assert np.abs(rows.x).max() <= 1.0 and np.abs(rows.y).max() <= 1.0
+    assert np.all(np.linalg.norm(rows.x, axis=1) <= math.sqrt(rows.p) + 1e-12)
+
+
+# --------------------------------------------------------------------------- bad declarations
+@pytest.fixture()
+def federation_dir(tmp_path):
+    insts, truth = domain_federation("health", institutions=2, people=600, seed=5, skew=0.3)
+    for d in insts:
+        write_institution(tmp_path / d.name, d)
+    write_ground_truth(tmp_path / "ground_truth", truth)
+    return tmp_path
+
+
+class _Console:
+    def print(self, *a, **k):
+        pass
+
+
+def _assert_nothing_spent(out):
+    ledgers = out / "ledgers"
+    assert not ledgers.exists() or not any(ledgers.iterdir())
+
+
+def test_unknown_covariate_is_one_line_before_any_budget(federation_dir, tmp_path):
+    out = tmp_path / "out1"
+    with pytest.raises(FedrecInputError, match="covariate 'blood_type' is not declared") as err:
+        causal_command(federation_dir, "diet_counselling", 1.0, "aipw", False, out, 0, _Console(),
+                       causal_overrides={"covariates": ("age", "blood_type")})
+    assert "\n" not in str(err.value)
+    _assert_nothing_spent(out)
+
+
+def test_one_arm_treatment_is_refused_before_any_budget(federation_dir, tmp_path):
+    import pandas as pd
+
+    for inst in sorted(p for p in federation_dir.iterdir() if p.name.startswith("institution")):
+        f = inst / "interactions.csv"
+        df = pd.read_csv(f, dtype=str, keep_default_na=False)
+        m = df["item_id"] == "walking_group"
+        df.loc[m, "exposed"] = "0"
+        df.loc[m, "engagement"] = ""
+        df.to_csv(f, index=False)
+    out = tmp_path / "out2"
+    with pytest.raises(FedrecInputError, match="one arm only at every institution"):
+        causal_command(federation_dir, "walking_group", 1.0, "aipw", False, out, 0, _Console())
+    _assert_nothing_spent(out)
+
+
+def test_missing_bounds_is_one_line_before_any_budget(federation_dir, tmp_path):
+    for inst in sorted(p for p in federation_dir.iterdir() if p.name.startswith("institution")):
+        st = inst / "study.toml"
+        text = st.read_text().splitlines()
+        # drop the outcome's max
+        i = text.index("[outcome]")
+        text = [ln for j, ln in enumerate(text) if not (i < j < i + 6 and ln.startswith("max = "))]
+        st.write_text("\n".join(text) + "\n")
+    out = tmp_path / "out3"
+    with pytest.raises(FedrecInputError, match="outcome.max"):
+        causal_command(federation_dir, None, 1.0, "aipw", False, out, 0, _Console())
+    _assert_nothing_spent(out)
+
+
+def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_step(tmp_path, monkeypatch):
+    import json as _json
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client import causal_app
+    from fedrec.common.config import RunConfig
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.server.aggregation import numpy_to_arrays
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # Messages need a task identity outside a run
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    insts, _ = domain_federation("health", institutions=1, people=400, seed=2, skew=0.0)
+    folder = write_institution(tmp_path / insts[0].name, insts[0])
+    ledger = tmp_path / "ledger.db"
+
+    def run(covariates):
+        ccfg = CausalConfig(epsilon=1.0, items=("walking_group",), covariates=covariates)
+        flat = {**RunConfig().override(**{"privacy.epsilon-cap": 5.0}).to_flat(), **ccfg.to_flat()}
+        ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder), "ledger": str(ledger)},
+                      state=RecordDict(), run_config=flat)
+        conf = ConfigRecord({"server-round": 1, "step": "propensity:1", "items": _json.dumps(["walking_group"]),
+                             "noise-multiplier": 5.0})
+        p = 11
+        arrays: ArrayRecord = numpy_to_arrays({"beta/walking_group": np.zeros(p)})
+        msg = Message(RecordDict({"config": conf, "arrays": arrays}), dst_node_id=7,
+                      message_type="query.causal_propensity")
+        return causal_app.causal_propensity(msg, ctx)
+
+    bad = run(("age", "blood_type"))
+    assert "refusal" in bad.content.config_records
+    assert "blood_type" in str(bad.content.config_records["refusal"]["reason"])
+    assert not ledger.exists() or PrivacyLedger(ledger).events() == []
+    good = run(None)
+    assert "arrays" in good.content.array_records
+    events = PrivacyLedger(ledger).events()
+    assert len(events) == 1 and events[0].noise_multiplier == 5.0
+    assert good.content.metric_records["metrics"]["epsilon"] > 0
