@@ -11,7 +11,6 @@ stops loudly rather than silently keeping the old model.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedrec.common.jsonio import write_json
 from fedrec.common.config import RunConfig
 from fedrec.common.metrics import add_sums, finalize
 from fedrec.common.models.mf import preconditioner
@@ -128,7 +128,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
     history: dict = {"rounds": [], "config": cfg.to_flat(), "institutions": institution_names}
     if results_dir:
         results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "config.json").write_text(json.dumps(_jsonable(cfg.to_flat()), indent=2))
+        write_json(results_dir / "config.json", cfg.to_flat())
     simulate = cfg.eval.metrics_release == "simulation"
     min_contributors = max(1, math.ceil((1 - cfg.secagg.max_dropout_fraction) * len(nodes)))
     if cfg.privacy.noise_mode == "distributed":
@@ -172,7 +172,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
             row.update(evaluate_round(grid, nodes, global_arrays, r))
         history["rounds"].append(row)
         if results_dir:
-            (results_dir / "metrics.json").write_text(json.dumps(_jsonable(history), indent=2))
+            write_json(results_dir / "metrics.json", history)
         progress.update(row)
     progress.close()
     return history
@@ -210,11 +210,3 @@ class _Progress:
         self._p.stop()
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else "-inf"
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    return obj

@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from fedrec.common.jsonio import write_json
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.accountant import DPSGDEvent, GaussianEvent, epsilon_for, gaussian_epsilon
 from fedrec.common.privacy.ledger import LedgerRow, PrivacyLedger
@@ -855,7 +856,7 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
         "passed": not failures,
         "seconds": round(time.monotonic() - t0, 2),
     }
-    (run_dir / "audit.json").write_text(json.dumps(_jsonable(report), indent=2))
+    write_json(run_dir / "audit.json", report)
     _plot(run_dir / "audit.png", report, traces)
     (run_dir / "audit.md").write_text(_markdown(report))
     _print_summary(console, report)
@@ -879,16 +880,6 @@ def _release_entry(res: AuditResult, claimed: float, mechanism: dict) -> dict:
     }
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    return obj
 
 
 # ====================================================================== report writers

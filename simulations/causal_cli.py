@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedrec.common.jsonio import write_json
 from fedrec.common.causal.estimators import CausalConfig, ate_from_sums, half_range, influence_terms
 from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_federation, read_ground_truth
 from fedrec.common.errors import FedrecInputError
@@ -141,7 +142,7 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     items = validate_study(institutions, ccfg)
     from fedrec.common.causal.estimators import plan_budget
 
-    plan = plan_budget(ccfg)  # fails loudly before anything runs
+    plan_budget(ccfg)  # fails loudly before anything runs
     out = Path(out) if out else Path("results") / f"causal-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain)
@@ -163,7 +164,7 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
             from fedrec.server.causal_recommend import policy_values
 
             report["recommendations"] = policy_values(institutions, truth, report["items"], ccfg.covariates)
-    (out / "causal.json").write_text(json.dumps(_jsonable(report), indent=2))
+    write_json(out / "causal.json", report)
     _print_table(console, report, items)
     console.print(f"causal.json -> {out / 'causal.json'}")
     return 0
@@ -231,13 +232,3 @@ def _print_table(console, report: dict, items: list[str]) -> None:
                       f"engagement {rec['engagement']['policy_value']:.4g}, oracle {rec['oracle']['policy_value']:.4g}")
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else ("-inf" if obj < 0 else "nan")
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return _jsonable(obj.item())
-    return obj
