@@ -76,7 +76,7 @@ class PrivacyConfig:
     accountant: str = "prv"
     #: the once-per-run item counts carry this many times the training σ (a cheaper release:
     #: they only set step sizes).
-    count_noise_factor: float = 1.0
+    count_noise_factor: float = 1.5
     #: ``local``: each client adds the full noise. ``distributed``: each adds σ²/n_min.
     noise_mode: str = "local"
     #: survivors needed for distributed noise to be complete (0 = all institutions).
