@@ -118,7 +118,7 @@ def test_run_is_calibrated_as_a_whole_and_composes_without_reset():
     eps = epsilon_for(events, delta=cfg.privacy.delta, accountant="prv")
     assert 3.9 <= eps <= 4.0 + 1e-9
     # per-round events compose like one accountant over all steps (no per-round reset)
-    one_run = [GaussianEvent(noise_multiplier=sched.noise_multiplier),
+    one_run = [GaussianEvent(noise_multiplier=sched.count_noise_factor * sched.noise_multiplier),
                DPSGDEvent(noise_multiplier=sched.noise_multiplier, sample_rate=0.2, steps=15)]
     assert epsilon_for(one_run, delta=1e-5, accountant="rdp") == pytest.approx(
         epsilon_for(events, delta=1e-5, accountant="rdp"), rel=1e-9)
