@@ -211,6 +211,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, inst = _institution(context)
     if cfg.eval.metrics_release != "simulation":
         return Message(RecordDict({"refusal": ConfigRecord({"reason": "metrics release is off"})}), reply_to=msg)
+    if "partition-id" not in context.node_config and context.node_config.get("metrics-release") != "simulation":
+        # a deployed institution decides itself: the run config cannot switch non-DP metrics on
+        reason = "this institution releases no non-DP metrics (node config metrics-release != simulation)"
+        return Message(RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
     trainer = _trainer(inst, cfg)
     trainer.refit({k: v.numpy() for k, v in msg.content["arrays"].items()})
     d = inst.data

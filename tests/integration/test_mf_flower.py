@@ -132,3 +132,21 @@ def test_bad_ratings_file_gives_one_line_error_and_nonzero_exit(tmp_path, conten
     assert len(lines) == 1, proc.stderr
     assert "ratings_train.csv" in lines[0] and expect in lines[0] and "fix:" in lines[0]
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_deployed_institution_refuses_non_dp_metrics_unless_it_opts_in(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    folder = write_movielens_federation(tmp_path / "data", institutions=3, skew=0.5, test_fraction=0.2, seed=0)[0]
+    n_items = load_institution_ratings(folder).n_items
+    content = RecordDict({"arrays": numpy_to_arrays({"item_bias": np.zeros(n_items, np.float32)}),
+                          "config": ConfigRecord({"server-round": 1})})
+    node = {"data-dir": str(folder), "ledger": str(tmp_path / "l.db")}
+    for node_config, refused in ((node, True), ({**node, "metrics-release": "simulation"}, False)):
+        ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=CFG.to_flat())
+        reply = client_app.evaluate(Message(content, dst_node_id=7, message_type="evaluate"), ctx)
+        assert ("refusal" in reply.content.config_records) is refused
+        if not refused:
+            assert reply.content.metric_records["metrics"]["n_ratings"] > 0
