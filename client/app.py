@@ -115,31 +115,19 @@ def _trainer(inst: Institution, cfg: RunConfig) -> MFTrainer:
     return MFTrainer(inst.ratings, inst.data.n_items, cfg)
 
 
-def catalogue_fingerprint(folder: Path) -> tuple[int, str]:
+def catalogue_fingerprint(item_ids: np.ndarray) -> tuple[int, str]:
     """(number of items, sha256 of the sorted item ids) of the public catalogue."""
-    from fedrec.common.ratings import catalogue_ids
-
-    if (folder / "study.toml").exists():
-        from fedrec.common.schema import table_path
-
-        import pandas as pd
-
-        path = table_path(folder, "items")[0]
-        items = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
-        ids = np.sort(items["item_id"].astype(str).to_numpy())
-        return len(ids), hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    ids = np.sort(catalogue_ids(folder))
-    return len(ids), hashlib.sha256(ids.tobytes()).hexdigest()
+    ids = np.sort(np.asarray(item_ids).astype(str))
+    return len(ids), hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------- handlers
 @app.query("catalogue")
 def catalogue(msg: Message, context: Context) -> Message:
     """Public information only: the catalogue's size and fingerprint, the institution's name."""
-    cfg = RunConfig.from_flower(context.run_config)
-    folder = institution_folder(context, cfg)
-    n_items, digest = catalogue_fingerprint(folder)
-    record = ConfigRecord({"n-items": n_items, "sha256": digest, "institution": folder.name})
+    _, inst = _institution(context)  # loads and validates the folder once (cached for later tasks)
+    n_items, digest = catalogue_fingerprint(inst.data.item_ids)
+    record = ConfigRecord({"n-items": n_items, "sha256": digest, "institution": inst.data.name})
     return Message(RecordDict({"catalogue": record}), reply_to=msg)
 
 

@@ -199,6 +199,8 @@ class InstitutionRatings:
     name: str
     n_persons: int
     n_items: int
+    #: the public catalogue's item ids, sorted; position = the dense item index
+    item_ids: np.ndarray
     train_person: np.ndarray
     train_item: np.ndarray
     train_rating: np.ndarray
@@ -264,6 +266,7 @@ def load_institution_ratings(folder: Path) -> InstitutionRatings:
         name=folder.name,
         n_persons=train.n_persons,
         n_items=train.n_items,
+        item_ids=train.item_ids,
         train_person=train.person,
         train_item=train.item,
         train_rating=train.rating,
@@ -271,11 +274,6 @@ def load_institution_ratings(folder: Path) -> InstitutionRatings:
         test_item=test.item,
         test_rating=test.rating,
     )
-
-
-def catalogue_ids(folder: Path) -> np.ndarray:
-    """Item ids of an institution folder's public catalogue."""
-    return _read_table(_either(Path(folder), CATALOGUE_FILE))["item_id"].to_numpy(np.int64)
 
 
 def split_person_ratings(
@@ -313,7 +311,7 @@ def institution_ratings_from_contract(data, *, test_fraction: float, seed: int) 
     test = split_person_ratings(person, test_fraction=test_fraction, seed=seed)
     bounds = tuple(float(b) for b in data.study.engagement_bounds)
     return InstitutionRatings(
-        name=data.name, n_persons=len(person_ids), n_items=len(item_ids),
+        name=data.name, n_persons=len(person_ids), n_items=len(item_ids), item_ids=item_ids,
         train_person=person[~test], train_item=item[~test].astype(np.int64), train_rating=rating[~test],
         test_person=person[test], test_item=item[test].astype(np.int64), test_rating=rating[test],
         bounds=bounds,  # type: ignore[arg-type]

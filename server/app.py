@@ -27,6 +27,7 @@ from fedrec.common.models.mf import preconditioner
 from fedrec.server.aggregation import (
     PlainSum,
     RoundFailed,
+    RoundResult,
     SumProtocol,
     numpy_to_arrays,
     reply_metrics,
@@ -95,10 +96,15 @@ def item_step_sizes(
         raise RoundFailed("item-count round: no contribution")
     # noise variance of each summed gradient coordinate: Σ_k (σ_k C)², as each declares
     noise_var = sum(m.get("noise-var", 0.0) for m in res.metrics.values())
+    record_epsilon(epsilon, res)
+    return preconditioner(res.total["counts"], cfg.train.item_reg, noise_var, cfg.train.item_prior_var)
+
+
+def record_epsilon(epsilon: dict[str, float], res: RoundResult) -> None:
+    """Keep each institution's latest reported ε (the ledger's total, so never decreasing)."""
     for node, m in res.metrics.items():
         if "epsilon" in m:
             epsilon[str(node)] = m["epsilon"]
-    return preconditioner(res.total["counts"], cfg.train.item_reg, noise_var, cfg.train.item_prior_var)
 
 
 def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], server_round: int) -> dict[str, float]:
@@ -157,9 +163,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         global_arrays = {
             k: (v + cfg.train.server_lr * res.total[k]).astype(np.float32) for k, v in global_arrays.items()
         }
-        for node, m in res.metrics.items():
-            if "epsilon" in m:
-                epsilon[str(node)] = m["epsilon"]
+        record_epsilon(epsilon, res)
         row: dict = {
             "round": r,
             "contributors": len(res.contributors),
