@@ -4,8 +4,8 @@ One DP sample is **one person with all their training ratings**. Per step, perso
 Poisson-sampled by Opacus' ``DPDataLoader``; each person's item-side gradient is clipped to
 ``privacy.clip-norm`` exactly (``common/privacy/person_clipping.py``); Opacus'
 ``DPOptimizerFastGradientClipping`` adds Gaussian noise and scales; the accountant history
-records every step. The user side is refitted in closed form before each step and after the
-round, and never leaves.
+records every step. The user side is refitted in closed form before each step (and by
+:meth:`MFTrainer.refit` before evaluation), and never leaves.
 
 Privacy contract. :meth:`MFTrainer.item_counts` is a Gaussian release with sensitivity 1;
 :meth:`MFTrainer.train_round` returns an item-side delta that is post-processing (with the
@@ -220,7 +220,6 @@ class MFTrainer:
                     for p in params:
                         p.grad = torch.zeros_like(p)
                 optimizer.step()
-        self.refit()
         delta = {k: v - start[k] for k, v in self.item_side.to_numpy().items()}
         return delta, {"clipped_fraction": clipped_fraction}
 
