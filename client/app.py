@@ -115,20 +115,33 @@ def _trainer(inst: Institution, cfg: RunConfig) -> MFTrainer:
     return MFTrainer(inst.ratings, inst.data.n_items, cfg)
 
 
-def catalogue_fingerprint(item_ids: np.ndarray) -> tuple[int, str]:
-    """(number of items, sha256 of the sorted item ids) of the public catalogue."""
-    ids = np.sort(np.asarray(item_ids).astype(str))
-    return len(ids), hashlib.sha256("\n".join(ids).encode()).hexdigest()
+def catalogue_fingerprint(item_ids: np.ndarray, features: np.ndarray | None = None) -> tuple[int, str]:
+    """(number of items, sha256 of the item ids in catalogue order and their public features).
+
+    Institutions that disagree on the catalogue or on its metadata would train different
+    models under the same item index; the server refuses to start then.
+    """
+    ids = np.asarray(item_ids).astype(str)
+    h = hashlib.sha256("\n".join(ids).encode())
+    if features is not None and features.size:
+        h.update(np.ascontiguousarray(features, dtype=np.float32).tobytes())
+    return len(ids), h.hexdigest()
 
 
 # ---------------------------------------------------------------------- handlers
 @app.query("catalogue")
 def catalogue(msg: Message, context: Context) -> Message:
-    """Public information only: the catalogue's size and fingerprint, the institution's name."""
+    """Public information only: the catalogue's size, fingerprint and metadata features
+    (the item table every institution shares, not anything about its people), and the
+    institution's name."""
     _, inst = _institution(context)  # loads and validates the folder once (cached for later tasks)
-    n_items, digest = catalogue_fingerprint(inst.data.item_ids)
+    features = inst.data.item_features
+    if features is None:
+        features = np.zeros((inst.data.n_items, 0), np.float32)
+    n_items, digest = catalogue_fingerprint(inst.data.item_ids, features)
     record = ConfigRecord({"n-items": n_items, "sha256": digest, "institution": inst.data.name})
-    return Message(RecordDict({"catalogue": record}), reply_to=msg)
+    public = ArrayRecord({"item-features": _array(features.astype(np.float32))})
+    return Message(RecordDict({"catalogue": record, "public": public}), reply_to=msg)
 
 
 @app.query("counts")
@@ -142,7 +155,12 @@ def counts(msg: Message, context: Context) -> Message:
     return _guarded_release(
         msg, context, cfg, inst, task="item-counts",
         event=None if inst.schedule is None else inst.schedule.count_event(),
-        compute=lambda trainer: ({"counts": trainer.item_counts(inst.schedule)}, {}),
+        compute=lambda trainer: (
+            {"counts": trainer.item_counts(inst.schedule)},
+            # public: the variance of the count noise (the server denoises counts with it)
+            {"count-noise-var": 0.0 if inst.schedule is None
+             else (inst.schedule.count_noise_factor * inst.schedule.local_noise_multiplier) ** 2},
+        ),
     )
 
 

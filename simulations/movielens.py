@@ -45,7 +45,7 @@ def write_movielens_federation(root: Path, *, institutions: int, skew: float, te
     """Write ``root/institution_XX`` folders; return them in partition order."""
     s = movielens_split(institutions=institutions, skew=skew, test_fraction=test_fraction, seed=seed)
     r = s.ratings
-    catalogue = r.items[["item_id", "title", "genres"]]
+    catalogue = r.items  # public: item_id, title, year, genres
     folders = []
     for k in range(institutions):
         rows = s.owner[r.person] == k

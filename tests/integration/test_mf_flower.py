@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pandas as pd
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedrec.client import app as client_app
 from fedrec.client.train import plan_dp
 from fedrec.common.config import RunConfig
+from fedrec.common.models.item_prior import catalogue_features
 from fedrec.common.privacy.accountant import epsilon_for
 from fedrec.common.ratings import load_institution_ratings
 from fedrec.server.aggregation import numpy_to_arrays
@@ -100,7 +102,14 @@ def test_no_user_side_parameter_leaves_the_institution(tmp_path, monkeypatch):
             assert name in ("item_bias", "item_factors", "counts")
             assert values.shape in {(n_items,), (n_items, 2)} and values.shape not in user_shapes
         assert set(r.content.metric_records["metrics"]) <= {
-            "epsilon", "epsilon-rdp", "delta", "noise-var", "clipped-fraction"}
+            "epsilon", "epsilon-rdp", "delta", "noise-var", "count-noise-var", "clipped-fraction"}
+    # the catalogue reply carries the public item table's features and nothing about persons
+    cat = client_app.catalogue(Message(RecordDict(), dst_node_id=7, message_type="query.catalogue"), ctx)
+    assert set(cat.content.array_records) == {"public"}
+    features = cat.content.array_records["public"]["item-features"].numpy()
+    items = pd.read_parquet(folder / "items.parquet")
+    np.testing.assert_array_equal(features, catalogue_features(items))
+    assert features.shape[0] == n_items and features.shape[1] > 10  # genres and year
 
 
 def _write_bad(folder: Path, content: str) -> None:
