@@ -109,6 +109,8 @@ def main(argv=None) -> int:
             "transport": "in-process: same client statistics + server combination code, sums added in numpy "
                          "(not through Flower/SecAgg+)",
             "peer": "pooled non-private AIPW (statsmodels Logit + per-arm OLS on the union)",
+            "se": "sampling + DP noise of the influence sums + DP noise of the nuisance fits (delta method, "
+                  "common/causal/estimators.py cross_fit_variance)",
             "seconds": round(time.time() - t0, 1)}
     json.dump({"meta": meta, "rows": rows}, sys.stdout)
     sys.stdout.write("\n")

@@ -5,7 +5,7 @@ Importing this module registers, on :data:`fedrec.client.app.app`:
 * ``query.causal_study`` — the public study declaration (design columns with their declared
   bounds, outcome bounds, better direction, item ids). Nothing computed on data; no charge.
 * ``query.causal_moments`` / ``query.causal_propensity`` / ``query.causal_outcome`` / ``query.causal_scale`` /
-  ``query.causal_influence`` — one
+  ``query.causal_jacobian`` / ``query.causal_influence`` — one
   DP release each (client/statistics.py): the study is validated, then the step's
   ``GaussianEvent`` is **charged** to the institution's ledger (write-ahead; a charge over the
   cap is refused with the reason), then the clipped sums are computed and noised, the reply
@@ -130,7 +130,8 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         radius = float(arrays["whiten/radius"][0]) if "whiten/radius" in arrays else -1.0
         r2 = 1.0 + radius**2 if radius > 0 else float(p)
         clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
-        sens = step_bound(kind, p, r2=r2, clip=clip) * (1.0 if kind == "moments" else math.sqrt(len(items)))
+        jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
+        sens = step_bound(kind, p, r2=r2, clip=clip, jac_k=jac_k) * (1.0 if kind == "moments" else math.sqrt(len(items)))
         event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens)
         try:
             charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=f"causal-{step}",
@@ -174,6 +175,11 @@ def causal_outcome(msg: Message, context: Context) -> Message:
 @app.query("causal_scale")
 def causal_scale(msg: Message, context: Context) -> Message:
     return _step(msg, context, "scale")
+
+
+@app.query("causal_jacobian")
+def causal_jacobian(msg: Message, context: Context) -> Message:
+    return _step(msg, context, "jacobian")
 
 
 @app.query("causal_influence")

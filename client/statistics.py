@@ -35,7 +35,9 @@ from fedrec.common.causal.estimators import (
     design,
     moments_bound,
     influence_bound,
+    influence_jacobian,
     influence_terms,
+    jacobian_bound,
     influence_weights,
     outcome_bound,
     propensity_bound,
@@ -60,6 +62,7 @@ __all__ = [
     "outcome_gram_terms",
     "influence_sum_terms",
     "influence_scale_terms",
+    "influence_jacobian_terms",
     "release",
     "clipped_sum",
 ]
@@ -218,6 +221,25 @@ def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, 
     return Contribution(terms, 1.0)
 
 
+def influence_jacobian_terms(rows: ItemRows, *, estimator: str, k: float, prop_coef: np.ndarray | None,
+                             coef1: np.ndarray | None, coef0: np.ndarray | None,
+                             trim: tuple[float, float] = TRIM) -> Contribution:
+    """Per person the derivative of psi with respect to the nuisance coefficients at the fitted
+    nuisances (:func:`~fedrec.common.causal.estimators.influence_jacobian`: ``[d beta, d coef1,
+    d coef0]`` for aipw, ``d beta`` for ipw).
+
+    Sum: the Jacobian J the server needs to turn the public covariance of the nuisances' DP
+    noise into ATE variance (``J Cov J' / N^2``). Privacy contract: each person's row is
+    clipped to the public L2 bound :func:`~fedrec.common.causal.estimators.jacobian_bound`
+    ``k * sqrt(r2)`` (``k`` from the run config, r2 the public bound on ``||w||^2``) by
+    :func:`release`, so one person moves the released sum by at most that bound per item
+    whatever their data; the release is charged as one Gaussian step like the others.
+    """
+    jac = influence_jacobian(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
+                             coef1=coef1, coef0=coef0, trim=trim)
+    return Contribution(jac, jacobian_bound(rows.row_norm2, k))
+
+
 # --------------------------------------------------------------------------- release
 def clipped_sum(c: Contribution) -> np.ndarray:
     """Sum over persons of the rows clipped to ``c.bound`` (sensitivity ``c.bound``)."""
@@ -283,6 +305,10 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
             blocks[it] = influence_scale_terms(rows, estimator=estimator, edges=np.asarray(arrays["edges"]),
                                                prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
                                                coef0=arrays.get(f"mu0/{it}"), trim=trim)
+        elif kind == "jacobian":
+            blocks[it] = influence_jacobian_terms(rows, estimator=estimator, k=float(arrays["jacobian-k"][0]),
+                                                  prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
+                                                  coef0=arrays.get(f"mu0/{it}"), trim=trim)
         elif kind == "influence":
             blocks[it] = influence_sum_terms(rows, estimator=estimator, clip=float(arrays["clip"][0]),
                                              prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),

@@ -10,8 +10,11 @@ One run estimates, for each requested item, the effect of ``exposed`` on the out
 2. ``outcome`` — DP sums of per-arm ``vech(W'W), W'y, y'y``; the server fits the per-arm ridge
    models (CATE = their difference) and their DP residual variances.
 3. ``scale`` — a DP histogram of |psi| on a public grid; the server picks the psi clip.
+3b. ``jacobian`` (optional, ``share_jacobian > 0``) — DP sums of d psi / d nuisance.
 4. ``influence`` — the server sends the nuisances and the clip; institutions release DP sums
-   of ``[1, psi, psi^2]`` (weighted); the server forms ATE, SE (with DP noise variance) and CI.
+   of ``[1, psi, psi^2]`` (weighted); the server forms ATE, SE (with the DP noise variance of
+   these sums and of the nuisance fits, the latter tracked through the Newton steps and the
+   ridge fits and propagated by the delta method) and CI.
 
 Every step is one round of a :class:`~fedrec.server.aggregation.SumProtocol` (SecAgg+ by
 default): the server sees only sums, and only noised ones. The driver
@@ -42,6 +45,11 @@ from fedrec.common.causal.estimators import (
     clip_from_histogram,
     influence_bound,
     influence_weights,
+    jacobian_bound,
+    newton_noise_cov,
+    cross_fit_variance,
+    nuisance_variance,
+    ridge_noise_cov,
     psi_grid,
     ridge_fit,
     step_bound,
@@ -58,7 +66,7 @@ __all__ = ["CausalResult", "StudyInfo", "run_protocol", "estimate", "app", "MESS
 
 #: message type of each step (client handlers: client/causal_app.py)
 MESSAGE_TYPES = {"study": "query.causal_study", "moments": "query.causal_moments", "propensity": "query.causal_propensity",
-                 "scale": "query.causal_scale",
+                 "scale": "query.causal_scale", "jacobian": "query.causal_jacobian",
                  "outcome": "query.causal_outcome", "influence": "query.causal_influence"}
 
 
@@ -163,6 +171,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
 
     # 1. propensity: Newton steps from beta = 0 on the whitened design
     beta = {it: np.zeros(p) for it in items}
+    beta_cov = {it: np.zeros((p, p)) for it in items}  # covariance of the DP noise beta carries
     if cfg.estimator in ("aipw", "ipw"):
         for k in range(1, cfg.newton_steps + 1):
             step = f"propensity:{k}"
@@ -175,6 +184,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             for it in items:
                 tot = totals[it]
                 beta[it] = newton_update(beta[it], tot[:p], tot[p:], ridge=lam, floor=_floor(nv, p))
+                beta_cov[it] = newton_noise_cov(beta_cov[it], tot[p:], nv, ridge=lam, floor=_floor(nv, p))
     # 2. outcome models per arm
     arms: dict[str, tuple] = {}
     out_noise = 0.0
@@ -217,6 +227,19 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             record("scale", n, metrics)
             clip = max(clip_from_histogram(totals[it], edges, tail=cfg.psi_tail) for it in items)
             clip = min(cfg.psi_clip_margin * clip, psi_worst_case(cfg.estimator, cfg.trim))
+        # optional: sums of d psi / d theta for the first-order nuisance-noise terms
+        jac: dict[str, float] = {}
+        if "jacobian" in plan.sigma:
+            sigma = plan.sigma["jacobian"]
+            totals, n, metrics = send("jacobian", {**nuis, "jacobian-k": np.array([cfg.jacobian_k])},
+                                      {"noise-multiplier": sigma})
+            record("jacobian", n, metrics)
+            jnv = _noise_var(cfg, sigma, jacobian_bound(r2, cfg.jacobian_k) * sens_factor, n)
+            for it in items:
+                covs = [beta_cov[it]]
+                if it in arms:
+                    covs += [ridge_noise_cov(arms[it][1], out_noise), ridge_noise_cov(arms[it][0], out_noise)]
+                jac[it] = (totals[it], covs, jnv)
         # one release, one bound: the same clip for every item of the release
         arrays = {**nuis, "clip": np.array([clip])}
         sigma = plan.sigma["influence"]
@@ -235,6 +258,16 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             tot = totals[it]
             sums = {"n": tot[0] / w_n, "psi": tot[1], "psi2": tot[2] / w_2}
             noise = {"n": nv / w_n**2, "psi": nv, "psi2": nv / w_2**2}
+            # DP noise in the nuisances -> ATE variance (delta method, see docs/causal.md)
+            cross = cross_fit_variance(beta_cov[it], a1, a0, sums["n"]) if a1 is not None and cfg.dp else 0.0
+            if it in jac:  # first-order terms from the released Jacobian (plug-in at the noisy fit
+                # counts the interaction twice: remove it once)
+                jt, covs, jnv = jac[it]
+                noise["nuisance"] = max(nuisance_variance(jt, covs, sums["n"], jac_noise_var=jnv, floor=False)
+                                        - cross, 0.0)
+                est.extra["nuisance"] = {"jacobian": jt, "covs": covs, "jacobian_noise_var": jnv}
+            elif cfg.nuisance_variance:
+                noise["nuisance"] = cross
             est.fit(prop_coef=beta[it], arm1=a1, arm0=a0, sums=sums, noise=noise)
             est.extra["psi_clip"] = clip
         lo, hi = est.ate_interval(cfg.alpha)
@@ -242,6 +275,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         assert r is not None
         row = {"ate": r.ate, "se": r.se, "ci_low": lo, "ci_high": hi, "n": r.n,
                "sampling_se": math.sqrt(r.sampling_var), "noise_se": math.sqrt(r.noise_var),
+               "nuisance_se": math.sqrt(r.nuisance_var),
                "estimator": cfg.estimator}
         if "psi_clip" in est.extra:
             row["psi_clip_outcome_units"] = est.extra["psi_clip"] * scale
@@ -292,10 +326,11 @@ def flower_send(grid: Grid, nodes: list[int], protocol: SumProtocol, cfg: Causal
         sigma = float(config["noise-multiplier"])
         p = study.p
         clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
+        jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
         r2 = float(p)
         if "whiten/radius" in arrays and arrays["whiten/radius"][0] > 0:
             r2 = 1.0 + float(arrays["whiten/radius"][0]) ** 2
-        sens = step_bound(step, p, r2=r2, clip=clip) * (1.0 if step == "moments" else math.sqrt(len(items)))
+        sens = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k) * (1.0 if step == "moments" else math.sqrt(len(items)))
         rec = {"server-round": counter["round"], "step": step, "items": json.dumps(items),
                "noise-multiplier": sigma, **{k: v for k, v in flat.items()}}
         # SecAgg+ quantisation: a coordinate of one institution's noiseless sum is at most

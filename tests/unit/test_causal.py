@@ -12,6 +12,7 @@ from fedrec.client.statistics import (
     ItemRows,
     clipped_sum,
     encode_item,
+    influence_jacobian_terms,
     influence_sum_terms,
     outcome_gram_terms,
     propensity_newton_terms,
@@ -20,6 +21,7 @@ from fedrec.common.causal.estimators import (
     CausalConfig,
     FederatedCausalEstimator,
     influence_bound,
+    jacobian_bound,
     outcome_bound,
     plan_budget,
     propensity_bound,
@@ -101,13 +103,48 @@ def test_coverage_over_seeds_at_fixed_epsilon():
     assert cov >= 20 / 24, cov
 
 
+def test_se_includes_the_nuisance_noise_variance(health):
+    """On one fixed data set, re-drawing only the DP noise: the spread of the ATE over draws is
+    what the SE's DP parts (influence-sum noise + nuisance noise, delta method) predict. Without
+    the nuisance term the prediction is ~25% short (the test then fails)."""
+    insts, _ = health
+    item = "diet_counselling"
+    cfg = CausalConfig(epsilon=1.0, items=(item,), noise_mode="distributed", n_min=3)
+    plan, rng, cache = plan_budget(cfg), np.random.default_rng(3), {}
+    ates, var = [], []
+    for _ in range(60):
+        row = estimate_inprocess(insts, cfg, rng=rng, plan=plan, cache=cache).items[item]
+        ates.append(row["ate"])
+        var.append(row["noise_se"] ** 2 + row["nuisance_se"] ** 2)
+        assert row["nuisance_se"] > 0
+    ratio = float(np.std(ates) / math.sqrt(np.mean(var)))
+    assert 0.75 <= ratio <= 1.2, ratio
+    assert estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,))).items[item]["nuisance_se"] == 0.0
+
+
+def test_jacobian_release_runs_and_is_charged_as_a_step(health):
+    """The optional Jacobian step (share_jacobian > 0): one more planned, noised release; its
+    first-order nuisance variance is combined with the interaction term."""
+    insts, _ = health
+    item = "diet_counselling"
+    cfg = CausalConfig(epsilon=2.0, items=(item,), share_jacobian=0.05)
+    plan = plan_budget(cfg)
+    assert "jacobian" in plan.sigma and plan.sigma["jacobian"] > 0
+    assert "jacobian" not in plan_budget(CausalConfig(epsilon=2.0, items=(item,))).sigma
+    assert "jacobian" not in CausalConfig(epsilon=INF, share_jacobian=0.05).steps()
+    res = estimate_inprocess(insts, cfg, rng=np.random.default_rng(0), plan=plan)
+    assert res.contributors["jacobian"] == len(insts)
+    row = res.items[item]
+    assert math.isfinite(row["se"]) and row["se"] >= row["noise_se"]
+
+
 def _extreme(rows: ItemRows, scale: float) -> ItemRows:
     """rows plus one person whose values ignore the declared bounds (a broken encoder)."""
     x = np.vstack([rows.x, np.full(rows.p, scale)])
     return ItemRows(rows.item, x, np.append(rows.t, 1.0), np.append(rows.y, scale))
 
 
-@pytest.mark.parametrize("which", ["propensity", "outcome", "influence"])
+@pytest.mark.parametrize("which", ["propensity", "outcome", "influence", "jacobian"])
 def test_one_person_moves_a_release_by_at_most_the_declared_bound(health, which):
     insts, _ = health
     rows = encode_item(insts[0], "diet_counselling")
@@ -120,9 +157,16 @@ def test_one_person_moves_a_release_by_at_most_the_declared_bound(health, which)
             return propensity_newton_terms(r, beta)
         if which == "outcome":
             return outcome_gram_terms(r)
+        if which == "jacobian":
+            return influence_jacobian_terms(r, estimator="aipw", k=2.0, prop_coef=beta, coef1=coef, coef0=coef)
         return influence_sum_terms(r, estimator="aipw", clip=0.5, prop_coef=beta, coef1=coef, coef0=coef)
 
-    bound = {"propensity": propensity_bound(p), "outcome": outcome_bound(p), "influence": influence_bound(0.5)}[which]
+    bound = {"propensity": propensity_bound(p), "outcome": outcome_bound(p), "influence": influence_bound(0.5),
+             "jacobian": jacobian_bound(p, 2.0)}[which]
+    # the bound the client clips to is the one the server and the ledger charge for
+    from fedrec.common.causal.estimators import step_bound
+
+    assert step_bound(which, p, r2=p, clip=0.5, jac_k=2.0) == pytest.approx(bound)
     base, plus = contrib(rows), contrib(_extreme(rows, 50.0))
     assert base.bound == pytest.approx(bound)
     # every honest person (encoded within the declared bounds) is within the bound already
