@@ -69,3 +69,27 @@ def test_apply_prior_mean_keeps_well_measured_items_and_fills_unmeasured_ones():
     gain = np.array([1.0, 0.0, 0.5])
     prior = np.array([9.0, -0.3, 0.2])
     np.testing.assert_allclose(apply_prior_mean(update, gain, prior), [0.4, -0.3, 0.2])
+
+
+def _server_inputs(noise_var: float):
+    from fedrec.server.app import Catalogue, ItemStepSizes
+
+    truth, features, counts, gain, update, _ = _simulated_round(1, noise_var=max(noise_var, 1e-9))
+    steps = ItemStepSizes(precond=(gain / np.maximum(counts, 1e-12)).astype(np.float32), counts=counts,
+                          noise_var=noise_var, count_noise_var=0.0)
+    catalogue = Catalogue(n_items=len(counts), institution_names={}, features=features.astype(np.float32))
+    return {"item_bias": update.astype(np.float32)}, steps, catalogue, truth
+
+
+def test_server_applies_the_metadata_prior_only_under_dp():
+    from fedrec.common.config import RunConfig
+    from fedrec.server.app import prior_mean_update
+
+    cfg = RunConfig()
+    update, steps, catalogue, truth = _server_inputs(40.0)
+    out = prior_mean_update(update, steps, catalogue, cfg)
+    assert np.mean((out["item_bias"] - truth) ** 2) < 0.5 * np.mean((update["item_bias"] - truth) ** 2)
+    # switched off, or no DP noise (the non-private model must equal the centralized one): unchanged
+    for c, nv in ((cfg.override(**{"item-prior-mean": "zero"}), 40.0), (cfg, 0.0)):
+        update, steps, catalogue, _ = _server_inputs(nv)
+        assert prior_mean_update(update, steps, catalogue, c)["item_bias"] is update["item_bias"]
