@@ -73,7 +73,7 @@ def _load(folder: str) -> InstitutionData:
 
 
 def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
-    cols = design_columns(data, ccfg.covariates)
+    cols = design_columns(data, ccfg.covariates, ccfg.derived)
     st = data.study
     return json.dumps({"columns": [list(c) for c in cols], "outcome_bounds": list(st.outcome_bounds),
                        "better": st.outcome_better,
@@ -110,7 +110,7 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         if "arrays" in msg.content.array_records else {}
     try:  # validation before any charge
         data = _load(str(node_folder(context, cfg)))
-        p = len(design_columns(data, ccfg.covariates)) + 1
+        p = len(design_columns(data, ccfg.covariates, ccfg.derived)) + 1
         known = set(data.items["item_id"].astype(str))
         missing = [i for i in items if i not in known]
         if missing:
@@ -139,7 +139,7 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         except BudgetExceeded as err:
             return _refusal(msg, str(err))
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
-                                covariates=ccfg.covariates, cache=_ROWS)
+                                covariates=ccfg.covariates, derived=ccfg.derived, cache=_ROWS)
     sums, sens = release(blocks, noise_multiplier=sigma, noise_mode=ccfg.noise_mode, n_min=max(ccfg.n_min, 1))
     eps_prv, eps_rdp = guard.spent(delta=ccfg.delta)
     from fedrec.common.privacy.gaussian import noise_std

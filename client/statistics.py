@@ -32,7 +32,10 @@ import numpy as np
 from fedrec.common.causal.estimators import (
     TRIM,
     Whitening,
+    derived_bounds,
+    derived_values,
     design,
+    parse_derived,
     moments_bound,
     influence_bound,
     influence_jacobian,
@@ -56,6 +59,7 @@ __all__ = [
     "design_columns",
     "encode_item",
     "people_design",
+    "raw_design",
     "whiten_rows",
     "covariate_moments_terms",
     "propensity_newton_terms",
@@ -81,6 +85,9 @@ class ItemRows:
     y: np.ndarray
     #: public bound on ||x||^2 of a row (p for the bound-scaled design; 1 + radius^2 whitened)
     r2: float = -1.0
+    #: per-row weight of the nuisance fits' terms (None = 1; see ``Whitening.weighted``): a
+    #: weighted row ``wt * terms`` obeys the same bound as a row of ``||x||^2 <= r2``
+    wt: np.ndarray | None = None
 
     @property
     def p(self) -> int:
@@ -100,11 +107,7 @@ class Contribution:
 
 
 # --------------------------------------------------------------------------- encoding
-def design_columns(data: InstitutionData, covariates: Sequence[str] | None = None) -> list[tuple[str, float, float]]:
-    """The study's design columns (name, lower, upper) restricted to ``covariates``.
-
-    Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
-    """
+def _base_columns(data: InstitutionData, covariates: Sequence[str] | None) -> list[tuple[str, float, float]]:
     study = data.study
     cols = study.design_columns()
     if covariates is None:
@@ -119,18 +122,71 @@ def design_columns(data: InstitutionData, covariates: Sequence[str] | None = Non
     return [c for c in cols if c[0].split("=", 1)[0] in keep]
 
 
-def encode_item(data: InstitutionData, item: str, covariates: Sequence[str] | None = None) -> ItemRows:
-    """Rows of the people considered for ``item``: scaled covariates + intercept, exposure,
-    scaled outcome (clipped to the declared bounds)."""
-    cols = design_columns(data, covariates)
+def _derived_specs(data: InstitutionData, derived: Sequence[str]) -> list[tuple[str, str, float, float]]:
+    """(column name, op, declared lower, declared upper) per derived feature; FedrecInputError
+    naming a derived feature of an undeclared or non-numeric covariate."""
+    out = []
+    for spec in derived:
+        try:
+            op, name = parse_derived(spec)
+        except ValueError as err:
+            raise FedrecInputError(f"causal.derived: {err}") from None
+        try:
+            cov = data.study.covariate(name)
+        except KeyError:
+            raise FedrecInputError(
+                f"causal.derived: {spec!r} uses covariate {name!r}, which study.toml does not declare "
+                f"(declared: {', '.join(data.study.covariate_names)}); fix: derive from a declared covariate") from None
+        if cov.kind == "category":
+            raise FedrecInputError(f"causal.derived: {spec!r}: {name!r} is a category; fix: derive from a "
+                                   "number, integer or binary covariate")
+        try:
+            derived_bounds(op, cov.lower, cov.upper)
+        except ValueError as err:
+            raise FedrecInputError(f"causal.derived: {spec!r}: {err}; fix: use log1p") from None
+        out.append((f"{op}({name})", op, cov.lower, cov.upper))
+    return out
+
+
+def design_columns(data: InstitutionData, covariates: Sequence[str] | None = None,
+                   derived: Sequence[str] = ()) -> list[tuple[str, float, float]]:
+    """The study's design columns (name, lower, upper) restricted to ``covariates``, then one
+    column per ``derived`` feature (``op(name)``, bounds from the declared ones:
+    :func:`~fedrec.common.causal.estimators.derived_bounds`).
+
+    Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
+    """
+    cols = _base_columns(data, covariates)
+    for col, op, lo, hi in _derived_specs(data, derived):
+        cols.append((col, *derived_bounds(op, lo, hi)))
+    return cols
+
+
+def raw_design(data: InstitutionData, covariates: Sequence[str] | None = None, derived: Sequence[str] = ()
+               ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+    """Every person's raw design values (people order) and the columns with public bounds."""
+    base = _base_columns(data, covariates)
     names = [c[0] for c in data.study.design_columns()]
-    idx = [names.index(c[0]) for c in cols]
+    idx = [names.index(c[0]) for c in base]
+    full = data.covariate_matrix()
+    cov = full[:, idx] if len(idx) else np.zeros((len(data.people), 0))
+    extra = [derived_values(op, data.people[col[len(op) + 1:-1]].to_numpy(float), lo, hi)
+             for col, op, lo, hi in _derived_specs(data, derived)]
+    if extra:
+        cov = np.column_stack([cov] + extra)
+    return cov, design_columns(data, covariates, derived)
+
+
+def encode_item(data: InstitutionData, item: str, covariates: Sequence[str] | None = None,
+                derived: Sequence[str] = ()) -> ItemRows:
+    """Rows of the people considered for ``item``: scaled covariates (and derived features) +
+    intercept, exposure, scaled outcome (clipped to the declared bounds)."""
+    cov, cols = raw_design(data, covariates, derived)
     inter = data.interactions
     rows = inter[inter["item_id"] == item]
     people = data.people["person_id"].astype(str).to_numpy()
     pos = {p: i for i, p in enumerate(people)}
     take = np.array([pos[p] for p in rows["person_id"].astype(str)], dtype=np.int64)
-    cov = data.covariate_matrix()[:, idx] if len(idx) else np.zeros((len(people), 0))
     x = design(scale_covariates(cov[take], [(lo, hi) for _, lo, hi in cols]))
     if len(take) == 0:
         x = np.zeros((0, len(cols) + 1))
@@ -139,18 +195,18 @@ def encode_item(data: InstitutionData, item: str, covariates: Sequence[str] | No
     return ItemRows(item=item, x=x, t=t, y=y)
 
 
-def people_design(data: InstitutionData, covariates: Sequence[str] | None = None) -> np.ndarray:
-    """Every person once: bound-scaled covariates + intercept (rows of norm <= sqrt(p))."""
-    cols = design_columns(data, covariates)
-    names = [c[0] for c in data.study.design_columns()]
-    idx = [names.index(c[0]) for c in cols]
-    cov = data.covariate_matrix()[:, idx] if len(idx) else np.zeros((len(data.people), 0))
+def people_design(data: InstitutionData, covariates: Sequence[str] | None = None,
+                  derived: Sequence[str] = ()) -> np.ndarray:
+    """Every person once: bound-scaled covariates (and derived features) + intercept (rows of
+    norm <= sqrt(p))."""
+    cov, cols = raw_design(data, covariates, derived)
     return design(scale_covariates(cov, [(lo, hi) for _, lo, hi in cols]))
 
 
 def whiten_rows(rows: ItemRows, whitening: Whitening) -> ItemRows:
     """The same rows on the public whitened design (``||w||^2 <= 1 + radius^2``)."""
-    return ItemRows(rows.item, whitening.apply(rows.x), rows.t, rows.y, r2=whitening.r2)
+    wt = whitening.weights(rows.x) if whitening.weighted else None
+    return ItemRows(rows.item, whitening.apply(rows.x), rows.t, rows.y, r2=whitening.r2, wt=wt)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -174,7 +230,10 @@ def propensity_newton_terms(rows: ItemRows, beta: np.ndarray) -> Contribution:
     e = sigmoid(x @ beta)
     grad = (rows.t - e)[:, None] * x
     hess = vech((e * (1 - e))[:, None, None] * x[:, :, None] * x[:, None, :])
-    return Contribution(np.hstack([grad, hess]), propensity_bound(rows.row_norm2))
+    terms = np.hstack([grad, hess])
+    if rows.wt is not None:  # weighted likelihood (whitening radius as weights, see Whitening)
+        terms = terms * rows.wt[:, None]
+    return Contribution(terms, propensity_bound(rows.row_norm2))
 
 
 def outcome_gram_terms(rows: ItemRows) -> Contribution:
@@ -187,6 +246,8 @@ def outcome_gram_terms(rows: ItemRows) -> Contribution:
     """
     x, y = rows.x, rows.y
     block = np.hstack([vech(x[:, :, None] * x[:, None, :]), x * y[:, None], (y * y)[:, None]])
+    if rows.wt is not None:  # weighted least squares (whitening radius as weights)
+        block = block * rows.wt[:, None]
     t = rows.t[:, None]
     return Contribution(np.hstack([block * (1 - t), block * t]), outcome_bound(rows.row_norm2))
 
@@ -278,24 +339,26 @@ def whitening_from_arrays(arrays: Mapping[str, np.ndarray]) -> Whitening | None:
     if "whiten/a" not in arrays:
         return None
     radius = float(arrays["whiten/radius"][0])
-    return Whitening(np.asarray(arrays["whiten/a"]), np.asarray(arrays["whiten/b"]), radius if radius > 0 else math.inf)
+    weighted = "whiten/weighted" in arrays and float(arrays["whiten/weighted"][0]) > 0
+    return Whitening(np.asarray(arrays["whiten/a"]), np.asarray(arrays["whiten/b"]), radius if radius > 0 else math.inf,
+                     weighted=weighted)
 
 
 def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], arrays: Mapping[str, np.ndarray], *,
                        estimator: str, trim: tuple[float, float] = TRIM, covariates: Sequence[str] | None = None,
-                       cache: dict | None = None) -> dict[str, Contribution]:
+                       derived: Sequence[str] = (), cache: dict | None = None) -> dict[str, Contribution]:
     """The blocks an institution releases for one protocol step (``moments``, ``propensity``,
     ``outcome``, ``influence``), each a per-person :class:`Contribution` with its bound.
     The client handler and the in-process benchmark both call this."""
     cache = {} if cache is None else cache
     if kind == "moments":
-        return {"moments": covariate_moments_terms(people_design(data, covariates))}
+        return {"moments": covariate_moments_terms(people_design(data, covariates, derived))}
     wh = whitening_from_arrays(arrays)
     blocks: dict[str, Contribution] = {}
     for it in items:
-        key = (data.name, it)
+        key = (data.name, it, None if covariates is None else tuple(covariates), tuple(derived))
         if key not in cache:
-            cache[key] = encode_item(data, it, covariates)
+            cache[key] = encode_item(data, it, covariates, derived)
         rows = cache[key] if wh is None else whiten_rows(cache[key], wh)
         if kind == "propensity":
             blocks[it] = propensity_newton_terms(rows, arrays[f"beta/{it}"])

@@ -3,7 +3,8 @@
 One run estimates, for each requested item, the effect of ``exposed`` on the outcome:
 
 0. ``moments`` — DP sum of ``vech(x x')`` over people (each once): the server derives a public
-   whitening of the bound-scaled design (per-covariate DP mean/sd, radius-clipped).
+   whitening of the bound-scaled design (per-covariate DP mean/sd; bounded by a radius through
+   fit weights, or by clipping the features).
 1. ``propensity:k`` (k = 1..newton_steps) — the server sends the current logistic
    coefficients; each institution releases the DP sum of ``[(T - e) w, vech(e(1-e) w w')]``
    per item; the server takes a Newton step.
@@ -48,6 +49,7 @@ from fedrec.common.causal.estimators import (
     jacobian_bound,
     newton_noise_cov,
     cross_fit_variance,
+    weighted_gram_scale,
     nuisance_variance,
     ridge_noise_cov,
     psi_grid,
@@ -134,9 +136,10 @@ def _ridge(cfg: CausalConfig, nv: float, p: int) -> float:
     return 0.0
 
 
-def _floor(nv: float, p: int) -> float:
-    """Eigenvalue floor of a noisy Gram/Hessian: about the spectral norm of its noise."""
-    return 2.0 * math.sqrt(nv * p) if nv > 0 else 1e-8
+def _floor(nv: float, p: int, k: float = 2.0) -> float:
+    """Eigenvalue floor of a noisy Gram/Hessian: ``k`` x about the spectral norm of its noise
+    (``k`` = ``floor_k`` of the config)."""
+    return k * math.sqrt(nv * p) if nv > 0 and k > 0 else 1e-8
 
 
 def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: BudgetPlan | None = None) -> CausalResult:
@@ -164,10 +167,12 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     totals, n, metrics = send("moments", {}, {"noise-multiplier": sigma})
     record("moments", n, metrics)
     nv = _noise_var(cfg, sigma, step_bound("moments", p), n)
+    moments_sum = totals["moments"]
     wh = whitening_from_moments(totals["moments"], p, noise_var=nv, radius_factor=cfg.radius_factor,
-                                mode=cfg.whiten_mode)
+                                mode=cfg.whiten_mode, weighted=cfg.weighted_fits)
     r2 = wh.r2
-    warrays = {"whiten/a": wh.a, "whiten/b": wh.b, "whiten/radius": np.array([wh.radius if math.isfinite(wh.radius) else -1.0])}
+    warrays = {"whiten/a": wh.a, "whiten/b": wh.b, "whiten/radius": np.array([wh.radius if math.isfinite(wh.radius) else -1.0]),
+               "whiten/weighted": np.array([1.0 if wh.weighted else 0.0])}
 
     # 1. propensity: Newton steps from beta = 0 on the whitened design
     beta = {it: np.zeros(p) for it in items}
@@ -183,8 +188,8 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             lam = _ridge(cfg, nv, p)
             for it in items:
                 tot = totals[it]
-                beta[it] = newton_update(beta[it], tot[:p], tot[p:], ridge=lam, floor=_floor(nv, p))
-                beta_cov[it] = newton_noise_cov(beta_cov[it], tot[p:], nv, ridge=lam, floor=_floor(nv, p))
+                beta[it] = newton_update(beta[it], tot[:p], tot[p:], ridge=lam, floor=_floor(nv, p, cfg.floor_k))
+                beta_cov[it] = newton_noise_cov(beta_cov[it], tot[p:], nv, ridge=lam, floor=_floor(nv, p, cfg.floor_k))
     # 2. outcome models per arm
     arms: dict[str, tuple] = {}
     out_noise = 0.0
@@ -195,7 +200,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         out_noise = _noise_var(cfg, sigma, step_bound("outcome", p, r2=r2) * sens_factor, n)
         # whitened design: the ridge shrinks slopes isotropically towards "no covariate effect";
         # at about the noise's spectral norm it trades a little bias for much less noise
-        lam = cfg.ridge if cfg.ridge is not None else _floor(out_noise, p)
+        lam = cfg.ridge if cfg.ridge is not None else cfg.outcome_ridge_k * _floor(out_noise, p)
         m = vech_len(p) + p + 1
         for it in items:
             tot = totals[it]
@@ -203,7 +208,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             for a in (0, 1):
                 blk = tot[a * m:(a + 1) * m]
                 fits.append(ridge_fit(blk[:vech_len(p)], blk[vech_len(p):vech_len(p) + p], float(blk[-1]),
-                                      ridge=lam, noise_var=out_noise, floor=_floor(out_noise, p)))
+                                      ridge=lam, noise_var=out_noise, floor=_floor(out_noise, p, cfg.floor_k)))
             arms[it] = (fits[0], fits[1])
     # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
     clip = 0.0
@@ -259,7 +264,10 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             sums = {"n": tot[0] / w_n, "psi": tot[1], "psi2": tot[2] / w_2}
             noise = {"n": nv / w_n**2, "psi": nv, "psi2": nv / w_2**2}
             # DP noise in the nuisances -> ATE variance (delta method, see docs/causal.md)
-            cross = cross_fit_variance(beta_cov[it], a1, a0, sums["n"]) if a1 is not None and cfg.dp else 0.0
+            cross = 0.0
+            if a1 is not None and cfg.dp:
+                ks = weighted_gram_scale(moments_sum, p, wh, sums["n"], float(np.trace(a1.gram) + np.trace(a0.gram)))
+                cross = cross_fit_variance(beta_cov[it], a1, a0, sums["n"], k_scale=ks)
             if it in jac:  # first-order terms from the released Jacobian (plug-in at the noisy fit
                 # counts the interaction twice: remove it once)
                 jt, covs, jnv = jac[it]

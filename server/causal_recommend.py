@@ -39,10 +39,10 @@ def recommend(scores: np.ndarray, items: Sequence[str]) -> np.ndarray:
 
 
 def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, item_results: Mapping[str, dict],
-                  covariates: Sequence[str] | None = None) -> dict:
+                  covariates: Sequence[str] | None = None, derived: Sequence[str] = ()) -> dict:
     """Policy value (mean true benefit of the top-1 item) of causal, engagement and oracle
     recommendations over the federation's people, plus agreement with the oracle."""
-    from fedrec.client.statistics import design_columns  # simulation-side helper (column order)
+    from fedrec.client.statistics import raw_design  # simulation-side helper (column order)
 
     items = list(truth.item_ids)
     row_of = {p: i for i, p in enumerate(truth.person_ids.astype(str))}
@@ -51,10 +51,8 @@ def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, i
     recs: list[np.ndarray] = []
     rows: list[np.ndarray] = []
     for d in institutions:
-        cols = design_columns(d, covariates)
-        names = [c[0] for c in d.study.design_columns()]
-        idx = [names.index(c[0]) for c in cols]
-        scores = benefit_scores(d.covariate_matrix()[:, idx], cols, {it: item_results[it]["cate_coef"] for it in items},
+        x_raw, cols = raw_design(d, covariates, derived)
+        scores = benefit_scores(x_raw, cols, {it: item_results[it]["cate_coef"] for it in items},
                                 items, d.study.outcome_better)
         recs.append(recommend(scores, items))
         rows.append(np.array([row_of[p] for p in d.people["person_id"].astype(str)]))

@@ -38,7 +38,7 @@ def study_info(institutions: Sequence[InstitutionData], cfg: CausalConfig):
     from fedrec.server.causal import StudyInfo
 
     d = institutions[0]
-    return StudyInfo(columns=design_columns(d, cfg.covariates), outcome_bounds=d.study.outcome_bounds,
+    return StudyInfo(columns=design_columns(d, cfg.covariates, cfg.derived), outcome_bounds=d.study.outcome_bounds,
                      better=d.study.outcome_better, items=sorted(d.items["item_id"].astype(str).tolist()))
 
 
@@ -56,7 +56,7 @@ def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, i
         totals: dict[str, np.ndarray] = {}
         for d in institutions:
             blocks = step_contributions(kind, d, items, arrays, estimator=cfg.estimator, trim=cfg.trim,
-                                        covariates=cfg.covariates, cache=cache)
+                                        covariates=cfg.covariates, derived=cfg.derived, cache=cache)
             sums, _ = release(blocks, noise_multiplier=sigma, noise_mode=cfg.noise_mode,
                               n_min=max(cfg.n_min, 1), generator=rng)
             for k, v in sums.items():
@@ -82,7 +82,7 @@ def validate_study(institutions: Sequence[InstitutionData], cfg: CausalConfig) -
     from fedrec.client.statistics import design_columns
 
     first = institutions[0]
-    design_columns(first, cfg.covariates)  # unknown covariate -> FedrecInputError
+    design_columns(first, cfg.covariates, cfg.derived)  # unknown covariate -> FedrecInputError
     catalogue = sorted(first.items["item_id"].astype(str).tolist())
     items = list(cfg.items) or catalogue
     for it in items:
@@ -108,7 +108,7 @@ def pooled_estimate(institutions: Sequence[InstitutionData], item: str, cfg: Cau
 
     from fedrec.client.statistics import encode_item
 
-    rows = [encode_item(d, item, cfg.covariates) for d in institutions]
+    rows = [encode_item(d, item, cfg.covariates, cfg.derived) for d in institutions]
     x = np.vstack([r.x for r in rows])
     t = np.concatenate([r.t for r in rows])
     y = np.concatenate([r.y for r in rows])
@@ -163,7 +163,8 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
         if len(items) == len(truth.item_ids) and all("cate_coef" in report["items"][it] for it in items):
             from fedrec.server.causal_recommend import policy_values
 
-            report["recommendations"] = policy_values(institutions, truth, report["items"], ccfg.covariates)
+            report["recommendations"] = policy_values(institutions, truth, report["items"], ccfg.covariates,
+                                                     ccfg.derived)
     write_json(out / "causal.json", report)
     _print_table(console, report, items)
     console.print(f"causal.json -> {out / 'causal.json'}")

@@ -62,6 +62,7 @@ __all__ = [
     "nuisance_variance",
     "newton_noise_cov",
     "cross_fit_variance",
+    "weighted_gram_scale",
     "ridge_noise_cov",
     "ate_from_sums",
     "ArmModel",
@@ -80,12 +81,76 @@ __all__ = [
     "clip_from_histogram",
     "Whitening",
     "whitening_from_moments",
+    "DERIVED_OPS",
+    "parse_derived",
+    "derived_bounds",
+    "derived_values",
 ]
 
 #: Propensity trimming band (see module docstring).
 TRIM = (0.05, 0.95)
 ESTIMATORS = ("aipw", "ipw", "ra")
 Estimator = Literal["aipw", "ipw", "ra"]
+
+
+# --------------------------------------------------------------------------- derived features
+#: Transforms of a declared numeric covariate the nuisance models may add as extra design
+#: columns (``causal.derived``, e.g. ``["log1p(earnings_1y_ago)", "at_min(earnings_1y_ago)"]``).
+#: Each is a fixed function of the value clipped to its declared bounds, with bounds derived
+#: from the declared ones (public), so the column still scales to [-1, 1] and every L2 bound
+#: of the protocol is unchanged in form (``p`` counts the derived columns).
+#:
+#: * ``log1p(v)``  = log(1 + v - lower)           in [0, log(1 + upper - lower)];
+#: * ``log(v)``    = log v (needs lower > 0)       in [log lower, log upper] (ratios such as
+#:   weight / height^2 become linear: log w - 2 log h);
+#: * ``square(v)`` = v^2                           in [min v^2, max v^2] over the bounds;
+#: * ``at_min(v)`` = 1 where v <= lower, else 0    in [0, 1] (e.g. zero earnings);
+#: * ``at_max(v)`` = 1 where v >= upper, else 0    in [0, 1] (e.g. the top level of a scale).
+DERIVED_OPS = ("log1p", "log", "square", "at_min", "at_max")
+
+
+def parse_derived(spec: str) -> tuple[str, str]:
+    """``"op(name)"`` -> (op, name); ValueError naming the allowed forms otherwise."""
+    s = str(spec).strip()
+    if "(" in s and s.endswith(")"):
+        op, name = s[:-1].split("(", 1)
+        op, name = op.strip(), name.strip()
+        if op in DERIVED_OPS and name:
+            return op, name
+    raise ValueError(f"derived feature {spec!r}: write op(covariate) with op one of {', '.join(DERIVED_OPS)}")
+
+
+def derived_bounds(op: str, lo: float, hi: float) -> tuple[float, float]:
+    """Public bounds of a derived column from the declared bounds of its covariate."""
+    if op == "log1p":
+        return 0.0, math.log1p(hi - lo)
+    if op == "log":
+        if not lo > 0:
+            raise ValueError(f"log needs a covariate whose declared lower bound is > 0 (got {lo})")
+        return math.log(lo), math.log(hi)
+    if op == "square":
+        top = max(lo * lo, hi * hi)
+        bottom = 0.0 if lo <= 0.0 <= hi else min(lo * lo, hi * hi)
+        return bottom, top
+    if op in ("at_min", "at_max"):
+        return 0.0, 1.0
+    raise ValueError(op)
+
+
+def derived_values(op: str, v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The derived column of raw values ``v`` (clipped to the declared bounds first)."""
+    v = np.clip(np.asarray(v, dtype=np.float64), lo, hi)
+    if op == "log1p":
+        return np.log1p(v - lo)
+    if op == "log":
+        return np.log(v)
+    if op == "square":
+        return v * v
+    if op == "at_min":
+        return (v <= lo).astype(np.float64)
+    if op == "at_max":
+        return (v >= hi).astype(np.float64)
+    raise ValueError(op)
 
 
 # --------------------------------------------------------------------------- linear algebra
@@ -296,7 +361,8 @@ def nuisance_variance(jac: np.ndarray, covs: Sequence[np.ndarray], n: float, *,
     return (max(out, 0.0) if floor else out) / max(n, 1.0) ** 2
 
 
-def cross_fit_variance(beta_cov: np.ndarray, arm1: "ArmModel", arm0: "ArmModel", n: float) -> float:
+def cross_fit_variance(beta_cov: np.ndarray, arm1: "ArmModel", arm0: "ArmModel", n: float, *,
+                       k_scale: float = 1.0) -> float:
     """Variance (scaled units) of the interaction of the propensity's and the outcome models' DP
     noise in the AIPW mean: ``(tr(K1 C1 K1 Cb) + tr(K0 C0 K0 Cb)) / N^2``.
 
@@ -308,14 +374,35 @@ def cross_fit_variance(beta_cov: np.ndarray, arm1: "ArmModel", arm0: "ArmModel",
     The first-order terms ``J Cov J'`` vanish when the nuisance models are correctly specified
     (Neyman orthogonality of AIPW), so this is the nuisance-noise variance to second order
     under correct specification; measured on the simulators it matches the observed spread
-    to within about +-20% and errs on the large side where the models are misspecified."""
+    to within about +-20% and errs on the large side where the models are misspecified.
+
+    ``k_scale``: K is a sum over people of unweighted ``w w'`` while the released Grams of a
+    weighted fit (``Whitening.weighted``) carry ``omega^2 w w'``: K ~= k_scale x G with
+    k_scale the ratio of the unweighted to the weighted trace (:func:`weighted_gram_scale`)."""
     def psd(g: np.ndarray) -> np.ndarray:
         w, v = np.linalg.eigh((g + g.T) / 2)
         return (v * np.maximum(w, 0.0)) @ v.T
 
-    g0, g1 = psd(arm0.gram), psd(arm1.gram)
+    g0, g1 = k_scale * psd(arm0.gram), k_scale * psd(arm1.gram)
     return 0.0 if n <= 0 else (float(np.trace(g0 @ arm1.noise_cov @ g0 @ beta_cov))
                                + float(np.trace(g1 @ arm0.noise_cov @ g1 @ beta_cov))) / max(n, 1.0) ** 2
+
+
+def weighted_gram_scale(moments_vech: np.ndarray, p: int, whitening: "Whitening", n_item: float,
+                        weighted_trace: float) -> float:
+    """Unweighted / weighted trace of the whitened Gram of one item's people (>= 1; 1 when the
+    fits are not weighted). The unweighted trace is the all-people mean ``E||w||^2`` (from the
+    DP ``moments`` sum, mapped through the public whitening) times the item's people count;
+    the weighted one is ``tr(G0) + tr(G1)`` of the outcome release. Post-processing only."""
+    if not whitening.weighted or not math.isfinite(whitening.radius) or weighted_trace <= 0:
+        return 1.0
+    m = unvech(moments_vech, p)
+    t = np.zeros((p, p))
+    t[0, 0] = 1.0
+    t[1:, 0] = whitening.b
+    t[1:, 1:] = whitening.a
+    mean_norm2 = float(np.trace(t @ m @ t.T)) / max(float(m[0, 0]), 1.0)
+    return max(1.0, mean_norm2 * max(n_item, 0.0) / weighted_trace)
 
 
 def newton_noise_cov(prev_cov: np.ndarray, hess_vech_sum: np.ndarray, noise_var: float, *,
@@ -476,7 +563,8 @@ class FederatedCausalEstimator:
 
     def cate_coef(self) -> np.ndarray:
         """CATE coefficients on the bound-scaled design (intercept first), outcome units
-        (the linear map; exact for people inside the whitening radius)."""
+        (the linear map; exact for everyone with weighted fits, else for people inside the
+        whitening radius)."""
         c = self._coef()
         return c if self.whitening is None else self.whitening.linear_coef(c)
 
@@ -509,6 +597,10 @@ class CausalConfig:
     larger DP residual sd of the outcome step for aipw; the worst case 1/trim for ipw).
     ``ridge``: ridge penalty of the nuisance fits (None = automatic: 0 without DP, else the
     noise sd of a released Gram coordinate x sqrt(p)).
+    ``floor_k``: eigenvalue floor of noisy Grams/Hessians = floor_k x the spectral norm of their
+    noise; ``outcome_ridge_k``: outcome ridge = outcome_ridge_k x 2 x that spectral norm.
+    ``whiten_weighted``: bound the whitened design by fit weights instead of clipping features
+    (:class:`Whitening`); ``derived``: extra nuisance features ``op(covariate)`` (``DERIVED_OPS``).
     ``nuisance_variance``: add to the AIPW variance what the DP noise in the nuisance fits adds
     (:func:`cross_fit_variance`, post-processing of public quantities, no release).
     ``share_jacobian`` > 0 adds the optional ``jacobian`` release (per-person d psi / d nuisance,
@@ -521,6 +613,7 @@ class CausalConfig:
     delta: float = 1e-5
     items: tuple[str, ...] = ()
     covariates: tuple[str, ...] | None = None
+    derived: tuple[str, ...] = ()
     newton_steps: int = 4
     share_moments: float = 0.10
     share_propensity: float = 0.35
@@ -534,9 +627,12 @@ class CausalConfig:
     psi_clip_margin: float = 2.0
     whiten_radius: float | None = None
     whiten_mode: str = "diag"
+    whiten_weighted: bool = True
     psi_clip: float | None = None
     psi_clip_k: float = 20.0
     ridge: float | None = None
+    floor_k: float = 2.0
+    outcome_ridge_k: float = 1.0
     trim: tuple[float, float] = TRIM
     noise_mode: str = "local"
     n_min: int = 1
@@ -548,6 +644,8 @@ class CausalConfig:
             raise ValueError(f"estimator {self.estimator!r}: use one of {', '.join(ESTIMATORS)}")
         if not self.epsilon > 0:
             raise ValueError("epsilon must be > 0 (inf turns DP off)")
+        for spec in self.derived:
+            parse_derived(spec)
         if self.newton_steps < 1:
             raise ValueError("newton_steps must be >= 1")
         if min(self.share_moments, self.share_propensity, self.share_outcome, self.share_influence,
@@ -560,14 +658,25 @@ class CausalConfig:
 
     @property
     def radius_factor(self) -> float | None:
-        """Whitening radius / sqrt(d): the config's, else 1.0 up to ε = 2 and 1.5 above (a
-        smaller radius clips more people's features — a model change, more bias — but lowers
-        the sensitivity; measured on the three simulators, see docs/causal.md). None: DP off."""
+        """Whitening radius / sqrt(d): the config's, else 1.0 with weighted fits (the default;
+        measured on the three simulators, docs/causal.md) and, for clipped features
+        (``whiten_weighted=False``), 1.0 up to ε = 2 and 1.5 above (a smaller radius clips more
+        people's features — a model change, more bias — but lowers the sensitivity).
+        None: DP off."""
         if not self.dp:
             return None
         if self.whiten_radius is not None:
             return self.whiten_radius
+        if self.weighted_fits:
+            return 1.0
         return 1.0 if self.epsilon <= 2.0 else 1.5
+
+    @property
+    def weighted_fits(self) -> bool:
+        """Whether the nuisance fits use radius weights (``whiten_weighted``) rather than
+        clipped features. Not for ``ra``: its ATE averages the arm models over the released
+        Gram's covariate mean, which weights would tilt."""
+        return bool(self.whiten_weighted) and self.estimator != "ra"
 
     def steps(self) -> list[str]:
         """The releases of one run, in order (``propensity:k`` per Newton step)."""
@@ -608,15 +717,18 @@ class CausalConfig:
             "causal.estimator": self.estimator, "causal.epsilon": float(self.epsilon), "causal.delta": self.delta,
             "causal.items": json.dumps(list(self.items)),
             "causal.covariates": json.dumps(None if self.covariates is None else list(self.covariates)),
+            "causal.derived": json.dumps(list(self.derived)),
             "causal.newton-steps": self.newton_steps, "causal.share-moments": self.share_moments,
             "causal.whiten-radius": -1.0 if self.whiten_radius is None else float(self.whiten_radius), "causal.share-propensity": self.share_propensity,
             "causal.share-scale": self.share_scale, "causal.psi-tail": self.psi_tail,
             "causal.share-jacobian": self.share_jacobian, "causal.jacobian-k": self.jacobian_k,
             "causal.nuisance-variance": bool(self.nuisance_variance),
             "causal.psi-clip-margin": self.psi_clip_margin, "causal.whiten-mode": self.whiten_mode,
+            "causal.whiten-weighted": bool(self.whiten_weighted),
             "causal.share-outcome": self.share_outcome, "causal.share-influence": self.share_influence,
             "causal.psi-clip": -1.0 if self.psi_clip is None else float(self.psi_clip),
             "causal.psi-clip-k": self.psi_clip_k, "causal.ridge": -1.0 if self.ridge is None else float(self.ridge),
+            "causal.floor-k": self.floor_k, "causal.outcome-ridge-k": self.outcome_ridge_k,
             "causal.trim-low": self.trim[0], "causal.trim-high": self.trim[1],
             "causal.noise-mode": self.noise_mode, "causal.n-min": self.n_min,
             "causal.accountant": self.accountant, "causal.alpha": self.alpha,
@@ -636,7 +748,8 @@ class CausalConfig:
                           ("share-jacobian", "share_jacobian"), ("jacobian-k", "jacobian_k"),
                           ("psi-clip-margin", "psi_clip_margin"),
                           ("share-outcome", "share_outcome"), ("share-influence", "share_influence"),
-                          ("psi-clip-k", "psi_clip_k"), ("alpha", "alpha")):
+                          ("psi-clip-k", "psi_clip_k"), ("alpha", "alpha"), ("floor-k", "floor_k"),
+                          ("outcome-ridge-k", "outcome_ridge_k")):
             if key in d:
                 kw[attr] = float(d[key])  # type: ignore[arg-type]
         for key, attr in (("newton-steps", "newton_steps"), ("n-min", "n_min")):
@@ -647,6 +760,11 @@ class CausalConfig:
         if "covariates" in d:
             cov = json.loads(str(d["covariates"]))
             kw["covariates"] = None if cov is None else tuple(cov)
+        if "whiten-weighted" in d:
+            v = d["whiten-weighted"]
+            kw["whiten_weighted"] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+        if "derived" in d:
+            kw["derived"] = tuple(json.loads(str(d["derived"])) or ())
         if "nuisance-variance" in d:
             v = d["nuisance-variance"]
             kw["nuisance_variance"] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
@@ -806,28 +924,51 @@ def clip_from_histogram(counts: np.ndarray, edges: np.ndarray, *, tail: float) -
 class Whitening:
     """A public affine map of the bound-scaled design to (about) standardised coordinates.
 
-    ``w = [1, clip(A x_c + b)]`` where the covariate part is scaled down to norm <= ``radius``
-    (``inf``: no clipping). Built by :func:`whitening_from_moments` from the DP covariate
+    ``w = [1, A x_c + b]``. Built by :func:`whitening_from_moments` from the DP covariate
     moments (post-processing), it makes the nuisance fits well-conditioned: covariates whose
     real spread is a small part of their declared range no longer need huge coefficients that
-    DP noise and eigenvalue floors would shrink. Rows then have ``||w||^2 <= 1 + radius^2``.
+    DP noise and eigenvalue floors would shrink. The covariate part is bounded by ``radius``
+    (``inf``: no bound) in one of two ways:
+
+    * ``weighted=False``: rows are scaled down to norm <= ``radius`` (a model change for the
+      people outside: their features move);
+    * ``weighted=True``: rows keep their features, and the nuisance fits' per-person terms are
+      multiplied by ``omega^2 = min(1, radius^2/|z|^2)`` (:meth:`weights`): weighted least
+      squares / weighted logistic likelihood, which stays consistent for a correctly specified
+      model because the weights depend on x only. Every per-person bound is the same as for a
+      row of norm <= radius (``omega^2 |w|^2 <= 1 + radius^2``, ``omega^2 |w| <= sqrt(1 +
+      radius^2)``).
+
+    Either way the public bound on ``||w||^2`` of a (weighted) fit row is ``1 + radius^2``.
     """
 
     a: np.ndarray
     b: np.ndarray
     radius: float
+    weighted: bool = False
 
     @property
     def r2(self) -> float:
         return 1.0 + self.radius**2
 
+    def _z(self, x: np.ndarray) -> np.ndarray:
+        return x[:, 1:] @ self.a.T + self.b
+
     def apply(self, x: np.ndarray) -> np.ndarray:
-        """Design rows (intercept first, bound-scaled) -> whitened design rows."""
-        z = x[:, 1:] @ self.a.T + self.b
-        if math.isfinite(self.radius):
+        """Design rows (intercept first, bound-scaled) -> whitened design rows (clipped to the
+        radius unless ``weighted``)."""
+        z = self._z(x)
+        if math.isfinite(self.radius) and not self.weighted:
             norms = np.linalg.norm(z, axis=1)
             z = z * np.minimum(1.0, self.radius / np.maximum(norms, 1e-300))[:, None]
         return np.column_stack([np.ones(len(x)), z])
+
+    def weights(self, x: np.ndarray) -> np.ndarray:
+        """Per-row fit weight ``omega^2`` (ones unless ``weighted`` with a finite radius)."""
+        if not (self.weighted and math.isfinite(self.radius)):
+            return np.ones(len(x))
+        n2 = np.sum(self._z(x) ** 2, axis=1)
+        return np.minimum(1.0, self.radius**2 / np.maximum(n2, 1e-300))
 
     def linear_coef(self, c: np.ndarray) -> np.ndarray:
         """Coefficients on the bound-scaled design of ``c' w`` (exact where no row is clipped)."""
@@ -839,7 +980,8 @@ class Whitening:
 
 
 def whitening_from_moments(gram_vech: np.ndarray, p: int, *, noise_var: float = 0.0,
-                           radius_factor: float | None = 1.5, mode: str = "diag") -> Whitening:
+                           radius_factor: float | None = 1.5, mode: str = "diag",
+                           weighted: bool = False) -> Whitening:
     """Whitening from the summed ``vech(x x')`` of people (noisy). ``mode="diag"``
     standardises each covariate by its DP mean and sd; ``"full"`` decorrelates too (needs a
     covariance precise enough to resolve its smallest eigenvalues: large ε or many people).
@@ -862,4 +1004,4 @@ def whitening_from_moments(gram_vech: np.ndarray, p: int, *, noise_var: float = 
     else:
         raise ValueError(f"whitening mode {mode!r}: use 'full' or 'diag'")
     radius = radius_factor * math.sqrt(p - 1) if radius_factor is not None else math.inf
-    return Whitening(a=a, b=-a @ m, radius=radius)
+    return Whitening(a=a, b=-a @ m, radius=radius, weighted=weighted)

@@ -290,3 +290,88 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     events = PrivacyLedger(ledger).events()
     assert len(events) == 1 and events[0].noise_multiplier == 5.0
     assert good.content.metric_records["metrics"]["epsilon"] > 0
+
+
+# --------------------------------------------------------------------------- weighted whitening
+def test_weighted_fit_rows_obey_the_row_bound(health):
+    """Whitening with weights (``whiten_weighted``): people keep their whitened features and
+    the nuisance fits' terms are multiplied by omega^2 = min(1, r^2/|z|^2). Every person's
+    weighted propensity and outcome rows, even far outside the radius, are within the bounds
+    the ledger charges for rows of norm^2 <= 1 + r^2 (before any clipping), and the bound the
+    client uses is step_bound's."""
+    from fedrec.client.statistics import whiten_rows
+    from fedrec.common.causal.estimators import Whitening, step_bound
+
+    insts, _ = health
+    rows = encode_item(insts[0], "diet_counselling")
+    p = rows.p
+    rng = np.random.default_rng(0)
+    wh = Whitening(a=np.diag(rng.uniform(2.0, 20.0, p - 1)), b=rng.normal(0, 3, p - 1),
+                   radius=math.sqrt(p - 1), weighted=True)
+    w = whiten_rows(rows, wh)
+    assert w.wt is not None and (w.wt < 1).mean() > 0.5  # most people are outside the radius
+    assert np.linalg.norm(w.x, axis=1).max() > 3 * math.sqrt(wh.r2)  # features are not clipped
+    for beta in (np.zeros(p), rng.normal(0, 2, p)):
+        c = propensity_newton_terms(w, beta)
+        assert c.bound == pytest.approx(step_bound("propensity:1", p, r2=wh.r2))
+        assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+    c = outcome_gram_terms(w)
+    assert c.bound == pytest.approx(step_bound("outcome", p, r2=wh.r2))
+    assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+    # the unweighted, clipped-feature variant obeys the same bound
+    c = outcome_gram_terms(whiten_rows(rows, Whitening(wh.a, wh.b, wh.radius, weighted=False)))
+    assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+
+
+# --------------------------------------------------------------------------- derived features
+@pytest.fixture(scope="module")
+def finance():
+    return domain_federation("finance", institutions=3, people=3000, seed=4, skew=0.5)
+
+
+DERIVED = ("at_min(earnings_1y_ago)", "log1p(earnings_2y_ago)", "square(age)")
+
+
+def test_derived_features_keep_the_public_scaling_and_pooled_equality(finance):
+    """Derived nuisance features (``causal.derived``): bounds derived from the declared ones,
+    so the scaled design still lies in [-1, 1]; at ε = inf the federation still equals the
+    pooled AIPW on the same features."""
+    from fedrec.client.statistics import design_columns
+
+    insts, _ = finance
+    item = "job_training"
+    cols = design_columns(insts[0], None, DERIVED)
+    assert [c[0] for c in cols[-3:]] == list(DERIVED)
+    assert cols[-3][1:] == (0.0, 1.0) and cols[-1][1:] == (16.0**2, 70.0**2)
+    assert design_columns(insts[0], None, ("log(age)",))[-1][1:] == (math.log(16.0), math.log(70.0))
+    with pytest.raises(FedrecInputError, match="lower bound is > 0"):
+        design_columns(insts[0], None, ("log(earnings_1y_ago)",))  # declared lower bound 0
+    rows = encode_item(insts[0], item, None, DERIVED)
+    assert rows.p == len(cols) + 1 and np.abs(rows.x).max() <= 1.0
+    unemployed = insts[0].people["earnings_1y_ago"].to_numpy(float) == 0
+    assert 0 < unemployed.mean() < 1
+    cfg = CausalConfig(epsilon=INF, items=(item,), newton_steps=10, derived=DERIVED)
+    fed = estimate_inprocess(insts, cfg).items[item]
+    pooled = pooled_estimate(insts, item, cfg)
+    assert fed["ate"] == pytest.approx(pooled["ate"], rel=1e-7, abs=1e-9)
+    assert set(DERIVED) <= set(fed["cate_coef"])
+    # a DP run with derived features runs end to end
+    dp = estimate_inprocess(insts, CausalConfig(epsilon=2.0, items=(item,), derived=DERIVED),
+                            rng=np.random.default_rng(1)).items[item]
+    assert math.isfinite(dp["se"]) and dp["se"] > 0
+
+
+def test_config_round_trip_of_the_tuning_knobs():
+    cfg = CausalConfig(epsilon=2.0, derived=DERIVED, whiten_weighted=False, floor_k=1.5, outcome_ridge_k=0.5)
+    assert CausalConfig.from_flat(cfg.to_flat()) == cfg
+    with pytest.raises(ValueError, match="op\\(covariate\\)"):
+        CausalConfig(derived=("cube(age)",))
+
+
+def test_derived_feature_of_an_undeclared_covariate_is_one_line_before_any_budget(federation_dir, tmp_path):
+    out = tmp_path / "out4"
+    with pytest.raises(FedrecInputError, match="'blood_type', which study.toml does not declare") as err:
+        causal_command(federation_dir, "diet_counselling", 1.0, "aipw", False, out, 0, _Console(),
+                       causal_overrides={"derived": ("log1p(blood_type)",)})
+    assert "\n" not in str(err.value)
+    _assert_nothing_spent(out)
