@@ -137,8 +137,11 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     if not epsilon > 0:
         raise FedrecInputError(f"--epsilon {epsilon}: fix: give a positive number (inf turns DP off)")
     institutions = load_federation(Path(data))  # bad study.toml (missing bounds...) -> one line
-    ccfg = CausalConfig(estimator=estimator, epsilon=float(epsilon), items=(item,) if item else (),
-                        **(causal_overrides or {}))
+    try:
+        ccfg = CausalConfig(estimator=estimator, epsilon=float(epsilon), items=(item,) if item else (),
+                            **(causal_overrides or {}))
+    except ValueError as err:  # a bad --derive spec or setting: one line, before any budget is spent
+        raise FedrecInputError(f"{err}; fix: see fedrec-sim causal --help") from None
     items = validate_study(institutions, ccfg)
     from fedrec.common.causal.estimators import plan_budget
 

@@ -91,11 +91,23 @@ def causal_cmd(
     compare_pooled: bool = typer.Option(False, "--compare-pooled", help="Also compute the non-private pooled estimate (statsmodels)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder for causal.json."),
     seed: int = typer.Option(0, "--seed"),
+    derive: Optional[list[str]] = typer.Option(
+        None, "--derive",
+        help="Extra nuisance-model feature op(covariate), op one of log1p, log, square, at_min, at_max "
+             "(repeatable), e.g. --derive 'at_min(earnings_1y_ago)'. Bounds follow from the declared ones."),
+    noise_mode: str = typer.Option(
+        "local", "--noise-mode",
+        help="local: each institution adds the full noise (holds even if secure aggregation broke); "
+             "distributed: each adds σ²/n_min, valid behind SecAgg+ with n_min survivors (narrower CIs)."),
 ) -> None:
     """Estimate ATE/CATE with 95% CIs from DP, securely aggregated statistics (Flower simulation)."""
     from fedrec.simulations.causal_cli import causal_command
 
-    raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console))
+    if noise_mode not in ("local", "distributed"):
+        raise typer.BadParameter("use local or distributed", param_hint="--noise-mode")
+    overrides = {"derived": tuple(derive or ()), "noise_mode": noise_mode}
+    raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console,
+                                    causal_overrides=overrides))
 
 
 def main() -> None:
