@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 ## demo: the main job on the embedded default — a Flower simulation on MovieLens
+# each demo is a fresh simulated federation: its institutions' ledgers start empty (re-running
+# into the same folder would, correctly, find their ε already spent)
 demo: $(STAMP)
+	rm -rf results/demo
 	$(BIN)/fedrec-sim run --dataset movielens --institutions 10 --rounds 20 --epsilon 8 --out results/demo
 
 ## test: the whole suite (unit, integration with real Flower runs, e2e)

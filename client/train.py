@@ -99,7 +99,9 @@ def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
             "privacy.noise-mode=distributed needs local-steps=1: a second local step would "
             "build on an update that carries only σ²/n_min of the noise"
         )
-    k = p.count_noise_factor
+    # the count release's noise as a multiple of the round σ, from its budget share s: with
+    # 1/σ_c² = s/σ_eff² and R·L/σ² = (1 − s)/σ_eff², k = σ_c/σ = √((1 − s) / (s·R·L))
+    k = math.sqrt((1.0 - p.count_budget_share) / (p.count_budget_share * t.rounds * t.local_steps))
     if q == 1.0:
         # all releases are full-batch Gaussians, whose composition is exactly one Gaussian with
         # 1/σ_eff² = Σ 1/σ_i² = (rounds·steps + 1/k²)/σ²: calibrate σ_eff, scale back

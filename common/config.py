@@ -78,9 +78,10 @@ class PrivacyConfig:
     #: per-person L2 clipping bound on the released gradient.
     clip_norm: float = 1.0
     accountant: str = "prv"
-    #: the once-per-run item counts carry this many times the training σ (a cheaper release:
-    #: they only set step sizes).
-    count_noise_factor: float = 1.5
+    #: share of the run's privacy budget (of 1/σ_eff², for full-batch releases) spent on the
+    #: once-per-run DP item counts; the rounds share the rest. A fixed share, not a fixed noise
+    #: multiple of the per-round σ: with more rounds the counts would otherwise get noisier.
+    count_budget_share: float = 0.18
     #: ``local``: each client adds the full noise. ``distributed``: each adds σ²/n_min.
     noise_mode: str = "local"
     #: survivors needed for distributed noise to be complete (0 = all institutions).
@@ -171,6 +172,8 @@ class RunConfig:
             raise ConfigError("privacy.delta must lie in (0, 1), e.g. 1e-5")
         if not (p.clip_norm > 0 and math.isfinite(p.clip_norm)):
             raise ConfigError("privacy.clip-norm must be a positive finite number")
+        if not (0 < p.count_budget_share < 1):
+            raise ConfigError("privacy.count-budget-share must lie in (0, 1), e.g. 0.18")
         if p.accountant not in ("prv", "rdp"):
             raise ConfigError("privacy.accountant must be 'prv' or 'rdp'")
         if p.noise_mode not in ("local", "distributed"):

@@ -135,11 +135,20 @@ def test_dp_off_and_distributed_mode_plans():
         plan_dp(cfg.override(**{"local-steps": 2}), 50)
 
 
-def test_cheaper_count_release_still_composes_to_the_run_epsilon():
-    cfg = RunConfig().override(**{"privacy.epsilon": 8.0, "rounds": 2, "privacy.count-noise-factor": 2.0})
-    s = plan_dp(cfg, 60)
-    assert s.count_event().noise_multiplier == pytest.approx(2 * s.noise_multiplier)
-    eps = epsilon_for(s.run_events(), delta=cfg.privacy.delta, accountant="prv")
-    assert 7.9 <= eps <= 8.0 + 1e-6
-    # the training σ is smaller than with equal shares (budget moved from the counts)
-    assert s.noise_multiplier < plan_dp(cfg.override(**{"privacy.count-noise-factor": 1.0}), 60).noise_multiplier
+def test_count_release_takes_its_budget_share_and_the_run_composes_to_epsilon():
+    for rounds in (2, 20):
+        cfg = RunConfig().override(**{"privacy.epsilon": 8.0, "rounds": rounds, "privacy.count-budget-share": 0.2})
+        s = plan_dp(cfg, 60)
+        eps = epsilon_for(s.run_events(), delta=cfg.privacy.delta, accountant="prv")
+        assert 7.9 <= eps <= 8.0 + 1e-6
+        # full batch: the counts' share of 1/σ_eff² is exactly the configured share
+        inv_count = 1.0 / s.count_event().noise_multiplier ** 2
+        inv_total = inv_count + rounds / s.noise_multiplier**2
+        assert inv_count / inv_total == pytest.approx(0.2)
+    # a fixed share keeps the counts' noise fixed as rounds grow (a fixed σ multiple would not)
+    two = plan_dp(RunConfig().override(**{"rounds": 2}), 60).count_event().noise_multiplier
+    twenty = plan_dp(RunConfig().override(**{"rounds": 20}), 60).count_event().noise_multiplier
+    assert twenty == pytest.approx(two, rel=1e-9)
+    # a smaller share moves budget from the counts to the training steps
+    small = plan_dp(RunConfig().override(**{"privacy.count-budget-share": 0.05}), 60)
+    assert small.noise_multiplier < plan_dp(RunConfig(), 60).noise_multiplier
