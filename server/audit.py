@@ -34,7 +34,7 @@ b. **Empirical audit in one run** (Steinke, Nasr & Jagielski, "Privacy Auditing 
      ``DPOptimizerFastGradientClipping`` noise, as in ``client/train.py``. In ``distributed``
      noise mode n_min clients each add σ/√n_min and the canaries' client is one of them. The
      score is the canary's coordinate of the summed noisy update (θ₀ − θ_T).
-   * ``causal_gaussian`` — a statistics release through ``common/privacy/gaussian.py``
+   * ``gaussian_release`` — a Gaussian statistics release (MF item counts, causal sums) through ``common/privacy/gaussian.py``
      (``clip_rows`` + ``gaussian_mechanism``): canary u contributes 100·Δ on its own
      coordinate, clipped to Δ. The run's Gaussian events are replayed (score: the
      1/σ²-weighted sum of the releases); a run that recorded none is audited on a reference
@@ -721,7 +721,7 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
         else:  # nothing recorded: audit the statistics mechanism at the run's ε target
             sig = _sigma_for_gaussian(target if math.isfinite(target) else 8.0, delta)
             releases, reference = ((sig, 1),), True
-        mechanisms.setdefault(("causal_gaussian", releases), {"institutions": [], "reference": reference})[
+        mechanisms.setdefault(("gaussian_release", releases), {"institutions": [], "reference": reference})[
             "institutions"].append(it.name)
 
     # noise draws per audited run: quick ≈ a few seconds in all, full ≈ a minute or two
@@ -807,7 +807,7 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
                 f"one-run audit can refute ε = {plan.claimed_epsilon:.2f} at δ = {plan.audit_delta:.0e} "
                 f"(ceiling {plan.ceiling:.2f}); its empirical bound is informative only"
             )
-    for kind in ("mf_dpsgd", "causal_gaussian"):
+    for kind in ("mf_dpsgd", "gaussian_release"):
         keys = [k for k in mechanisms if k[0] == kind]
         if not keys:
             continue

@@ -162,7 +162,7 @@ def test_audit_cli_on_a_run_folder(tmp_path):
     assert set(report["institutions"]) == {"institution_00", "institution_01"}
     for inst in report["institutions"].values():
         assert inst["accounting"]["consistent"] and not inst["accounting"]["under_claimed"]
-        assert set(inst["releases"]) == {"mf_dpsgd", "causal_gaussian"}
+        assert set(inst["releases"]) == {"mf_dpsgd", "gaussian_release"}
         for rel in inst["releases"].values():
             for key in ("claimed_epsilon", "empirical_epsilon_lower_bound", "confidence"):
                 assert key in rel
