@@ -76,6 +76,25 @@ def test_budget_plan_composes_to_the_target():
     assert all(s == 0 for s in plan_budget(CausalConfig(epsilon=INF)).sigma.values())
 
 
+def test_newton_schedule_puts_the_named_fraction_on_the_last_step():
+    """``newton_last``: the last Newton step gets that fraction of the propensity share (the one
+    whose noise the fitted beta carries), the others split the rest; the plan still composes."""
+    cfg = CausalConfig(epsilon=1.0, newton_steps=3, newton_last=0.6)
+    sh = cfg.step_shares()
+    prop = [sh[f"propensity:{k}"] for k in (1, 2, 3)]
+    assert prop[2] == pytest.approx(0.6 * sum(prop)) and prop[0] == pytest.approx(prop[1])
+    assert sum(sh.values()) == pytest.approx(1.0)
+    even = CausalConfig(epsilon=1.0, newton_steps=3, newton_last=0.0).step_shares()
+    assert even["propensity:1"] == pytest.approx(even["propensity:3"])
+    assert CausalConfig.from_flat(cfg.to_flat()) == cfg
+    assert CausalConfig().newton_last == 0.0 and CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()
+    plan = plan_budget(cfg)
+    spent = epsilon_for(plan.events(), delta=cfg.delta, accountant="prv")
+    assert 0.97 <= spent <= 1.0 + 1e-9
+    with pytest.raises(ValueError):
+        CausalConfig(newton_last=1.0)
+
+
 def _coverage(insts, truth_ate, cfg, seeds, rng_seed=0):
     hits = 0
     plan = plan_budget(cfg)
