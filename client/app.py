@@ -158,8 +158,7 @@ def counts(msg: Message, context: Context) -> Message:
         compute=lambda trainer: (
             {"counts": trainer.item_counts(inst.schedule)},
             # public: the variance of the count noise (the server denoises counts with it)
-            {"count-noise-var": 0.0 if inst.schedule is None
-             else (inst.schedule.count_noise_factor * inst.schedule.local_noise_multiplier) ** 2},
+            {"count-noise-var": 0.0 if inst.schedule is None else inst.schedule.count_noise_std ** 2},
         ),
     )
 

@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedrec.client.app import app, ledger_path
 from fedrec.client.guard import open_guard
 from fedrec.client.statistics import design_columns, release, step_contributions
-from fedrec.common.causal.estimators import CausalConfig, step_bound
+from fedrec.common.causal.estimators import CausalConfig, release_sensitivity
 from fedrec.common.config import RunConfig
 from fedrec.common.datasets import InstitutionData, load_institution
 from fedrec.common.errors import BudgetExceeded, FedrecInputError
@@ -127,11 +127,7 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     if sigma > 0:
         # the release's L2 sensitivity (public: declared bounds + the server's public choices),
         # recorded for the audit; released() below once the reply is built
-        radius = float(arrays["whiten/radius"][0]) if "whiten/radius" in arrays else -1.0
-        r2 = 1.0 + radius**2 if radius > 0 else float(p)
-        clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
-        jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
-        sens = step_bound(kind, p, r2=r2, clip=clip, jac_k=jac_k) * (1.0 if kind == "moments" else math.sqrt(len(items)))
+        sens = release_sensitivity(kind, p, arrays, len(items))
         event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens)
         try:
             charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=f"causal-{step}",

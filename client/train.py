@@ -71,6 +71,11 @@ class DPSchedule:
     #: the item counts carry this many times σ (they only set step sizes: coarse is enough)
     count_noise_factor: float = 1.0
 
+    @property
+    def count_noise_std(self) -> float:
+        """Std of the noise this institution adds to each item count (sensitivity 1)."""
+        return self.count_noise_factor * self.local_noise_multiplier
+
     def count_event(self) -> GaussianEvent:
         """The item-count release (sensitivity 1: each person's count vector has norm 1)."""
         return GaussianEvent(noise_multiplier=self.count_noise_factor * self.noise_multiplier, count=1, sensitivity=1.0)
@@ -156,7 +161,7 @@ class MFTrainer:
         """
         counts = weighted_item_counts(self.ratings, self.item_side.n_items)
         if schedule is not None:
-            counts = counts + schedule.count_noise_factor * schedule.local_noise_multiplier * torch.randn(
+            counts = counts + schedule.count_noise_std * torch.randn(
                 counts.shape, generator=self.noise_generator
             )
         return counts.numpy()

@@ -51,8 +51,8 @@ from fedrec.common.causal.estimators import (
     cross_fit_variance,
     weighted_gram_scale,
     nuisance_variance,
-    ridge_noise_cov,
     psi_grid,
+    release_sensitivity,
     ridge_fit,
     step_bound,
     vech_len,
@@ -168,7 +168,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     record("moments", n, metrics)
     nv = _noise_var(cfg, sigma, step_bound("moments", p), n)
     moments_sum = totals["moments"]
-    wh = whitening_from_moments(totals["moments"], p, noise_var=nv, radius_factor=cfg.radius_factor,
+    wh = whitening_from_moments(moments_sum, p, noise_var=nv, radius_factor=cfg.radius_factor,
                                 mode=cfg.whiten_mode, weighted=cfg.weighted_fits)
     r2 = wh.r2
     warrays = {"whiten/a": wh.a, "whiten/b": wh.b, "whiten/radius": np.array([wh.radius if math.isfinite(wh.radius) else -1.0]),
@@ -242,8 +242,8 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             jnv = _noise_var(cfg, sigma, jacobian_bound(r2, cfg.jacobian_k) * sens_factor, n)
             for it in items:
                 covs = [beta_cov[it]]
-                if it in arms:
-                    covs += [ridge_noise_cov(arms[it][1], out_noise), ridge_noise_cov(arms[it][0], out_noise)]
+                if it in arms:  # each ridge fit already carries its noise covariance
+                    covs += [arms[it][1].noise_cov, arms[it][0].noise_cov]
                 jac[it] = (totals[it], covs, jnv)
         # one release, one bound: the same clip for every item of the release
         arrays = {**nuis, "clip": np.array([clip])}
@@ -333,12 +333,7 @@ def flower_send(grid: Grid, nodes: list[int], protocol: SumProtocol, cfg: Causal
         kind = step.split(":")[0]
         sigma = float(config["noise-multiplier"])
         p = study.p
-        clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
-        jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
-        r2 = float(p)
-        if "whiten/radius" in arrays and arrays["whiten/radius"][0] > 0:
-            r2 = 1.0 + float(arrays["whiten/radius"][0]) ** 2
-        sens = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k) * (1.0 if step == "moments" else math.sqrt(len(items)))
+        sens = release_sensitivity(step, p, arrays, len(items))
         rec = {"server-round": counter["round"], "step": step, "items": json.dumps(items),
                "noise-multiplier": sigma, **{k: v for k, v in flat.items()}}
         # SecAgg+ quantisation: a coordinate of one institution's noiseless sum is at most

@@ -65,6 +65,7 @@ __all__ = [
     "weighted_gram_scale",
     "ridge_noise_cov",
     "ate_from_sums",
+    "release_sensitivity",
     "ArmModel",
     "ATEResult",
     "FederatedCausalEstimator",
@@ -914,6 +915,23 @@ def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0,
     if step == "scale":
         return 1.0
     raise ValueError(step)
+
+
+def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_items: int) -> float:
+    """L2 sensitivity of one protocol release, from public values only.
+
+    ``arrays`` are the public arrays the server sends with the step (whitening radius, psi
+    clip, Jacobian clip); a release carrying ``n_items`` items has ``sqrt(n_items)`` x the
+    per-item bound (a person can be considered for every item), except ``moments`` (each
+    person once). The client charges its ledger with this and the server sizes SecAgg+ with
+    it: one function, so the two cannot disagree.
+    """
+    radius = float(arrays["whiten/radius"][0]) if "whiten/radius" in arrays else -1.0
+    r2 = 1.0 + radius**2 if radius > 0 else float(p)
+    clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
+    jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
+    per_item = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k)
+    return per_item * (1.0 if step == "moments" else math.sqrt(n_items))
 
 
 def psi_grid(estimator: str, trim: tuple[float, float] = TRIM, factor: float = 2.0, decades: float = 3.0) -> np.ndarray:
