@@ -44,6 +44,7 @@ from fedrec.common.causal.estimators import (
     influence_weights,
     outcome_bound,
     propensity_bound,
+    release_weight,
     scale_covariates,
     scale_outcome,
     sigmoid,
@@ -220,36 +221,38 @@ def covariate_moments_terms(x_people: np.ndarray) -> Contribution:
     return Contribution(vech(x[:, :, None] * x[:, None, :]), moments_bound(x.shape[1]))
 
 
-def propensity_newton_terms(rows: ItemRows, beta: np.ndarray) -> Contribution:
-    """Per person ``[(T - e(x)) x, vech(e(1-e) x x')]`` at the current logistic coefficients.
+def propensity_newton_terms(rows: ItemRows, beta: np.ndarray, hessian_weight: float = 1.0) -> Contribution:
+    """Per person ``[(T - e(x)) x, h vech(e(1-e) x x')]`` at the current logistic coefficients,
+    ``h`` the public Hessian weight (the server divides it out).
 
     Sum: log-likelihood gradient and Hessian for one Newton step. L2 bound per person:
-    :func:`propensity_bound` ``sqrt(r2 + r2^2/16)`` with r2 the public bound on ``||x||^2``.
+    :func:`propensity_bound` ``sqrt(r2 + h^2 r2^2/16)`` with r2 the public bound on ``||x||^2``.
     """
     x = rows.x
     e = sigmoid(x @ beta)
     grad = (rows.t - e)[:, None] * x
-    hess = vech((e * (1 - e))[:, None, None] * x[:, :, None] * x[:, None, :])
+    hess = hessian_weight * vech((e * (1 - e))[:, None, None] * x[:, :, None] * x[:, None, :])
     terms = np.hstack([grad, hess])
     if rows.wt is not None:  # weighted likelihood (whitening radius as weights, see Whitening)
         terms = terms * rows.wt[:, None]
-    return Contribution(terms, propensity_bound(rows.row_norm2))
+    return Contribution(terms, propensity_bound(rows.row_norm2, hessian_weight))
 
 
-def outcome_gram_terms(rows: ItemRows) -> Contribution:
-    """Per person, for each arm (0 then 1): ``[vech(x x'), x y, y^2]``, zero in the other arm.
+def outcome_gram_terms(rows: ItemRows, gram_weight: float = 1.0) -> Contribution:
+    """Per person, for each arm (0 then 1): ``[g vech(x x'), x y, y^2]``, zero in the other arm;
+    ``g`` the public Gram weight (the server divides it out).
 
     Sums: the per-arm Gram ``X'X`` (its [0, 0] entry is the arm's count, its first row the
     covariate sums), ``X'y`` and ``y'y`` — ridge fits, residual variances and (later)
     mediation paths come from them. L2 bound per person: :func:`outcome_bound`
-    ``sqrt(r2^2 + r2 + 1)`` with r2 the public bound on ``||x||^2``.
+    ``sqrt(g^2 r2^2 + r2 + 1)`` with r2 the public bound on ``||x||^2``.
     """
     x, y = rows.x, rows.y
-    block = np.hstack([vech(x[:, :, None] * x[:, None, :]), x * y[:, None], (y * y)[:, None]])
+    block = np.hstack([gram_weight * vech(x[:, :, None] * x[:, None, :]), x * y[:, None], (y * y)[:, None]])
     if rows.wt is not None:  # weighted least squares (whitening radius as weights)
         block = block * rows.wt[:, None]
     t = rows.t[:, None]
-    return Contribution(np.hstack([block * (1 - t), block * t]), outcome_bound(rows.row_norm2))
+    return Contribution(np.hstack([block * (1 - t), block * t]), outcome_bound(rows.row_norm2, gram_weight))
 
 
 def influence_sum_terms(rows: ItemRows, *, estimator: str, clip: float, prop_coef: np.ndarray | None,
@@ -361,9 +364,9 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
             cache[key] = encode_item(data, it, covariates, derived)
         rows = cache[key] if wh is None else whiten_rows(cache[key], wh)
         if kind == "propensity":
-            blocks[it] = propensity_newton_terms(rows, arrays[f"beta/{it}"])
+            blocks[it] = propensity_newton_terms(rows, arrays[f"beta/{it}"], release_weight(arrays, "hessian-weight"))
         elif kind == "outcome":
-            blocks[it] = outcome_gram_terms(rows)
+            blocks[it] = outcome_gram_terms(rows, release_weight(arrays, "gram-weight"))
         elif kind == "scale":
             blocks[it] = influence_scale_terms(rows, estimator=estimator, edges=np.asarray(arrays["edges"]),
                                                prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),

@@ -39,6 +39,7 @@ from fedrec.common.causal.estimators import (
     BudgetPlan,
     CausalConfig,
     FederatedCausalEstimator,
+    auto_gram_weight,
     half_range,
     newton_update,
     plan_budget,
@@ -177,27 +178,43 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     # 1. propensity: Newton steps from beta = 0 on the whitened design
     beta = {it: np.zeros(p) for it in items}
     beta_cov = {it: np.zeros((p, p)) for it in items}  # covariance of the DP noise beta carries
+    arm_scale = math.inf  # smallest fitted-propensity Hessian intercept entry (automatic Gram weight)
     if cfg.estimator in ("aipw", "ipw"):
         for k in range(1, cfg.newton_steps + 1):
             step = f"propensity:{k}"
             sigma = plan.sigma[step]
-            totals, n, metrics = send(step, {**warrays, **{f"beta/{it}": beta[it] for it in items}},
-                                      {"noise-multiplier": sigma})
+            hw = cfg.hessian_weight
+            arrays = {**warrays, **{f"beta/{it}": beta[it] for it in items}, "hessian-weight": np.array([hw])}
+            totals, n, metrics = send(step, arrays, {"noise-multiplier": sigma})
             record(step, n, metrics)
-            nv = _noise_var(cfg, sigma, step_bound(step, p, r2=r2) * sens_factor, n)
+            nv = _noise_var(cfg, sigma, release_sensitivity(step, p, arrays, j), n)  # per gradient coordinate
+            nv_h = nv / hw**2  # per Hessian coordinate, after dividing the weight out
             lam = _ridge(cfg, nv, p)
             for it in items:
                 tot = totals[it]
-                beta[it] = newton_update(beta[it], tot[:p], tot[p:], ridge=lam, floor=_floor(nv, p, cfg.floor_k))
-                beta_cov[it] = newton_noise_cov(beta_cov[it], tot[p:], nv, ridge=lam, floor=_floor(nv, p, cfg.floor_k))
+                hess = tot[p:] / hw
+                floor = _floor(nv_h, p, cfg.floor_k)
+                beta[it] = newton_update(beta[it], tot[:p], hess, ridge=lam, floor=floor)
+                beta_cov[it] = newton_noise_cov(beta_cov[it], hess, nv, ridge=lam, floor=floor)
+                if k == cfg.newton_steps:
+                    arm_scale = min(arm_scale, float(hess[0]))
     # 2. outcome models per arm
     arms: dict[str, tuple] = {}
     out_noise = 0.0
+    gw = 1.0
     if cfg.estimator in ("aipw", "ra"):
         sigma = plan.sigma["outcome"]
-        totals, n, metrics = send("outcome", dict(warrays), {"noise-multiplier": sigma})
+        gw = cfg.gram_weight
+        if gw is None:
+            gw = 1.0 if not math.isfinite(arm_scale) else auto_gram_weight(
+                arm_scale=arm_scale, noise_multiplier=sigma, r2=r2, p=p, n_items=j, contributors=n,
+                noise_mode=cfg.noise_mode, n_min=cfg.n_min, floor_k=cfg.floor_k, lowest=cfg.gram_weight_min,
+                max_ratio=cfg.gram_floor_ratio)
+        arrays = {**warrays, "gram-weight": np.array([gw])}
+        totals, n, metrics = send("outcome", arrays, {"noise-multiplier": sigma})
         record("outcome", n, metrics)
-        out_noise = _noise_var(cfg, sigma, step_bound("outcome", p, r2=r2) * sens_factor, n)
+        xy_noise = _noise_var(cfg, sigma, release_sensitivity("outcome", p, arrays, j), n)  # X'y, y'y
+        out_noise = xy_noise / gw**2  # per Gram coordinate, after dividing the weight out
         # whitened design: the ridge shrinks slopes isotropically towards "no covariate effect";
         # at about the noise's spectral norm it trades a little bias for much less noise
         lam = cfg.ridge if cfg.ridge is not None else cfg.outcome_ridge_k * _floor(out_noise, p)
@@ -207,8 +224,9 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             fits = []
             for a in (0, 1):
                 blk = tot[a * m:(a + 1) * m]
-                fits.append(ridge_fit(blk[:vech_len(p)], blk[vech_len(p):vech_len(p) + p], float(blk[-1]),
-                                      ridge=lam, noise_var=out_noise, floor=_floor(out_noise, p, cfg.floor_k)))
+                fits.append(ridge_fit(blk[:vech_len(p)] / gw, blk[vech_len(p):vech_len(p) + p], float(blk[-1]),
+                                      ridge=lam, noise_var=xy_noise, gram_noise_var=out_noise,
+                                      floor=_floor(out_noise, p, cfg.floor_k)))
             arms[it] = (fits[0], fits[1])
     # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
     clip = 0.0
@@ -226,7 +244,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         else:
             # a DP histogram of |psi| on a public grid; the clip is the grid edge above which
             # at most psi_tail of the people lie (the largest over items)
-            edges = psi_grid(cfg.estimator, cfg.trim)
+            edges = psi_grid(cfg.estimator, cfg.trim, factor=cfg.psi_grid_factor)
             sigma = plan.sigma["scale"]
             totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
             record("scale", n, metrics)
@@ -288,6 +306,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         if "psi_clip" in est.extra:
             row["psi_clip_outcome_units"] = est.extra["psi_clip"] * scale
         if a1 is not None:
+            row["gram_weight"] = gw
             row["cate_coef"] = dict(zip(["intercept"] + [c[0] for c in study.columns],
                                         [float(v) for v in est.cate_coef()]))
         result.items[it] = row

@@ -383,6 +383,11 @@ def test_derived_features_keep_the_public_scaling_and_pooled_equality(finance):
 def test_config_round_trip_of_the_tuning_knobs():
     cfg = CausalConfig(epsilon=2.0, derived=DERIVED, whiten_weighted=False, floor_k=1.5, outcome_ridge_k=0.5)
     assert CausalConfig.from_flat(cfg.to_flat()) == cfg
+    cfg = CausalConfig(gram_weight=0.4, hessian_weight=0.7, psi_grid_factor=1.5, gram_floor_ratio=0.5)
+    assert CausalConfig.from_flat(cfg.to_flat()) == cfg
+    assert CausalConfig.from_flat(CausalConfig().to_flat()).gram_weight is None  # automatic
+    with pytest.raises(ValueError, match="gram_weight"):
+        CausalConfig(gram_weight=0.0)
     with pytest.raises(ValueError, match="op\\(covariate\\)"):
         CausalConfig(derived=("cube(age)",))
 
@@ -394,3 +399,65 @@ def test_derived_feature_of_an_undeclared_covariate_is_one_line_before_any_budge
                        causal_overrides={"derived": ("log1p(blood_type)",)})
     assert "\n" not in str(err.value)
     _assert_nothing_spent(out)
+
+
+# --------------------------------------------------------------------------- coordinate weights
+@pytest.mark.parametrize("weight", [0.3, 0.5])
+def test_weighted_coordinates_obey_the_charged_bound_and_are_divided_out(health, weight):
+    """A Gram/Hessian weight g < 1 scales exactly those coordinates before clipping and noise.
+    Every person's row is within the bound the client charges, that bound is what
+    release_sensitivity (ledger charge and SecAgg+ sizing) reads from the step's public arrays,
+    and an honest worst-case person (every covariate at its bound) would break it if the weight
+    were not applied (the test bites)."""
+    from fedrec.common.causal.estimators import release_sensitivity, vech_len
+
+    insts, _ = health
+    rows = encode_item(insts[0], "diet_counselling")
+    p = rows.p
+    beta = np.random.default_rng(1).normal(0, 0.5, p)
+    cases = [("propensity:1", "hessian-weight", lambda r, g: propensity_newton_terms(r, beta, g)),
+             ("outcome", "gram-weight", lambda r, g: outcome_gram_terms(r, g))]
+    for step, key, make in cases:
+        c, plain = make(rows, weight), make(rows, 1.0)
+        sens = release_sensitivity(step, p, {key: np.array([weight])}, 1)
+        assert c.bound == pytest.approx(sens)
+        assert sens < release_sensitivity(step, p, {}, 1)
+        assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+        # exactly the Gram/Hessian coordinates carry the weight
+        if step == "outcome":
+            m = vech_len(p) + p + 1
+            gram = np.zeros(2 * m, dtype=bool)
+            gram[:vech_len(p)] = gram[m:m + vech_len(p)] = True
+        else:
+            gram = np.arange(plain.terms.shape[1]) >= p
+        np.testing.assert_allclose(c.terms[:, gram], weight * plain.terms[:, gram])
+        np.testing.assert_allclose(c.terms[:, ~gram], plain.terms[:, ~gram])
+    top = ItemRows(rows.item, np.ones((1, p)), np.ones(1), np.ones(1))  # honest, at every bound
+    assert np.linalg.norm(outcome_gram_terms(top, 1.0).terms) > outcome_gram_terms(top, weight).bound
+    # the server divides the weight out: the fits equal the unweighted ones at ε = inf
+    item = "diet_counselling"
+    a = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,))).items[item]
+    b = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,), gram_weight=weight,
+                                               hessian_weight=weight)).items[item]
+    assert b["ate"] == pytest.approx(a["ate"], rel=1e-9)
+    assert b["cate_coef"] == pytest.approx(a["cate_coef"], rel=1e-9)
+
+
+def test_automatic_gram_weight_respects_the_floor_ratio():
+    """auto_gram_weight: the lowest weight when the noise is small against the arm scale, 1 when
+    even g = 1 breaks the floor ratio, and in between the chosen g keeps floor <= ratio x scale."""
+    from fedrec.common.causal.estimators import auto_gram_weight, outcome_bound
+    from fedrec.common.privacy.gaussian import noise_std
+
+    kw = dict(r2=11.0, p=11, n_items=1, contributors=8, noise_mode="local", n_min=1, floor_k=2.0)
+    assert auto_gram_weight(arm_scale=1e9, noise_multiplier=8.0, **kw) == pytest.approx(0.3)
+    assert auto_gram_weight(arm_scale=10.0, noise_multiplier=8.0, **kw) == 1.0
+    assert auto_gram_weight(arm_scale=10.0, noise_multiplier=0.0, **kw) == 1.0  # DP off
+    g = auto_gram_weight(arm_scale=2000.0, noise_multiplier=8.0, **kw)
+    assert 0.3 < g < 1.0
+
+    def floor(g):
+        std = noise_std(sensitivity=outcome_bound(11.0, g), noise_multiplier=8.0, noise_mode="local")
+        return 2.0 * math.sqrt(8 * (std / g) ** 2 * 11)
+
+    assert floor(g) <= 2000.0 < floor(g / 1.05)
