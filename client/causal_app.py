@@ -119,15 +119,18 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
             raise FedrecInputError(f"noise multiplier {sigma} is not usable")
         if sigma == 0 and ccfg.dp:
             raise FedrecInputError("the server asked for a release without noise while DP is on")
+        try:  # the server's public choices (radius, clip, coordinate weights) must give a bound
+            sens = release_sensitivity(kind, p, arrays, len(items))
+        except ValueError as err:
+            raise FedrecInputError(f"step {step}: {err}") from None
     except FedrecInputError as err:
         return _refusal(msg, str(err))
     guard = open_guard(ledger_path(context, cfg, data.name), institution=data.name, cfg=cfg)
     charge = None
     event = None
     if sigma > 0:
-        # the release's L2 sensitivity (public: declared bounds + the server's public choices),
-        # recorded for the audit; released() below once the reply is built
-        sens = release_sensitivity(kind, p, arrays, len(items))
+        # the release's L2 sensitivity (public: declared bounds + the server's public choices,
+        # computed above), recorded for the audit; released() below once the reply is built
         event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens)
         try:
             charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=f"causal-{step}",

@@ -287,7 +287,7 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     folder = write_institution(tmp_path / insts[0].name, insts[0])
     ledger = tmp_path / "ledger.db"
 
-    def run(covariates):
+    def run(covariates, extra=None):
         ccfg = CausalConfig(epsilon=1.0, items=("walking_group",), covariates=covariates)
         flat = {**RunConfig().override(**{"privacy.epsilon-cap": 5.0}).to_flat(), **ccfg.to_flat()}
         ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder), "ledger": str(ledger)},
@@ -295,7 +295,7 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
         conf = ConfigRecord({"server-round": 1, "step": "propensity:1", "items": _json.dumps(["walking_group"]),
                              "noise-multiplier": 5.0})
         p = 11
-        arrays: ArrayRecord = numpy_to_arrays({"beta/walking_group": np.zeros(p)})
+        arrays: ArrayRecord = numpy_to_arrays({"beta/walking_group": np.zeros(p), **(extra or {})})
         msg = Message(RecordDict({"config": conf, "arrays": arrays}), dst_node_id=7,
                       message_type="query.causal_propensity")
         return causal_app.causal_propensity(msg, ctx)
@@ -303,6 +303,10 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     bad = run(("age", "blood_type"))
     assert "refusal" in bad.content.config_records
     assert "blood_type" in str(bad.content.config_records["refusal"]["reason"])
+    assert not ledger.exists() or PrivacyLedger(ledger).events() == []
+    # a Hessian weight that gives no usable bound is refused before any charge, in one line
+    bad = run(None, {"hessian-weight": np.array([0.0])})
+    assert "hessian-weight" in str(bad.content.config_records["refusal"]["reason"])
     assert not ledger.exists() or PrivacyLedger(ledger).events() == []
     good = run(None)
     assert "arrays" in good.content.array_records
