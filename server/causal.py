@@ -45,9 +45,7 @@ from fedrec.common.causal.estimators import (
     plan_budget,
     psi_worst_case,
     clip_from_histogram,
-    influence_bound,
     influence_weights,
-    jacobian_bound,
     newton_noise_cov,
     cross_fit_variance,
     weighted_gram_scale,
@@ -55,7 +53,6 @@ from fedrec.common.causal.estimators import (
     psi_grid,
     release_sensitivity,
     ridge_fit,
-    step_bound,
     vech_len,
     whitening_from_moments,
 )
@@ -155,7 +152,6 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     scale = half_range(study.outcome_bounds)
     j = len(items)
     result = CausalResult(plan=plan, config=dict(cfg.to_flat()))
-    sens_factor = math.sqrt(j)
 
     def record(step: str, n: int, metrics: dict) -> None:
         result.contributors[step] = n
@@ -167,7 +163,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     sigma = plan.sigma["moments"]
     totals, n, metrics = send("moments", {}, {"noise-multiplier": sigma})
     record("moments", n, metrics)
-    nv = _noise_var(cfg, sigma, step_bound("moments", p), n)
+    nv = _noise_var(cfg, sigma, release_sensitivity("moments", p, {}, j), n)
     moments_sum = totals["moments"]
     wh = whitening_from_moments(moments_sum, p, noise_var=nv, radius_factor=cfg.radius_factor,
                                 mode=cfg.whiten_mode, weighted=cfg.weighted_fits)
@@ -180,10 +176,10 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     beta_cov = {it: np.zeros((p, p)) for it in items}  # covariance of the DP noise beta carries
     arm_scale = math.inf  # smallest fitted-propensity Hessian intercept entry (automatic Gram weight)
     if cfg.estimator in ("aipw", "ipw"):
+        hw = cfg.hessian_weight
         for k in range(1, cfg.newton_steps + 1):
             step = f"propensity:{k}"
             sigma = plan.sigma[step]
-            hw = cfg.hessian_weight
             arrays = {**warrays, **{f"beta/{it}": beta[it] for it in items}, "hessian-weight": np.array([hw])}
             totals, n, metrics = send(step, arrays, {"noise-multiplier": sigma})
             record(step, n, metrics)
@@ -258,10 +254,10 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         jac: dict[str, float] = {}
         if "jacobian" in plan.sigma:
             sigma = plan.sigma["jacobian"]
-            totals, n, metrics = send("jacobian", {**nuis, "jacobian-k": np.array([cfg.jacobian_k])},
-                                      {"noise-multiplier": sigma})
+            arrays = {**nuis, "jacobian-k": np.array([cfg.jacobian_k])}
+            totals, n, metrics = send("jacobian", arrays, {"noise-multiplier": sigma})
             record("jacobian", n, metrics)
-            jnv = _noise_var(cfg, sigma, jacobian_bound(r2, cfg.jacobian_k) * sens_factor, n)
+            jnv = _noise_var(cfg, sigma, release_sensitivity("jacobian", p, arrays, j), n)
             for it in items:
                 covs = [beta_cov[it]]
                 if it in arms:  # each ridge fit already carries its noise covariance
@@ -272,6 +268,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         sigma = plan.sigma["influence"]
         totals, n, metrics = send("influence", arrays, {"noise-multiplier": sigma})
         record("influence", n, metrics)
+        influence_nv = _noise_var(cfg, sigma, release_sensitivity("influence", p, arrays, j), n)
     for it in items:
         est = FederatedCausalEstimator(covariate_bounds=[(lo, hi) for _, lo, hi in study.columns],
                                        outcome_bounds=study.outcome_bounds, estimator=cfg.estimator, trim=cfg.trim,
@@ -281,7 +278,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             est.fit(prop_coef=None, arm1=a1, arm0=a0, noise={"gram": out_noise})
         else:
             w_n, w_2 = influence_weights(clip)
-            nv = _noise_var(cfg, plan.sigma["influence"], influence_bound(clip) * sens_factor, n)
+            nv = influence_nv
             tot = totals[it]
             sums = {"n": tot[0] / w_n, "psi": tot[1], "psi2": tot[2] / w_2}
             noise = {"n": nv / w_n**2, "psi": nv, "psi2": nv / w_2**2}
