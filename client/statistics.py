@@ -32,6 +32,7 @@ import numpy as np
 from fedrec.common.causal.estimators import (
     TRIM,
     Whitening,
+    DerivedFeature,
     derived_bounds,
     derived_values,
     design,
@@ -123,43 +124,48 @@ def _base_columns(data: InstitutionData, covariates: Sequence[str] | None) -> li
     return [c for c in cols if c[0].split("=", 1)[0] in keep]
 
 
-def _derived_specs(data: InstitutionData, derived: Sequence[str]) -> list[tuple[str, str, float, float]]:
-    """(column name, op, declared lower, declared upper) per derived feature; FedrecInputError
-    naming a derived feature of an undeclared or non-numeric covariate."""
+def _derived_specs(data: InstitutionData, derived: Sequence[str]
+                   ) -> list[tuple[DerivedFeature, list[tuple[float, float]]]]:
+    """(parsed feature, declared bounds of its covariates) per derived feature;
+    FedrecInputError naming a derived feature of an undeclared or non-numeric covariate."""
     out = []
     for spec in derived:
         try:
-            op, name = parse_derived(spec)
+            feature = parse_derived(spec)
         except ValueError as err:
             raise FedrecInputError(f"causal.derived: {err}") from None
+        bounds = []
+        for name in feature.covariates:
+            try:
+                cov = data.study.covariate(name)
+            except KeyError:
+                raise FedrecInputError(
+                    f"causal.derived: {spec!r} uses covariate {name!r}, which study.toml does not declare "
+                    f"(declared: {', '.join(data.study.covariate_names)}); fix: derive from a declared covariate") from None
+            if cov.kind == "category":
+                raise FedrecInputError(f"causal.derived: {spec!r}: {name!r} is a category; fix: derive from a "
+                                       "number, integer or binary covariate")
+            bounds.append((cov.lower, cov.upper))
         try:
-            cov = data.study.covariate(name)
-        except KeyError:
-            raise FedrecInputError(
-                f"causal.derived: {spec!r} uses covariate {name!r}, which study.toml does not declare "
-                f"(declared: {', '.join(data.study.covariate_names)}); fix: derive from a declared covariate") from None
-        if cov.kind == "category":
-            raise FedrecInputError(f"causal.derived: {spec!r}: {name!r} is a category; fix: derive from a "
-                                   "number, integer or binary covariate")
-        try:
-            derived_bounds(op, cov.lower, cov.upper)
+            derived_bounds(feature, bounds)
         except ValueError as err:
-            raise FedrecInputError(f"causal.derived: {spec!r}: {err}; fix: use log1p") from None
-        out.append((f"{op}({name})", op, cov.lower, cov.upper))
+            fix = "use log1p" if feature.op == "log" else "divide by a covariate declared positive"
+            raise FedrecInputError(f"causal.derived: {spec!r}: {err}; fix: {fix}") from None
+        out.append((feature, bounds))
     return out
 
 
 def design_columns(data: InstitutionData, covariates: Sequence[str] | None = None,
                    derived: Sequence[str] = ()) -> list[tuple[str, float, float]]:
     """The study's design columns (name, lower, upper) restricted to ``covariates``, then one
-    column per ``derived`` feature (``op(name)``, bounds from the declared ones:
-    :func:`~fedrec.common.causal.estimators.derived_bounds`).
+    column per ``derived`` feature (its canonical name, e.g. ``ratio(weight_kg,height_cm,2)``,
+    bounds from the declared ones: :func:`~fedrec.common.causal.estimators.derived_bounds`).
 
     Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
     """
     cols = _base_columns(data, covariates)
-    for col, op, lo, hi in _derived_specs(data, derived):
-        cols.append((col, *derived_bounds(op, lo, hi)))
+    for feature, bounds in _derived_specs(data, derived):
+        cols.append((feature.name, *derived_bounds(feature, bounds)))
     return cols
 
 
@@ -171,8 +177,8 @@ def raw_design(data: InstitutionData, covariates: Sequence[str] | None = None, d
     idx = [names.index(c[0]) for c in base]
     full = data.covariate_matrix()
     cov = full[:, idx] if len(idx) else np.zeros((len(data.people), 0))
-    extra = [derived_values(op, data.people[col[len(op) + 1:-1]].to_numpy(float), lo, hi)
-             for col, op, lo, hi in _derived_specs(data, derived)]
+    extra = [derived_values(feature, [data.people[c].to_numpy(float) for c in feature.covariates], bounds)
+             for feature, bounds in _derived_specs(data, derived)]
     if extra:
         cov = np.column_stack([cov] + extra)
     return cov, design_columns(data, covariates, derived)

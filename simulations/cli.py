@@ -93,8 +93,13 @@ def causal_cmd(
     seed: int = typer.Option(0, "--seed"),
     derive: Optional[list[str]] = typer.Option(
         None, "--derive",
-        help="Extra nuisance-model feature op(covariate), op one of log1p, log, square, at_min, at_max "
-             "(repeatable), e.g. --derive 'at_min(earnings_1y_ago)'. Bounds follow from the declared ones."),
+        help="Extra nuisance-model feature op(covariate), op one of log1p, log, square, at_min, at_max, "
+             "or ratio(a, b[, k]) = a/b^k (repeatable), e.g. --derive 'at_min(earnings_1y_ago)' or "
+             "--derive 'ratio(weight_kg,height_cm,2)' (body-mass index). Bounds follow from the declared ones."),
+    covariates: Optional[str] = typer.Option(
+        None, "--covariates",
+        help="Comma-separated declared covariates the nuisance models use (default: all), e.g. to replace "
+             "weight_kg,height_cm by --derive 'ratio(weight_kg,height_cm,2)'."),
     noise_mode: str = typer.Option(
         "local", "--noise-mode",
         help="local: each institution adds the full noise (holds even if secure aggregation broke); "
@@ -105,7 +110,9 @@ def causal_cmd(
 
     if noise_mode not in ("local", "distributed"):
         raise typer.BadParameter("use local or distributed", param_hint="--noise-mode")
-    overrides = {"derived": tuple(derive or ()), "noise_mode": noise_mode}
+    overrides: dict = {"derived": tuple(derive or ()), "noise_mode": noise_mode}
+    if covariates is not None:
+        overrides["covariates"] = tuple(c.strip() for c in covariates.split(",") if c.strip())
     raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console,
                                     causal_overrides=overrides))
 

@@ -384,6 +384,47 @@ def test_derived_features_keep_the_public_scaling_and_pooled_equality(finance):
     assert math.isfinite(dp["se"]) and dp["se"] > 0
 
 
+BMI = "ratio(weight_kg, height_cm, 2)"
+NO_WEIGHT_HEIGHT = ("age", "female", "nonwhite", "education", "cigs_per_day", "smoking_years", "exercise",
+                    "inactivity")
+
+
+def test_ratio_feature_bounds_values_and_pooled_equality(health):
+    """``ratio(a, b, k)`` = a / b^k: bounds from the declared corners (so the scaled column stays
+    in [-1, 1] whatever the data), values from the clipped covariates, and federated == pooled
+    at ε = inf with it replacing the raw columns it is made of."""
+    from fedrec.client.statistics import design_columns, raw_design
+
+    insts, _ = health
+    d = insts[0]
+    cols = design_columns(d, NO_WEIGHT_HEIGHT, (BMI,))
+    assert [c[0] for c in cols][-1] == "ratio(weight_kg,height_cm,2)"
+    assert "weight_kg" not in [c[0] for c in cols]
+    assert cols[-1][1:] == pytest.approx((30.0 / 210.0**2, 200.0 / 130.0**2))  # declared bounds' corners
+    raw, _ = raw_design(d, NO_WEIGHT_HEIGHT, (BMI,))
+    bmi = d.people["weight_kg"].to_numpy(float) / d.people["height_cm"].to_numpy(float) ** 2
+    np.testing.assert_allclose(raw[:, -1], bmi)
+    assert design_columns(d, None, ("ratio(weight_kg,height_cm)",))[-1][1:] == pytest.approx((30 / 210, 200 / 130))
+    # explicit public bounds replace the implied ones and clip the values (BMI 20-30 here)
+    tight = "ratio(weight_kg, height_cm, 2)[20e-4, 30e-4]"
+    assert design_columns(d, NO_WEIGHT_HEIGHT, (tight,))[-1] == ("ratio(weight_kg,height_cm,2)", 20e-4, 30e-4)
+    raw_tight, _ = raw_design(d, NO_WEIGHT_HEIGHT, (tight,))
+    np.testing.assert_allclose(raw_tight[:, -1], np.clip(bmi, 20e-4, 30e-4))
+    assert (bmi < 20e-4).any() and (bmi > 30e-4).any()  # the clip bites on both sides
+    for bad, msg in [("square(age)[5, 1]", "lower < upper"), ("square(age)[a, b]", "bounds must be"),("ratio(weight_kg,height_cm,4)", "power must be 1, 2 or 3"),
+                     ("ratio(weight_kg)", "ratio\\(a, b\\[, k\\]\\)"),
+                     ("ratio(height_cm,cigs_per_day)", "denominator whose declared lower bound is > 0")]:
+        with pytest.raises((FedrecInputError, ValueError), match=msg):
+            design_columns(d, None, (bad,))
+    item = "diet_counselling"
+    cfg = CausalConfig(epsilon=INF, items=(item,), newton_steps=10, covariates=NO_WEIGHT_HEIGHT, derived=(BMI,))
+    fed = estimate_inprocess(insts, cfg).items[item]
+    pooled = pooled_estimate(insts, item, cfg)
+    assert fed["ate"] == pytest.approx(pooled["ate"], rel=1e-7, abs=1e-9)
+    assert fed["se"] == pytest.approx(pooled["se"], rel=1e-6)
+    assert "ratio(weight_kg,height_cm,2)" in fed["cate_coef"]
+
+
 def test_config_round_trip_of_the_tuning_knobs():
     cfg = CausalConfig(epsilon=2.0, derived=DERIVED, whiten_weighted=False, floor_k=1.5, outcome_ridge_k=0.5)
     assert CausalConfig.from_flat(cfg.to_flat()) == cfg
