@@ -4,11 +4,14 @@ The CATE model of each item (difference of the per-arm ridge models, released as
 fitted on the server) is public post-processing: an institution applies it to its own
 people's covariates locally, at no privacy cost. In simulations, the ground truth grades the
 ranking: the **policy value** of a recommender is the mean true benefit (true CATE, oriented by
-the study's ``better`` direction, in outcome units) of the top-1 item over all people.
+the study's ``better`` direction, in outcome units) of the top-1 item over all people, and its
+top-k value the mean total true benefit of following all top-k items (the simulators' outcome
+adds the effects of every item a person takes up).
 
 Peers: ``engagement`` ranks by expected engagement with the simulator's oracle
-(``GroundTruth.most_engaging_item`` — the best any engagement-trained recommender can do),
-``oracle`` by true benefit (``GroundTruth.best_item``, the upper bound).
+(``GroundTruth.expected_engagement`` — the best any engagement-trained recommender can do),
+``oracle`` by true benefit (the upper bound), ``random`` an item drawn uniformly (its expected
+value: the mean benefit over items).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from fedrec.common.causal.estimators import design, scale_covariates
 from fedrec.common.datasets import GroundTruth, InstitutionData
 
-__all__ = ["benefit_scores", "recommend", "policy_values"]
+__all__ = ["benefit_scores", "recommend", "top_k", "policy_values"]
 
 
 def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]],
@@ -38,10 +41,18 @@ def recommend(scores: np.ndarray, items: Sequence[str]) -> np.ndarray:
     return np.asarray(items, dtype=object)[scores.argmax(axis=1)]
 
 
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(people, k) column indices of each person's k highest scores, best first."""
+    k = max(1, min(int(k), scores.shape[1]))
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
 def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, item_results: Mapping[str, dict],
-                  covariates: Sequence[str] | None = None, derived: Sequence[str] = ()) -> dict:
-    """Policy value (mean true benefit of the top-1 item) of causal, engagement and oracle
-    recommendations over the federation's people, plus agreement with the oracle."""
+                  covariates: Sequence[str] | None = None, derived: Sequence[str] = (), k: int = 3) -> dict:
+    """Policy values of causal, engagement, oracle and random recommendations over the
+    federation's people: mean true benefit of the top-1 item (``policy_value``) and mean total
+    true benefit of the top-``k`` items (``policy_value_top_k``), plus top-1 agreement with the
+    oracle."""
     from fedrec.client.statistics import raw_design  # simulation-side helper (column order)
 
     items = list(truth.item_ids)
@@ -49,25 +60,34 @@ def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, i
     benefit = truth.benefit
     col_of = {it: j for j, it in enumerate(items)}
     recs: list[np.ndarray] = []
+    score_rows: list[np.ndarray] = []
     rows: list[np.ndarray] = []
     for d in institutions:
         x_raw, cols = raw_design(d, covariates, derived)
         scores = benefit_scores(x_raw, cols, {it: item_results[it]["cate_coef"] for it in items},
                                 items, d.study.outcome_better)
         recs.append(recommend(scores, items))
+        score_rows.append(scores)
         rows.append(np.array([row_of[p] for p in d.people["person_id"].astype(str)]))
     rec = np.concatenate(recs)
     r = np.concatenate(rows)
 
-    def value(chosen: np.ndarray) -> float:
-        return float(np.mean(benefit[r, [col_of[c] for c in chosen]]))
+    ben = benefit[r]
 
-    best = truth.best_item[r]
-    eng = truth.most_engaging_item[r]
+    def values(scores: np.ndarray) -> dict:
+        cols = top_k(scores, k)
+        taken = np.take_along_axis(ben, cols, axis=1)
+        return {"policy_value": float(taken[:, 0].mean()), "policy_value_top_k": float(taken.sum(axis=1).mean()),
+                "agreement_with_oracle": float(np.mean(cols[:, 0] == ben.argmax(axis=1)))}
+
+    k_eff = max(1, min(int(k), len(items)))
     return {
-        "unit": "mean true benefit of the top-1 item (outcome units, larger is better)",
-        "engagement_model": "GroundTruth.most_engaging_item (engagement oracle)",
-        "causal": {"policy_value": value(rec), "agreement_with_oracle": float(np.mean(rec == best))},
-        "engagement": {"policy_value": value(eng), "agreement_with_oracle": float(np.mean(eng == best))},
-        "oracle": {"policy_value": value(best), "agreement_with_oracle": 1.0},
+        "unit": "mean true benefit of the top-1 item / total of the top-k items (outcome units, larger is better)",
+        "k": k_eff,
+        "engagement_model": "GroundTruth.expected_engagement (engagement oracle)",
+        "causal": values(np.vstack(score_rows)),
+        "engagement": values(truth.expected_engagement[r]),
+        "oracle": values(ben),
+        "random": {"policy_value": float(ben.mean()), "policy_value_top_k": float(k_eff * ben.mean()),
+                   "agreement_with_oracle": 1.0 / len(items)},
     }

@@ -232,7 +232,8 @@ def _print_table(console, report: dict, items: list[str]) -> None:
                                                           for k, v in eps.items()))
     if "recommendations" in report:
         rec = report["recommendations"]
-        console.print(f"policy value (mean true benefit of top-1): causal {rec['causal']['policy_value']:.4g}, "
-                      f"engagement {rec['engagement']['policy_value']:.4g}, oracle {rec['oracle']['policy_value']:.4g}")
+        for key, what in (("policy_value", "top-1"), ("policy_value_top_k", f"top-{rec['k']} total")):
+            console.print(f"policy value (mean true benefit, {what}): "
+                          + ", ".join(f"{name} {rec[name][key]:.4g}" for name in ("causal", "engagement", "oracle", "random")))
 
 

@@ -506,3 +506,36 @@ def test_automatic_gram_weight_respects_the_floor_ratio():
         return 2.0 * math.sqrt(8 * (std / g) ** 2 * 11)
 
     assert floor(g) <= 2000.0 < floor(g / 1.05)
+
+
+# --------------------------------------------------------------------------- causal recommendations
+def test_policy_values_rank_by_estimated_benefit_and_grade_with_the_truth(health):
+    """Top-1 and top-k policy values: a CATE model that orders items like the truth reaches the
+    oracle; one that orders them backwards gets the worst items; random is the mean benefit."""
+    from fedrec.client.statistics import design_columns
+    from fedrec.server.causal_recommend import policy_values, top_k
+
+    assert top_k(np.array([[0.1, 3.0, 2.0], [5.0, -1.0, 0.0]]), 2).tolist() == [[1, 2], [0, 2]]
+    insts, truth = health
+    items = list(truth.item_ids)
+    names = ["intercept"] + [c[0] for c in design_columns(insts[0])]
+    # constant CATE per item = its true ATE (oriented): everyone gets the same ranking
+    sign = 1.0 if truth.better == "higher" else -1.0
+    ate = {it: float(truth.benefit[:, j].mean()) for j, it in enumerate(items)}
+    const = {it: {"cate_coef": {n: (sign * ate[it] if n == "intercept" else 0.0) for n in names}} for it in items}
+    backwards = {it: {"cate_coef": {n: (-sign * ate[it] if n == "intercept" else 0.0) for n in names}}
+                 for it in items}
+    pv, bad = policy_values(insts, truth, const, k=3), policy_values(insts, truth, backwards, k=3)
+    ben = truth.benefit[np.concatenate([[list(truth.person_ids).index(p) for p in d.people["person_id"]]
+                                        for d in insts])]
+    order = sorted(items, key=lambda it: -ate[it])
+    cols = [items.index(it) for it in order]
+    assert pv["causal"]["policy_value"] == pytest.approx(ben[:, cols[0]].mean())
+    assert pv["causal"]["policy_value_top_k"] == pytest.approx(ben[:, cols[:3]].sum(axis=1).mean())
+    assert bad["causal"]["policy_value"] == pytest.approx(ben[:, cols[-1]].mean())
+    assert pv["random"]["policy_value"] == pytest.approx(ben.mean())
+    assert pv["oracle"]["policy_value"] == pytest.approx(ben.max(axis=1).mean())
+    for name in ("causal", "engagement", "random"):
+        assert pv["oracle"]["policy_value"] >= pv[name]["policy_value"] - 1e-12
+        assert pv["oracle"]["policy_value_top_k"] >= pv[name]["policy_value_top_k"] - 1e-12
+    assert bad["causal"]["policy_value"] < pv["random"]["policy_value"] < pv["causal"]["policy_value"]
