@@ -45,6 +45,7 @@ from fedrec.common.causal.estimators import (
     plan_budget,
     psi_worst_case,
     clip_from_histogram,
+    noise_limited_clip,
     influence_weights,
     newton_noise_cov,
     cross_fit_variance,
@@ -248,8 +249,15 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             sigma = plan.sigma["scale"]
             totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
             record("scale", n, metrics)
-            clip = max(clip_from_histogram(totals[it], edges, tail=cfg.psi_tail) for it in items)
-            clip = min(cfg.psi_clip_margin * clip, psi_worst_case(cfg.estimator, cfg.trim))
+            tail_edge = {it: clip_from_histogram(totals[it], edges, tail=cfg.psi_tail) for it in items}
+            clip = cfg.psi_clip_margin * max(tail_edge.values())
+            # at large ε, a larger clip (less clipping bias) while the influence noise stays a
+            # small part of the SE; the same public unit clip as the influence step will use
+            unit_sd = math.sqrt(_noise_var(cfg, plan.sigma["influence"],
+                                           release_sensitivity("influence", p, {"clip": np.array([1.0])}, j), n))
+            clip = max(clip, min(noise_limited_clip(totals[it], edges, noise_sd_per_clip=unit_sd,
+                                                    ratio=cfg.psi_noise_ratio, upto=tail_edge[it]) for it in items))
+            clip = min(clip, psi_worst_case(cfg.estimator, cfg.trim))
         # optional: sums of d psi / d theta for the first-order nuisance-noise terms
         jac: dict[str, float] = {}
         if "jacobian" in plan.sigma:

@@ -539,3 +539,27 @@ def test_policy_values_rank_by_estimated_benefit_and_grade_with_the_truth(health
         assert pv["oracle"]["policy_value"] >= pv[name]["policy_value"] - 1e-12
         assert pv["oracle"]["policy_value_top_k"] >= pv[name]["policy_value_top_k"] - 1e-12
     assert bad["causal"]["policy_value"] < pv["random"]["policy_value"] < pv["causal"]["policy_value"]
+
+
+def test_noise_limited_clip_reads_the_histogram_below_the_tail_edge():
+    """The clip floor at large ε: ratio x sqrt(sum psi^2) / noise per unit clip, with sum psi^2
+    from the bins below the tail edge only (noisy counts on empty high bins must not count)."""
+    from fedrec.common.causal.estimators import clip_from_histogram, noise_limited_clip, psi_grid
+
+    edges = psi_grid("aipw")  # ratio 2
+    rng = np.random.default_rng(3)
+    psi = np.abs(rng.normal(0, 0.3, size=20000))
+    counts = np.bincount(np.searchsorted(edges, psi, side="right"), minlength=len(edges) + 1).astype(float)
+    edge = clip_from_histogram(counts, edges, tail=0.01)
+    got = noise_limited_clip(counts, edges, noise_sd_per_clip=50.0, ratio=0.5, upto=edge)
+    want = 0.5 * math.sqrt((psi[psi < edge] ** 2).sum()) / 50.0
+    assert got == pytest.approx(want, rel=0.15)  # bins at their geometric middles
+    noisy = counts.copy()
+    noisy[-3:] += 30.0  # DP noise on empty bins near the worst case
+    assert noise_limited_clip(noisy, edges, noise_sd_per_clip=50.0, ratio=0.5, upto=edge) == pytest.approx(got)
+    assert noise_limited_clip(counts, edges, noise_sd_per_clip=100.0, ratio=0.5, upto=edge) == pytest.approx(got / 2)
+    assert noise_limited_clip(counts, edges, noise_sd_per_clip=0.0, ratio=0.5, upto=edge) == 0.0
+    assert noise_limited_clip(counts, edges, noise_sd_per_clip=50.0, ratio=0.0, upto=edge) == 0.0
+    with pytest.raises(ValueError, match="psi_noise_ratio"):
+        CausalConfig(psi_noise_ratio=-1.0)
+    assert CausalConfig.from_flat(CausalConfig(psi_noise_ratio=0.2).to_flat()).psi_noise_ratio == 0.2
