@@ -78,6 +78,22 @@ def oracle_estimate(institutions, truth, item: str) -> float:
     return float(psi.mean() * half_range(institutions[0].study.outcome_bounds))
 
 
+def run_seeds(one_seed, jobs: list, workers: int) -> list:
+    """``one_seed(job)`` for every job, over a fork pool of ``workers`` processes when > 1
+    (also used by causal_policy.py)."""
+    if workers > 1:
+        from multiprocessing import get_context
+
+        with get_context("fork").Pool(workers) as pool:
+            return pool.map(one_seed, jobs, chunksize=1)
+    return [one_seed(j) for j in jobs]
+
+
+def cell_runs(results: list, domain: str, mode: str, eps: float) -> list:
+    """The per-seed outputs of one (domain, noise mode, ε) cell from ``run_seeds`` results."""
+    return [r for dom, out in results if dom == domain for r in out if r["epsilon"] == eps and r["noise_mode"] == mode]
+
+
 def one_seed(args):
     domain, seed, institutions, people, epsilons, modes, nuisance = args
     warnings.filterwarnings("ignore")
@@ -130,18 +146,12 @@ def main(argv=None) -> int:
     jobs = [(d, 1000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}))
             for d in domains for s in range(runs)]
     t0 = time.time()
-    if a.workers > 1:
-        from multiprocessing import get_context
-
-        with get_context("fork").Pool(a.workers) as pool:
-            results = pool.map(one_seed, jobs, chunksize=1)
-    else:
-        results = [one_seed(j) for j in jobs]
+    results = run_seeds(one_seed, jobs, a.workers)
     rows = []
     for d in domains:
       for mode in modes:
         for eps in EPSILONS:
-            rs = [r for dom, out in results if dom == d for r in out if r["epsilon"] == eps and r["noise_mode"] == mode]
+            rs = cell_runs(results, d, mode, eps)
             if not rs:
                 continue
             err = np.array([r["ate"] - r["true"] for r in rs])

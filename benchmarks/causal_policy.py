@@ -37,8 +37,9 @@ EPSILONS = (1.0, 4.0, math.inf)
 RECOMMENDERS = ("causal", "engagement", "oracle", "random")
 
 
-def _nuisance() -> dict:
-    """The per-domain nuisance design of the accuracy benchmark (one source of truth)."""
+def _accuracy_module():
+    """benchmarks/causal_accuracy.py: its per-domain nuisance design (one source of truth) and
+    its seed-running helpers."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -46,7 +47,7 @@ def _nuisance() -> dict:
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
-    return mod.NUISANCE
+    return mod
 
 
 def one_seed(args):
@@ -87,24 +88,18 @@ def main(argv=None) -> int:
     runs = a.runs or (2 if a.quick else 20)
     domains = a.domains.split(",")
     modes = a.noise_modes.split(",")
-    nuisance = _nuisance()
+    acc = _accuracy_module()
+    nuisance = acc.NUISANCE
     warnings.filterwarnings("ignore")
     jobs = [(d, 5000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}), a.k)
             for d in domains for s in range(runs)]
     t0 = time.time()
-    if a.workers > 1:
-        from multiprocessing import get_context
-
-        with get_context("fork").Pool(a.workers) as pool:
-            results = pool.map(one_seed, jobs, chunksize=1)
-    else:
-        results = [one_seed(j) for j in jobs]
+    results = acc.run_seeds(one_seed, jobs, a.workers)
     rows = []
     for d in domains:
         for mode in modes:
             for eps in EPSILONS:
-                rs = [r for dom, out in results if dom == d for r in out
-                      if r["epsilon"] == eps and r["noise_mode"] == mode]
+                rs = acc.cell_runs(results, d, mode, eps)
                 if not rs:
                     continue
                 oracle = np.mean([r["oracle"]["policy_value"] for r in rs])
