@@ -95,7 +95,8 @@ def causal_cmd(
         None, "--derive",
         help="Extra nuisance-model feature op(covariate), op one of log1p, log, square, at_min, at_max, "
              "or ratio(a, b[, k]) = a/b^k (repeatable), e.g. --derive 'at_min(earnings_1y_ago)' or "
-             "--derive 'ratio(weight_kg,height_cm,2)' (body-mass index). Bounds follow from the declared ones."),
+             "--derive 'ratio(weight_kg,height_cm,2)' (body-mass index). Bounds follow from the declared ones, "
+             "or give tighter public ones after it: 'ratio(weight_kg,height_cm,2)[12e-4,60e-4]' (BMI 12-60)."),
     covariates: Optional[str] = typer.Option(
         None, "--covariates",
         help="Comma-separated declared covariates the nuisance models use (default: all), e.g. to replace "
