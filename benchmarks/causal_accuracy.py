@@ -60,7 +60,7 @@ def oracle_estimate(institutions, truth, item: str) -> float:
     import statsmodels.api as sm
 
     from fedrec.client.statistics import encode_item
-    from fedrec.common.causal.estimators import half_range
+    from fedrec.common.causal.estimators import aipw_terms, half_range
 
     j = list(truth.item_ids).index(item)
     where = {p: i for i, p in enumerate(truth.person_ids)}
@@ -74,8 +74,7 @@ def oracle_estimate(institutions, truth, item: str) -> float:
     x, t, y, e = np.vstack(xs), np.concatenate(ts), np.concatenate(ys), np.concatenate(es)
     m1 = x @ sm.OLS(y[t == 1], x[t == 1]).fit().params
     m0 = x @ sm.OLS(y[t == 0], x[t == 0]).fit().params
-    psi = m1 - m0 + t * (y - m1) / e - (1 - t) * (y - m0) / (1 - e)
-    return float(psi.mean() * half_range(institutions[0].study.outcome_bounds))
+    return float(aipw_terms(t, y, m1, m0, e).mean() * half_range(institutions[0].study.outcome_bounds))
 
 
 def run_seeds(one_seed, jobs: list, workers: int) -> list:

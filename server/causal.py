@@ -58,7 +58,7 @@ from fedrec.common.causal.estimators import (
     whitening_from_moments,
 )
 from fedrec.common.errors import FedrecInputError
-from fedrec.common.privacy.gaussian import noise_std
+from fedrec.common.privacy.gaussian import noise_std, summed_noise_var
 from fedrec.server.aggregation import RoundFailed, SumProtocol, numpy_to_arrays, split_replies
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,8 @@ Send = Callable[[str, dict[str, np.ndarray], dict], tuple[dict[str, np.ndarray],
 
 def _noise_var(cfg: CausalConfig, sigma: float, sens: float, n_contrib: int) -> float:
     """Public noise variance per coordinate of a summed release."""
-    if sigma <= 0:
-        return 0.0
-    std = noise_std(sensitivity=sens, noise_multiplier=sigma, noise_mode=cfg.noise_mode, n_min=max(cfg.n_min, 1))
-    return n_contrib * std**2
+    return summed_noise_var(sensitivity=sens, noise_multiplier=sigma, noise_mode=cfg.noise_mode, n_min=cfg.n_min,
+                            contributors=n_contrib)
 
 
 def _ridge(cfg: CausalConfig, nv: float, p: int) -> float:

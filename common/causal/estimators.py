@@ -57,6 +57,7 @@ __all__ = [
     "newton_update",
     "ridge_fit",
     "influence_terms",
+    "aipw_terms",
     "influence_jacobian",
     "jacobian_bound",
     "nuisance_variance",
@@ -370,6 +371,12 @@ def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float 
 
 
 # --------------------------------------------------------------------------- influence terms
+def aipw_terms(t: np.ndarray, y: np.ndarray, m1: np.ndarray, m0: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """AIPW influence terms from fitted outcome predictions ``m1``/``m0`` and propensities ``e``:
+    ``m1 - m0 + T (y - m1)/e - (1-T)(y - m0)/(1-e)``."""
+    return m1 - m0 + t * (y - m1) / e - (1 - t) * (y - m0) / (1 - e)
+
+
 def influence_terms(x: np.ndarray, t: np.ndarray, y: np.ndarray, *, estimator: str,
                     prop_coef: np.ndarray | None, coef1: np.ndarray | None, coef0: np.ndarray | None,
                     trim: tuple[float, float] = TRIM) -> np.ndarray:
@@ -386,9 +393,7 @@ def influence_terms(x: np.ndarray, t: np.ndarray, y: np.ndarray, *, estimator: s
     if estimator == "ipw":
         return t * y / e - (1 - t) * y / (1 - e)
     if estimator == "aipw":
-        m1 = np.clip(x @ coef1, -1.0, 1.0)
-        m0 = np.clip(x @ coef0, -1.0, 1.0)
-        return m1 - m0 + t * (y - m1) / e - (1 - t) * (y - m0) / (1 - e)
+        return aipw_terms(t, y, np.clip(x @ coef1, -1.0, 1.0), np.clip(x @ coef0, -1.0, 1.0), e)
     raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
 
 
@@ -1034,14 +1039,14 @@ def auto_gram_weight(*, arm_scale: float, noise_multiplier: float, r2: float, p:
     earlier releases only, so the choice costs no budget; the weight travels with the step and
     sets the sensitivity the client charges (:func:`release_sensitivity`).
     """
-    from fedrec.common.privacy.gaussian import noise_std
+    from fedrec.common.privacy.gaussian import summed_noise_var
 
     if noise_multiplier <= 0:
         return 1.0
     for g in np.geomspace(lowest, 1.0, 41):
-        std = noise_std(sensitivity=outcome_bound(r2, g) * math.sqrt(n_items), noise_multiplier=noise_multiplier,
-                        noise_mode=noise_mode, n_min=max(n_min, 1))
-        gram_nv = contributors * (std / g) ** 2
+        gram_nv = summed_noise_var(sensitivity=outcome_bound(r2, g) * math.sqrt(n_items),
+                                   noise_multiplier=noise_multiplier, noise_mode=noise_mode, n_min=n_min,
+                                   contributors=contributors) / g**2
         if floor_k * math.sqrt(gram_nv * p) <= max_ratio * arm_scale:
             return float(g)
     return 1.0

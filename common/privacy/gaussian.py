@@ -30,6 +30,7 @@ __all__ = [
     "clip_rows",
     "clip_per_person",
     "noise_std",
+    "summed_noise_var",
     "gaussian_noise",
     "gaussian_mechanism",
 ]
@@ -72,6 +73,18 @@ def noise_std(*, sensitivity: float, noise_multiplier: float, noise_mode: str = 
             raise ValueError("distributed noise needs n_min >= 1")
         return noise_multiplier * sensitivity / math.sqrt(n_min)
     raise ValueError(f"noise_mode must be 'local' or 'distributed', got {noise_mode!r}")
+
+
+def summed_noise_var(*, sensitivity: float, noise_multiplier: float, noise_mode: str, n_min: int,
+                     contributors: int) -> float:
+    """Public noise variance per coordinate of a sum of ``contributors`` clients' releases, each
+    noised with :func:`noise_std` (0 without noise). What the server divides out or carries
+    into an SE; one formula for every caller."""
+    if noise_multiplier <= 0:
+        return 0.0
+    std = noise_std(sensitivity=sensitivity, noise_multiplier=noise_multiplier, noise_mode=noise_mode,
+                    n_min=max(n_min, 1))
+    return contributors * std**2
 
 
 def gaussian_noise(shape, *, std: float, generator: np.random.Generator | None = None) -> np.ndarray:

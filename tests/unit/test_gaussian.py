@@ -50,3 +50,16 @@ def test_secure_generator_is_unpredictable_and_explicit_generator_reproducible()
     assert not np.array_equal(a, b)
     assert np.array_equal(g.gaussian_noise(5, std=1.0, generator=np.random.default_rng(3)),
                           g.gaussian_noise(5, std=1.0, generator=np.random.default_rng(3)))
+
+
+def test_summed_noise_var_is_contributors_times_the_per_client_variance():
+    from fedrec.common.privacy.gaussian import noise_std, summed_noise_var
+
+    for mode, n_min in (("local", 1), ("distributed", 8)):
+        std = noise_std(sensitivity=3.0, noise_multiplier=2.0, noise_mode=mode, n_min=n_min)
+        assert summed_noise_var(sensitivity=3.0, noise_multiplier=2.0, noise_mode=mode, n_min=n_min,
+                                contributors=8) == 8 * std**2
+    # distributed with all n_min present: the sum carries the same variance as one local release
+    assert summed_noise_var(sensitivity=3.0, noise_multiplier=2.0, noise_mode="distributed", n_min=8,
+                            contributors=8) == pytest.approx(36.0)
+    assert summed_noise_var(sensitivity=3.0, noise_multiplier=0.0, noise_mode="local", n_min=1, contributors=8) == 0.0
