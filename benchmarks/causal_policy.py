@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     domains = a.domains.split(",")
     modes = a.noise_modes.split(",")
     acc = _accuracy_module()
-    nuisance = acc.NUISANCE
+    nuisance = {d: acc.study_design(d) for d in domains}
     warnings.filterwarnings("ignore")
     jobs = [(d, 5000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}), a.k)
             for d in domains for s in range(runs)]

@@ -32,11 +32,8 @@ import numpy as np
 from fedrec.common.causal.estimators import (
     TRIM,
     Whitening,
-    DerivedFeature,
-    derived_bounds,
     derived_values,
     design,
-    parse_derived,
     moments_bound,
     influence_bound,
     influence_jacobian,
@@ -51,8 +48,8 @@ from fedrec.common.causal.estimators import (
     sigmoid,
     vech,
 )
+from fedrec.common.causal.design import base_columns, derived_specs, design_columns_of
 from fedrec.common.datasets import InstitutionData
-from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.gaussian import clip_rows, gaussian_mechanism
 
 __all__ = [
@@ -109,52 +106,6 @@ class Contribution:
 
 
 # --------------------------------------------------------------------------- encoding
-def _base_columns(data: InstitutionData, covariates: Sequence[str] | None) -> list[tuple[str, float, float]]:
-    study = data.study
-    cols = study.design_columns()
-    if covariates is None:
-        return cols
-    known = set(study.covariate_names)
-    for name in covariates:
-        if name not in known:
-            raise FedrecInputError(
-                f"study.toml: covariate {name!r} is not declared (declared: {', '.join(study.covariate_names)}); "
-                "fix: use a declared covariate or add [covariates.NAME] with its bounds to study.toml")
-    keep = set(covariates)
-    return [c for c in cols if c[0].split("=", 1)[0] in keep]
-
-
-def _derived_specs(data: InstitutionData, derived: Sequence[str]
-                   ) -> list[tuple[DerivedFeature, list[tuple[float, float]]]]:
-    """(parsed feature, declared bounds of its covariates) per derived feature;
-    FedrecInputError naming a derived feature of an undeclared or non-numeric covariate."""
-    out = []
-    for spec in derived:
-        try:
-            feature = parse_derived(spec)
-        except ValueError as err:
-            raise FedrecInputError(f"causal.derived: {err}") from None
-        bounds = []
-        for name in feature.covariates:
-            try:
-                cov = data.study.covariate(name)
-            except KeyError:
-                raise FedrecInputError(
-                    f"causal.derived: {spec!r} uses covariate {name!r}, which study.toml does not declare "
-                    f"(declared: {', '.join(data.study.covariate_names)}); fix: derive from a declared covariate") from None
-            if cov.kind == "category":
-                raise FedrecInputError(f"causal.derived: {spec!r}: {name!r} is a category; fix: derive from a "
-                                       "number, integer or binary covariate")
-            bounds.append((cov.lower, cov.upper))
-        try:
-            derived_bounds(feature, bounds)
-        except ValueError as err:
-            fix = "use log1p" if feature.op == "log" else "divide by a covariate declared positive"
-            raise FedrecInputError(f"causal.derived: {spec!r}: {err}; fix: {fix}") from None
-        out.append((feature, bounds))
-    return out
-
-
 def design_columns(data: InstitutionData, covariates: Sequence[str] | None = None,
                    derived: Sequence[str] = ()) -> list[tuple[str, float, float]]:
     """The study's design columns (name, lower, upper) restricted to ``covariates``, then one
@@ -163,22 +114,19 @@ def design_columns(data: InstitutionData, covariates: Sequence[str] | None = Non
 
     Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
     """
-    cols = _base_columns(data, covariates)
-    for feature, bounds in _derived_specs(data, derived):
-        cols.append((feature.name, *derived_bounds(feature, bounds)))
-    return cols
+    return design_columns_of(data.study, covariates, derived)
 
 
 def raw_design(data: InstitutionData, covariates: Sequence[str] | None = None, derived: Sequence[str] = ()
                ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
     """Every person's raw design values (people order) and the columns with public bounds."""
-    base = _base_columns(data, covariates)
+    base = base_columns(data.study, covariates)
     names = [c[0] for c in data.study.design_columns()]
     idx = [names.index(c[0]) for c in base]
     full = data.covariate_matrix()
     cov = full[:, idx] if len(idx) else np.zeros((len(data.people), 0))
     extra = [derived_values(feature, [data.people[c].to_numpy(float) for c in feature.covariates], bounds)
-             for feature, bounds in _derived_specs(data, derived)]
+             for feature, bounds in derived_specs(data.study, derived)]
     if extra:
         cov = np.column_stack([cov] + extra)
     return cov, design_columns(data, covariates, derived)

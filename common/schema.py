@@ -117,6 +117,11 @@ class Study:
     title: str = ""
     person_unit: str = "person"
     contract: int = CONTRACT_VERSION
+    #: the causal nuisance models' design (``[causal]``, optional): the declared covariates
+    #: they use (None: all) and derived features such as ``ratio(weight_kg,height_cm,2)``
+    #: (body-mass index), with explicit public bounds where needed. Public, like the bounds.
+    causal_covariates: Optional[tuple[str, ...]] = None
+    causal_derived: tuple[str, ...] = ()
 
     @property
     def covariate_names(self) -> tuple[str, ...]:
@@ -176,6 +181,12 @@ class Study:
                 lines.append("levels = [" + ", ".join(_toml_str(v) for v in c.levels) + "]")
             if c.description:
                 lines.append(f"description = {_toml_str(c.description)}")
+        if self.causal_covariates is not None or self.causal_derived:
+            lines += ["", "[causal]"]
+            if self.causal_covariates is not None:
+                lines.append("covariates = [" + ", ".join(_toml_str(v) for v in self.causal_covariates) + "]")
+            if self.causal_derived:
+                lines.append("derived = [" + ", ".join(_toml_str(v) for v in self.causal_derived) + "]")
         return "\n".join(lines) + "\n"
 
 
@@ -290,7 +301,8 @@ def _parse_study(text: str) -> Study:
                 raise _StudyError(f"{where}.levels", "needs a list of at least two distinct texts",
                                   'write levels = ["a", "b", ...]')
             covariates.append(Covariate(name, "category", 0.0, 1.0, tuple(levels), desc))
-    return Study(
+    causal_covariates, causal_derived = _causal_table(doc.get("causal", {}))
+    study = Study(
         domain=domain,
         covariates=tuple(covariates),
         outcome_name=oname,
@@ -302,7 +314,42 @@ def _parse_study(text: str) -> Study:
         title=str(st.get("title", "")),
         person_unit=str(st.get("person_unit", "person")),
         contract=int(contract),
+        causal_covariates=causal_covariates,
+        causal_derived=causal_derived,
     )
+    if causal_covariates is not None or causal_derived:
+        from fedrec.common.causal.design import design_columns_of  # lazy: design imports this module
+
+        try:
+            design_columns_of(study, causal_covariates, causal_derived,
+                              where_covariates="causal.covariates", where_derived="causal.derived")
+        except FedrecInputError as err:  # "KEY: message; fix: fix" -> a study.toml problem at KEY
+            key, _, rest = str(err).partition(": ")
+            message, _, fix = rest.rpartition("; fix: ")
+            raise _StudyError(key, message or rest, fix if message else "see docs/data-contract.md ([causal])") from None
+    return study
+
+
+def _causal_table(table: object) -> tuple[Optional[tuple[str, ...]], tuple[str, ...]]:
+    """``[causal]``: optional ``covariates`` and ``derived`` lists of texts (names are checked
+    against the declared covariates by the caller)."""
+    if not isinstance(table, dict):
+        raise _StudyError("causal", "is not a table", "write [causal] with covariates = [...] and/or derived = [...]")
+    unknown = sorted(set(table) - {"covariates", "derived"})
+    if unknown:
+        raise _StudyError(f"causal.{unknown[0]}", "is not a [causal] key", "use covariates = [...] or derived = [...]")
+    lists = {}
+    for key in ("covariates", "derived"):
+        if key in table:
+            v = table[key]
+            if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+                raise _StudyError(f"causal.{key}", "needs a list of texts",
+                                  f'write {key} = ["..."] (see docs/data-contract.md)')
+            lists[key] = tuple(x.strip() for x in v)
+    if "covariates" in lists and not lists["covariates"] and not lists.get("derived"):
+        raise _StudyError("causal.covariates", "is empty and nothing is derived",
+                          "name at least one covariate or derived feature, or drop the key (all covariates)")
+    return lists.get("covariates"), lists.get("derived", ())
 
 
 def read_study(path: Path) -> Study:

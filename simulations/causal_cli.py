@@ -28,7 +28,7 @@ from fedrec.common.causal.estimators import CausalConfig, ate_from_sums, half_ra
 from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_federation, read_ground_truth
 from fedrec.common.errors import FedrecInputError
 
-__all__ = ["causal_command", "inprocess_send", "study_info", "validate_study", "pooled_estimate",
+__all__ = ["causal_command", "resolve_config", "parse_settings", "inprocess_send", "study_info", "validate_study", "pooled_estimate",
            "estimate_inprocess"]
 
 
@@ -126,10 +126,92 @@ def pooled_estimate(institutions: Sequence[InstitutionData], item: str, cfg: Cau
 
 
 # --------------------------------------------------------------------------- the command
+def resolve_config(institutions: Sequence[InstitutionData], *, estimator: str = "aipw", epsilon: float = 1.0,
+                   item: str | None = None, overrides: dict | None = None, settings: Sequence[str] = ()
+                   ) -> tuple[CausalConfig, str]:
+    """The run's :class:`CausalConfig` and where its nuisance design came from.
+
+    The design is the study's (``study.toml [causal]``) unless ``overrides`` names
+    ``covariates`` or ``derived``; then those replace it. ``settings`` (``KEY=VALUE``) set
+    tuning knobs (:func:`parse_settings`). FedrecInputError (one line) for a bad value,
+    before any budget is spent."""
+    overrides = dict(overrides or {})
+    knobs = parse_settings(settings)
+    study = institutions[0].study
+    if "covariates" in overrides or "derived" in overrides:
+        source = "--covariates/--derive"
+    elif study.causal_covariates is not None or study.causal_derived:
+        overrides.update(covariates=study.causal_covariates, derived=study.causal_derived)
+        source = "study.toml [causal]"
+    else:
+        source = "all declared covariates"
+    try:
+        ccfg = CausalConfig(estimator=estimator, epsilon=float(epsilon), items=(item,) if item else (), **overrides)
+        if knobs:
+            ccfg = CausalConfig.from_flat({**ccfg.to_flat(), **knobs})
+    except ValueError as err:  # a bad --derive spec or setting: one line, before any budget is spent
+        raise FedrecInputError(f"{err}; fix: see fedrec-sim causal --help") from None
+    return ccfg, source
+
+
+#: knobs with a flag of their own (--epsilon, --item, ...): --set may not change them
+_FLAGGED = {"causal.estimator": "--estimator", "causal.epsilon": "--epsilon", "causal.items": "--item",
+            "causal.covariates": "--covariates", "causal.derived": "--derive", "causal.noise-mode": "--noise-mode"}
+
+
+def parse_settings(settings: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings -> run-config knobs of :class:`CausalConfig` (``causal.`` prefix
+    optional). FedrecInputError (one line) for a malformed setting, an unknown key (with the
+    nearest known one) or a knob that has its own flag. Values are checked by
+    :meth:`CausalConfig.from_flat` and the config's own validation."""
+    import difflib
+
+    known = CausalConfig().to_flat()
+    out: dict[str, str] = {}
+    for text in settings:
+        key, sep, value = str(text).partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise FedrecInputError(f"--set {text!r}: not KEY=VALUE; fix: e.g. --set causal.psi-noise-ratio=0.3")
+        key = key if key.startswith("causal.") else f"causal.{key}"
+        if key in _FLAGGED:
+            raise FedrecInputError(f"--set {text!r}: {key} has its own flag; fix: use {_FLAGGED[key]}")
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise FedrecInputError(f"--set {text!r}: unknown knob {key}; fix: {hint}the knobs are listed in "
+                                   "docs/causal.md (Tuning knobs)")
+        out[key] = _typed(text, key, value, known[key])
+    return out
+
+
+def _typed(text: str, key: str, value: str, default: object) -> object:
+    """``value`` as the type of the knob's default (one-line error naming the setting)."""
+    if isinstance(default, bool):
+        low = value.lower()
+        if low not in ("true", "false", "1", "0", "yes", "no"):
+            raise FedrecInputError(f"--set {text!r}: {key} is true or false; fix: write {key}=true or {key}=false")
+        return low in ("true", "1", "yes")
+    if isinstance(default, (int, float)):
+        try:
+            number = int(value) if isinstance(default, int) else float(value)
+        except ValueError:
+            kind = "a whole number" if isinstance(default, int) else "a number"
+            raise FedrecInputError(f"--set {text!r}: {key} is {kind}; fix: e.g. {key}={default}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            raise FedrecInputError(f"--set {text!r}: {key} must be finite; fix: give a finite number")
+        return number
+    return value
+
+
 def causal_command(data: Path, item: str | None, epsilon: float, estimator: str, compare_pooled: bool,
                    out: Path | None, seed: int, console, *, plain: bool = False,
-                   causal_overrides: dict | None = None) -> int:
-    """Run federated causal estimation on the institution folders under ``data``."""
+                   causal_overrides: dict | None = None, settings: Sequence[str] = ()) -> int:
+    """Run federated causal estimation on the institution folders under ``data``.
+
+    The nuisance design is the study's (``study.toml [causal]``) unless ``causal_overrides``
+    names ``covariates`` or ``derived`` (then those replace it); ``settings`` are
+    ``causal.KEY=VALUE`` tuning knobs (:func:`parse_settings`)."""
     import time
 
     if estimator not in ("aipw", "ipw", "ra"):
@@ -137,11 +219,8 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     if not epsilon > 0:
         raise FedrecInputError(f"--epsilon {epsilon}: fix: give a positive number (inf turns DP off)")
     institutions = load_federation(Path(data))  # bad study.toml (missing bounds...) -> one line
-    try:
-        ccfg = CausalConfig(estimator=estimator, epsilon=float(epsilon), items=(item,) if item else (),
-                            **(causal_overrides or {}))
-    except ValueError as err:  # a bad --derive spec or setting: one line, before any budget is spent
-        raise FedrecInputError(f"{err}; fix: see fedrec-sim causal --help") from None
+    ccfg, design_source = resolve_config(institutions, estimator=estimator, epsilon=epsilon, item=item,
+                                         overrides=causal_overrides, settings=settings)
     items = validate_study(institutions, ccfg)
     from fedrec.common.causal.estimators import plan_budget
 
@@ -156,6 +235,8 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     report["epsilon_per_institution"] = _ledger_epsilon(out / "ledgers", names, ccfg)
     report["epsilon_requested"] = epsilon if math.isfinite(epsilon) else "inf"
     report["delta"] = ccfg.delta
+    report["nuisance_design"] = {"covariates": None if ccfg.covariates is None else list(ccfg.covariates),
+                                 "derived": list(ccfg.derived), "source": design_source}
     if compare_pooled:
         report["pooled"] = {it: pooled_estimate(institutions, it, ccfg) for it in items}
     gt = Path(data) / GROUND_TRUTH_DIR
@@ -170,6 +251,9 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
                                                      ccfg.derived)
     write_json(out / "causal.json", report)
     _print_table(console, report, items)
+    d = report["nuisance_design"]
+    console.print(f"nuisance design ({d['source']}): "
+                  + ", ".join((d["covariates"] or ["all declared covariates"]) + d["derived"]))
     console.print(f"causal.json -> {out / 'causal.json'}")
     return 0
 

@@ -99,8 +99,13 @@ def causal_cmd(
              "or give tighter public ones after it: 'ratio(weight_kg,height_cm,2)[12e-4,60e-4]' (BMI 12-60)."),
     covariates: Optional[str] = typer.Option(
         None, "--covariates",
-        help="Comma-separated declared covariates the nuisance models use (default: all), e.g. to replace "
-             "weight_kg,height_cm by --derive 'ratio(weight_kg,height_cm,2)'."),
+        help="Comma-separated declared covariates the nuisance models use (default: the study's [causal] "
+             "design, else all), e.g. to replace weight_kg,height_cm by --derive 'ratio(weight_kg,height_cm,2)'. "
+             "--covariates or --derive replaces the study's declared design."),
+    set_: list[str] = typer.Option(
+        [], "--set",
+        help="A tuning knob, KEY=VALUE (repeatable), e.g. --set causal.psi-noise-ratio=0.3 or "
+             "--set share-influence=0.35; the knobs and their defaults are in docs/causal.md (Tuning knobs)."),
     noise_mode: str = typer.Option(
         "local", "--noise-mode",
         help="local: each institution adds the full noise (holds even if secure aggregation broke); "
@@ -111,11 +116,13 @@ def causal_cmd(
 
     if noise_mode not in ("local", "distributed"):
         raise typer.BadParameter("use local or distributed", param_hint="--noise-mode")
-    overrides: dict = {"derived": tuple(derive or ()), "noise_mode": noise_mode}
+    overrides: dict = {"noise_mode": noise_mode}
+    if derive is not None:
+        overrides["derived"] = tuple(derive)
     if covariates is not None:
         overrides["covariates"] = tuple(c.strip() for c in covariates.split(",") if c.strip())
     raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console,
-                                    causal_overrides=overrides))
+                                    causal_overrides=overrides, settings=set_))
 
 
 def main() -> None:

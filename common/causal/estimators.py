@@ -690,8 +690,9 @@ class CausalConfig:
     "privacy loss" 1/sigma^2 (Gaussian releases compose by adding 1/sigma^2, so a step with
     share w gets sigma_step = sigma / sqrt(w)); the propensity share is split evenly over the
     Newton steps; shares of steps an estimator does not run are renormalised away.
-    ``psi_clip``: |psi| bound in scaled outcome units (None = automatic: ``psi_clip_k`` x the
-    larger DP residual sd of the outcome step for aipw; the worst case 1/trim for ipw).
+    ``psi_clip``: |psi| bound in scaled outcome units (None = automatic: from the DP |psi|
+    histogram of the ``scale`` step, ``psi_tail`` / ``psi_clip_margin`` / ``psi_noise_ratio``;
+    the worst case when DP is off).
     ``ridge``: ridge penalty of the nuisance fits (None = automatic: 0 without DP, else the
     noise sd of a released Gram coordinate x sqrt(p)).
     ``floor_k``: eigenvalue floor of noisy Grams/Hessians = floor_k x the spectral norm of their
@@ -752,7 +753,6 @@ class CausalConfig:
     whiten_mode: str = "diag"
     whiten_weighted: bool = True
     psi_clip: float | None = None
-    psi_clip_k: float = 20.0
     ridge: float | None = None
     floor_k: float = 2.0
     outcome_ridge_k: float = 1.0
@@ -784,6 +784,23 @@ class CausalConfig:
             raise ValueError(f"psi_grid_factor must be > 1, got {self.psi_grid_factor}")
         if not (self.psi_noise_ratio >= 0 and math.isfinite(self.psi_noise_ratio)):
             raise ValueError(f"psi_noise_ratio must be >= 0 and finite (0: off), got {self.psi_noise_ratio}")
+        lo, hi = self.trim
+        if not 0.0 < lo < hi < 1.0:
+            raise ValueError(f"trim must be 0 < trim-low < trim-high < 1, got {self.trim}")
+        for name, ok, rule in (("delta", 0.0 < self.delta < 1.0, "in (0, 1)"),
+                               ("alpha", 0.0 < self.alpha < 1.0, "in (0, 1)"),
+                               ("psi_tail", 0.0 < self.psi_tail < 1.0, "in (0, 1)"),
+                               ("psi_clip_margin", self.psi_clip_margin > 0, "> 0"),
+                               ("jacobian_k", self.jacobian_k > 0, "> 0"),
+                               ("floor_k", self.floor_k >= 0, ">= 0"),
+                               ("outcome_ridge_k", self.outcome_ridge_k >= 0, ">= 0"),
+                               ("n_min", self.n_min >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
+        for name, allowed in (("noise_mode", ("local", "distributed")), ("accountant", ("prv", "rdp")),
+                              ("whiten_mode", ("diag", "full"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
 
     @property
     def dp(self) -> bool:
@@ -873,7 +890,7 @@ class CausalConfig:
             "causal.whiten-weighted": bool(self.whiten_weighted),
             "causal.share-outcome": self.share_outcome, "causal.share-influence": self.share_influence,
             "causal.psi-clip": -1.0 if self.psi_clip is None else float(self.psi_clip),
-            "causal.psi-clip-k": self.psi_clip_k, "causal.ridge": -1.0 if self.ridge is None else float(self.ridge),
+            "causal.ridge": -1.0 if self.ridge is None else float(self.ridge),
             "causal.floor-k": self.floor_k, "causal.outcome-ridge-k": self.outcome_ridge_k,
             "causal.trim-low": self.trim[0], "causal.trim-high": self.trim[1],
             "causal.noise-mode": self.noise_mode, "causal.n-min": self.n_min,
@@ -894,7 +911,7 @@ class CausalConfig:
                           ("share-jacobian", "share_jacobian"), ("jacobian-k", "jacobian_k"),
                           ("psi-clip-margin", "psi_clip_margin"),
                           ("share-outcome", "share_outcome"), ("share-influence", "share_influence"),
-                          ("psi-clip-k", "psi_clip_k"), ("alpha", "alpha"), ("floor-k", "floor_k"),
+                          ("alpha", "alpha"), ("floor-k", "floor_k"),
                           ("outcome-ridge-k", "outcome_ridge_k"), ("psi-grid-factor", "psi_grid_factor"),
                           ("psi-noise-ratio", "psi_noise_ratio"),
                           ("hessian-weight", "hessian_weight"), ("gram-weight-min", "gram_weight_min"),

@@ -20,7 +20,7 @@ true effects of the items they were exposed to + noise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Callable, Literal, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -97,6 +97,10 @@ class Domain:
     decimals: int = 2
     items_per_person: int = 6
     engagement_bounds: tuple[float, float] = (1.0, 5.0)
+    #: the study's declared causal design (study.toml ``[causal]``): what an analyst who knows
+    #: the field would give the nuisance models (e.g. BMI rather than weight and height)
+    causal_covariates: Optional[tuple[str, ...]] = None
+    causal_derived: tuple[str, ...] = ()
 
     def study(self) -> Study:
         """The ``study.toml`` every institution of this domain declares."""
@@ -105,6 +109,7 @@ class Domain:
             outcome_unit=self.outcome_unit, outcome_bounds=self.outcome_bounds,
             outcome_better=self.outcome_better, engagement_kind="rating",
             engagement_bounds=self.engagement_bounds, title=self.title, person_unit=self.person_unit,
+            causal_covariates=self.causal_covariates, causal_derived=self.causal_derived,
         )
 
     def items_frame(self) -> pd.DataFrame:

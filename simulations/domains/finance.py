@@ -129,4 +129,6 @@ DOMAIN = Domain(
     noise_sd=4000.0,
     case_mix=Linear(0.0, {"earn": -1.0, "black": 0.8, "no_degree": 0.6}),
     jitter={"earnings_2y_ago": "mul", "earnings_1y_ago": "mul"},
+    # unemployment shows as zero earnings: an indicator of it is part of the nuisance design
+    causal_derived=("at_min(earnings_1y_ago)",),
 )

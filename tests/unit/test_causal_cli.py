@@ -32,3 +32,83 @@ def test_bad_causal_options_fail_before_any_budget_is_spent(finance, tmp_path, a
     assert proc.returncode == 2
     assert expect in proc.stdout + proc.stderr
     assert not (out / "ledgers").exists()  # nothing charged
+
+
+# ------------------------------------------------------------------ design and knobs (no Flower)
+@pytest.fixture(scope="module")
+def health():
+    from fedrec.simulations.domains import domain_federation
+
+    institutions, _ = domain_federation("health", institutions=2, people=300, seed=3, skew=0.5)
+    return institutions
+
+
+def test_the_study_declared_design_is_the_default_and_flags_replace_it(health):
+    from fedrec.simulations.causal_cli import resolve_config
+
+    study = health[0].study
+    assert study.causal_derived == ("ratio(weight_kg,height_cm,2)[12e-4,60e-4]",)  # health declares BMI
+    cfg, source = resolve_config(health)
+    assert source == "study.toml [causal]"
+    assert cfg.covariates == study.causal_covariates and "weight_kg" not in cfg.covariates
+    assert cfg.derived == study.causal_derived
+    cfg, source = resolve_config(health, overrides={"derived": ("log1p(age)",)})
+    assert source == "--covariates/--derive" and cfg.covariates is None and cfg.derived == ("log1p(age)",)
+    cfg, _ = resolve_config(health, overrides={"covariates": ("age", "female")})
+    assert cfg.covariates == ("age", "female") and cfg.derived == ()
+
+
+def test_set_changes_a_knob_and_keeps_the_rest(health):
+    from fedrec.simulations.causal_cli import resolve_config
+
+    base, _ = resolve_config(health, epsilon=2.0)
+    cfg, _ = resolve_config(health, epsilon=2.0, settings=["causal.psi-noise-ratio=0.25", "share-influence=0.4",
+                                                            "newton-steps=3", "whiten-weighted=false"])
+    assert (cfg.psi_noise_ratio, cfg.share_influence, cfg.newton_steps, cfg.whiten_weighted) == (0.25, 0.4, 3, False)
+    changed = {k for k, v in cfg.to_flat().items() if base.to_flat()[k] != v}
+    assert changed == {"causal.psi-noise-ratio", "causal.share-influence", "causal.newton-steps",
+                       "causal.whiten-weighted"}
+    assert cfg.epsilon == 2.0 and cfg.derived == base.derived  # flags and the study design survive --set
+
+
+@pytest.mark.parametrize(("setting", "expect"), [
+    ("psi-noise-ratio", "not KEY=VALUE"),
+    ("causal.psi-noise-ratoi=0.3", "did you mean causal.psi-noise-ratio?"),
+    ("epsilon=3", "use --epsilon"),
+    ("derived=[]", "use --derive"),
+    ("psi-noise-ratio=abc", "is a number"),
+    ("newton-steps=2.5", "is a whole number"),
+    ("whiten-weighted=maybe", "true or false"),
+    ("psi-noise-ratio=nan", "finite"),
+    ("psi-noise-ratio=-1", "psi_noise_ratio must be >= 0"),
+    ("trim-low=0.97", "trim must be 0 < trim-low < trim-high < 1"),
+    ("accountant=gdp", "accountant 'gdp': use one of prv, rdp"),
+    ("psi-tail=0", "psi_tail must be in (0, 1)"),
+])
+def test_bad_settings_are_one_line_errors(health, setting, expect):
+    from fedrec.common.errors import FedrecInputError
+    from fedrec.simulations.causal_cli import resolve_config
+
+    with pytest.raises(FedrecInputError) as info:
+        resolve_config(health, settings=[setting])
+    assert expect in str(info.value) and "fix:" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_set_fails_before_any_budget_is_spent(finance, tmp_path):
+    out = tmp_path / "out"
+    proc = _sim("causal", "--data", str(finance), "--item", "job_training", "--out", str(out),
+                "--set", "psi-tail=lots")
+    assert proc.returncode == 2 and "causal.psi-tail is a number" in proc.stdout + proc.stderr
+    assert not out.exists()  # nothing charged, nothing written
+
+
+def test_every_knob_is_documented():
+    """docs/causal.md (Tuning knobs) lists every run-config key CausalConfig reads."""
+    from pathlib import Path
+
+    from fedrec.common.causal.estimators import CausalConfig
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "causal.md").read_text(encoding="utf-8")
+    table = doc.split("### Tuning knobs", 1)[1].split("\n## ", 1)[0]
+    missing = [k for k in CausalConfig().to_flat() if f"`{k}`" not in table]
+    assert not missing, f"undocumented knobs: {missing}"

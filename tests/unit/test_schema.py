@@ -113,6 +113,11 @@ def delete(name: str) -> Callable[[Path], None]:
     return apply
 
 
+def causal(table: str) -> Callable[[Path], None]:
+    """Append a ``[causal]`` table with ``table`` as its body to study.toml."""
+    return edit("study.toml", 'levels = ["north", "south"]\n', f'levels = ["north", "south"]\n\n[causal]\n{table}\n')
+
+
 def both(*steps: Callable[[Path], None]) -> Callable[[Path], None]:
     def apply(f: Path) -> None:
         for s in steps:
@@ -211,6 +216,18 @@ CASES: list[tuple[str, Callable[[Path], None], str, Optional[int], Optional[str]
      "covariates.female.kind", "not a covariate kind"),
     ("toml_covariate_without_bounds", edit("study.toml", "min = 0\nmax = 120\n", ""), "study.toml", None,
      "covariates.age.min", "missing"),
+    ("toml_causal_unknown_covariate", causal('covariates = ["agee"]'), "study.toml", None, "causal.covariates",
+     "'agee' is not declared"),
+    ("toml_causal_derived_from_category", causal('derived = ["log1p(region)"]'), "study.toml", None,
+     "causal.derived", "is a category"),
+    ("toml_causal_log_of_zero", causal('derived = ["log(income)"]'), "study.toml", None, "causal.derived",
+     "'log(income)'"),
+    ("toml_causal_bad_form", causal('derived = ["sqrt(age)"]'), "study.toml", None, "causal.derived",
+     "derived feature 'sqrt(age)'"),
+    ("toml_causal_unknown_key", causal('derive = ["log1p(age)"]'), "study.toml", None, "causal.derive",
+     "not a [causal] key"),
+    ("toml_causal_not_a_list", causal('derived = "log1p(age)"'), "study.toml", None, "causal.derived",
+     "list of texts"),
     ("corrupt_parquet", both(delete("people.csv"), write("people.parquet", b"PAR1 this is not parquet")),
      "people.parquet", None, None, "not a readable Parquet"),
     ("parquet_wrong_type", parquet_people_with_text_age, "people.parquet", 2, "age", "'forty' is not a number"),
@@ -323,3 +340,27 @@ def test_not_a_folder(tmp_path: Path) -> None:
     f.write_text("x")
     code, _, err = run_cli(f)
     assert code == 2 and "is not a folder" in err
+
+
+def test_causal_design_is_declared_once_and_round_trips(tmp_path: Path) -> None:
+    """``[causal]`` declares the nuisance design (a subset of covariates + derived features with
+    explicit public bounds); it parses, renders back identically and loads with the folder."""
+    folder = make_folder(tmp_path)
+    causal('covariates = ["age", "region"]\nderived = ["log1p(income)", "square(age)[0, 10000]"]')(folder)
+    study = load_institution(folder).study
+    assert study.causal_covariates == ("age", "region")
+    assert study.causal_derived == ("log1p(income)", "square(age)[0, 10000]")
+    assert parse_study(study.to_toml()) == study
+    assert parse_study(STUDY).causal_covariates is None and parse_study(STUDY).causal_derived == ()
+    assert "[causal]" not in parse_study(STUDY).to_toml()
+
+
+def test_the_documented_study_toml_parses() -> None:
+    """The example in docs/data-contract.md is a valid study.toml (including [causal])."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "data-contract.md").read_text(encoding="utf-8")
+    example = re.search(r"### study.toml\n\n```toml\n(.*?)```", doc, re.S)
+    assert example is not None
+    study = parse_study(example.group(1))
+    assert study.causal_covariates == ("age", "female", "region") and study.causal_derived == ("square(age)",)
