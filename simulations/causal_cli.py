@@ -28,8 +28,8 @@ from fedrec.common.causal.estimators import CausalConfig, ate_from_sums, half_ra
 from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_federation, read_ground_truth
 from fedrec.common.errors import FedrecInputError
 
-__all__ = ["causal_command", "resolve_config", "parse_settings", "inprocess_send", "study_info", "validate_study", "pooled_estimate",
-           "estimate_inprocess"]
+__all__ = ["causal_command", "resolve_config", "parse_settings", "inprocess_send", "study_info", "validate_study",
+           "pooled_estimate", "estimate_inprocess"]
 
 
 # --------------------------------------------------------------------------- in-process
@@ -159,7 +159,7 @@ _FLAGGED = {"causal.estimator": "--estimator", "causal.epsilon": "--epsilon", "c
             "causal.covariates": "--covariates", "causal.derived": "--derive", "causal.noise-mode": "--noise-mode"}
 
 
-def parse_settings(settings: Sequence[str]) -> dict[str, str]:
+def parse_settings(settings: Sequence[str]) -> dict[str, object]:
     """``KEY=VALUE`` strings -> run-config knobs of :class:`CausalConfig` (``causal.`` prefix
     optional). FedrecInputError (one line) for a malformed setting, an unknown key (with the
     nearest known one) or a knob that has its own flag. Values are checked by
@@ -167,7 +167,7 @@ def parse_settings(settings: Sequence[str]) -> dict[str, str]:
     import difflib
 
     known = CausalConfig().to_flat()
-    out: dict[str, str] = {}
+    out: dict[str, object] = {}
     for text in settings:
         key, sep, value = str(text).partition("=")
         key, value = key.strip(), value.strip()
