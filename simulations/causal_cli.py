@@ -226,9 +226,10 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
 
     plan_budget(ccfg)  # fails loudly before anything runs
     out = Path(out) if out else Path("results") / f"causal-{time.strftime('%Y%m%d-%H%M%S')}"
+    names = [d.name for d in institutions]
+    _check_fresh_ledgers(out / "ledgers", names, ccfg)
     out.mkdir(parents=True, exist_ok=True)
     raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain)
-    names = [d.name for d in institutions]
     report = dict(raw)
     report["institutions"] = names
     # per-institution ε: the ledgers (one per institution folder name) are the source of truth
@@ -253,9 +254,26 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     _print_table(console, report, items)
     d = report["nuisance_design"]
     console.print(f"nuisance design ({d['source']}): "
-                  + ", ".join((d["covariates"] or ["all declared covariates"]) + d["derived"]))
+                  + ", ".join((d["covariates"] or ["all declared covariates"]) + d["derived"]), markup=False)
     console.print(f"causal.json -> {out / 'causal.json'}")
     return 0
+
+
+def _check_fresh_ledgers(folder: Path, names: list[str], ccfg: CausalConfig) -> None:
+    """A simulated causal run accounts in its own ledgers (``OUT/ledgers``, capped at this
+    run's ε): ledgers that already record spending would refuse every release. Say so in one
+    line (BudgetExceeded, exit 3) before anything runs, instead of failing in round 1."""
+    from fedrec.common.errors import BudgetExceeded
+
+    if not folder.is_dir():
+        return
+    spent = {n: e for n, e in _ledger_epsilon(folder, names, ccfg).items() if isinstance(e, float) and e > 0}
+    if spent:
+        first = next(iter(spent))
+        raise BudgetExceeded(
+            f"{folder}: the ledgers of this results folder already record spending ({first} ε {spent[first]:.3f}"
+            f"{f' and {len(spent) - 1} more' if len(spent) > 1 else ''}), so this run would go over its cap; "
+            "fix: give a new --out folder (each causal run accounts in its own ledgers)")
 
 
 def _ledger_epsilon(folder: Path, names: list[str], ccfg: CausalConfig) -> dict[str, float | str]:

@@ -112,3 +112,23 @@ def test_every_knob_is_documented():
     table = doc.split("### Tuning knobs", 1)[1].split("\n## ", 1)[0]
     missing = [k for k in CausalConfig().to_flat() if f"`{k}`" not in table]
     assert not missing, f"undocumented knobs: {missing}"
+
+
+def test_a_results_folder_with_spent_ledgers_is_refused_in_one_line(finance, tmp_path):
+    """Re-running into a results folder whose ledgers already record spending would be refused
+    in round 1 by every institution; the CLI says so first (exit 3) and touches nothing."""
+    from fedrec.common.privacy.accountant import GaussianEvent
+    from fedrec.common.privacy.ledger import PrivacyLedger
+
+    out = tmp_path / "out"
+    (out / "ledgers").mkdir(parents=True)
+    ledger = PrivacyLedger.create(out / "ledgers" / "institution_00.db", institution="institution_00",
+                                  epsilon_cap=1.02, delta_cap=1e-5)
+    ledger.charge(GaussianEvent(noise_multiplier=4.0), run_id="earlier", round=1, task="causal", model="causal")
+    before = sorted(p.name for p in out.rglob("*"))
+    proc = _sim("causal", "--data", str(finance), "--item", "job_training", "--out", str(out))
+    assert proc.returncode == 3
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "already record spending" in ln]
+    assert len(lines) == 1 and "institution_00" in lines[0] and "fix: give a new --out" in lines[0]
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert len(PrivacyLedger(out / "ledgers" / "institution_00.db").events()) == 1
