@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _run(name: str) -> dict:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick"],
+def _run(name: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--quick", *args],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
@@ -34,3 +34,27 @@ def test_rec_quality_quick():
     assert {"popularity", "local_only", "mf_central", "mf_federated", "mf_federated_dp"} <= systems
     dp = next(r for r in rows if r["system"] == "mf_federated_dp")
     assert dp["epsilon"] == 8.0 and dp["secagg"] is True and dp["epsilon_spent_max"] <= 8.0
+
+
+def test_causal_accuracy_quick():
+    out = _run("causal_accuracy.py", "--runs", "2", "--domains", "health,finance", "--workers", "1")
+    # the nuisance design is the one the simulated studies declare (study.toml [causal])
+    assert out["meta"]["nuisance_design"]["health"]["derived"] == ["ratio(weight_kg,height_cm,2)[12e-4,60e-4]"]
+    rows = out["rows"]
+    assert {(r["domain"], r["noise_mode"]) for r in rows} == {(d, m) for d in ("health", "finance")
+                                                              for m in ("local", "distributed")}
+    for r in rows:
+        if r["epsilon"] == "inf":  # no DP: the federated CI is the pooled one
+            assert abs(r["ci_width_ratio"] - 1.0) < 1e-4  # Newton vs statsmodels convergence
+        else:
+            assert r["ci_width_ratio"] > 1.0 and 0.0 <= r["coverage"] <= 1.0
+
+
+def test_causal_policy_quick():
+    rows = _run("causal_policy.py", "--runs", "1", "--domains", "health", "--noise-modes", "distributed",
+                "--workers", "1")["rows"]
+    assert rows and all(r["domain"] == "health" for r in rows)
+    value = {(r["epsilon"], r["recommender"]): r["policy_value"] for r in rows}
+    for eps in {r["epsilon"] for r in rows}:  # benefit-oriented: the oracle is the best ranking
+        assert value[(eps, "oracle")] >= value[(eps, "causal")] - 1e-9
+        assert value[(eps, "oracle")] >= value[(eps, "engagement")] - 1e-9
