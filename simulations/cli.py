@@ -99,7 +99,7 @@ def causal_cmd(
              "or give tighter public ones after it: 'ratio(weight_kg,height_cm,2)[12e-4,60e-4]' (BMI 12-60)."),
     covariates: Optional[str] = typer.Option(
         None, "--covariates",
-        help="Comma-separated declared covariates the nuisance models use (default: the study's [causal] "
+        help="Comma-separated declared covariates the nuisance models use (default: the study's \\[causal] "
              "design, else all), e.g. to replace weight_kg,height_cm by --derive 'ratio(weight_kg,height_cm,2)'. "
              "--covariates or --derive replaces the study's declared design."),
     set_: list[str] = typer.Option(
