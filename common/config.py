@@ -135,7 +135,7 @@ class RunConfig:
         sections: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
             section, attr, typ = known[key]
-            sections.setdefault(section, {})[attr] = _coerce(key, value, typ)
+            sections.setdefault(section, {})[attr] = coerce_value(key, value, typ)
         parts = {
             f.name: f.default_factory()  # type: ignore[misc]
             for f in fields(cls)
@@ -231,7 +231,10 @@ def _flat_keys() -> dict[str, tuple[str, str, type]]:
     return keys
 
 
-def _coerce(key: str, value: Any, typ: type) -> Any:
+def coerce_value(key: str, value: Any, typ: type) -> Any:
+    """``value`` (a ``--set`` text or a TOML value) as ``typ`` (bool: true/false/1/0/yes/no/on/off;
+    int: whole numbers only; float: ``inf`` allowed); ConfigError naming ``key`` otherwise. Shared by
+    the run config and the causal knobs (simulations/causal_cli.py)."""
     try:
         if typ is bool:
             if isinstance(value, str):

@@ -57,22 +57,16 @@ def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, i
 
     items = list(truth.item_ids)
     row_of = {p: i for i, p in enumerate(truth.person_ids.astype(str))}
-    benefit = truth.benefit
-    col_of = {it: j for j, it in enumerate(items)}
-    recs: list[np.ndarray] = []
     score_rows: list[np.ndarray] = []
     rows: list[np.ndarray] = []
     for d in institutions:
         x_raw, cols = raw_design(d, covariates, derived)
         scores = benefit_scores(x_raw, cols, {it: item_results[it]["cate_coef"] for it in items},
                                 items, d.study.outcome_better)
-        recs.append(recommend(scores, items))
         score_rows.append(scores)
         rows.append(np.array([row_of[p] for p in d.people["person_id"].astype(str)]))
-    rec = np.concatenate(recs)
-    r = np.concatenate(rows)
-
-    ben = benefit[r]
+    r = np.concatenate(rows)  # each person's row in the ground truth
+    ben = truth.benefit[r]
 
     def values(scores: np.ndarray) -> dict:
         cols = top_k(scores, k)

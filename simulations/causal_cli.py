@@ -186,22 +186,21 @@ def parse_settings(settings: Sequence[str]) -> dict[str, object]:
 
 
 def _typed(text: str, key: str, value: str, default: object) -> object:
-    """``value`` as the type of the knob's default (one-line error naming the setting)."""
-    if isinstance(default, bool):
-        low = value.lower()
-        if low not in ("true", "false", "1", "0", "yes", "no"):
-            raise FedrecInputError(f"--set {text!r}: {key} is true or false; fix: write {key}=true or {key}=false")
-        return low in ("true", "1", "yes")
-    if isinstance(default, (int, float)):
-        try:
-            number = int(value) if isinstance(default, int) else float(value)
-        except ValueError:
-            kind = "a whole number" if isinstance(default, int) else "a number"
-            raise FedrecInputError(f"--set {text!r}: {key} is {kind}; fix: e.g. {key}={default}") from None
-        if isinstance(number, float) and not math.isfinite(number):
-            raise FedrecInputError(f"--set {text!r}: {key} must be finite; fix: give a finite number")
-        return number
-    return value
+    """``value`` as the type of the knob's default (:func:`~fedrec.common.config.coerce_value`,
+    the run config's coercion); one-line error naming the setting."""
+    from fedrec.common.config import ConfigError, coerce_value
+
+    try:
+        typed = coerce_value(key, value, type(default))
+    except ConfigError:
+        if isinstance(default, bool):
+            raise FedrecInputError(f"--set {text!r}: {key} is true or false; "
+                                   f"fix: write {key}=true or {key}=false") from None
+        kind = "a whole number" if isinstance(default, int) else "a number"
+        raise FedrecInputError(f"--set {text!r}: {key} is {kind}; fix: e.g. {key}={default}") from None
+    if isinstance(typed, float) and not math.isfinite(typed):
+        raise FedrecInputError(f"--set {text!r}: {key} must be finite; fix: give a finite number")
+    return typed
 
 
 def causal_command(data: Path, item: str | None, epsilon: float, estimator: str, compare_pooled: bool,
