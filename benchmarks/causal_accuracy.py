@@ -76,12 +76,29 @@ def oracle_estimate(institutions, truth, item: str) -> float:
     return float(aipw_terms(t, y, m1, m0, e).mean() * half_range(institutions[0].study.outcome_bounds))
 
 
+def _import_before_fork() -> None:
+    """Import everything the workers use in the parent: forked workers then share these modules
+    and never read source files, so editing the tree during a long run cannot break it (a
+    1,000-run attempt once died on a half-edited module)."""
+    import statsmodels.api  # noqa: F401
+
+    import fedrec.client.statistics  # noqa: F401
+    import fedrec.server.causal  # noqa: F401
+    import fedrec.server.causal_recommend  # noqa: F401
+    import fedrec.simulations.causal_cli  # noqa: F401
+    from fedrec.simulations.domains import DOMAINS, get_domain
+
+    for name in DOMAINS:
+        get_domain(name)
+
+
 def run_seeds(one_seed, jobs: list, workers: int) -> list:
     """``one_seed(job)`` for every job, over a fork pool of ``workers`` processes when > 1
     (also used by causal_policy.py)."""
     if workers > 1:
         from multiprocessing import get_context
 
+        _import_before_fork()
         with get_context("fork").Pool(workers) as pool:
             return pool.map(one_seed, jobs, chunksize=1)
     return [one_seed(j) for j in jobs]

@@ -35,6 +35,7 @@ from fedrec.common.causal.estimators import (
     derived_values,
     design,
     moments_bound,
+    moments_carry_arms,
     influence_bound,
     influence_jacobian,
     influence_terms,
@@ -61,6 +62,7 @@ __all__ = [
     "raw_design",
     "whiten_rows",
     "covariate_moments_terms",
+    "item_arms",
     "propensity_newton_terms",
     "outcome_gram_terms",
     "influence_sum_terms",
@@ -165,14 +167,34 @@ def whiten_rows(rows: ItemRows, whitening: Whitening) -> ItemRows:
 
 
 # --------------------------------------------------------------------------- statistics
-def covariate_moments_terms(x_people: np.ndarray) -> Contribution:
-    """Per person (each once, whatever the items) ``vech(x x')`` of the bound-scaled design.
+def covariate_moments_terms(x_people: np.ndarray,
+                            arms: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> Contribution:
+    """Per person (each once, whatever the items) ``vech(x x')`` of the bound-scaled design,
+    then for each item of ``arms`` — ``(person index, exposed)`` of the people considered for
+    it — the person's ``[T x, (1-T) x]`` (zeros if not considered).
 
-    Sum: count (entry [0, 0]), covariate sums and second moments: the server's whitening.
-    L2 bound per person: ``sqrt((p^2 + p)/2)`` (:func:`moments_bound`).
+    Sum: count (entry [0, 0]), covariate sums and second moments: the server's whitening; per
+    item, each arm's count and covariate sums: the propensity's LDA start (:func:`lda_start`).
+    L2 bound per person: ``sqrt((p^2 + p)/2 + J p)`` for J items (:func:`moments_bound`; one
+    row per person and item, which the data contract enforces).
     """
     x = x_people
-    return Contribution(vech(x[:, :, None] * x[:, None, :]), moments_bound(x.shape[1]))
+    n, p = x.shape
+    parts = [vech(x[:, :, None] * x[:, None, :])]
+    for idx, t in arms:
+        block = np.zeros((n, 2 * p))
+        block[idx, :p] = x[idx] * t[:, None]
+        block[idx, p:] = x[idx] * (1.0 - t)[:, None]
+        parts.append(block)
+    return Contribution(np.hstack(parts), moments_bound(p, len(arms)))
+
+
+def item_arms(data: InstitutionData, item: str) -> tuple[np.ndarray, np.ndarray]:
+    """(person index in people order, exposed) of the people considered for ``item``."""
+    rows = data.interactions[data.interactions["item_id"] == item]
+    pos = {pid: i for i, pid in enumerate(data.people["person_id"].astype(str).to_numpy())}
+    idx = np.array([pos[pid] for pid in rows["person_id"].astype(str)], dtype=np.int64)
+    return idx, rows["exposed"].to_numpy(np.float64)
 
 
 def propensity_newton_terms(rows: ItemRows, beta: np.ndarray, hessian_weight: float = 1.0) -> Contribution:
@@ -309,7 +331,8 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
     The client handler and the in-process benchmark both call this."""
     cache = {} if cache is None else cache
     if kind == "moments":
-        return {"moments": covariate_moments_terms(people_design(data, covariates, derived))}
+        arms = [item_arms(data, it) for it in items] if moments_carry_arms(arrays) else []
+        return {"moments": covariate_moments_terms(people_design(data, covariates, derived), arms)}
     wh = whitening_from_arrays(arrays)
     blocks: dict[str, Contribution] = {}
     for it in items:

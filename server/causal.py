@@ -5,6 +5,8 @@ One run estimates, for each requested item, the effect of ``exposed`` on the out
 0. ``moments`` — DP sum of ``vech(x x')`` over people (each once): the server derives a public
    whitening of the bound-scaled design (per-covariate DP mean/sd; bounded by a radius through
    fit weights, or by clipping the features).
+   With the LDA start (default) it also carries each item's per-arm covariate sums, from which
+   the server computes where Newton starts (linear discriminant analysis).
 1. ``propensity:k`` (k = 1..newton_steps) — the server sends the current logistic
    coefficients; each institution releases the DP sum of ``[(T - e) w, vech(e(1-e) w w')]``
    per item; the server takes a Newton step.
@@ -41,6 +43,7 @@ from fedrec.common.causal.estimators import (
     FederatedCausalEstimator,
     auto_gram_weight,
     half_range,
+    lda_start,
     newton_update,
     plan_budget,
     psi_worst_case,
@@ -158,25 +161,33 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             if "epsilon" in m:
                 result.epsilon[str(node)] = float(m["epsilon"])
 
-    # 0. covariate moments of all people (each once) -> public whitening of the design
+    # 0. covariate moments of all people (each once) -> public whitening of the design; with
+    # the LDA start, also each item's per-arm covariate sums -> where Newton starts
     sigma = plan.sigma["moments"]
-    totals, n, metrics = send("moments", {}, {"noise-multiplier": sigma})
+    lda = cfg.propensity_start == "lda" and cfg.estimator in ("aipw", "ipw")
+    marrays = {"moments/arms": np.array([1.0 if lda else 0.0])}
+    totals, n, metrics = send("moments", marrays, {"noise-multiplier": sigma})
     record("moments", n, metrics)
-    nv = _noise_var(cfg, sigma, release_sensitivity("moments", p, {}, j), n)
-    moments_sum = totals["moments"]
+    nv = _noise_var(cfg, sigma, release_sensitivity("moments", p, marrays, j), n)
+    moments_sum = totals["moments"][:vech_len(p)]
     wh = whitening_from_moments(moments_sum, p, noise_var=nv, radius_factor=cfg.radius_factor,
                                 mode=cfg.whiten_mode, weighted=cfg.weighted_fits)
     r2 = wh.r2
     warrays = {"whiten/a": wh.a, "whiten/b": wh.b, "whiten/radius": np.array([wh.radius if math.isfinite(wh.radius) else -1.0]),
                "whiten/weighted": np.array([1.0 if wh.weighted else 0.0])}
 
-    # 1. propensity: Newton steps from beta = 0 on the whitened design
-    beta = {it: np.zeros(p) for it in items}
+    # 1. propensity: Newton steps on the whitened design, from the LDA start (or zero)
+    if lda:
+        arm_sums = totals["moments"][vech_len(p):]
+        beta = {it: lda_start(moments_sum, arm_sums[k * 2 * p:(k + 1) * 2 * p], p, wh, noise_var=nv)
+                for k, it in enumerate(items)}
+    else:
+        beta = {it: np.zeros(p) for it in items}
     beta_cov = {it: np.zeros((p, p)) for it in items}  # covariance of the DP noise beta carries
     arm_scale = math.inf  # smallest fitted-propensity Hessian intercept entry (automatic Gram weight)
     if cfg.estimator in ("aipw", "ipw"):
         hw = cfg.hessian_weight
-        for k in range(1, cfg.newton_steps + 1):
+        for k in range(1, cfg.newton_count + 1):
             step = f"propensity:{k}"
             sigma = plan.sigma[step]
             arrays = {**warrays, **{f"beta/{it}": beta[it] for it in items}, "hessian-weight": np.array([hw])}
@@ -191,7 +202,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                 floor = _floor(nv_h, p, cfg.floor_k)
                 beta[it] = newton_update(beta[it], tot[:p], hess, ridge=lam, floor=floor)
                 beta_cov[it] = newton_noise_cov(beta_cov[it], hess, nv, ridge=lam, floor=floor)
-                if k == cfg.newton_steps:
+                if k == cfg.newton_count:
                     arm_scale = min(arm_scale, float(hess[0]))
     # 2. outcome models per arm
     arms: dict[str, tuple] = {}

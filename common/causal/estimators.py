@@ -79,6 +79,8 @@ __all__ = [
     "influence_weights",
     "step_bound",
     "moments_bound",
+    "moments_carry_arms",
+    "lda_start",
     "psi_grid",
     "clip_from_histogram",
     "noise_limited_clip",
@@ -680,6 +682,10 @@ class FederatedCausalEstimator:
 
 
 # --------------------------------------------------------------------------- config and budget
+#: Newton steps without DP (ε = inf): enough for the fit to converge to machine precision
+NEWTON_STEPS_NO_DP = 8
+
+
 @dataclass(frozen=True)
 class CausalConfig:
     """Knobs of one causal-estimation run (carried in run config keys ``causal.*`` and in the
@@ -713,18 +719,24 @@ class CausalConfig:
     items: tuple[str, ...] = ()
     covariates: tuple[str, ...] | None = None
     derived: tuple[str, ...] = ()
-    newton_steps: int = 4
+    #: Newton steps of the propensity fit under DP (one release each); from the LDA start two
+    #: reach what four from zero did (docs/causal.md). Without DP (ε = inf) the fit runs at least
+    #: :data:`NEWTON_STEPS_NO_DP`, which costs nothing (:attr:`newton_count`)
+    newton_steps: int = 2
     #: fraction of ``share_propensity`` the last Newton step gets (the rest split evenly over the
     #: earlier ones); 0 (default): every step the same. Newton forgets the earlier steps'
     #: gradient noise (``newton_noise_cov``), so the last step's noise is what the fitted beta
     #: carries; but fewer or starved early steps leave beta short of convergence, which the
     #: nuisance-noise variance does not model (docs/causal.md, tuning): not the default.
     newton_last: float = 0.0
-    share_moments: float = 0.10
-    share_propensity: float = 0.35
+    #: where Newton starts: "lda" (default; :func:`lda_start` from per-item arm sums the
+    #: ``moments`` release then carries) or "zero" (the moments release stays ``vech(x x')``)
+    propensity_start: str = "lda"
+    share_moments: float = 0.06
+    share_propensity: float = 0.175
     share_outcome: float = 0.25
-    share_influence: float = 0.30
-    share_scale: float = 0.08
+    share_influence: float = 0.40
+    share_scale: float = 0.06
     share_jacobian: float = 0.0
     jacobian_k: float = 4.0
     nuisance_variance: bool = True
@@ -798,7 +810,7 @@ class CausalConfig:
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
         for name, allowed in (("noise_mode", ("local", "distributed")), ("accountant", ("prv", "rdp")),
-                              ("whiten_mode", ("diag", "full"))):
+                              ("whiten_mode", ("diag", "full")), ("propensity_start", ("lda", "zero"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
 
@@ -830,7 +842,7 @@ class CausalConfig:
 
     def steps(self) -> list[str]:
         """The releases of one run, in order (``propensity:k`` per Newton step)."""
-        prop = [f"propensity:{k}" for k in range(1, self.newton_steps + 1)]
+        prop = [f"propensity:{k}" for k in range(1, self.newton_count + 1)]
         if self.estimator == "ra":
             return ["moments", "outcome"]
         # "jacobian" (sums of d psi / d nuisance, for the nuisance-noise variance) only under DP:
@@ -840,9 +852,15 @@ class CausalConfig:
             return ["moments"] + prop + ["scale"] + jac + ["influence"]
         return ["moments"] + prop + ["outcome", "scale"] + jac + ["influence"]
 
+    @property
+    def newton_count(self) -> int:
+        """Newton steps this run takes: ``newton_steps`` under DP, at least
+        :data:`NEWTON_STEPS_NO_DP` without (no release costs budget; the fit converges)."""
+        return self.newton_steps if self.dp else max(self.newton_steps, NEWTON_STEPS_NO_DP)
+
     def _newton_fraction(self, k: int) -> float:
         """Fraction of the propensity share that Newton step k (1-based) gets."""
-        n = self.newton_steps
+        n = self.newton_count
         if not self.newton_last or n == 1:
             return 1.0 / n
         return self.newton_last if k == n else (1.0 - self.newton_last) / (n - 1)
@@ -877,6 +895,7 @@ class CausalConfig:
             "causal.derived": json.dumps(list(self.derived)),
             "causal.newton-steps": self.newton_steps,
             "causal.newton-last": float(self.newton_last),
+            "causal.propensity-start": self.propensity_start,
             "causal.share-moments": self.share_moments,
             "causal.whiten-radius": -1.0 if self.whiten_radius is None else float(self.whiten_radius), "causal.share-propensity": self.share_propensity,
             "causal.share-scale": self.share_scale, "causal.psi-tail": self.psi_tail,
@@ -950,7 +969,8 @@ class CausalConfig:
             kw["ridge"] = None if v < 0 else v
         if "trim-low" in d or "trim-high" in d:
             kw["trim"] = (float(d.get("trim-low", TRIM[0])), float(d.get("trim-high", TRIM[1])))  # type: ignore[arg-type]
-        for key, attr in (("noise-mode", "noise_mode"), ("accountant", "accountant"), ("whiten-mode", "whiten_mode")):
+        for key, attr in (("noise-mode", "noise_mode"), ("accountant", "accountant"), ("whiten-mode", "whiten_mode"),
+                          ("propensity-start", "propensity_start")):
             if key in d:
                 kw[attr] = str(d[key])
         return cls(**kw)
@@ -1018,10 +1038,12 @@ def _calibrate_cached(shares: tuple, epsilon: float, delta: float, accountant: s
 # One person's contribution to each release, from public quantities only: the declared bounds
 # (through r2, the public bound on a design row's squared norm) and the run's clip choices.
 # client/statistics.py clips every person's row to exactly these.
-def moments_bound(p: int) -> float:
+def moments_bound(p: int, arm_items: int = 0) -> float:
     """L2 bound of ``vech(x x')`` for a bound-scaled design row (|x_k| <= 1, p coordinates):
-    ``||vech(x x')||^2 = (||x||^4 + sum x_k^4)/2 <= (p^2 + p)/2``."""
-    return math.sqrt((p * p + p) / 2.0)
+    ``||vech(x x')||^2 = (||x||^4 + sum x_k^4)/2 <= (p^2 + p)/2``; with the per-item arm sums
+    ``[T x, (1-T) x]`` of ``arm_items`` items (the propensity's LDA start), each adds
+    ``||x||^2 <= p`` (a person is in one arm per item)."""
+    return math.sqrt((p * p + p) / 2.0 + arm_items * p)
 
 
 def propensity_bound(r2: float, hessian_weight: float = 1.0) -> float:
@@ -1093,13 +1115,14 @@ def influence_bound(clip: float) -> float:
 
 
 def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0, jac_k: float = 1.0,
-               hessian_weight: float = 1.0, gram_weight: float = 1.0) -> float:
-    """Per-item L2 bound of one person's contribution to ``step`` (r2 defaults to p)."""
+               hessian_weight: float = 1.0, gram_weight: float = 1.0, arm_items: int = 0) -> float:
+    """Per-item L2 bound of one person's contribution to ``step`` (r2 defaults to p); for
+    ``moments``, the whole release's bound (``arm_items`` items' arm sums included)."""
     r2 = float(p) if r2 is None else r2
     if step == "jacobian":
         return jacobian_bound(r2, jac_k)
     if step == "moments":
-        return moments_bound(p)
+        return moments_bound(p, arm_items)
     if step.startswith("propensity"):
         return propensity_bound(r2, hessian_weight)
     if step == "outcome":
@@ -1126,8 +1149,60 @@ def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_i
     jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
     per_item = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k,
                           hessian_weight=release_weight(arrays, "hessian-weight"),
-                          gram_weight=release_weight(arrays, "gram-weight"))
+                          gram_weight=release_weight(arrays, "gram-weight"),
+                          arm_items=n_items if moments_carry_arms(arrays) else 0)
     return per_item * (1.0 if step == "moments" else math.sqrt(n_items))
+
+
+def moments_carry_arms(arrays: Mapping[str, np.ndarray]) -> bool:
+    """Whether the server asked the ``moments`` step for the per-item arm sums (public flag)."""
+    return "moments/arms" in arrays and float(np.asarray(arrays["moments/arms"]).reshape(-1)[0]) > 0
+
+
+def lda_start(moments_vech: np.ndarray, arm_sums: np.ndarray, p: int, whitening: "Whitening", *,
+              noise_var: float = 0.0, max_slope: float = 10.0) -> np.ndarray:
+    """Starting logistic coefficients on the whitened design from the ``moments`` release:
+    linear discriminant analysis (post-processing, no budget).
+
+    ``arm_sums = [sum_T=1 x, sum_T=0 x]`` over the item's people (bound-scaled design, intercept
+    first: entry 0 of each half is the arm's count). LDA's logit is
+    ``log(n1/n0) + b'(z - (m1 + m0)/2)`` with ``b = S_w^-1 (m1 - m0)``, S_w the within-arm
+    covariance; here S_w is the covariance of all people (the ``vech`` part) minus the
+    between-arm part, mapped through the whitening. It is the logistic MLE when the covariates
+    are Gaussian with a common covariance, and close to it otherwise (Efron 1975), so Newton
+    from here needs one or two steps where it needed four from zero: the budget of the rest
+    goes to the other releases (measured in docs/causal.md). Falls back to zeros when a noisy
+    arm count is below 2; the slope's norm is capped at ``max_slope`` (logit units per whitened
+    unit), far beyond any propensity the trimming keeps.
+    """
+    s1, s0 = arm_sums[:p], arm_sums[p:2 * p]
+    n1, n0 = float(s1[0]), float(s0[0])
+    zero = np.zeros(p)
+    if not (n1 >= 2.0 and n0 >= 2.0):
+        return zero
+    g = unvech(moments_vech, p)
+    n = max(float(g[0, 0]), 1.0)
+    mean = g[0, 1:] / n
+    cov = g[1:, 1:] / n - np.outer(mean, mean)
+    a = whitening.a
+    cov_z = a @ ((cov + cov.T) / 2) @ a.T
+    m1 = a @ (s1[1:] / n1) + whitening.b
+    m0 = a @ (s0[1:] / n0) + whitening.b
+    d = m1 - m0
+    pi1 = n1 / (n1 + n0)
+    within = cov_z - pi1 * (1 - pi1) * np.outer(d, d)
+    lam, vec = np.linalg.eigh((within + within.T) / 2)
+    # whitened covariates have unit variance: floor at what the noise resolves, at least 1e-3
+    floor = max(1e-3, 2.0 * math.sqrt(noise_var * p) / n * float(np.max(np.abs(a))) ** 2)
+    lam = np.maximum(lam, floor)
+    b = vec @ ((vec.T @ d) / lam)
+    norm = float(np.linalg.norm(b))
+    if not math.isfinite(norm):
+        return zero
+    if norm > max_slope:
+        b = b * (max_slope / norm)
+    intercept = math.log(n1 / n0) - float(b @ (m1 + m0)) / 2.0
+    return np.concatenate([[intercept], b])
 
 
 def psi_grid(estimator: str, trim: tuple[float, float] = TRIM, factor: float = 2.0, decades: float = 3.0) -> np.ndarray:

@@ -204,6 +204,85 @@ def test_one_person_moves_a_release_by_at_most_the_declared_bound(health, which)
         assert np.linalg.norm(plus.terms.sum(0) - base.terms.sum(0)) > 2 * bound
 
 
+def test_moments_with_arm_sums_obey_a_tight_bound(health):
+    """The moments release with the LDA start's per-item arm sums: the client clips each person
+    to ``sqrt((p^2+p)/2 + J p)``, the same number the ledger charges and SecAgg+ is sized with;
+    the bound is attained (a person at the corner of the bounds, considered for every item), so
+    a sensitivity that forgot the arm sums would be exceeded."""
+    from fedrec.client.statistics import covariate_moments_terms, item_arms, people_design
+    from fedrec.common.causal.estimators import moments_bound, release_sensitivity
+
+    data = health[0][0]
+    x = people_design(data)
+    p = x.shape[1]
+    items = ["diet_counselling", "walking_group", "smoking_cessation"]
+    arms = [item_arms(data, it) for it in items]
+    c = covariate_moments_terms(x, arms)
+    bound = math.sqrt((p * p + p) / 2 + len(items) * p)
+    assert c.bound == pytest.approx(bound) == moments_bound(p, len(items))
+    assert release_sensitivity("moments", p, {"moments/arms": np.array([1.0])}, len(items)) == pytest.approx(bound)
+    assert release_sensitivity("moments", p, {}, len(items)) == pytest.approx(moments_bound(p))  # zero start
+    assert np.linalg.norm(c.terms, axis=1).max() <= bound + 1e-9
+    # each arm block sums to the arm's count (entry 0) and covariate sums
+    k = (p * p + p) // 2
+    idx, t = arms[0]
+    total = c.terms.sum(0)
+    assert total[k] == pytest.approx(t.sum()) and total[k + p] == pytest.approx((1 - t).sum())
+    assert np.allclose(total[k + 1:k + p], (x[idx] * t[:, None]).sum(0)[1:])
+    # the corner person: x = 1 everywhere, exposed for every item -> norm exactly the bound
+    corner = covariate_moments_terms(np.ones((1, p)), [(np.array([0]), np.array([1.0]))] * len(items))
+    assert np.linalg.norm(corner.terms) == pytest.approx(bound)
+    assert np.linalg.norm(corner.terms) > moments_bound(p) * 1.2  # what the zero start's bound would miss
+
+
+def test_lda_start_is_close_to_the_logistic_fit_and_saves_newton_steps(health):
+    """From the DP-free moments release, the LDA start is near the logistic MLE on the whitened
+    design: two Newton steps from it land closer than four from zero do."""
+    from fedrec.client.statistics import covariate_moments_terms, item_arms, people_design, whiten_rows
+    from fedrec.common.causal.estimators import (lda_start, newton_update, vech_len, whitening_from_moments)
+
+    insts, _ = health
+    item = "diet_counselling"
+    xs = [people_design(d) for d in insts]
+    p = xs[0].shape[1]
+    tot = sum(covariate_moments_terms(x, [item_arms(d, item)]).terms.sum(0) for x, d in zip(xs, insts))
+    wh = whitening_from_moments(tot[:vech_len(p)], p, radius_factor=None)
+    rows = [whiten_rows(encode_item(d, item), wh) for d in insts]
+    w = np.vstack([r.x for r in rows])
+    t = np.concatenate([r.t for r in rows])
+
+    def step(b):
+        e = 1 / (1 + np.exp(-w @ b))
+        from fedrec.common.causal.estimators import vech
+        h = vech((w * (e * (1 - e))[:, None]).T @ w)
+        return newton_update(b, w.T @ (t - e), h)
+
+    mle = np.zeros(p)
+    for _ in range(25):
+        mle = step(mle)
+    start = lda_start(tot[:vech_len(p)], tot[vech_len(p):], p, wh)
+    assert np.linalg.norm(start - mle) < 0.25 * np.linalg.norm(mle)
+    two, four = step(step(start)), np.zeros(p)
+    for _ in range(4):
+        four = step(four)
+    assert np.linalg.norm(two - mle) < np.linalg.norm(four - mle)
+    assert np.linalg.norm(two - mle) < 1e-4 * np.linalg.norm(mle)
+    # a noisy arm count below 2 falls back to zero; the slope is capped
+    bad = tot[vech_len(p):].copy()
+    bad[0] = 1.0
+    assert not lda_start(tot[:vech_len(p)], bad, p, wh).any()
+    assert np.linalg.norm(lda_start(tot[:vech_len(p)], tot[vech_len(p):], p, wh, max_slope=0.01)[1:]) \
+        == pytest.approx(0.01)
+
+
+def test_newton_steps_without_dp_run_to_convergence():
+    assert CausalConfig(epsilon=1.0).newton_count == 2
+    assert CausalConfig(epsilon=INF).newton_count >= 8
+    assert [s for s in CausalConfig(epsilon=INF).steps() if s.startswith("propensity")][-1] == "propensity:8"
+    with pytest.raises(ValueError, match="propensity_start"):
+        CausalConfig(propensity_start="mle")
+
+
 def test_encoder_applies_the_declared_bounds(health):
     insts, _ = health
     rows = encode_item(insts[1], "walking_group")

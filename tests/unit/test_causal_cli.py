@@ -62,9 +62,9 @@ def test_set_changes_a_knob_and_keeps_the_rest(health):
     from fedrec.simulations.causal_cli import resolve_config
 
     base, _ = resolve_config(health, epsilon=2.0)
-    cfg, _ = resolve_config(health, epsilon=2.0, settings=["causal.psi-noise-ratio=0.25", "share-influence=0.4",
+    cfg, _ = resolve_config(health, epsilon=2.0, settings=["causal.psi-noise-ratio=0.25", "share-influence=0.3",
                                                             "newton-steps=3", "whiten-weighted=false"])
-    assert (cfg.psi_noise_ratio, cfg.share_influence, cfg.newton_steps, cfg.whiten_weighted) == (0.25, 0.4, 3, False)
+    assert (cfg.psi_noise_ratio, cfg.share_influence, cfg.newton_steps, cfg.whiten_weighted) == (0.25, 0.3, 3, False)
     changed = {k for k, v in cfg.to_flat().items() if base.to_flat()[k] != v}
     assert changed == {"causal.psi-noise-ratio", "causal.share-influence", "causal.newton-steps",
                        "causal.whiten-weighted"}
