@@ -732,7 +732,7 @@ class CausalConfig:
     #: where Newton starts: "lda" (default; :func:`lda_start` from per-item arm sums the
     #: ``moments`` release then carries) or "zero" (the moments release stays ``vech(x x')``)
     propensity_start: str = "lda"
-    share_moments: float = 0.06
+    share_moments: float = 0.10
     share_propensity: float = 0.175
     share_outcome: float = 0.25
     share_influence: float = 0.40
