@@ -1170,10 +1170,12 @@ def lda_start(moments_vech: np.ndarray, arm_sums: np.ndarray, p: int, whitening:
     covariance; here S_w is the covariance of all people (the ``vech`` part) minus the
     between-arm part, mapped through the whitening. It is the logistic MLE when the covariates
     are Gaussian with a common covariance, and close to it otherwise (Efron 1975), so Newton
-    from here needs one or two steps where it needed four from zero: the budget of the rest
-    goes to the other releases (measured in docs/causal.md). Falls back to zeros when a noisy
-    arm count is below 2; the slope's norm is capped at ``max_slope`` (logit units per whitened
-    unit), far beyond any propensity the trimming keeps.
+    from here needs two steps where it needed four from zero (one leaves beta unconverged):
+    the budget of the rest goes to the other releases (measured in docs/causal.md). Falls back
+    to zeros when a noisy arm count is below 2; the slope's norm is capped at ``max_slope``
+    (logit units per whitened unit), far beyond any propensity the trimming keeps.
+    Written here rather than with scikit-learn's LinearDiscriminantAnalysis, which fits from
+    rows: the server has only the DP sums.
     """
     s1, s0 = arm_sums[:p], arm_sums[p:2 * p]
     n1, n0 = float(s1[0]), float(s0[0])
