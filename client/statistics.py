@@ -236,7 +236,7 @@ def influence_sum_terms(rows: ItemRows, *, estimator: str, clip: float, prop_coe
                         trim: tuple[float, float] = TRIM) -> Contribution:
     """Per person ``[w_n, psi, w_2 psi^2]`` with psi (aipw or ipw influence term) clipped to
     ``[-clip, clip]``; the server divides the weights out. L2 bound per person:
-    :func:`influence_bound` = ``1.021 * clip``.
+    :func:`influence_bound` = ``1.146 * clip``.
     """
     psi = np.clip(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
                                   coef1=coef1, coef0=coef0, trim=trim), -clip, clip)

@@ -724,11 +724,11 @@ class CausalConfig:
     #: :data:`NEWTON_STEPS_NO_DP`, which costs nothing (:attr:`newton_count`)
     newton_steps: int = 2
     #: fraction of ``share_propensity`` the last Newton step gets (the rest split evenly over the
-    #: earlier ones; 0: every step the same). Newton forgets the earlier steps' gradient noise
-    #: (``newton_noise_cov``), so the last step's noise is what the fitted beta carries. From
-    #: zero, starved early steps left beta short of convergence (docs/causal.md, tuning); from
-    #: the LDA start the first step only has to finish the fit: 0.65 (measured there too).
-    newton_last: float = 0.65
+    #: earlier ones); 0 (default): every step the same. Newton forgets the earlier steps'
+    #: gradient noise (``newton_noise_cov``), so the last step's noise is what the fitted beta
+    #: carries; but fewer or starved early steps leave beta short of convergence, which the
+    #: nuisance-noise variance does not model (docs/causal.md, tuning): not the default.
+    newton_last: float = 0.0
     #: where Newton starts: "lda" (default; :func:`lda_start` from per-item arm sums the
     #: ``moments`` release then carries) or "zero" (the moments release stays ``vech(x x')``)
     propensity_start: str = "lda"
@@ -1102,23 +1102,14 @@ def release_weight(arrays: Mapping[str, np.ndarray], key: str) -> float:
     return v
 
 
-#: coordinate weights (a, b) of the influence release: ``w_n = a clip``, ``w_2 = b / clip``
-INFLUENCE_WEIGHTS = (0.05, 0.2)
-
-
 def influence_weights(clip: float) -> tuple[float, float]:
-    """Coordinate weights (w_n, w_2) of ``[w_n, psi, w_2 psi^2]``: the count and the square take
-    4% of the squared bound, psi the rest. The count is large (its relative noise is tiny even so)
-    and the square only feeds the SE's sampling part; the previous (1/4, 1/2) gave them 24%.
-    Measured (docs/causal.md): below b = 0.2 the SE's sampling part gets noisy and the mean
-    width stops falling."""
-    a, b = INFLUENCE_WEIGHTS
-    return a * clip, b / clip
+    """Coordinate weights (w_n, w_2) of ``[w_n, psi, w_2 psi^2]``: the count and the square get
+    about a fifth of the noise budget each, relative to psi."""
+    return clip / 4.0, 1.0 / (2.0 * clip)
 
 
 def influence_bound(clip: float) -> float:
-    """L2 bound of ``[w_n, psi, w_2 psi^2]`` with |psi| <= clip: ``clip * sqrt(a^2 + 1 + b^2)``
-    (1.021 clip with the weights of :func:`influence_weights`)."""
+    """L2 bound of ``[w_n, psi, w_2 psi^2]`` with |psi| <= clip: ``clip * sqrt(1/16 + 1 + 1/4)``."""
     w_n, w_2 = influence_weights(clip)
     return math.sqrt(w_n**2 + clip**2 + (w_2 * clip**2) ** 2)
 

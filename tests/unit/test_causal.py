@@ -87,7 +87,7 @@ def test_newton_schedule_puts_the_named_fraction_on_the_last_step():
     even = CausalConfig(epsilon=1.0, newton_steps=3, newton_last=0.0).step_shares()
     assert even["propensity:1"] == pytest.approx(even["propensity:3"])
     assert CausalConfig.from_flat(cfg.to_flat()) == cfg
-    assert CausalConfig().newton_last == 0.65 and CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()
+    assert CausalConfig().newton_last == 0.0 and CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()
     plan = plan_budget(cfg)
     spent = epsilon_for(plan.events(), delta=cfg.delta, accountant="prv")
     assert 0.97 <= spent <= 1.0 + 1e-9
