@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from fedrec.common.causal.estimators import (
     TRIM,
@@ -134,16 +137,20 @@ def raw_design(data: InstitutionData, covariates: Sequence[str] | None = None, d
     return cov, design_columns(data, covariates, derived)
 
 
+def _item_interactions(data: InstitutionData, item: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The interaction rows of ``item`` and each row's person index in people order."""
+    rows = data.interactions[data.interactions["item_id"] == item]
+    pos = {pid: i for i, pid in enumerate(data.people["person_id"].astype(str).to_numpy())}
+    take = np.array([pos[pid] for pid in rows["person_id"].astype(str)], dtype=np.int64)
+    return rows, take
+
+
 def encode_item(data: InstitutionData, item: str, covariates: Sequence[str] | None = None,
                 derived: Sequence[str] = ()) -> ItemRows:
     """Rows of the people considered for ``item``: scaled covariates (and derived features) +
     intercept, exposure, scaled outcome (clipped to the declared bounds)."""
     cov, cols = raw_design(data, covariates, derived)
-    inter = data.interactions
-    rows = inter[inter["item_id"] == item]
-    people = data.people["person_id"].astype(str).to_numpy()
-    pos = {p: i for i, p in enumerate(people)}
-    take = np.array([pos[p] for p in rows["person_id"].astype(str)], dtype=np.int64)
+    rows, take = _item_interactions(data, item)
     x = design(scale_covariates(cov[take], [(lo, hi) for _, lo, hi in cols]))
     if len(take) == 0:
         x = np.zeros((0, len(cols) + 1))
@@ -191,10 +198,8 @@ def covariate_moments_terms(x_people: np.ndarray,
 
 def item_arms(data: InstitutionData, item: str) -> tuple[np.ndarray, np.ndarray]:
     """(person index in people order, exposed) of the people considered for ``item``."""
-    rows = data.interactions[data.interactions["item_id"] == item]
-    pos = {pid: i for i, pid in enumerate(data.people["person_id"].astype(str).to_numpy())}
-    idx = np.array([pos[pid] for pid in rows["person_id"].astype(str)], dtype=np.int64)
-    return idx, rows["exposed"].to_numpy(np.float64)
+    rows, take = _item_interactions(data, item)
+    return take, rows["exposed"].to_numpy(np.float64)
 
 
 def propensity_newton_terms(rows: ItemRows, beta: np.ndarray, hessian_weight: float = 1.0) -> Contribution:

@@ -1182,12 +1182,9 @@ def lda_start(moments_vech: np.ndarray, arm_sums: np.ndarray, p: int, whitening:
     zero = np.zeros(p)
     if not (n1 >= 2.0 and n0 >= 2.0):
         return zero
-    g = unvech(moments_vech, p)
-    n = max(float(g[0, 0]), 1.0)
-    mean = g[0, 1:] / n
-    cov = g[1:, 1:] / n - np.outer(mean, mean)
+    n, _, cov = moments_mean_cov(moments_vech, p)
     a = whitening.a
-    cov_z = a @ ((cov + cov.T) / 2) @ a.T
+    cov_z = a @ cov @ a.T
     m1 = a @ (s1[1:] / n1) + whitening.b
     m0 = a @ (s0[1:] / n0) + whitening.b
     d = m1 - m0
@@ -1321,6 +1318,16 @@ class Whitening:
         return Whitening(np.eye(p - 1), np.zeros(p - 1), math.inf)
 
 
+def moments_mean_cov(gram_vech: np.ndarray, p: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """From the summed ``vech(x x')`` of people (the ``moments`` release): their count (at
+    least 1), covariate mean and (symmetric) covariance. Post-processing only."""
+    g = unvech(gram_vech, p)
+    n = max(float(g[0, 0]), 1.0)
+    m = g[0, 1:] / n
+    cov = g[1:, 1:] / n - np.outer(m, m)
+    return n, m, (cov + cov.T) / 2
+
+
 def whitening_from_moments(gram_vech: np.ndarray, p: int, *, noise_var: float = 0.0,
                            radius_factor: float | None = 1.5, mode: str = "diag",
                            weighted: bool = False) -> Whitening:
@@ -1329,11 +1336,7 @@ def whitening_from_moments(gram_vech: np.ndarray, p: int, *, noise_var: float = 
     covariance precise enough to resolve its smallest eigenvalues: large ε or many people).
     Variances / eigenvalues are floored at what the noise can resolve. ``radius = radius_factor *
     sqrt(p - 1)`` (E||z||^2 = p - 1 for whitened data); None: inf (DP off, nothing to bound)."""
-    g = unvech(gram_vech, p)
-    n = max(float(g[0, 0]), 1.0)
-    m = g[0, 1:] / n
-    cov = g[1:, 1:] / n - np.outer(m, m)
-    cov = (cov + cov.T) / 2
+    n, m, cov = moments_mean_cov(gram_vech, p)
     if mode == "full":
         lam, vec = np.linalg.eigh(cov)
         floor = max(2.0 * math.sqrt(noise_var * p) / n, 1e-9 * max(float(np.trace(cov)), 1e-12))
