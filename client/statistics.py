@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from fedrec.common.causal.estimators import (
+    INFLUENCE_WEIGHTS,
     TRIM,
     Whitening,
     derived_values,
@@ -41,6 +42,7 @@ from fedrec.common.causal.estimators import (
     moments_carry_arms,
     influence_bound,
     influence_jacobian,
+    influence_relative_weights,
     influence_terms,
     jacobian_bound,
     influence_weights,
@@ -238,16 +240,18 @@ def outcome_gram_terms(rows: ItemRows, gram_weight: float = 1.0) -> Contribution
 
 def influence_sum_terms(rows: ItemRows, *, estimator: str, clip: float, prop_coef: np.ndarray | None,
                         coef1: np.ndarray | None, coef0: np.ndarray | None,
-                        trim: tuple[float, float] = TRIM) -> Contribution:
+                        trim: tuple[float, float] = TRIM,
+                        rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> Contribution:
     """Per person ``[w_n, psi, w_2 psi^2]`` with psi (aipw or ipw influence term) clipped to
-    ``[-clip, clip]``; the server divides the weights out. L2 bound per person:
-    :func:`influence_bound` = ``1.146 * clip``.
+    ``[-clip, clip]`` and the public relative weights ``rel`` (:func:`influence_weights`); the
+    server divides the weights out. L2 bound per person: :func:`influence_bound`
+    ``clip * sqrt(a^2 + 1 + k^2)`` (``1.146 * clip`` at the default weights).
     """
     psi = np.clip(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
                                   coef1=coef1, coef0=coef0, trim=trim), -clip, clip)
-    w_n, w_2 = influence_weights(clip)
+    w_n, w_2 = influence_weights(clip, rel)
     terms = np.column_stack([np.full(len(psi), w_n), psi, w_2 * psi * psi])
-    return Contribution(terms, influence_bound(clip))
+    return Contribution(terms, influence_bound(clip, rel))
 
 
 def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, prop_coef: np.ndarray | None,
@@ -360,7 +364,8 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
         elif kind == "influence":
             blocks[it] = influence_sum_terms(rows, estimator=estimator, clip=float(arrays["clip"][0]),
                                              prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
-                                             coef0=arrays.get(f"mu0/{it}"), trim=trim)
+                                             coef0=arrays.get(f"mu0/{it}"), trim=trim,
+                                             rel=influence_relative_weights(arrays))
         else:
             raise ValueError(f"unknown causal step {kind!r}")
     return blocks

@@ -38,6 +38,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common.causal.estimators import (
+    INFLUENCE_WEIGHTS,
     BudgetPlan,
     CausalConfig,
     FederatedCausalEstimator,
@@ -50,6 +51,8 @@ from fedrec.common.causal.estimators import (
     clip_from_histogram,
     noise_limited_clip,
     influence_weights,
+    histogram_sum_squares,
+    psi_square_weight,
     newton_noise_cov,
     cross_fit_variance,
     weighted_gram_scale,
@@ -240,6 +243,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             arms[it] = (fits[0], fits[1])
     # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
     clip = 0.0
+    rel = (cfg.influence_count_weight, INFLUENCE_WEIGHTS[1])  # the influence release's relative weights
     if cfg.estimator in ("aipw", "ipw"):
         nuis = dict(warrays)
         for it in items:
@@ -267,6 +271,14 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             clip = max(clip, min(noise_limited_clip(totals[it], edges, noise_sd_per_clip=unit_sd,
                                                     ratio=cfg.psi_noise_ratio, upto=tail_edge[it]) for it in items))
             clip = min(clip, psi_worst_case(cfg.estimator, cfg.trim))
+            if cfg.psi_square_error > 0:
+                # the psi^2 weight that keeps the sampling-variance estimate honest at this clip
+                # (the most demanding item sets it: one release, one bound)
+                unit_nv = _noise_var(cfg, plan.sigma["influence"], clip * math.sqrt(j), n)
+                rel = (cfg.influence_count_weight, max(
+                    psi_square_weight(histogram_sum_squares(totals[it], edges, upto=tail_edge[it]), unit_nv, clip,
+                                      count_weight=cfg.influence_count_weight, target=cfg.psi_square_error)
+                    for it in items))
         # optional: sums of d psi / d theta for the first-order nuisance-noise terms
         jac: dict[str, float] = {}
         if "jacobian" in plan.sigma:
@@ -281,7 +293,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                     covs += [arms[it][1].noise_cov, arms[it][0].noise_cov]
                 jac[it] = (totals[it], covs, jnv)
         # one release, one bound: the same clip for every item of the release
-        arrays = {**nuis, "clip": np.array([clip])}
+        arrays = {**nuis, "clip": np.array([clip]), "influence-weights": np.array(rel)}
         sigma = plan.sigma["influence"]
         totals, n, metrics = send("influence", arrays, {"noise-multiplier": sigma})
         record("influence", n, metrics)
@@ -294,7 +306,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         if cfg.estimator == "ra":
             est.fit(prop_coef=None, arm1=a1, arm0=a0, noise={"gram": out_noise})
         else:
-            w_n, w_2 = influence_weights(clip)
+            w_n, w_2 = influence_weights(clip, rel)
             nv = influence_nv
             tot = totals[it]
             sums = {"n": tot[0] / w_n, "psi": tot[1], "psi2": tot[2] / w_2}
@@ -314,6 +326,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                 noise["nuisance"] = cross
             est.fit(prop_coef=beta[it], arm1=a1, arm0=a0, sums=sums, noise=noise)
             est.extra["psi_clip"] = clip
+            est.extra["influence_weights"] = rel
         lo, hi = est.ate_interval(cfg.alpha)
         r = est.result
         assert r is not None
@@ -323,6 +336,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                "estimator": cfg.estimator}
         if "psi_clip" in est.extra:
             row["psi_clip_outcome_units"] = est.extra["psi_clip"] * scale
+            row["psi_square_weight"] = est.extra["influence_weights"][1]
         if a1 is not None:
             row["gram_weight"] = gw
             row["cate_coef"] = dict(zip(["intercept"] + [c[0] for c in study.columns],

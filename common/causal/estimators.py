@@ -77,6 +77,10 @@ __all__ = [
     "outcome_bound",
     "influence_bound",
     "influence_weights",
+    "influence_relative_weights",
+    "psi_square_weight",
+    "histogram_sum_squares",
+    "INFLUENCE_WEIGHTS",
     "step_bound",
     "moments_bound",
     "moments_carry_arms",
@@ -95,6 +99,8 @@ __all__ = [
 
 #: Propensity trimming band (see module docstring).
 TRIM = (0.05, 0.95)
+#: default relative weights ``(count, square)`` of the influence release (see :func:`influence_weights`)
+INFLUENCE_WEIGHTS = (0.25, 0.5)
 ESTIMATORS = ("aipw", "ipw", "ra")
 Estimator = Literal["aipw", "ipw", "ra"]
 
@@ -724,11 +730,10 @@ class CausalConfig:
     #: :data:`NEWTON_STEPS_NO_DP`, which costs nothing (:attr:`newton_count`)
     newton_steps: int = 2
     #: fraction of ``share_propensity`` the last Newton step gets (the rest split evenly over the
-    #: earlier ones); 0 (default): every step the same. Newton forgets the earlier steps'
-    #: gradient noise (``newton_noise_cov``), so the last step's noise is what the fitted beta
-    #: carries; but fewer or starved early steps leave beta short of convergence, which the
-    #: nuisance-noise variance does not model (docs/causal.md, tuning): not the default.
-    newton_last: float = 0.0
+    #: earlier ones; 0: every step the same). Newton forgets the earlier steps' gradient noise
+    #: (``newton_noise_cov``), so the last step's noise is what the fitted beta carries; from the
+    #: LDA start the first step has little left to do (docs/causal.md). Default 0.65.
+    newton_last: float = 0.65
     #: where Newton starts: "lda" (default; :func:`lda_start` from per-item arm sums the
     #: ``moments`` release then carries) or "zero" (the moments release stays ``vech(x x')``)
     propensity_start: str = "lda"
@@ -748,6 +753,13 @@ class CausalConfig:
     #: the sampling SD (:func:`noise_limited_clip`; 0: off): at large ε it removes clipping bias
     #: for at most sqrt(1 + ratio^2) - 1 more SE; at ε <= 1 it does not bind (docs/causal.md)
     psi_noise_ratio: float = 0.5
+    #: the weight of the psi^2 coordinate of the influence release is the smallest that keeps
+    #: the noise on ``sum psi^2`` (which sets the SE's sampling part) within this fraction of the
+    #: psi sum's variance (:func:`psi_square_weight`); 0: the fixed weight ``INFLUENCE_WEIGHTS[1]``
+    psi_square_error: float = 0.2
+    #: relative weight of the count coordinate of the influence release (:func:`influence_weights`);
+    #: its noise only enters through ATE x the count's relative error (:func:`ate_from_sums`)
+    influence_count_weight: float = 0.05
     #: weight of the Hessian coordinates in each Newton release ``[g, h vech(H)]`` (the server
     #: divides it out): < 1 moves noise from the gradient, which sets the fitted beta, to the
     #: Hessian, which only sets the step (docs/causal.md)
@@ -794,6 +806,10 @@ class CausalConfig:
                 raise ValueError(f"{name} must be positive and finite, got {v}")
         if not self.psi_grid_factor > 1.0:
             raise ValueError(f"psi_grid_factor must be > 1, got {self.psi_grid_factor}")
+        if not (self.psi_square_error >= 0 and math.isfinite(self.psi_square_error)):
+            raise ValueError(f"psi_square_error must be >= 0 and finite (0: fixed weight), got {self.psi_square_error}")
+        if not (self.influence_count_weight > 0 and math.isfinite(self.influence_count_weight)):
+            raise ValueError(f"influence_count_weight must be positive and finite, got {self.influence_count_weight}")
         if not (self.psi_noise_ratio >= 0 and math.isfinite(self.psi_noise_ratio)):
             raise ValueError(f"psi_noise_ratio must be >= 0 and finite (0: off), got {self.psi_noise_ratio}")
         lo, hi = self.trim
@@ -904,6 +920,8 @@ class CausalConfig:
             "causal.psi-clip-margin": self.psi_clip_margin, "causal.whiten-mode": self.whiten_mode,
             "causal.psi-grid-factor": self.psi_grid_factor, "causal.hessian-weight": self.hessian_weight,
             "causal.psi-noise-ratio": self.psi_noise_ratio,
+            "causal.psi-square-error": self.psi_square_error,
+            "causal.influence-count-weight": self.influence_count_weight,
             "causal.gram-weight": -1.0 if self.gram_weight is None else float(self.gram_weight),
             "causal.gram-weight-min": self.gram_weight_min, "causal.gram-floor-ratio": self.gram_floor_ratio,
             "causal.whiten-weighted": bool(self.whiten_weighted),
@@ -933,6 +951,8 @@ class CausalConfig:
                           ("alpha", "alpha"), ("floor-k", "floor_k"),
                           ("outcome-ridge-k", "outcome_ridge_k"), ("psi-grid-factor", "psi_grid_factor"),
                           ("psi-noise-ratio", "psi_noise_ratio"),
+                          ("psi-square-error", "psi_square_error"),
+                          ("influence-count-weight", "influence_count_weight"),
                           ("hessian-weight", "hessian_weight"), ("gram-weight-min", "gram_weight_min"),
                           ("gram-floor-ratio", "gram_floor_ratio")):
             if key in d:
@@ -1102,20 +1122,65 @@ def release_weight(arrays: Mapping[str, np.ndarray], key: str) -> float:
     return v
 
 
-def influence_weights(clip: float) -> tuple[float, float]:
-    """Coordinate weights (w_n, w_2) of ``[w_n, psi, w_2 psi^2]``: the count and the square get
-    about a fifth of the noise budget each, relative to psi."""
-    return clip / 4.0, 1.0 / (2.0 * clip)
+def influence_relative_weights(arrays: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """The public relative weights ``(a, k)`` the server sent with the ``influence`` step as
+    ``influence-weights`` (:data:`INFLUENCE_WEIGHTS` when absent). Both must be positive and
+    finite: they set the sensitivity."""
+    if "influence-weights" not in arrays:
+        return INFLUENCE_WEIGHTS
+    v = np.asarray(arrays["influence-weights"], dtype=np.float64).reshape(-1)
+    if v.shape != (2,) or not (np.all(v > 0) and np.all(np.isfinite(v))):
+        raise ValueError(f"influence-weights must be two positive finite numbers, got {v.tolist()}")
+    return float(v[0]), float(v[1])
 
 
-def influence_bound(clip: float) -> float:
-    """L2 bound of ``[w_n, psi, w_2 psi^2]`` with |psi| <= clip: ``clip * sqrt(1/16 + 1 + 1/4)``."""
-    w_n, w_2 = influence_weights(clip)
-    return math.sqrt(w_n**2 + clip**2 + (w_2 * clip**2) ** 2)
+def influence_weights(clip: float, rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> tuple[float, float]:
+    """Coordinate weights ``(w_n, w_2) = (a clip, k / clip)`` of ``[w_n, psi, w_2 psi^2]`` for
+    relative weights ``rel = (a, k)``: relative to psi's, the count and the square get
+    ``a^2`` and ``k^2`` of the noise budget (default 1/16 and 1/4)."""
+    a, k = rel
+    return a * clip, k / clip
+
+
+def influence_bound(clip: float, rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> float:
+    """L2 bound of ``[w_n, psi, w_2 psi^2]`` with |psi| <= clip: ``clip * sqrt(a^2 + 1 + k^2)``
+    (default ``1.146 clip``)."""
+    a, k = rel
+    return clip * math.sqrt(a * a + 1.0 + k * k)
+
+
+def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, count_weight: float,
+                      target: float, grid: np.ndarray | None = None) -> float:
+    """The smallest relative weight ``k`` of the ``psi^2`` coordinate (:func:`influence_weights`)
+    whose noise keeps the SE honest: the released ``sum psi^2`` (from which the sampling
+    variance is estimated) gets noise SD at most ``target`` x the variance of the psi sum
+    (sampling ``sum_sq`` plus the DP noise on it).
+
+    ``unit_noise_var``: noise variance of one released coordinate when the per-item bound is
+    ``clip`` (weights 0); with weights ``(a, k)`` it is ``unit_noise_var (1 + a^2 + k^2)``, and
+    the square's noise, after dividing ``w_2 = k / clip`` out, ``clip^2 / k^2`` times that.
+    ``sum_sq``: an estimate of ``sum psi^2`` (:func:`histogram_sum_squares`). Public
+    post-processing of released values; chooses a weight, releases nothing.
+
+    Why: a fixed ``k`` either starves the square where the clip is large relative to psi's
+    spread (large ε, where :func:`noise_limited_clip` raises the clip: the SE's sampling part
+    then carries the noise and coverage fell to 0.88 with ``k`` 0.2, docs/causal.md) or spends
+    budget on it where the psi noise dominates the SE anyway (small ε), which widens the CI.
+    Returns the grid's largest ``k`` when none meets the target.
+    """
+    grid = np.geomspace(0.02, 2.0, 101) if grid is None else np.asarray(grid, dtype=np.float64)
+    if not unit_noise_var > 0 or not target > 0:
+        return INFLUENCE_WEIGHTS[1]
+    for k in grid:
+        nv = unit_noise_var * (1.0 + count_weight**2 + k * k)
+        if math.sqrt(nv) * clip / k <= target * (max(sum_sq, 0.0) + nv):
+            return float(k)
+    return float(grid[-1])
 
 
 def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0, jac_k: float = 1.0,
-               hessian_weight: float = 1.0, gram_weight: float = 1.0, arm_items: int = 0) -> float:
+               hessian_weight: float = 1.0, gram_weight: float = 1.0, arm_items: int = 0,
+               influence_rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> float:
     """Per-item L2 bound of one person's contribution to ``step`` (r2 defaults to p); for
     ``moments``, the whole release's bound (``arm_items`` items' arm sums included)."""
     r2 = float(p) if r2 is None else r2
@@ -1128,7 +1193,7 @@ def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0,
     if step == "outcome":
         return outcome_bound(r2, gram_weight)
     if step == "influence":
-        return influence_bound(clip)
+        return influence_bound(clip, influence_rel)
     if step == "scale":
         return 1.0
     raise ValueError(step)
@@ -1138,7 +1203,7 @@ def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_i
     """L2 sensitivity of one protocol release, from public values only.
 
     ``arrays`` are the public arrays the server sends with the step (whitening radius, psi
-    clip, Jacobian clip, Hessian and Gram weights); a release carrying ``n_items`` items has ``sqrt(n_items)`` x the
+    clip and influence weights, Jacobian clip, Hessian and Gram weights); a release carrying ``n_items`` items has ``sqrt(n_items)`` x the
     per-item bound (a person can be considered for every item), except ``moments`` (each
     person once). The client charges its ledger with this and the server sizes SecAgg+ with
     it: one function, so the two cannot disagree.
@@ -1150,7 +1215,8 @@ def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_i
     per_item = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k,
                           hessian_weight=release_weight(arrays, "hessian-weight"),
                           gram_weight=release_weight(arrays, "gram-weight"),
-                          arm_items=n_items if moments_carry_arms(arrays) else 0)
+                          arm_items=n_items if moments_carry_arms(arrays) else 0,
+                          influence_rel=influence_relative_weights(arrays) if step == "influence" else INFLUENCE_WEIGHTS)
     return per_item * (1.0 if step == "moments" else math.sqrt(n_items))
 
 
@@ -1249,13 +1315,20 @@ def noise_limited_clip(counts: np.ndarray, edges: np.ndarray, *, noise_sd_per_cl
     """
     if not noise_sd_per_clip > 0 or not ratio > 0:
         return 0.0
+    return ratio * math.sqrt(histogram_sum_squares(counts, edges, upto=upto)) / noise_sd_per_clip
+
+
+def histogram_sum_squares(counts: np.ndarray, edges: np.ndarray, *, upto: float) -> float:
+    """``sum psi^2`` estimated from the (noisy) |psi| histogram of the ``scale`` step: the bins
+    whose upper edge is at most ``upto``, each at its geometric middle (bin 0, below
+    ``edges[0]``, at ``edges[0] / sqrt(ratio of the grid)``), negative noisy counts as 0
+    (:func:`noise_limited_clip` says why the bins above are left out). Post-processing."""
     counts = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
     edges = np.asarray(edges, dtype=np.float64)
     step = float(edges[1] / edges[0]) if len(edges) > 1 else 2.0
     mids = np.concatenate([[edges[0] / math.sqrt(step)], np.sqrt(edges[:-1] * edges[1:])])
     keep = int(np.searchsorted(edges, upto * (1 + 1e-9), side="right"))  # bins whose upper edge <= upto
-    sum_sq = float(counts[:keep] @ mids[:keep] ** 2)
-    return ratio * math.sqrt(max(sum_sq, 0.0)) / noise_sd_per_clip
+    return max(float(counts[:keep] @ mids[:keep] ** 2), 0.0)
 
 
 # --------------------------------------------------------------------------- whitening

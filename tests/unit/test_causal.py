@@ -87,7 +87,7 @@ def test_newton_schedule_puts_the_named_fraction_on_the_last_step():
     even = CausalConfig(epsilon=1.0, newton_steps=3, newton_last=0.0).step_shares()
     assert even["propensity:1"] == pytest.approx(even["propensity:3"])
     assert CausalConfig.from_flat(cfg.to_flat()) == cfg
-    assert CausalConfig().newton_last == 0.0 and CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()
+    assert CausalConfig().newton_last == 0.65 and CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()
     plan = plan_budget(cfg)
     spent = epsilon_for(plan.events(), delta=cfg.delta, accountant="prv")
     assert 0.97 <= spent <= 1.0 + 1e-9
@@ -642,3 +642,84 @@ def test_noise_limited_clip_reads_the_histogram_below_the_tail_edge():
     with pytest.raises(ValueError, match="psi_noise_ratio"):
         CausalConfig(psi_noise_ratio=-1.0)
     assert CausalConfig.from_flat(CausalConfig(psi_noise_ratio=0.2).to_flat()).psi_noise_ratio == 0.2
+
+
+# --------------------------------------------------------------------------- influence weights
+def test_influence_weights_set_the_charged_bound_and_are_divided_out(health):
+    """The psi^2 (and count) weights the server sends with the influence step: every person's
+    row ``[a clip, psi, (k / clip) psi^2]`` is within ``clip sqrt(a^2 + 1 + k^2)``, which is what
+    release_sensitivity charges; the person at |psi| = clip attains it, so a sensitivity that
+    kept the default weights (a larger k here) or forgot the square would be exceeded; and the
+    server divides the weights out (equal estimates at ε = inf whatever the weights)."""
+    from fedrec.common.causal.estimators import INFLUENCE_WEIGHTS, release_sensitivity
+
+    insts, _ = health
+    rows = encode_item(insts[0], "diet_counselling")
+    p, clip = rows.p, 0.5
+    beta, coef = np.zeros(p), np.zeros(p)
+    for rel in [(0.05, 0.2), (0.25, 1.5)]:
+        arrays = {"clip": np.array([clip]), "influence-weights": np.array(rel)}
+        c = influence_sum_terms(rows, estimator="aipw", clip=clip, prop_coef=beta, coef1=coef, coef0=coef, rel=rel)
+        bound = clip * math.sqrt(rel[0] ** 2 + 1 + rel[1] ** 2)
+        assert c.bound == pytest.approx(bound) == release_sensitivity("influence", p, arrays, 1)
+        assert release_sensitivity("influence", p, arrays, 4) == pytest.approx(2 * bound)
+        assert np.linalg.norm(c.terms, axis=1).max() <= bound + 1e-9
+        np.testing.assert_allclose(c.terms[:, 0], rel[0] * clip)
+        np.testing.assert_allclose(c.terms[:, 2], rel[1] / clip * c.terms[:, 1] ** 2)
+        # a person at the clip (|psi| >= clip) attains the bound exactly
+        corner = np.linalg.norm([rel[0] * clip, clip, rel[1] * clip])
+        assert corner == pytest.approx(bound)
+    assert release_sensitivity("influence", p, {"clip": np.array([clip])}, 1) == pytest.approx(
+        influence_bound(clip, INFLUENCE_WEIGHTS))
+    assert influence_bound(clip, (0.25, 1.5)) > influence_bound(clip) * 1.3  # the default would undercharge
+    with pytest.raises(ValueError, match="influence-weights"):
+        release_sensitivity("influence", p, {"clip": np.array([clip]), "influence-weights": np.array([0.1, -1.0])}, 1)
+    with pytest.raises(ValueError, match="influence-weights"):
+        release_sensitivity("influence", p, {"clip": np.array([clip]), "influence-weights": np.array([0.1])}, 1)
+    item = "diet_counselling"
+    a = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,))).items[item]
+    b = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,), influence_count_weight=0.05)).items[item]
+    assert b["ate"] == pytest.approx(a["ate"], rel=1e-9) and b["se"] == pytest.approx(a["se"], rel=1e-9)
+
+
+def test_psi_square_weight_is_the_smallest_meeting_the_target():
+    """The chosen k meets ``sd(noise on sum psi^2) <= target x (sum psi^2 + noise var)`` and the
+    next smaller grid point does not; a larger clip (its noise goes as clip^2) needs a larger k,
+    more budget (smaller noise) a smaller one; no noise keeps the default."""
+    from fedrec.common.causal.estimators import INFLUENCE_WEIGHTS, psi_square_weight
+
+    grid = np.geomspace(0.02, 2.0, 101)
+
+    def err(k, s2, unv, clip):
+        nv = unv * (1 + 0.25**2 + k * k)
+        return math.sqrt(nv) * clip / k / (s2 + nv)
+
+    s2, unv, clip = 1800.0, 30.0**2, 5.0
+    k = psi_square_weight(s2, unv, clip, count_weight=0.25, target=0.3, grid=grid)
+    i = int(np.flatnonzero(np.isclose(grid, k))[0])
+    assert i > 0 and err(k, s2, unv, clip) <= 0.3 < err(grid[i - 1], s2, unv, clip)
+    assert psi_square_weight(s2, unv, 4 * clip, count_weight=0.25, target=0.3) > k
+    assert psi_square_weight(s2, unv / 16, clip, count_weight=0.25, target=0.3) < k
+    assert psi_square_weight(s2, 0.0, clip, count_weight=0.25, target=0.3) == INFLUENCE_WEIGHTS[1]
+    assert psi_square_weight(s2, unv, 1e6, count_weight=0.25, target=0.3, grid=grid) == grid[-1]  # unreachable
+    with pytest.raises(ValueError, match="psi_square_error"):
+        CausalConfig(psi_square_error=-0.1)
+    with pytest.raises(ValueError, match="influence_count_weight"):
+        CausalConfig(influence_count_weight=0.0)
+    cfg = CausalConfig(psi_square_error=0.2, influence_count_weight=0.1)
+    assert CausalConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_the_server_chooses_the_psi_square_weight_under_dp(health):
+    """Under DP the server picks the psi^2 weight from the scale histogram (reported per item);
+    ``psi_square_error = 0`` keeps the fixed default."""
+    insts, _ = health
+    item = "diet_counselling"
+    cfg = CausalConfig(epsilon=1.0, items=(item,), noise_mode="distributed", n_min=8)
+    r = estimate_inprocess(insts, cfg, rng=np.random.default_rng(0)).items[item]
+    assert 0.02 <= r["psi_square_weight"] <= 2.0
+    fixed = estimate_inprocess(insts, CausalConfig(epsilon=1.0, items=(item,), noise_mode="distributed", n_min=8,
+                                                   psi_square_error=0.0), rng=np.random.default_rng(0)).items[item]
+    from fedrec.common.causal.estimators import INFLUENCE_WEIGHTS
+
+    assert fixed["psi_square_weight"] == INFLUENCE_WEIGHTS[1]
