@@ -718,6 +718,7 @@ def test_the_server_chooses_the_psi_square_weight_under_dp(health):
     cfg = CausalConfig(epsilon=1.0, items=(item,), noise_mode="distributed", n_min=8)
     r = estimate_inprocess(insts, cfg, rng=np.random.default_rng(0)).items[item]
     assert 0.02 <= r["psi_square_weight"] <= 2.0
+    assert r["psi_square_weight"] != 0.5  # chosen on the grid, not the fixed default
     fixed = estimate_inprocess(insts, CausalConfig(epsilon=1.0, items=(item,), noise_mode="distributed", n_min=8,
                                                    psi_square_error=0.0), rng=np.random.default_rng(0)).items[item]
     from fedrec.common.causal.estimators import INFLUENCE_WEIGHTS
