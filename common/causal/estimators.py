@@ -1157,7 +1157,8 @@ def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, coun
     (sampling ``sum_sq`` plus the DP noise on it).
 
     ``unit_noise_var``: noise variance of one released coordinate when the per-item bound is
-    ``clip`` (weights 0); with weights ``(a, k)`` it is ``unit_noise_var (1 + a^2 + k^2)``, and
+    ``clip`` (weights 0); with weights ``(a, k)`` it scales with the release's bound,
+    :func:`influence_bound` squared (``unit_noise_var (1 + a^2 + k^2)``), and
     the square's noise, after dividing ``w_2 = k / clip`` out, ``clip^2 / k^2`` times that.
     ``sum_sq``: an estimate of ``sum psi^2`` (:func:`histogram_sum_squares`). Public
     post-processing of released values; chooses a weight, releases nothing.
@@ -1172,7 +1173,7 @@ def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, coun
     if not unit_noise_var > 0 or not target > 0:
         return INFLUENCE_WEIGHTS[1]
     for k in grid:
-        nv = unit_noise_var * (1.0 + count_weight**2 + k * k)
+        nv = unit_noise_var * influence_bound(1.0, (count_weight, float(k))) ** 2
         if math.sqrt(nv) * clip / k <= target * (max(sum_sq, 0.0) + nv):
             return float(k)
     return float(grid[-1])
