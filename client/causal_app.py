@@ -4,7 +4,8 @@ Importing this module registers, on :data:`fedrec.client.app.app`:
 
 * ``query.causal_study`` — the public study declaration (design columns with their declared
   bounds, outcome bounds, better direction, item ids). Nothing computed on data; no charge.
-* ``query.causal_moments`` / ``query.causal_propensity`` / ``query.causal_outcome`` / ``query.causal_scale`` /
+* ``query.causal_moments`` / ``query.causal_propensity`` / ``query.causal_outcome_range`` /
+  ``query.causal_outcome`` / ``query.causal_scale`` /
   ``query.causal_jacobian`` / ``query.causal_influence`` — one
   DP release each (client/statistics.py): the study is validated, then the step's
   ``GaussianEvent`` is **charged** to the institution's ledger (write-ahead; a charge over the
@@ -174,6 +175,11 @@ def causal_outcome(msg: Message, context: Context) -> Message:
 @app.query("causal_scale")
 def causal_scale(msg: Message, context: Context) -> Message:
     return _step(msg, context, "scale")
+
+
+@app.query("causal_outcome_range")
+def causal_outcome_range(msg: Message, context: Context) -> Message:
+    return _step(msg, context, "outcome-range")
 
 
 @app.query("causal_jacobian")

@@ -8,7 +8,8 @@ derived from the study's **declared** bounds only, never from the data:
 * covariates are scaled to [-1, 1] by their public bounds and an intercept is prepended, so a
   design row ``x`` has ``p = d + 1`` coordinates, ``|x_k| <= 1`` and ``||x||^2 <= p``;
 * the outcome is centred on the middle of its public bounds and divided by the half range,
-  so ``|y| <= 1``;
+  so ``|y| <= 1``; the outcome models may fit a public re-centred, narrower interval of it
+  (``outcome-map``, clipped back to [-1, 1]), which leaves every bound as it is;
 * ``vech`` of an outer product ``x x'`` (upper triangle with diagonal) has squared norm
   ``(||x||^4 + sum x_k^4) / 2 <= (p^2 + p) / 2``.
 
@@ -47,6 +48,7 @@ from fedrec.common.causal.estimators import (
     jacobian_bound,
     influence_weights,
     outcome_bound,
+    outcome_map,
     propensity_bound,
     release_weight,
     scale_covariates,
@@ -221,16 +223,35 @@ def propensity_newton_terms(rows: ItemRows, beta: np.ndarray, hessian_weight: fl
     return Contribution(terms, propensity_bound(rows.row_norm2, hessian_weight))
 
 
-def outcome_gram_terms(rows: ItemRows, gram_weight: float = 1.0) -> Contribution:
-    """Per person, for each arm (0 then 1): ``[g vech(x x'), x y, y^2]``, zero in the other arm;
-    ``g`` the public Gram weight (the server divides it out).
+def outcome_range_terms(rows: ItemRows, edges: np.ndarray) -> Contribution:
+    """Per person a one-hot row: which bin of the public signed grid ``edges``
+    (:func:`~fedrec.common.causal.estimators.outcome_grid`) the scaled outcome falls in.
+
+    Sum: a histogram of the outcome; the server picks from its tails the interval the outcome
+    models are fitted on. L2 bound per person: 1 (one count in one bin), so one person moves
+    the released histogram by at most 1 per item whatever their data.
+    """
+    b = np.searchsorted(np.asarray(edges, dtype=np.float64), rows.y, side="right")
+    terms = np.zeros((len(rows.y), len(edges) + 1))
+    terms[np.arange(len(rows.y)), b] = 1.0
+    return Contribution(terms, 1.0)
+
+
+def outcome_gram_terms(rows: ItemRows, gram_weight: float = 1.0,
+                       y_map: tuple[float, float] = (0.0, 1.0)) -> Contribution:
+    """Per person, for each arm (0 then 1): ``[g vech(x x'), x y', y'^2]``, zero in the other
+    arm; ``g`` the public Gram weight (the server divides it out) and ``y' = clip((y - c) / h,
+    -1, 1)`` for the public outcome map ``y_map = (c, h)`` (the server maps the fits back).
 
     Sums: the per-arm Gram ``X'X`` (its [0, 0] entry is the arm's count, its first row the
-    covariate sums), ``X'y`` and ``y'y`` — ridge fits, residual variances and (later)
+    covariate sums), ``X'y'`` and ``y''y'`` — ridge fits, residual variances and (later)
     mediation paths come from them. L2 bound per person: :func:`outcome_bound`
-    ``sqrt(g^2 r2^2 + r2 + 1)`` with r2 the public bound on ``||x||^2``.
+    ``sqrt(g^2 r2^2 + r2 + 1)`` with r2 the public bound on ``||x||^2`` (|y'| <= 1 whatever the
+    map, so the map does not enter the bound).
     """
-    x, y = rows.x, rows.y
+    centre, half = y_map
+    x = rows.x
+    y = rows.y if (centre, half) == (0.0, 1.0) else np.clip((rows.y - centre) / half, -1.0, 1.0)
     block = np.hstack([gram_weight * vech(x[:, :, None] * x[:, None, :]), x * y[:, None], (y * y)[:, None]])
     if rows.wt is not None:  # weighted least squares (whitening radius as weights)
         block = block * rows.wt[:, None]
@@ -352,7 +373,9 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
         if kind == "propensity":
             blocks[it] = propensity_newton_terms(rows, arrays[f"beta/{it}"], release_weight(arrays, "hessian-weight"))
         elif kind == "outcome":
-            blocks[it] = outcome_gram_terms(rows, release_weight(arrays, "gram-weight"))
+            blocks[it] = outcome_gram_terms(rows, release_weight(arrays, "gram-weight"), outcome_map(arrays, it))
+        elif kind == "outcome-range":
+            blocks[it] = outcome_range_terms(rows, np.asarray(arrays["outcome-edges"]))
         elif kind == "scale":
             blocks[it] = influence_scale_terms(rows, estimator=estimator, edges=np.asarray(arrays["edges"]),
                                                prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),

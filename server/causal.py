@@ -10,8 +10,12 @@ One run estimates, for each requested item, the effect of ``exposed`` on the out
 1. ``propensity:k`` (k = 1..newton_steps) — the server sends the current logistic
    coefficients; each institution releases the DP sum of ``[(T - e) w, vech(e(1-e) w w')]``
    per item; the server takes a Newton step.
-2. ``outcome`` — DP sums of per-arm ``vech(W'W), W'y, y'y``; the server fits the per-arm ridge
-   models (CATE = their difference) and their DP residual variances.
+2a. ``outcome-range`` (aipw/ra under DP) — a DP histogram of the scaled outcome on a public
+   signed grid; per item the server picks the interval (centre, half) the outcome models fit
+   (all but ``outcome_range_tail`` each side, widened ``outcome_range_margin`` times).
+2. ``outcome`` — DP sums of per-arm ``vech(W'W), W'y', y''y'`` with ``y'`` the outcome mapped
+   to that interval and clipped to it; the server fits the per-arm ridge models, maps them back
+   (CATE = their difference) with their DP residual variances.
 3. ``scale`` — a DP histogram of |psi| on a public grid; the server picks the psi clip.
 3b. ``jacobian`` (optional, ``share_jacobian > 0``) — DP sums of d psi / d nuisance.
 4. ``influence`` — the server sends the nuisances and the clip; institutions release DP sums
@@ -42,7 +46,10 @@ from fedrec.common.causal.estimators import (
     BudgetPlan,
     CausalConfig,
     FederatedCausalEstimator,
+    arm_from_mapped,
     auto_gram_weight,
+    outcome_grid,
+    outcome_range_from_histogram,
     half_range,
     lda_start,
     newton_update,
@@ -74,6 +81,7 @@ __all__ = ["CausalResult", "StudyInfo", "run_protocol", "estimate", "app", "MESS
 #: message type of each step (client handlers: client/causal_app.py)
 MESSAGE_TYPES = {"study": "query.causal_study", "moments": "query.causal_moments", "propensity": "query.causal_propensity",
                  "scale": "query.causal_scale", "jacobian": "query.causal_jacobian",
+                 "outcome-range": "query.causal_outcome_range",
                  "outcome": "query.causal_outcome", "influence": "query.causal_influence"}
 
 
@@ -202,7 +210,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             for it in items:
                 tot = totals[it]
                 hess = tot[p:] / hw
-                floor = _floor(nv_h, p, cfg.floor_k)
+                floor = _floor(nv_h, p, cfg.newton_floor_k)
                 beta[it] = newton_update(beta[it], tot[:p], hess, ridge=lam, floor=floor)
                 beta_cov[it] = newton_noise_cov(beta_cov[it], hess, nv, ridge=lam, floor=floor)
                 if k == cfg.newton_count:
@@ -211,6 +219,19 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
     arms: dict[str, tuple] = {}
     out_noise = 0.0
     gw = 1.0
+    ymap = {it: (0.0, 1.0) for it in items}  # (centre, half) of the interval each item's models fit
+    if "outcome-range" in plan.sigma:
+        # a DP histogram of the scaled outcome -> per item, the interval holding all but the
+        # tails: declared bounds are often far wider than the outcome's spread (finance:
+        # +-100,000 USD around a few thousand), and X'y's noise scales with the interval
+        edges = outcome_grid(cfg.outcome_grid_factor)
+        rarrays = {"outcome-edges": edges}
+        sigma = plan.sigma["outcome-range"]
+        totals, n, metrics = send("outcome-range", rarrays, {"noise-multiplier": sigma})
+        record("outcome-range", n, metrics)
+        count_sd = math.sqrt(_noise_var(cfg, sigma, release_sensitivity("outcome-range", p, rarrays, j), n))
+        ymap = {it: outcome_range_from_histogram(totals[it], edges, tail=cfg.outcome_range_tail,
+                                                 margin=cfg.outcome_range_margin, noise_sd=count_sd) for it in items}
     if cfg.estimator in ("aipw", "ra"):
         sigma = plan.sigma["outcome"]
         gw = cfg.gram_weight
@@ -219,7 +240,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                 arm_scale=arm_scale, noise_multiplier=sigma, r2=r2, p=p, n_items=j, contributors=n,
                 noise_mode=cfg.noise_mode, n_min=cfg.n_min, floor_k=cfg.floor_k, lowest=cfg.gram_weight_min,
                 max_ratio=cfg.gram_floor_ratio)
-        arrays = {**warrays, "gram-weight": np.array([gw])}
+        arrays = {**warrays, "gram-weight": np.array([gw]), **{f"outcome-map/{it}": np.array(ymap[it]) for it in items}}
         totals, n, metrics = send("outcome", arrays, {"noise-multiplier": sigma})
         record("outcome", n, metrics)
         xy_noise = _noise_var(cfg, sigma, release_sensitivity("outcome", p, arrays, j), n)  # X'y, y'y
@@ -240,7 +261,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                 fits.append(ridge_fit(blk[:vech_len(p)] / gw, blk[vech_len(p):vech_len(p) + p], float(blk[-1]),
                                       ridge=lam, noise_var=xy_noise, gram_noise_var=out_noise,
                                       floor=_floor(out_noise, p, cfg.floor_k)))
-            arms[it] = (fits[0], fits[1])
+            arms[it] = (arm_from_mapped(fits[0], *ymap[it]), arm_from_mapped(fits[1], *ymap[it]))
     # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
     clip = 0.0
     rel = (cfg.influence_count_weight, INFLUENCE_WEIGHTS[1])  # the influence release's relative weights
@@ -258,7 +279,8 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         else:
             # a DP histogram of |psi| on a public grid; the clip is the grid edge above which
             # at most psi_tail of the people lie (the largest over items)
-            edges = psi_grid(cfg.estimator, cfg.trim, factor=cfg.psi_grid_factor)
+            # (the grid shrinks with the outcome models' interval: psi's spread follows y's)
+            edges = psi_grid(cfg.estimator, cfg.trim, factor=cfg.psi_grid_factor) * max(h for _, h in ymap.values())
             sigma = plan.sigma["scale"]
             totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
             record("scale", n, metrics)
@@ -334,6 +356,10 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                "sampling_se": math.sqrt(r.sampling_var), "noise_se": math.sqrt(r.noise_var),
                "nuisance_se": math.sqrt(r.nuisance_var),
                "estimator": cfg.estimator}
+        if ymap[it] != (0.0, 1.0):
+            c, h = ymap[it]
+            mid = (study.outcome_bounds[0] + study.outcome_bounds[1]) / 2.0
+            row["outcome_range"] = [mid + (c - h) * scale, mid + (c + h) * scale]
         if "psi_clip" in est.extra:
             row["psi_clip_outcome_units"] = est.extra["psi_clip"] * scale
             row["psi_square_weight"] = est.extra["influence_weights"][1]

@@ -75,6 +75,10 @@ __all__ = [
     "plan_budget",
     "propensity_bound",
     "outcome_bound",
+    "outcome_grid",
+    "outcome_range_from_histogram",
+    "outcome_map",
+    "arm_from_mapped",
     "influence_bound",
     "influence_weights",
     "influence_relative_weights",
@@ -742,6 +746,15 @@ class CausalConfig:
     share_outcome: float = 0.25
     share_influence: float = 0.40
     share_scale: float = 0.06
+    #: share of the ``outcome-range`` step (aipw/ra under DP; 0: off, the outcome models are
+    #: fitted on the declared bounds): a DP histogram of the scaled outcome from which the
+    #: server picks the interval the outcome models are fitted on (:func:`outcome_range_from_histogram`)
+    share_outcome_range: float = 0.03
+    #: fraction of people each side of that interval (before the margin) and its widening
+    outcome_range_tail: float = 0.005
+    outcome_range_margin: float = 1.25
+    #: ratio of consecutive edges of the public signed outcome grid (:func:`outcome_grid`)
+    outcome_grid_factor: float = 2.0 ** 0.5
     share_jacobian: float = 0.0
     jacobian_k: float = 4.0
     nuisance_variance: bool = True
@@ -779,6 +792,11 @@ class CausalConfig:
     psi_clip: float | None = None
     ridge: float | None = None
     floor_k: float = 2.0
+    #: eigenvalue floor of the noisy Newton Hessians, in the same units as ``floor_k`` (which
+    #: the Grams keep). 1 since the outcome models fit the ``outcome-range`` interval: with
+    #: accurate outcome models what is left of the small-ε bias is the floor's shrinkage of the
+    #: propensity (finance local ε = 1: +0.45 SE at 2, +0.31 at 1; docs/causal.md)
+    newton_floor_k: float = 1.0
     outcome_ridge_k: float = 1.0
     trim: tuple[float, float] = TRIM
     noise_mode: str = "local"
@@ -798,7 +816,7 @@ class CausalConfig:
         if not 0.0 <= self.newton_last < 1.0:
             raise ValueError("newton_last must be in [0, 1) (0: an even split)")
         if min(self.share_moments, self.share_propensity, self.share_outcome, self.share_influence,
-               self.share_scale, self.share_jacobian) < 0:
+               self.share_scale, self.share_jacobian, self.share_outcome_range) < 0:
             raise ValueError("budget shares must be >= 0")
         for name in ("hessian_weight", "gram_weight", "gram_weight_min", "gram_floor_ratio"):
             v = getattr(self, name)
@@ -806,6 +824,8 @@ class CausalConfig:
                 raise ValueError(f"{name} must be positive and finite, got {v}")
         if not self.psi_grid_factor > 1.0:
             raise ValueError(f"psi_grid_factor must be > 1, got {self.psi_grid_factor}")
+        if not self.outcome_grid_factor > 1.0:
+            raise ValueError(f"outcome_grid_factor must be > 1, got {self.outcome_grid_factor}")
         if not (self.psi_square_error >= 0 and math.isfinite(self.psi_square_error)):
             raise ValueError(f"psi_square_error must be >= 0 and finite (0: fixed weight), got {self.psi_square_error}")
         if not (self.influence_count_weight > 0 and math.isfinite(self.influence_count_weight)):
@@ -819,8 +839,11 @@ class CausalConfig:
                                ("alpha", 0.0 < self.alpha < 1.0, "in (0, 1)"),
                                ("psi_tail", 0.0 < self.psi_tail < 1.0, "in (0, 1)"),
                                ("psi_clip_margin", self.psi_clip_margin > 0, "> 0"),
+                               ("outcome_range_tail", 0.0 < self.outcome_range_tail < 0.5, "in (0, 0.5)"),
+                               ("outcome_range_margin", self.outcome_range_margin >= 1.0, ">= 1"),
                                ("jacobian_k", self.jacobian_k > 0, "> 0"),
                                ("floor_k", self.floor_k >= 0, ">= 0"),
+                               ("newton_floor_k", self.newton_floor_k >= 0, ">= 0"),
                                ("outcome_ridge_k", self.outcome_ridge_k >= 0, ">= 0"),
                                ("n_min", self.n_min >= 1, ">= 1")):
             if not ok:
@@ -859,14 +882,16 @@ class CausalConfig:
     def steps(self) -> list[str]:
         """The releases of one run, in order (``propensity:k`` per Newton step)."""
         prop = [f"propensity:{k}" for k in range(1, self.newton_count + 1)]
+        # "outcome-range" only under DP: without noise the declared bounds cost nothing
+        rng = ["outcome-range"] if self.dp and self.share_outcome_range > 0 else []
         if self.estimator == "ra":
-            return ["moments", "outcome"]
+            return ["moments"] + rng + ["outcome"]
         # "jacobian" (sums of d psi / d nuisance, for the nuisance-noise variance) only under DP:
         # without noise the nuisances carry no DP noise to propagate
         jac = ["jacobian"] if self.dp and self.share_jacobian > 0 else []
         if self.estimator == "ipw":
             return ["moments"] + prop + ["scale"] + jac + ["influence"]
-        return ["moments"] + prop + ["outcome", "scale"] + jac + ["influence"]
+        return ["moments"] + prop + rng + ["outcome", "scale"] + jac + ["influence"]
 
     @property
     def newton_count(self) -> int:
@@ -892,6 +917,8 @@ class CausalConfig:
                 raw[s] = self.share_outcome
             elif s == "scale":
                 raw[s] = self.share_scale
+            elif s == "outcome-range":
+                raw[s] = self.share_outcome_range
             elif s == "jacobian":
                 raw[s] = self.share_jacobian
             else:
@@ -915,6 +942,10 @@ class CausalConfig:
             "causal.share-moments": self.share_moments,
             "causal.whiten-radius": -1.0 if self.whiten_radius is None else float(self.whiten_radius), "causal.share-propensity": self.share_propensity,
             "causal.share-scale": self.share_scale, "causal.psi-tail": self.psi_tail,
+            "causal.share-outcome-range": self.share_outcome_range,
+            "causal.outcome-range-tail": self.outcome_range_tail,
+            "causal.outcome-range-margin": self.outcome_range_margin,
+            "causal.outcome-grid-factor": self.outcome_grid_factor,
             "causal.share-jacobian": self.share_jacobian, "causal.jacobian-k": self.jacobian_k,
             "causal.nuisance-variance": bool(self.nuisance_variance),
             "causal.psi-clip-margin": self.psi_clip_margin, "causal.whiten-mode": self.whiten_mode,
@@ -929,6 +960,7 @@ class CausalConfig:
             "causal.psi-clip": -1.0 if self.psi_clip is None else float(self.psi_clip),
             "causal.ridge": -1.0 if self.ridge is None else float(self.ridge),
             "causal.floor-k": self.floor_k, "causal.outcome-ridge-k": self.outcome_ridge_k,
+            "causal.newton-floor-k": self.newton_floor_k,
             "causal.trim-low": self.trim[0], "causal.trim-high": self.trim[1],
             "causal.noise-mode": self.noise_mode, "causal.n-min": self.n_min,
             "causal.accountant": self.accountant, "causal.alpha": self.alpha,
@@ -945,10 +977,14 @@ class CausalConfig:
         for key, attr in (("epsilon", "epsilon"), ("delta", "delta"), ("share-propensity", "share_propensity"),
                           ("share-moments", "share_moments"),
                           ("share-scale", "share_scale"), ("psi-tail", "psi_tail"),
+                          ("share-outcome-range", "share_outcome_range"),
+                          ("outcome-range-tail", "outcome_range_tail"),
+                          ("outcome-range-margin", "outcome_range_margin"),
+                          ("outcome-grid-factor", "outcome_grid_factor"),
                           ("share-jacobian", "share_jacobian"), ("jacobian-k", "jacobian_k"),
                           ("psi-clip-margin", "psi_clip_margin"),
                           ("share-outcome", "share_outcome"), ("share-influence", "share_influence"),
-                          ("alpha", "alpha"), ("floor-k", "floor_k"),
+                          ("alpha", "alpha"), ("floor-k", "floor_k"), ("newton-floor-k", "newton_floor_k"),
                           ("outcome-ridge-k", "outcome_ridge_k"), ("psi-grid-factor", "psi_grid_factor"),
                           ("psi-noise-ratio", "psi_noise_ratio"),
                           ("psi-square-error", "psi_square_error"),
@@ -1195,7 +1231,7 @@ def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0,
         return outcome_bound(r2, gram_weight)
     if step == "influence":
         return influence_bound(clip, influence_rel)
-    if step == "scale":
+    if step in ("scale", "outcome-range"):  # one-hot histogram rows
         return 1.0
     raise ValueError(step)
 
@@ -1213,12 +1249,33 @@ def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_i
     r2 = 1.0 + radius**2 if radius > 0 else float(p)
     clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
     jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
+    if step == "outcome":  # the outcome maps must be usable (they do not enter the bound)
+        for key in arrays:
+            if key.startswith("outcome-map/"):
+                outcome_map(arrays, key[len("outcome-map/"):])
+    if step in HISTOGRAM_EDGES:
+        histogram_edges(arrays, HISTOGRAM_EDGES[step])
     per_item = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k,
                           hessian_weight=release_weight(arrays, "hessian-weight"),
                           gram_weight=release_weight(arrays, "gram-weight"),
                           arm_items=n_items if moments_carry_arms(arrays) else 0,
                           influence_rel=influence_relative_weights(arrays) if step == "influence" else INFLUENCE_WEIGHTS)
     return per_item * (1.0 if step == "moments" else math.sqrt(n_items))
+
+
+#: the public grid each histogram step is sent with
+HISTOGRAM_EDGES = {"scale": "edges", "outcome-range": "outcome-edges"}
+
+
+def histogram_edges(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    """The public grid of a histogram step: finite and strictly ascending, or ValueError
+    (checked before the client charges anything)."""
+    if key not in arrays:
+        raise ValueError(f"{key} (the histogram's grid) is missing")
+    e = np.asarray(arrays[key], dtype=np.float64).reshape(-1)
+    if e.size < 2 or not np.all(np.isfinite(e)) or not np.all(np.diff(e) > 0):
+        raise ValueError(f"{key} must be at least two finite, strictly ascending numbers")
+    return e
 
 
 def moments_carry_arms(arrays: Mapping[str, np.ndarray]) -> bool:
@@ -1330,6 +1387,83 @@ def histogram_sum_squares(counts: np.ndarray, edges: np.ndarray, *, upto: float)
     mids = np.concatenate([[edges[0] / math.sqrt(step)], np.sqrt(edges[:-1] * edges[1:])])
     keep = int(np.searchsorted(edges, upto * (1 + 1e-9), side="right"))  # bins whose upper edge <= upto
     return max(float(counts[:keep] @ mids[:keep] ** 2), 0.0)
+
+
+# --------------------------------------------------------------------------- outcome range
+def outcome_grid(factor: float = 2.0 ** 0.5, decades: float = 3.0) -> np.ndarray:
+    """Public signed grid of scaled outcome values (|y| <= 1) for the ``outcome-range``
+    histogram: ``±1, ±1/factor, ...`` down to ``10^-decades``, ascending. Bin b is
+    ``[edges[b-1], edges[b])`` (bin 0 below ``-1``: empty; the last bin ``y >= 1``); the bin
+    around zero spans ``±10^-decades``."""
+    n = int(math.ceil(decades * math.log(10) / math.log(factor)))
+    pos = 1.0 / factor ** np.arange(n, -1, -1)  # ascending, ending at 1
+    return np.concatenate([-pos[::-1], pos])
+
+
+def outcome_range_from_histogram(counts: np.ndarray, edges: np.ndarray, *, tail: float, margin: float,
+                                 noise_sd: float = 0.0, z: float = 2.0) -> tuple[float, float]:
+    """``(centre, half)`` of the scaled-outcome interval the outcome models are fitted on, from
+    the (noisy) signed histogram of the ``outcome-range`` step: walking in from each end, the
+    last edge before the people passed exceed ``tail`` of all, widened ``margin`` times about
+    the middle and cut to [-1, 1] (y never leaves it). Public post-processing of released counts.
+
+    ``noise_sd``: the public noise SD of one released count. The walk from each end crosses
+    many empty bins whose noise adds up (SD ``noise_sd sqrt(k)`` after k bins), which alone
+    would stop it early and leave the declared bounds (measured: health, 9,000 people, ε = 1:
+    the whole lower half-range). So it walks on while the count passed is at most ``tail n +
+    z noise_sd sqrt(k)``: with z = 2 noise stops it early in about 2% of walks, and it clips at
+    most that many more people than ``tail`` — a cost in the outcome models' efficiency, not in
+    the ATE's validity (AIPW stays unbiased with any outcome model when the propensity is right).
+    A degenerate range (both walks in one bin) keeps that bin's width."""
+    counts = np.asarray(counts, dtype=np.float64)
+    edges = np.asarray(edges, dtype=np.float64)
+    n = max(float(counts.sum()), 1.0)
+
+    def walk(c: np.ndarray) -> int:
+        """How many bins from the outer end may be passed (counts in walking order)."""
+        passed = np.cumsum(c)
+        allowed = tail * n + z * noise_sd * np.sqrt(np.arange(1, len(c) + 1))
+        over = np.flatnonzero(passed > allowed)
+        return int(over[0]) if over.size else len(c)
+
+    # bin b = [edges[b-1], edges[b]); passing bins 0..k-1 from below puts lo at edges[k-1]
+    k_lo = walk(counts)
+    k_hi = walk(counts[::-1])
+    lo = float(edges[min(max(k_lo - 1, 0), len(edges) - 1)])
+    hi = float(edges[max(len(edges) - k_hi, 0) if k_hi > 0 else len(edges) - 1])
+    if hi <= lo:  # everyone in one bin (or the walks crossed): that bin's edges
+        j = int(np.clip(np.searchsorted(edges, (lo + hi) / 2, side="right"), 1, len(edges) - 1))
+        lo, hi = float(edges[j - 1]), float(edges[j])
+    centre, half = (lo + hi) / 2.0, margin * (hi - lo) / 2.0
+    lo, hi = max(centre - half, -1.0), min(centre + half, 1.0)
+    return (lo + hi) / 2.0, (hi - lo) / 2.0
+
+
+def outcome_map(arrays: Mapping[str, np.ndarray], item: str) -> tuple[float, float]:
+    """The public ``(centre, half)`` of ``item``'s outcome models (``outcome-map/<item>``, sent
+    with the ``outcome`` step); ``(0, 1)`` — the declared bounds — when absent. The client fits
+    on ``clip((y - centre) / half, -1, 1)``, so the release's bound does not depend on it; it
+    must still describe an interval inside [-1, 1] with ``half > 0``."""
+    key = f"outcome-map/{item}"
+    if key not in arrays:
+        return 0.0, 1.0
+    v = np.asarray(arrays[key], dtype=np.float64).reshape(-1)
+    if v.shape != (2,) or not np.all(np.isfinite(v)) or not 0.0 < v[1] <= 1.0 or abs(v[0]) > 1.0:
+        raise ValueError(f"{key} must be [centre, half] with |centre| <= 1 and 0 < half <= 1, got {v.tolist()}")
+    return float(v[0]), float(v[1])
+
+
+def arm_from_mapped(arm: ArmModel, centre: float, half: float) -> ArmModel:
+    """An arm model fitted on the mapped outcome ``(y - centre) / half`` back in scaled units:
+    ``coef = half coef' + centre e_0`` (the design's first column is the intercept, 1 for every
+    row), covariances times ``half^2``. Exact; post-processing."""
+    if centre == 0.0 and half == 1.0:
+        return arm
+    coef = half * arm.coef
+    coef[0] += centre
+    h2 = half * half
+    return replace(arm, coef=coef, resid_var=arm.resid_var * h2, cov=arm.cov * h2,
+                   noise_cov=None if arm.noise_cov is None else arm.noise_cov * h2)
 
 
 # --------------------------------------------------------------------------- whitening

@@ -724,3 +724,111 @@ def test_the_server_chooses_the_psi_square_weight_under_dp(health):
     from fedrec.common.causal.estimators import INFLUENCE_WEIGHTS
 
     assert fixed["psi_square_weight"] == INFLUENCE_WEIGHTS[1]
+
+
+# --------------------------------------------------------------------------- outcome range
+def test_outcome_range_from_a_histogram_holds_all_but_the_tails():
+    """On a noiseless histogram the interval leaves at most ``tail`` of the people out on each
+    side, is widened by the margin about its middle and never leaves [-1, 1]; a degenerate
+    histogram keeps its bin's width; positive noise in empty outer bins can only widen it."""
+    from fedrec.common.causal.estimators import outcome_grid, outcome_range_from_histogram
+
+    edges = outcome_grid(2 ** 0.5)
+    assert np.all(np.diff(edges) > 0) and edges[0] == -1.0 and edges[-1] == 1.0
+    y = np.random.default_rng(0).normal(0.25, 0.05, 20_000)  # education-like: off-centre, narrow
+    counts = np.bincount(np.searchsorted(edges, y, side="right"), minlength=len(edges) + 1).astype(float)
+    c, h = outcome_range_from_histogram(counts, edges, tail=0.005, margin=1.0)
+    lo, hi = c - h, c + h
+    assert np.mean(y < lo) <= 0.005 and np.mean(y > hi) <= 0.005
+    assert h < 0.25  # far narrower than the declared [-1, 1]
+    c2, h2 = outcome_range_from_histogram(counts, edges, tail=0.005, margin=1.5)
+    assert c2 == pytest.approx(c) and h2 == pytest.approx(1.5 * h)
+    _, hw = outcome_range_from_histogram(counts, edges, tail=0.005, margin=100.0)
+    assert hw <= 1.0
+    one = np.zeros(len(edges) + 1)
+    one[np.searchsorted(edges, 0.3, side="right")] = 500.0
+    c1, h1 = outcome_range_from_histogram(one, edges, tail=0.005, margin=1.0)
+    assert c1 - h1 <= 0.3 <= c1 + h1 and h1 > 0
+    noisy = counts + np.where(counts == 0, 200.0, 0.0)  # noise in the empty bins only
+    cn, hn = outcome_range_from_histogram(noisy, edges, tail=0.005, margin=1.0)
+    assert cn - hn <= lo and cn + hn >= hi
+
+
+def test_outcome_map_keeps_the_bound_and_maps_the_fit_back_exactly(health):
+    """The outcome release on a re-centred, narrower interval: rows stay within the same
+    charged bound (y' is clipped to [-1, 1] whatever the map: an extreme person attains at most
+    it), and a fit on the mapped outcome, mapped back, equals the fit on the scaled outcome
+    where nobody is clipped (ridge 0)."""
+    from fedrec.common.causal.estimators import (arm_from_mapped, outcome_map, release_sensitivity, ridge_fit,
+                                                 vech_len)
+
+    insts, _ = health
+    rows = encode_item(insts[0], "diet_counselling")
+    p = rows.p
+    centre, half = float(np.median(rows.y)), float(np.abs(rows.y - np.median(rows.y)).max()) * 1.01
+    plain = outcome_gram_terms(rows)
+    mapped = outcome_gram_terms(rows, 1.0, (centre, half))
+    assert mapped.bound == plain.bound == pytest.approx(outcome_bound(p))
+    assert np.linalg.norm(mapped.terms, axis=1).max() <= mapped.bound + 1e-9
+    edge = ItemRows(rows.item, np.ones((1, p)), np.ones(1), np.ones(1))  # y at the top of the bounds
+    far = outcome_gram_terms(edge, 1.0, (-0.9, 0.05))  # (1 + 0.9) / 0.05 = 38 before clipping
+    np.testing.assert_allclose(far.terms, outcome_gram_terms(edge).terms)  # y' clipped to 1, not 38
+    assert np.linalg.norm(far.terms) <= outcome_bound(p) + 1e-9
+    m = vech_len(p) + p + 1
+
+    def fit(c):
+        s = c.terms.sum(axis=0)[m:]  # arm 1
+        return ridge_fit(s[:vech_len(p)], s[vech_len(p):vech_len(p) + p], float(s[-1]))
+
+    direct, back = fit(plain), arm_from_mapped(fit(mapped), centre, half)
+    np.testing.assert_allclose(back.coef, direct.coef, rtol=1e-8, atol=1e-10)
+    assert back.resid_var == pytest.approx(direct.resid_var, rel=1e-8)
+    # the map travels as a public array; a map outside [-1, 1] or with half <= 0 is refused
+    arrays = {"outcome-map/diet_counselling": np.array([centre, half])}
+    assert outcome_map(arrays, "diet_counselling") == (centre, half)
+    assert outcome_map({}, "diet_counselling") == (0.0, 1.0)
+    assert release_sensitivity("outcome", p, arrays, 1) == pytest.approx(outcome_bound(p))
+    for bad in ([0.0, 0.0], [2.0, 0.5], [0.0, np.nan], [0.1]):
+        with pytest.raises(ValueError, match="outcome-map"):
+            release_sensitivity("outcome", p, {"outcome-map/diet_counselling": np.array(bad)}, 1)
+    for bad in ({}, {"outcome-edges": np.array([0.5, 0.1])}):
+        with pytest.raises(ValueError, match="outcome-edges"):
+            release_sensitivity("outcome-range", p, bad, 1)
+
+
+def test_outcome_range_step_is_planned_charged_and_reported(health):
+    """Under DP (aipw, ra) the outcome-range histogram is one more planned, noised release of
+    bound 1 per item, the run still composes to ε, and each item reports the interval its
+    outcome models fit (inside the declared bounds, around the outcomes); not without DP, not
+    for ipw (no outcome models), not with share 0."""
+    from fedrec.client.statistics import outcome_range_terms
+    from fedrec.common.causal.estimators import outcome_grid, step_bound
+
+    insts, _ = health
+    item = "diet_counselling"
+    cfg = CausalConfig(epsilon=1.0, items=(item,), noise_mode="distributed", n_min=8)
+    assert cfg.steps().index("outcome-range") == cfg.steps().index("outcome") - 1
+    assert "outcome-range" in CausalConfig(epsilon=1.0, estimator="ra").steps()
+    for off in (CausalConfig(epsilon=INF), CausalConfig(epsilon=1.0, estimator="ipw"),
+                CausalConfig(epsilon=1.0, share_outcome_range=0.0)):
+        assert "outcome-range" not in off.steps()
+    plan = plan_budget(cfg)
+    spent = epsilon_for(plan.events(), delta=cfg.delta, accountant="prv")
+    assert 0.97 <= spent <= 1.0 + 1e-9 and plan.sigma["outcome-range"] > 0
+    rows = encode_item(insts[0], item)
+    c = outcome_range_terms(rows, outcome_grid())
+    assert c.bound == 1.0 == step_bound("outcome-range", rows.p)
+    np.testing.assert_allclose(c.terms.sum(axis=1), 1.0)  # one count per person
+    res = estimate_inprocess(insts, cfg, rng=np.random.default_rng(0))
+    assert res.contributors["outcome-range"] == len(insts)
+    lo, hi = res.items[item]["outcome_range"]
+    y = np.concatenate([d.interactions.loc[d.interactions["item_id"] == item, "outcome"] for d in insts])
+    b = insts[0].study.outcome_bounds
+    assert b[0] <= lo < np.quantile(y, 0.01) and np.quantile(y, 0.99) < hi <= b[1]
+    assert hi - lo < 0.8 * (b[1] - b[0])
+    cfg2 = CausalConfig(share_outcome_range=0.05, outcome_range_tail=0.01, outcome_range_margin=1.5,
+                        outcome_grid_factor=2.0)
+    assert CausalConfig.from_flat(cfg2.to_flat()) == cfg2
+    for bad in ({"outcome_range_tail": 0.0}, {"outcome_range_margin": 0.5}, {"outcome_grid_factor": 1.0}):
+        with pytest.raises(ValueError):
+            CausalConfig(**bad)
