@@ -791,11 +791,12 @@ class CausalConfig:
     whiten_weighted: bool = True
     psi_clip: float | None = None
     ridge: float | None = None
-    floor_k: float = 2.0
+    floor_k: float = 1.0
     #: eigenvalue floor of the noisy Newton Hessians, in the same units as ``floor_k`` (which
-    #: the Grams keep). 1 since the outcome models fit the ``outcome-range`` interval: with
-    #: accurate outcome models what is left of the small-ε bias is the floor's shrinkage of the
-    #: propensity (finance local ε = 1: +0.45 SE at 2, +0.31 at 1; docs/causal.md)
+    #: the Grams use). Both 1 (were 2) since the outcome models fit the ``outcome-range``
+    #: interval: with accurate outcome models what is left of the small-ε bias is the floors'
+    #: shrinkage of the nuisances (finance local ε = 1: +0.61 SE of nuisance bias with both at
+    #: 2, +0.33 with the Newton floor at 1, +0.25 with both; docs/causal.md)
     newton_floor_k: float = 1.0
     outcome_ridge_k: float = 1.0
     trim: tuple[float, float] = TRIM
