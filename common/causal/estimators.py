@@ -711,8 +711,8 @@ class CausalConfig:
     the worst case when DP is off).
     ``ridge``: ridge penalty of the nuisance fits (None = automatic: 0 without DP, else the
     noise sd of a released Gram coordinate x sqrt(p)).
-    ``floor_k``: eigenvalue floor of noisy Grams/Hessians = floor_k x the spectral norm of their
-    noise; ``outcome_ridge_k``: outcome ridge = outcome_ridge_k x 2 x the spectral norm of the
+    ``floor_k`` / ``newton_floor_k``: eigenvalue floor of the noisy Grams / Newton Hessians =
+    that multiple of the spectral norm of their noise; ``outcome_ridge_k``: outcome ridge = outcome_ridge_k x 2 x the spectral norm of the
     noise on X'y (equal to the Gram's when ``gram_weight`` is 1).
     ``whiten_weighted``: bound the whitened design by fit weights instead of clipping features
     (:class:`Whitening`); ``derived``: extra nuisance features ``op(covariate)`` (``DERIVED_OPS``).

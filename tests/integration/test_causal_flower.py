@@ -46,5 +46,12 @@ def test_causal_command_three_institutions(tmp_path):
         assert 0.97 * eps <= v <= eps + 1e-6
     steps = report["budget"]["steps"]
     assert math.isclose(sum(s["share"] for s in steps.values()), 1.0)
+    # the outcome-range histogram ran as its own Flower round, charged within the ε above, and
+    # every item's outcome models fit an interval inside the declared bounds
+    assert "outcome-range" in steps and report["contributors"]["outcome-range"] == len(insts)
+    lo_b, hi_b = insts[0].study.outcome_bounds
+    for row in report["items"].values():
+        lo, hi = row["outcome_range"]
+        assert lo_b <= lo < hi <= hi_b
     rec = report["recommendations"]
     assert rec["oracle"]["policy_value"] >= rec["causal"]["policy_value"] - 1e-9
