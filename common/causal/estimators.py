@@ -1412,9 +1412,9 @@ def outcome_range_from_histogram(counts: np.ndarray, edges: np.ndarray, *, tail:
     many empty bins whose noise adds up (SD ``noise_sd sqrt(k)`` after k bins), which alone
     would stop it early and leave the declared bounds (measured: health, 9,000 people, ε = 1:
     the whole lower half-range). So it walks on while the count passed is at most ``tail n +
-    z noise_sd sqrt(k)``: with z = 2 noise stops it early in about 2% of walks, and it clips at
-    most that many more people than ``tail`` — a cost in the outcome models' efficiency, not in
-    the ATE's validity (AIPW stays unbiased with any outcome model when the propensity is right).
+    z noise_sd sqrt(k)`` (z = 2: the noise of what it passed rarely reaches that), and so clips
+    at most about that many more people than ``tail`` — a cost in the outcome models'
+    efficiency, not in the ATE's validity (AIPW stays unbiased with any outcome model when the propensity is right).
     A degenerate range (both walks in one bin) keeps that bin's width."""
     counts = np.asarray(counts, dtype=np.float64)
     edges = np.asarray(edges, dtype=np.float64)
@@ -1444,7 +1444,7 @@ def outcome_map(arrays: Mapping[str, np.ndarray], item: str) -> tuple[float, flo
     """The public ``(centre, half)`` of ``item``'s outcome models (``outcome-map/<item>``, sent
     with the ``outcome`` step); ``(0, 1)`` — the declared bounds — when absent. The client fits
     on ``clip((y - centre) / half, -1, 1)``, so the release's bound does not depend on it; it
-    must still describe an interval inside [-1, 1] with ``half > 0``."""
+    must still be usable: finite, ``|centre| <= 1`` and ``0 < half <= 1`` (else ValueError)."""
     key = f"outcome-map/{item}"
     if key not in arrays:
         return 0.0, 1.0
