@@ -223,6 +223,16 @@ def propensity_newton_terms(rows: ItemRows, beta: np.ndarray, hessian_weight: fl
     return Contribution(terms, propensity_bound(rows.row_norm2, hessian_weight))
 
 
+def histogram_rows(values: np.ndarray, edges: np.ndarray) -> Contribution:
+    """Per person a one-hot row: which bin of the public grid ``edges`` (bin b =
+    ``[edges[b-1], edges[b])``, one open bin at each end) the value falls in. L2 bound per
+    person: 1 (one count in one bin), whatever the value."""
+    b = np.searchsorted(np.asarray(edges, dtype=np.float64), values, side="right")
+    terms = np.zeros((len(values), len(edges) + 1))
+    terms[np.arange(len(values)), b] = 1.0
+    return Contribution(terms, 1.0)
+
+
 def outcome_range_terms(rows: ItemRows, edges: np.ndarray) -> Contribution:
     """Per person a one-hot row: which bin of the public signed grid ``edges``
     (:func:`~fedrec.common.causal.estimators.outcome_grid`) the scaled outcome falls in.
@@ -231,10 +241,7 @@ def outcome_range_terms(rows: ItemRows, edges: np.ndarray) -> Contribution:
     models are fitted on. L2 bound per person: 1 (one count in one bin), so one person moves
     the released histogram by at most 1 per item whatever their data.
     """
-    b = np.searchsorted(np.asarray(edges, dtype=np.float64), rows.y, side="right")
-    terms = np.zeros((len(rows.y), len(edges) + 1))
-    terms[np.arange(len(rows.y)), b] = 1.0
-    return Contribution(terms, 1.0)
+    return histogram_rows(rows.y, edges)
 
 
 def outcome_gram_terms(rows: ItemRows, gram_weight: float = 1.0,
@@ -251,7 +258,7 @@ def outcome_gram_terms(rows: ItemRows, gram_weight: float = 1.0,
     """
     centre, half = y_map
     x = rows.x
-    y = rows.y if (centre, half) == (0.0, 1.0) else np.clip((rows.y - centre) / half, -1.0, 1.0)
+    y = np.clip((rows.y - centre) / half, -1.0, 1.0)  # the identity map leaves y (in [-1, 1]) as it is
     block = np.hstack([gram_weight * vech(x[:, :, None] * x[:, None, :]), x * y[:, None], (y * y)[:, None]])
     if rows.wt is not None:  # weighted least squares (whitening radius as weights)
         block = block * rows.wt[:, None]
@@ -283,12 +290,8 @@ def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, 
     Sum: a histogram of |psi|; the server picks the psi clip from its tail. L2 bound per
     person: 1 (one count in one bin).
     """
-    psi = np.abs(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
-                                 coef1=coef1, coef0=coef0, trim=trim))
-    b = np.searchsorted(edges, psi, side="right")
-    terms = np.zeros((len(psi), len(edges) + 1))
-    terms[np.arange(len(psi)), b] = 1.0
-    return Contribution(terms, 1.0)
+    return histogram_rows(np.abs(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
+                                                 coef1=coef1, coef0=coef0, trim=trim)), edges)
 
 
 def influence_jacobian_terms(rows: ItemRows, *, estimator: str, k: float, prop_coef: np.ndarray | None,

@@ -356,7 +356,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                "sampling_se": math.sqrt(r.sampling_var), "noise_se": math.sqrt(r.noise_var),
                "nuisance_se": math.sqrt(r.nuisance_var),
                "estimator": cfg.estimator}
-        if ymap[it] != (0.0, 1.0):
+        if "outcome-range" in plan.sigma:  # the step ran (its interval may still be the whole range)
             c, h = ymap[it]
             mid = (study.outcome_bounds[0] + study.outcome_bounds[1]) / 2.0
             row["outcome_range"] = [mid + (c - h) * scale, mid + (c + h) * scale]

@@ -1457,9 +1457,8 @@ def outcome_map(arrays: Mapping[str, np.ndarray], item: str) -> tuple[float, flo
 def arm_from_mapped(arm: ArmModel, centre: float, half: float) -> ArmModel:
     """An arm model fitted on the mapped outcome ``(y - centre) / half`` back in scaled units:
     ``coef = half coef' + centre e_0`` (the design's first column is the intercept, 1 for every
-    row), covariances times ``half^2``. Exact; post-processing."""
-    if centre == 0.0 and half == 1.0:
-        return arm
+    row), covariances times ``half^2``. Exact (the identity map returns equal values);
+    post-processing."""
     coef = half * arm.coef
     coef[0] += centre
     h2 = half * half
