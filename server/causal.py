@@ -67,6 +67,7 @@ from fedrec.common.causal.estimators import (
     psi_grid,
     release_sensitivity,
     ridge_fit,
+    pooled_anchor_fits,
     vech_len,
     whitening_from_moments,
 )
@@ -253,14 +254,15 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         # eigenvalue floor, which keeps the noisy Gram PD, still follows the Gram's noise.
         lam = cfg.ridge if cfg.ridge is not None else cfg.outcome_ridge_k * _floor(xy_noise, p)
         m = vech_len(p) + p + 1
+        fit_kw = dict(ridge=lam, noise_var=xy_noise, gram_noise_var=out_noise, floor=_floor(out_noise, p, cfg.floor_k))
         for it in items:
-            tot = totals[it]
-            fits = []
-            for a in (0, 1):
-                blk = tot[a * m:(a + 1) * m]
-                fits.append(ridge_fit(blk[:vech_len(p)] / gw, blk[vech_len(p):vech_len(p) + p], float(blk[-1]),
-                                      ridge=lam, noise_var=xy_noise, gram_noise_var=out_noise,
-                                      floor=_floor(out_noise, p, cfg.floor_k)))
+            blks = [totals[it][a * m:(a + 1) * m] for a in (0, 1)]
+            parts = ([b[:vech_len(p)] / gw for b in blks], [b[vech_len(p):vech_len(p) + p] for b in blks],
+                     [float(b[-1]) for b in blks])
+            if cfg.outcome_anchor == "pooled":
+                fits = list(pooled_anchor_fits(*parts, **fit_kw))
+            else:
+                fits = [ridge_fit(g, xy, yy, **fit_kw) for g, xy, yy in zip(*parts)]
             arms[it] = (arm_from_mapped(fits[0], *ymap[it]), arm_from_mapped(fits[1], *ymap[it]))
     # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
     clip = 0.0

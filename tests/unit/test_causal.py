@@ -832,3 +832,58 @@ def test_outcome_range_step_is_planned_charged_and_reported(health):
     for bad in ({"outcome_range_tail": 0.0}, {"outcome_range_margin": 0.5}, {"outcome_grid_factor": 1.0}):
         with pytest.raises(ValueError):
             CausalConfig(**bad)
+
+
+def _arm_sums(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    from fedrec.common.causal.estimators import vech
+
+    return vech(x.T @ x), x.T @ y, float(y @ y)
+
+
+def test_pooled_anchor_shrinks_only_the_arms_difference_and_reports_its_noise() -> None:
+    """Shrinking towards the pooled fit keeps the covariates' shared effect in the small arm's
+    model (towards zero takes it out), equals the plain fit without a ridge, and its reported
+    noise covariance is the spread of the coefficients over DP noise draws."""
+    from fedrec.common.causal.estimators import pooled_anchor_fits, ridge_fit, vech_len
+
+    rng = np.random.default_rng(7)
+    p = 4
+    slopes = np.array([0.0, 0.5, -0.3, 0.2])
+    xs = [np.column_stack([np.ones(n), rng.normal(size=(n, p - 1))]) for n in (3000, 400)]
+    ys = [x @ slopes + 0.3 * arm + 0.5 * rng.normal(size=len(x)) for arm, x in enumerate(xs)]
+    sums = [_arm_sums(x, y) for x, y in zip(xs, ys)]
+    parts = ([s[0] for s in sums], [s[1] for s in sums], [s[2] for s in sums])
+
+    plain = [ridge_fit(*s) for s in sums]
+    anchored = pooled_anchor_fits(*parts, ridge=0.0)
+    for a in (0, 1):
+        np.testing.assert_allclose(anchored[a].coef, plain[a].coef, atol=1e-9)
+        np.testing.assert_allclose(anchored[a].cov, plain[a].cov, rtol=1e-6, atol=1e-12)
+
+    lam = 400.0  # of the order of the small arm's Gram: a strong shrinkage
+    zero1 = ridge_fit(*sums[1], ridge=lam).coef
+    pooled1 = pooled_anchor_fits(*parts, ridge=lam)[1].coef
+    err_zero = np.abs(zero1[1:] - slopes[1:]).max()
+    err_pooled = np.abs(pooled1[1:] - slopes[1:]).max()
+    assert err_zero > 0.15, "the test's ridge does not shrink: it cannot tell the anchors apart"
+    assert err_pooled < 0.25 * err_zero
+    assert abs(pooled1[0] - 0.3) < 0.1  # the intercept (the arm's level) is not shrunk
+
+    # reported noise covariance vs the coefficients' spread over noise draws on every coordinate
+    v, vg, m = 40.0, 20.0, vech_len(p)
+    fit = pooled_anchor_fits(*parts, ridge=lam, noise_var=v, gram_noise_var=vg, floor=1.0)
+    draws = []
+    for _ in range(1000):
+        noisy = ([g + rng.normal(scale=math.sqrt(vg), size=m) for g in parts[0]],
+                 [xy + rng.normal(scale=math.sqrt(v), size=p) for xy in parts[1]],
+                 [yy + rng.normal(scale=math.sqrt(v)) for yy in parts[2]])
+        f = pooled_anchor_fits(*noisy, ridge=lam, noise_var=v, gram_noise_var=vg, floor=1.0)
+        draws.append(np.concatenate([f[0].coef, f[1].coef]))
+    emp = np.cov(np.array(draws).T)
+    for a in (0, 1):
+        blk = emp[a * p:(a + 1) * p, a * p:(a + 1) * p]
+        ratio = np.trace(blk) / np.trace(fit[a].noise_cov)
+        assert 0.9 < ratio < 1.1, (a, ratio)
+        # the arm's own noise alone (leaving out the pooled anchor's) would be ~20% short
+        own = ridge_fit(*sums[a], ridge=lam, noise_var=v, gram_noise_var=vg, floor=1.0).noise_cov
+        assert np.trace(blk) / np.trace(own) > 1.15
