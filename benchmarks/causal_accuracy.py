@@ -110,16 +110,18 @@ def cell_runs(results: list, domain: str, mode: str, eps: float) -> list:
 
 
 def one_seed(args):
-    domain, seed, institutions, people, epsilons, modes, nuisance = args
+    domain, seed, institutions, people, epsilons, modes, nuisance, knobs = args
     warnings.filterwarnings("ignore")
-    from fedrec.common.causal.estimators import CausalConfig, plan_budget
+    from dataclasses import replace
+
+    from fedrec.common.causal.estimators import plan_budget
     from fedrec.simulations.causal_cli import estimate_inprocess, pooled_estimate
     from fedrec.simulations.domains import domain_federation
 
     item = ITEMS[domain]
     insts, truth = domain_federation(domain, institutions=institutions, people=people, seed=seed, skew=0.5)
     true = float(truth.ate[item])
-    pooled = pooled_estimate(insts, item, CausalConfig(epsilon=math.inf, items=(item,), **nuisance))
+    pooled = pooled_estimate(insts, item, replace(knobs, epsilon=math.inf, items=(item,), **nuisance))
     oracle = oracle_estimate(insts, truth, item)
     cache: dict = {}
     rng = np.random.default_rng([seed, 7])
@@ -128,7 +130,7 @@ def one_seed(args):
       for eps in epsilons:
         if mode == "distributed" and not math.isfinite(eps):
             continue
-        cfg = CausalConfig(epsilon=eps, items=(item,), noise_mode=mode, n_min=institutions, **nuisance)
+        cfg = replace(knobs, epsilon=eps, items=(item,), noise_mode=mode, n_min=institutions, **nuisance)
         r = estimate_inprocess(insts, cfg, rng=rng, plan=plan_budget(cfg), cache=cache).items[item]
         out.append({"noise_mode": mode, "epsilon": eps, "ate": r["ate"], "se": r["se"], "lo": r["ci_low"], "hi": r["ci_high"],
                     "true": true, "oracle": oracle, "pooled_width": pooled["ci_high"] - pooled["ci_low"]})
@@ -151,17 +153,29 @@ def main(argv=None) -> int:
                     help="every domain on all its declared covariates as they are (ignore the study's [causal] design)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="processes (default: CPU cores - 1)")
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                    help="a causal tuning knob for every run (repeatable), as in `fedrec-sim causal --set`, "
+                         "e.g. --set outcome-anchor=pooled; the knobs are in docs/causal.md (Tuning knobs)")
     a = ap.parse_args(argv)
     runs = a.runs or (4 if a.quick else 200)
     domains = a.domains.split(",")
     warnings.filterwarnings("ignore")
-    from fedrec.common.causal.estimators import CausalConfig, plan_budget
+    from dataclasses import replace
 
+    from fedrec.common.causal.estimators import CausalConfig, plan_budget
+    from fedrec.common.errors import FedrecInputError
+    from fedrec.simulations.causal_cli import parse_settings
+
+    try:
+        settings = parse_settings(a.settings)
+        knobs = CausalConfig.from_flat(settings)
+    except (FedrecInputError, ValueError) as exc:
+        ap.error(str(exc))
     for eps in EPSILONS:  # calibrate once in the parent (cached per process anyway)
-        plan_budget(CausalConfig(epsilon=eps))
+        plan_budget(replace(knobs, epsilon=eps))
     modes = a.noise_modes.split(",")
     nuisance = {d: {} if a.no_derived else study_design(d) for d in domains}
-    jobs = [(d, 1000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}))
+    jobs = [(d, 1000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}), knobs)
             for d in domains for s in range(runs)]
     t0 = time.time()
     results = run_seeds(one_seed, jobs, a.workers)
@@ -191,6 +205,7 @@ def main(argv=None) -> int:
             "institutions": a.institutions, "people": a.people, "skew": 0.5, "estimator": "aipw",
             "epsilon_unit": "per institution, whole run (PRV accountant, delta 1e-5)",
             "noise_modes": modes, "items": ITEMS, "nuisance_design": nuisance,
+            "settings": settings or "defaults",
             "bias": "bias_se = mean(estimate - truth) / mean SE, bias_mc_se its Monte-Carlo standard error; "
                     "oracle_bias_se: the same for an AIPW with the true propensity on the same seeds (seed "
                     "noise every cell shares); excess_bias_se = mean(estimate - oracle) / mean SE (paired), "

@@ -50,6 +50,15 @@ def test_causal_accuracy_quick():
             assert r["ci_width_ratio"] > 1.0 and 0.0 <= r["coverage"] <= 1.0
 
 
+def test_causal_accuracy_takes_tuning_knobs():
+    out = _run("causal_accuracy.py", "--runs", "1", "--domains", "finance", "--noise-modes", "distributed",
+               "--workers", "1", "--set", "outcome-anchor=pooled")
+    assert out["meta"]["settings"] == {"causal.outcome-anchor": "pooled"}
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "causal_accuracy.py"), "--quick",
+                          "--set", "outcome-anchr=pooled"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "outcome-anchor" in bad.stderr and not bad.stdout
+
+
 def test_causal_policy_quick():
     rows = _run("causal_policy.py", "--runs", "1", "--domains", "health", "--noise-modes", "distributed",
                 "--workers", "1")["rows"]
