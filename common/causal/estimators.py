@@ -402,6 +402,9 @@ def pooled_anchor_fits(gram_vechs: Sequence[np.ndarray], xys: Sequence[np.ndarra
     pooled one, ``coef_a = A_a^-1 [(I + N) u_a + N u_b]``, ``N = ridge P A_p^-1``, for the
     per-arm perturbations ``u`` of ``X'y - G coef`` (sampling: ``s^2 G + v I`` as in
     :func:`ridge_fit`; DP noise: :func:`ridge_noise_cov`'s ``S``). Returns ``(arm0, arm1)``.
+    The two arms' noises are then correlated (both carry the anchor's); :func:`cross_fit_variance`
+    takes each arm's covariance alone, an approximation (coverage stayed >= 0.933 in all 33 cells
+    of the 1,000-run benchmark with this anchor).
     With ``ridge`` 0 (no DP) the fits equal :func:`ridge_fit`'s.
 
     Not the default (``CausalConfig.outcome_anchor``): on the simulators it lowered finance's
