@@ -66,6 +66,7 @@ __all__ = [
     "cross_fit_variance",
     "weighted_gram_scale",
     "ridge_noise_cov",
+    "ridge_noise_input_cov",
     "ate_from_sums",
     "release_sensitivity",
     "ArmModel",
@@ -287,6 +288,12 @@ def _inv_pd(a: np.ndarray, floor: float) -> np.ndarray:
     return _solve_pd(a, np.eye(a.shape[0]), floor)
 
 
+def _psd_part(a: np.ndarray) -> np.ndarray:
+    """The positive semi-definite part of a (noisy) symmetric matrix: negative eigenvalues set to 0."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.maximum(w, 0.0)) @ v.T
+
+
 # --------------------------------------------------------------------------- scaling
 def scale_covariates(x: np.ndarray, bounds: Sequence[tuple[float, float]]) -> np.ndarray:
     """Map each column to [-1, 1] by its public (lower, upper) bounds, clipping outside values."""
@@ -375,10 +382,7 @@ def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float 
     rss = float(yy - 2 * coef @ xy + coef @ g @ coef)
     resid_var = max(rss / max(n - p, 1.0), 1e-12)
     ainv = _inv_pd(a, max(floor, ridge))
-    gpd = (g + g.T) / 2
-    w, v = np.linalg.eigh(gpd)
-    gpd = (v * np.maximum(w, 0.0)) @ v.T
-    cov = ainv @ (resid_var * gpd + noise_var * np.eye(p)) @ ainv
+    cov = ainv @ (resid_var * _psd_part(g) + noise_var * np.eye(p)) @ ainv
     arm = ArmModel(coef=coef, gram=g, n=n, resid_var=resid_var, cov=cov, ainv=ainv)
     return replace(arm, noise_cov=ridge_noise_cov(arm, noise_var, gram_noise_var))
 
@@ -420,23 +424,20 @@ def pooled_anchor_fits(gram_vechs: Sequence[np.ndarray], xys: Sequence[np.ndarra
     c_pool = _solve_pd(a_pool, xys[0] + xys[1], pool_floor)
     n_mat = ridge * pen @ _inv_pd(a_pool, pool_floor)
     m_mat = np.eye(p) + n_mat
-    vg = noise_var if gram_noise_var is None else gram_noise_var
     offs, samp, nois = [], [], []
     for g_vech, g, xy, yy in zip(gram_vechs, grams, xys, yys):
         off = ridge_fit(g_vech, xy - g @ c_pool, float(yy - 2 * c_pool @ xy + c_pool @ g @ c_pool),
                         ridge=ridge, noise_var=noise_var, floor=floor, gram_noise_var=gram_noise_var)
         c = c_pool + off.coef
-        w, v = np.linalg.eigh((g + g.T) / 2)
-        samp.append(off.resid_var * (v * np.maximum(w, 0.0)) @ v.T + noise_var * np.eye(p))
-        nois.append(noise_var * np.eye(p) + vg * (float(c @ c) * np.eye(p) + np.outer(c, c) - np.diag(c * c)))
+        samp.append(off.resid_var * _psd_part(g) + noise_var * np.eye(p))
+        nois.append(ridge_noise_input_cov(c, noise_var, gram_noise_var))
         offs.append(replace(off, coef=c))
     out = []
     for a, b in ((0, 1), (1, 0)):
         ainv = offs[a].ainv
         assert ainv is not None
-        def sandwich(s: list[np.ndarray]) -> np.ndarray:
-            return ainv @ (m_mat @ s[a] @ m_mat.T + n_mat @ s[b] @ n_mat.T) @ ainv.T
-        out.append(replace(offs[a], cov=sandwich(samp), noise_cov=sandwich(nois)))
+        cov, noise_cov = (ainv @ (m_mat @ s[a] @ m_mat.T + n_mat @ s[b] @ n_mat.T) @ ainv.T for s in (samp, nois))
+        out.append(replace(offs[a], cov=cov, noise_cov=noise_cov))
     return out[0], out[1]
 
 
@@ -543,11 +544,7 @@ def cross_fit_variance(beta_cov: np.ndarray, arm1: "ArmModel", arm0: "ArmModel",
     ``k_scale``: K is a sum over people of unweighted ``w w'`` while the released Grams of a
     weighted fit (``Whitening.weighted``) carry ``omega^2 w w'``: K ~= k_scale x G with
     k_scale the ratio of the unweighted to the weighted trace (:func:`weighted_gram_scale`)."""
-    def psd(g: np.ndarray) -> np.ndarray:
-        w, v = np.linalg.eigh((g + g.T) / 2)
-        return (v * np.maximum(w, 0.0)) @ v.T
-
-    g0, g1 = k_scale * psd(arm0.gram), k_scale * psd(arm1.gram)
+    g0, g1 = k_scale * _psd_part(arm0.gram), k_scale * _psd_part(arm1.gram)
     return 0.0 if n <= 0 else (float(np.trace(g0 @ arm1.noise_cov @ g0 @ beta_cov))
                                + float(np.trace(g1 @ arm0.noise_cov @ g1 @ beta_cov))) / max(n, 1.0) ** 2
 
@@ -584,17 +581,21 @@ def newton_noise_cov(prev_cov: np.ndarray, hess_vech_sum: np.ndarray, noise_var:
     return m @ prev_cov @ m.T + noise_var * hinv @ hinv
 
 
-def ridge_noise_cov(arm: "ArmModel", noise_var: float, gram_noise_var: float | None = None) -> np.ndarray:
-    """Covariance of the DP noise carried by a ridge fit's coefficients: ``A^-1 S A^-1`` with
-    S the covariance of ``eta_xy - eta_G coef`` for iid noise of variance ``v`` on every
+def ridge_noise_input_cov(coef: np.ndarray, noise_var: float, gram_noise_var: float | None = None) -> np.ndarray:
+    """Covariance S of ``eta_xy - eta_G coef`` for iid noise of variance ``v`` on every
     released coordinate of ``X'y`` and ``v_G`` (``gram_noise_var``, default ``v``) on every one
     of ``vech(G)``: ``v I + v_G (|c|^2 I + c c' - diag(c^2))`` (an off-diagonal Gram coordinate
     enters two rows of ``G c``)."""
-    c = arm.coef
+    c = coef
     p = c.shape[0]
     vg = noise_var if gram_noise_var is None else gram_noise_var
-    s = noise_var * np.eye(p) + vg * (float(c @ c) * np.eye(p) + np.outer(c, c) - np.diag(c * c))
-    return arm.ainv @ s @ arm.ainv
+    return noise_var * np.eye(p) + vg * (float(c @ c) * np.eye(p) + np.outer(c, c) - np.diag(c * c))
+
+
+def ridge_noise_cov(arm: "ArmModel", noise_var: float, gram_noise_var: float | None = None) -> np.ndarray:
+    """Covariance of the DP noise carried by a ridge fit's coefficients: ``A^-1 S A^-1`` with
+    S = :func:`ridge_noise_input_cov` at the fit's coefficients."""
+    return arm.ainv @ ridge_noise_input_cov(arm.coef, noise_var, gram_noise_var) @ arm.ainv
 
 
 def psi_worst_case(estimator: str, trim: tuple[float, float] = TRIM) -> float:
