@@ -43,6 +43,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrec.common.causal.estimators import (
     INFLUENCE_WEIGHTS,
+    PSI_SQUARE_GRID,
     BudgetPlan,
     CausalConfig,
     FederatedCausalEstimator,
@@ -58,6 +59,7 @@ from fedrec.common.causal.estimators import (
     clip_from_histogram,
     noise_limited_clip,
     influence_weights,
+    influence_bound,
     histogram_sum_squares,
     psi_square_weight,
     newton_noise_cov,
@@ -152,6 +154,52 @@ def _floor(nv: float, p: int, k: float = 2.0) -> float:
     """Eigenvalue floor of a noisy Gram/Hessian: ``k`` x about the spectral norm of its noise
     (``k`` = ``floor_k`` of the config)."""
     return k * math.sqrt(nv * p) if nv > 0 and k > 0 else 1e-8
+
+
+def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.ndarray], edges: np.ndarray,
+                      items: list[str], *, contributors: int) -> tuple[float, tuple[float, float]]:
+    """The psi clip and the influence release's relative weights, from the ``scale`` step's
+    DP |psi| histograms (``counts`` per item). Public post-processing; releases nothing.
+
+    The clip is the tail-rule edge (:func:`clip_from_histogram`, the largest over items, times
+    ``psi_clip_margin``), raised where the budget allows (:func:`noise_limited_clip`) and cut
+    to the worst case. The noise-limited rule needs the influence sum's noise per unit of clip,
+    which depends on the release's psi^2 weight ``k`` (:func:`influence_bound`), while ``k``
+    (:func:`psi_square_weight`, the most demanding item's) depends on the clip. The pair is
+    the smallest ``k`` on psi_square_weight's grid that is enough at the clip it implies
+    (a larger k lowers that clip and the k it needs, so the scan stops at the fixed point).
+    One release, one bound: the same clip and weights for every item.
+    """
+    j = len(items)
+    sigma = plan.sigma["influence"]
+    a = cfg.influence_count_weight
+    tail_edge = {it: clip_from_histogram(counts[it], edges, tail=cfg.psi_tail) for it in items}
+    sum_sq = {it: histogram_sum_squares(counts[it], edges, upto=tail_edge[it]) for it in items}
+    base = cfg.psi_clip_margin * max(tail_edge.values())
+    worst = psi_worst_case(cfg.estimator, cfg.trim)
+
+    def clip_at(k: float) -> float:
+        # noise SD of the released psi sum per unit of clip, with weights (a, k)
+        unit_sd = math.sqrt(_noise_var(cfg, sigma, influence_bound(1.0, (a, k)) * math.sqrt(j), contributors))
+        raised = min(noise_limited_clip(sum_sq[it], noise_sd_per_clip=unit_sd, ratio=cfg.psi_noise_ratio)
+                     for it in items)
+        return min(max(base, raised), worst)
+
+    def k_needed(clip: float, grid: np.ndarray) -> float:
+        unit_nv = _noise_var(cfg, sigma, clip * math.sqrt(j), contributors)
+        return max(psi_square_weight(sum_sq[it], unit_nv, clip, count_weight=a, target=cfg.psi_square_error,
+                                     grid=grid) for it in items)
+
+    if not cfg.psi_square_error > 0:
+        k = INFLUENCE_WEIGHTS[1]
+        return clip_at(k), (a, k)
+    grid = PSI_SQUARE_GRID
+    for k in grid:
+        clip = clip_at(float(k))
+        if k_needed(clip, grid) <= k:
+            return clip, (a, float(k))
+    k = float(grid[-1])
+    return clip_at(k), (a, k)
 
 
 def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: BudgetPlan | None = None) -> CausalResult:
@@ -286,23 +334,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             sigma = plan.sigma["scale"]
             totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
             record("scale", n, metrics)
-            tail_edge = {it: clip_from_histogram(totals[it], edges, tail=cfg.psi_tail) for it in items}
-            clip = cfg.psi_clip_margin * max(tail_edge.values())
-            # at large ε, a larger clip (less clipping bias) while the influence noise stays a
-            # small part of the SE; the same public unit clip as the influence step will use
-            unit_sd = math.sqrt(_noise_var(cfg, plan.sigma["influence"],
-                                           release_sensitivity("influence", p, {"clip": np.array([1.0])}, j), n))
-            clip = max(clip, min(noise_limited_clip(totals[it], edges, noise_sd_per_clip=unit_sd,
-                                                    ratio=cfg.psi_noise_ratio, upto=tail_edge[it]) for it in items))
-            clip = min(clip, psi_worst_case(cfg.estimator, cfg.trim))
-            if cfg.psi_square_error > 0:
-                # the psi^2 weight that keeps the sampling-variance estimate honest at this clip
-                # (the most demanding item sets it: one release, one bound)
-                unit_nv = _noise_var(cfg, plan.sigma["influence"], clip * math.sqrt(j), n)
-                rel = (cfg.influence_count_weight, max(
-                    psi_square_weight(histogram_sum_squares(totals[it], edges, upto=tail_edge[it]), unit_nv, clip,
-                                      count_weight=cfg.influence_count_weight, target=cfg.psi_square_error)
-                    for it in items))
+            clip, rel = _clip_and_weights(cfg, plan, totals, edges, items, contributors=n)
         # optional: sums of d psi / d theta for the first-order nuisance-noise terms
         jac: dict[str, float] = {}
         if "jacobian" in plan.sigma:

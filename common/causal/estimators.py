@@ -94,6 +94,7 @@ __all__ = [
     "psi_grid",
     "clip_from_histogram",
     "noise_limited_clip",
+    "PSI_SQUARE_GRID",
     "Whitening",
     "whitening_from_moments",
     "DERIVED_OPS",
@@ -107,6 +108,8 @@ __all__ = [
 TRIM = (0.05, 0.95)
 #: default relative weights ``(count, square)`` of the influence release (see :func:`influence_weights`)
 INFLUENCE_WEIGHTS = (0.25, 0.5)
+#: candidate psi^2 weights of :func:`psi_square_weight` (ascending)
+PSI_SQUARE_GRID = np.geomspace(0.02, 2.0, 101)
 ESTIMATORS = ("aipw", "ipw", "ra")
 Estimator = Literal["aipw", "ipw", "ra"]
 
@@ -823,8 +826,11 @@ class CausalConfig:
     psi_grid_factor: float = 2.0
     #: the psi clip is raised (never lowered) until the influence-sum noise is this fraction of
     #: the sampling SD (:func:`noise_limited_clip`; 0: off): at large ε it removes clipping bias
-    #: for at most sqrt(1 + ratio^2) - 1 more SE; at ε <= 1 it does not bind (docs/causal.md)
-    psi_noise_ratio: float = 0.5
+    #: for at most sqrt(1 + ratio^2) - 1 more SE; at ε <= 1 it does not bind. 0.45: the clips
+    #: the earlier rule (0.5 against the noise of the default weights, 2-10% more than the
+    #: release's) chose; at 0.5 the exact rule widened ε >= 2 CIs by 1-2% for no less bias
+    #: (docs/causal.md)
+    psi_noise_ratio: float = 0.45
     #: the weight of the psi^2 coordinate of the influence release is the smallest that keeps
     #: the noise on ``sum psi^2`` (which sets the SE's sampling part) within this fraction of the
     #: psi sum's variance (:func:`psi_square_weight`); 0: the fixed weight ``INFLUENCE_WEIGHTS[1]``
@@ -1271,7 +1277,7 @@ def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, coun
     budget on it where the psi noise dominates the SE anyway (small ε), which widens the CI.
     Returns the grid's largest ``k`` when none meets the target.
     """
-    grid = np.geomspace(0.02, 2.0, 101) if grid is None else np.asarray(grid, dtype=np.float64)
+    grid = PSI_SQUARE_GRID if grid is None else np.asarray(grid, dtype=np.float64)
     if not unit_noise_var > 0 or not target > 0:
         return INFLUENCE_WEIGHTS[1]
     for k in grid:
@@ -1416,20 +1422,18 @@ def clip_from_histogram(counts: np.ndarray, edges: np.ndarray, *, tail: float) -
     return float(edges[-1])
 
 
-def noise_limited_clip(counts: np.ndarray, edges: np.ndarray, *, noise_sd_per_clip: float, ratio: float,
-                       upto: float) -> float:
+def noise_limited_clip(sum_sq: float, *, noise_sd_per_clip: float, ratio: float) -> float:
     """The largest psi clip whose influence-sum noise stays at most ``ratio`` x the sampling
-    SD of the psi sum, from the (noisy) |psi| histogram of the ``scale`` step.
+    SD of the psi sum.
 
     ``noise_sd_per_clip``: public SD of the released psi sum's noise per unit of clip (the
-    noise is linear in the clip). The sampling SD of the sum is ``sqrt(sum psi^2)``, estimated
-    from the histogram's bins below ``upto`` (the tail-rule edge, :func:`clip_from_histogram`)
-    with each bin at its geometric middle (bin 0 below ``edges[0]`` at ``edges[0] / sqrt(ratio
-    of the grid)``); negative noisy counts count as 0. The bins above are left out: they hold
-    at most the tail's people, and their counts are mostly DP noise on empty bins, which at
-    |psi| ~ 20 would swamp the sum (measured: the clip rose 3x at ε = 1). Leaving them out
-    can only lower the estimate, so the clip errs low. Post-processing of the released counts;
-    0 when there is no noise.
+    noise is linear in the clip; it depends on the release's weights, :func:`influence_bound`).
+    ``sum_sq``: an estimate of ``sum psi^2`` from the (noisy) |psi| histogram of the ``scale``
+    step, :func:`histogram_sum_squares` below the tail-rule edge (:func:`clip_from_histogram`):
+    the bins above hold at most the tail's people, and their counts are mostly DP noise on
+    empty bins, which at |psi| ~ 20 would swamp the sum (measured: the clip rose 3x at ε = 1).
+    Leaving them out can only lower the estimate, so the clip errs low. Post-processing of the
+    released counts; 0 when there is no noise.
 
     Why: the clip from the histogram's tail (:func:`clip_from_histogram`) is the same at
     every ε, but its clipping bias is a fixed amount while the SE shrinks as ε grows, so at
@@ -1439,7 +1443,7 @@ def noise_limited_clip(counts: np.ndarray, edges: np.ndarray, *, noise_sd_per_cl
     """
     if not noise_sd_per_clip > 0 or not ratio > 0:
         return 0.0
-    return ratio * math.sqrt(histogram_sum_squares(counts, edges, upto=upto)) / noise_sd_per_clip
+    return ratio * math.sqrt(max(sum_sq, 0.0)) / noise_sd_per_clip
 
 
 def histogram_sum_squares(counts: np.ndarray, edges: np.ndarray, *, upto: float) -> float:

@@ -623,22 +623,24 @@ def test_policy_values_rank_by_estimated_benefit_and_grade_with_the_truth(health
 def test_noise_limited_clip_reads_the_histogram_below_the_tail_edge():
     """The clip floor at large ε: ratio x sqrt(sum psi^2) / noise per unit clip, with sum psi^2
     from the bins below the tail edge only (noisy counts on empty high bins must not count)."""
-    from fedrec.common.causal.estimators import clip_from_histogram, noise_limited_clip, psi_grid
+    from fedrec.common.causal.estimators import (clip_from_histogram, histogram_sum_squares, noise_limited_clip,
+                                                 psi_grid)
 
     edges = psi_grid("aipw")  # ratio 2
     rng = np.random.default_rng(3)
     psi = np.abs(rng.normal(0, 0.3, size=20000))
     counts = np.bincount(np.searchsorted(edges, psi, side="right"), minlength=len(edges) + 1).astype(float)
     edge = clip_from_histogram(counts, edges, tail=0.01)
-    got = noise_limited_clip(counts, edges, noise_sd_per_clip=50.0, ratio=0.5, upto=edge)
+    ssq = histogram_sum_squares(counts, edges, upto=edge)
+    got = noise_limited_clip(ssq, noise_sd_per_clip=50.0, ratio=0.5)
     want = 0.5 * math.sqrt((psi[psi < edge] ** 2).sum()) / 50.0
     assert got == pytest.approx(want, rel=0.15)  # bins at their geometric middles
     noisy = counts.copy()
     noisy[-3:] += 30.0  # DP noise on empty bins near the worst case
-    assert noise_limited_clip(noisy, edges, noise_sd_per_clip=50.0, ratio=0.5, upto=edge) == pytest.approx(got)
-    assert noise_limited_clip(counts, edges, noise_sd_per_clip=100.0, ratio=0.5, upto=edge) == pytest.approx(got / 2)
-    assert noise_limited_clip(counts, edges, noise_sd_per_clip=0.0, ratio=0.5, upto=edge) == 0.0
-    assert noise_limited_clip(counts, edges, noise_sd_per_clip=50.0, ratio=0.0, upto=edge) == 0.0
+    assert histogram_sum_squares(noisy, edges, upto=edge) == pytest.approx(ssq)
+    assert noise_limited_clip(ssq, noise_sd_per_clip=100.0, ratio=0.5) == pytest.approx(got / 2)
+    assert noise_limited_clip(ssq, noise_sd_per_clip=0.0, ratio=0.5) == 0.0
+    assert noise_limited_clip(ssq, noise_sd_per_clip=50.0, ratio=0.0) == 0.0
     with pytest.raises(ValueError, match="psi_noise_ratio"):
         CausalConfig(psi_noise_ratio=-1.0)
     assert CausalConfig.from_flat(CausalConfig(psi_noise_ratio=0.2).to_flat()).psi_noise_ratio == 0.2
@@ -680,6 +682,35 @@ def test_influence_weights_set_the_charged_bound_and_are_divided_out(health):
     a = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,))).items[item]
     b = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,), influence_count_weight=0.05)).items[item]
     assert b["ate"] == pytest.approx(a["ate"], rel=1e-9) and b["se"] == pytest.approx(a["se"], rel=1e-9)
+
+
+
+@pytest.mark.parametrize("noise_mode", ["local", "distributed"])
+def test_noise_limited_clip_uses_the_weights_the_influence_release_will_carry(noise_mode):
+    """Where the noise-limited rule sets the clip, the influence release's psi-sum noise at the
+    chosen clip and weights (its real sensitivity) is ratio x sqrt(sum psi^2): the rule must not
+    assume the default weights (1.146 x clip) when the psi^2 weight it then picks is smaller."""
+    from fedrec.common.causal.estimators import (clip_from_histogram, histogram_sum_squares, influence_bound,
+                                                 psi_grid, release_sensitivity)
+    from fedrec.server.causal import _clip_and_weights, _noise_var
+
+    cfg = CausalConfig(epsilon=8.0, items=("a", "b"), noise_mode=noise_mode, n_min=8, psi_noise_ratio=0.5)
+    plan = plan_budget(cfg)
+    edges = psi_grid("aipw") * 0.3
+    rng = np.random.default_rng(5)
+    counts = {it: np.bincount(np.searchsorted(edges, np.abs(rng.normal(0, s, 40000)), side="right"),
+                              minlength=len(edges) + 1).astype(float) for it, s in (("a", 0.05), ("b", 0.04))}
+    clip, rel = _clip_and_weights(cfg, plan, counts, edges, ["a", "b"], contributors=8)
+    base = cfg.psi_clip_margin * max(clip_from_histogram(c, edges, tail=cfg.psi_tail) for c in counts.values())
+    assert clip > base  # the noise-limited rule binds here
+    # the weights it picks differ from the default (with which the old rule sized the noise)
+    # by more than this test's tolerance
+    assert abs(influence_bound(1.0, rel) / influence_bound(1.0) - 1.0) > 0.03
+    arrays = {"clip": np.array([clip]), "influence-weights": np.array(rel)}
+    sum_noise_sd = math.sqrt(_noise_var(cfg, plan.sigma["influence"], release_sensitivity("influence", 5, arrays, 2), 8))
+    ssq = min(histogram_sum_squares(c, edges, upto=clip_from_histogram(c, edges, tail=cfg.psi_tail))
+              for c in counts.values())
+    assert sum_noise_sd == pytest.approx(cfg.psi_noise_ratio * math.sqrt(ssq), rel=0.01)
 
 
 def test_psi_square_weight_is_the_smallest_meeting_the_target():
