@@ -684,14 +684,14 @@ def test_influence_weights_set_the_charged_bound_and_are_divided_out(health):
     assert b["ate"] == pytest.approx(a["ate"], rel=1e-9) and b["se"] == pytest.approx(a["se"], rel=1e-9)
 
 
-
 @pytest.mark.parametrize("noise_mode", ["local", "distributed"])
 def test_noise_limited_clip_uses_the_weights_the_influence_release_will_carry(noise_mode):
     """Where the noise-limited rule sets the clip, the influence release's psi-sum noise at the
     chosen clip and weights (its real sensitivity) is ratio x sqrt(sum psi^2): the rule must not
-    assume the default weights (1.146 x clip) when the psi^2 weight it then picks is smaller."""
+    assume the default weights (1.146 x clip) when the psi^2 weight it picks differs; and that
+    weight is enough for every item at that clip (the pair is a fixed point)."""
     from fedrec.common.causal.estimators import (clip_from_histogram, histogram_sum_squares, influence_bound,
-                                                 psi_grid, release_sensitivity)
+                                                 psi_grid, psi_square_weight, release_sensitivity)
     from fedrec.server.causal import _clip_and_weights, _noise_var
 
     cfg = CausalConfig(epsilon=8.0, items=("a", "b"), noise_mode=noise_mode, n_min=8, psi_noise_ratio=0.5)
@@ -708,9 +708,12 @@ def test_noise_limited_clip_uses_the_weights_the_influence_release_will_carry(no
     assert abs(influence_bound(1.0, rel) / influence_bound(1.0) - 1.0) > 0.03
     arrays = {"clip": np.array([clip]), "influence-weights": np.array(rel)}
     sum_noise_sd = math.sqrt(_noise_var(cfg, plan.sigma["influence"], release_sensitivity("influence", 5, arrays, 2), 8))
-    ssq = min(histogram_sum_squares(c, edges, upto=clip_from_histogram(c, edges, tail=cfg.psi_tail))
-              for c in counts.values())
-    assert sum_noise_sd == pytest.approx(cfg.psi_noise_ratio * math.sqrt(ssq), rel=0.01)
+    ssqs = [histogram_sum_squares(c, edges, upto=clip_from_histogram(c, edges, tail=cfg.psi_tail))
+            for c in counts.values()]
+    assert sum_noise_sd == pytest.approx(cfg.psi_noise_ratio * math.sqrt(min(ssqs)), rel=0.01)
+    unit_nv = _noise_var(cfg, plan.sigma["influence"], clip * math.sqrt(2), 8)
+    for ssq in ssqs:
+        assert psi_square_weight(ssq, unit_nv, clip, count_weight=rel[0], target=cfg.psi_square_error) <= rel[1]
 
 
 def test_psi_square_weight_is_the_smallest_meeting_the_target():
