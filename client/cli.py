@@ -1,8 +1,8 @@
 """fedrec-client: what institution IT runs.
 
 Sub-commands: ``check-data`` (validate a folder in the data contract), ``budget`` (what the
-privacy ledger says was spent and remains), ``start`` (join a federation: SuperNode with TLS
-and node authentication).
+privacy ledger says was spent and remains), ``recommend`` (rank items for this institution's
+people by the benefit a causal run's released CATE models estimate).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    help="fedrec institution client: validate data, inspect the privacy budget, join a federation.",
+    help="fedrec institution client: validate data, inspect the privacy budget, recommend by estimated benefit.",
 )
 console = Console()
 
@@ -47,6 +47,28 @@ def budget_cmd(
     from fedrec.client.budget import show_budget
 
     raise typer.Exit(show_budget(ledger or Path("fedrec-ledger.db"), delta=delta, console=console))
+
+
+@app.command("recommend")
+def recommend_cmd(
+    causal_json: Path = typer.Argument(..., help="causal.json written by `fedrec-sim causal` (or the causal ServerApp)."),
+    folder: Path = typer.Argument(..., help="This institution's folder in the data contract (people + study.toml)."),
+    k: int = typer.Option(3, "--k", min=1, help="Items per person, best first."),
+    items: Optional[str] = typer.Option(None, "--items", help="Comma-separated items to rank (default: every item "
+                                        "with a CATE model in causal.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="CSV to write (default: ./recommendations-<folder>.csv)."),
+) -> None:
+    """Rank items for each person by estimated benefit (CATE), not by engagement.
+
+    Applies the CATE models a causal run released to this institution's own covariates:
+    post-processing, so no privacy budget is spent and nothing leaves the institution. Writes
+    person_id, rank, item_id, estimated_effect (outcome units) and estimated_benefit (oriented
+    so larger is better, by the study's `better`). Exit code 2 with one line on bad input.
+    """
+    from fedrec.client.recommend import run_recommend
+
+    chosen = [s.strip() for s in items.split(",") if s.strip()] if items else None
+    raise typer.Exit(run_recommend(causal_json, folder, k=k, items=chosen, out=out, console=console))
 
 
 def main() -> None:

@@ -20,31 +20,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedrec.common.causal.estimators import design, scale_covariates
+from fedrec.common.causal.recommend import benefit_scores, recommend, top_k
 from fedrec.common.datasets import GroundTruth, InstitutionData
 
 __all__ = ["benefit_scores", "recommend", "top_k", "policy_values"]
-
-
-def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]],
-                   cate_coef: Mapping[str, Mapping[str, float]], items: Sequence[str], better: str) -> np.ndarray:
-    """(people, items) estimated benefit: CATE, negated when a lower outcome is better."""
-    x = design(scale_covariates(x_raw, [(lo, hi) for _, lo, hi in columns]))
-    names = ["intercept"] + [c[0] for c in columns]
-    coef = np.column_stack([[cate_coef[it][n] for n in names] for it in items])
-    tau = x @ coef
-    return tau if better == "higher" else -tau
-
-
-def recommend(scores: np.ndarray, items: Sequence[str]) -> np.ndarray:
-    """Top-1 item per person by score."""
-    return np.asarray(items, dtype=object)[scores.argmax(axis=1)]
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """(people, k) column indices of each person's k highest scores, best first."""
-    k = max(1, min(int(k), scores.shape[1]))
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, item_results: Mapping[str, dict],

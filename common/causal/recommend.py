@@ -1,0 +1,42 @@
+"""Rank items per person by estimated benefit (the released CATE models), not by engagement.
+
+Pure functions on public coefficients and one institution's own covariates: applying a released
+CATE model is post-processing, so it costs no privacy budget and sends nothing anywhere. Used by
+``fedrec-client recommend`` (an institution ranks its own people) and by the simulations'
+policy-value grading (``fedrec.server.causal_recommend``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedrec.common.causal.estimators import design, scale_covariates
+
+__all__ = ["benefit_scores", "recommend", "top_k"]
+
+
+def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]],
+                   cate_coef: Mapping[str, Mapping[str, float]], items: Sequence[str], better: str) -> np.ndarray:
+    """(people, items) estimated benefit: CATE, negated when a lower outcome is better.
+
+    ``columns``: ``(name, lower, upper)`` of the design columns in ``x_raw``'s order (public
+    bounds); ``cate_coef[item]`` maps ``"intercept"`` and every column name to its coefficient
+    on the bound-scaled design (``causal.json`` ``items.<item>.cate_coef``)."""
+    x = design(scale_covariates(x_raw, [(lo, hi) for _, lo, hi in columns]))
+    names = ["intercept"] + [c[0] for c in columns]
+    coef = np.column_stack([[cate_coef[it][n] for n in names] for it in items])
+    tau = x @ coef
+    return tau if better == "higher" else -tau
+
+
+def recommend(scores: np.ndarray, items: Sequence[str]) -> np.ndarray:
+    """Top-1 item per person by score."""
+    return np.asarray(items, dtype=object)[scores.argmax(axis=1)]
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(people, k) column indices of each person's k highest scores, best first."""
+    k = max(1, min(int(k), scores.shape[1]))
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -1,0 +1,117 @@
+"""fedrec-client recommend: an institution ranks items for its people by the released CATE models."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedrec.client.cli import app as client_app
+from fedrec.client.recommend import recommendations
+from fedrec.client.statistics import raw_design
+from fedrec.common.causal.estimators import CausalConfig
+from fedrec.common.datasets import write_ground_truth, write_institution
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.jsonio import write_json
+from fedrec.server.causal_recommend import policy_values
+from fedrec.simulations.causal_cli import estimate_inprocess
+from fedrec.simulations.domains import domain_federation
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A simulated federation on disk and the causal.json of an ε = inf run on it (the same
+    run_protocol code a Flower run uses; the report sections `fedrec-sim causal` writes)."""
+    root = tmp_path_factory.mktemp("rec")
+    insts, truth = domain_federation("health", institutions=2, people=2000, seed=21, skew=0.5)
+    for d in insts:
+        write_institution(root / "data" / d.name, d)
+    write_ground_truth(root / "data" / "ground_truth", truth)
+    res = estimate_inprocess(insts, CausalConfig(epsilon=math.inf))
+    report = {"items": res.items, "nuisance_design": {"covariates": None, "derived": [], "source": "all"}}
+    write_json(root / "causal.json", report)
+    return root, insts, truth, res
+
+
+def test_recommend_ranks_each_person_by_the_released_cate(study, tmp_path):
+    root, insts, truth, res = study
+    out = tmp_path / "recs.csv"
+    got = CliRunner().invoke(client_app, ["recommend", str(root / "causal.json"), str(root / "data" / insts[0].name),
+                                          "--k", "2", "--out", str(out)])
+    assert got.exit_code == 0, got.output
+    recs = pd.read_csv(out, dtype={"person_id": str})
+    people = insts[0].people["person_id"].astype(str).to_numpy()
+    assert len(recs) == 2 * len(people) and list(recs["rank"][:2]) == [1, 2]
+    wide = recs.pivot(index="person_id", columns="rank", values="estimated_benefit").loc[people]
+    assert (wide[1] >= wide[2]).all()  # best first
+    # independent path: each estimator's own effect(X) (whitened design) on the raw covariates
+    x_raw, _ = raw_design(insts[0])
+    tau = np.column_stack([res.estimators[it].effect(x_raw) for it in truth.item_ids])
+    sign = 1.0 if insts[0].study.outcome_better == "higher" else -1.0
+    top = recs[recs["rank"] == 1].set_index("person_id").loc[people]
+    best = np.asarray(truth.item_ids)[(sign * tau).argmax(axis=1)]
+    assert (top["item_id"].to_numpy() == best).all()
+    assert np.allclose(top["estimated_effect"], tau[np.arange(len(people)), (sign * tau).argmax(axis=1)], rtol=1e-9)
+    assert "post-processing" in got.output
+
+
+def test_recommendations_agree_with_the_policy_value_grading(study):
+    """Following every institution's CLI top-1 gives the policy value the simulation reports."""
+    root, insts, truth, res = study
+    row = {p: i for i, p in enumerate(truth.person_ids.astype(str))}
+    items = list(truth.item_ids)
+    taken = []
+    for d in insts:
+        top = recommendations(root / "causal.json", root / "data" / d.name, k=1)
+        taken += [truth.benefit[row[p], items.index(it)] for p, it in zip(top["person_id"], top["item_id"])]
+    pv = policy_values(insts, truth, res.items)
+    assert np.mean(taken) == pytest.approx(pv["causal"]["policy_value"], rel=1e-12)
+
+
+def _rewrite(root: Path, path: Path, change) -> Path:
+    report = json.loads((root / "causal.json").read_text())
+    change(report)
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_recommend_bad_input_one_line_and_nothing_written(study, tmp_path):
+    root, insts, truth, _ = study
+    folder = root / "data" / insts[0].name
+    item = truth.item_ids[0]
+    cases = [
+        (tmp_path / "missing.json", "no such file"),
+        (tmp_path / "bad.json", "not valid JSON"),
+        (_rewrite(root, tmp_path / "ipw.json", lambda r: [row.pop("cate_coef") for row in r["items"].values()]),
+         "no item has a CATE model"),
+        (_rewrite(root, tmp_path / "short.json", lambda r: r["items"][item]["cate_coef"].pop("age")),
+         "has no coefficient for 'age'"),
+        (_rewrite(root, tmp_path / "nan.json", lambda r: r["items"][item]["cate_coef"].update(age="nan")),
+         f"items.{item}.cate_coef.age is not a finite number"),
+        (_rewrite(root, tmp_path / "old.json", lambda r: r.pop("nuisance_design")),
+         "no 'items' / 'nuisance_design' section"),
+    ]
+    (tmp_path / "bad.json").write_text("{not json")
+    out = tmp_path / "recs.csv"
+    for path, message in cases:
+        with pytest.raises(FedrecInputError, match="fix:") as err:
+            recommendations(path, folder)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(FedrecInputError, match="no item 'nope'"):
+        recommendations(root / "causal.json", folder, items=["nope"])
+    # through the console script: exit 2, one line on stderr, no file written
+    exe = Path(sys.executable).with_name("fedrec-client")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedrec.client.cli"]
+    proc = subprocess.run([*cmd, "recommend", str(cases[3][0]), str(folder), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="400"))
+    assert proc.returncode == 2, proc.stderr
+    assert "has no coefficient for 'age'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
