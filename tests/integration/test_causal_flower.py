@@ -55,3 +55,14 @@ def test_causal_command_three_institutions(tmp_path):
         assert lo_b <= lo < hi <= hi_b
     rec = report["recommendations"]
     assert rec["oracle"]["policy_value"] >= rec["causal"]["policy_value"] - 1e-9
+    # each institution ranks its own people from this causal.json (fedrec-client recommend);
+    # following everyone's top-1 gives the policy value the run reported
+    from fedrec.client.recommend import recommendations
+
+    row = {p: i for i, p in enumerate(truth.person_ids.astype(str))}
+    items = list(truth.item_ids)
+    taken = []
+    for d in insts:
+        top = recommendations(out / "causal.json", data / d.name, k=1)
+        taken += [truth.benefit[row[p], items.index(it)] for p, it in zip(top["person_id"], top["item_id"])]
+    assert sum(taken) / len(taken) == pytest.approx(rec["causal"]["policy_value"], rel=1e-9)
