@@ -18,11 +18,14 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from scipy.stats import norm
+
+from fedrec.common.causal.estimators import design, scale_covariates
 from fedrec.common.causal.recommend import benefit_scores, top_k
 from fedrec.common.datasets import load_institution
 from fedrec.common.errors import FedrecInputError
 
-__all__ = ["read_cate_models", "recommendations", "run_recommend"]
+__all__ = ["read_cate_models", "read_cate_covs", "recommendations", "run_recommend"]
 
 _RERUN = "fix: give the causal.json a `fedrec-sim causal` run (or the causal ServerApp) wrote"
 
@@ -41,8 +44,8 @@ def read_cate_models(path: Path, items: Sequence[str] | None = None) -> tuple[di
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise FedrecInputError(f"{path}: not valid JSON ({err}); {_RERUN}") from None
     rows = report.get("items") if isinstance(report, dict) else None
-    design = report.get("nuisance_design") if isinstance(report, dict) else None
-    if not isinstance(rows, dict) or not isinstance(design, dict):
+    nuisance = report.get("nuisance_design") if isinstance(report, dict) else None
+    if not isinstance(rows, dict) or not isinstance(nuisance, dict):
         raise FedrecInputError(f"{path}: no 'items' / 'nuisance_design' section; {_RERUN}")
     have = [it for it, row in rows.items() if isinstance(row, dict) and isinstance(row.get("cate_coef"), dict)]
     wanted = list(items) if items else have
@@ -62,7 +65,28 @@ def read_cate_models(path: Path, items: Sequence[str] | None = None) -> tuple[di
         if bad:
             raise FedrecInputError(f"{path}: items.{it}.cate_coef.{bad[0]} is not a finite number; {_RERUN}")
         models[it] = {str(name): float(v) for name, v in coef.items()}
-    return models, design
+    return models, nuisance
+
+
+def read_cate_covs(path: Path, items: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """Each item's ``cate_cov`` (covariance of ``cate_coef``, same order) from a ``causal.json``
+    that has them for every item (None when any lacks one: files from before they were
+    written). Raises :class:`FedrecInputError` for one that is not a finite square matrix of
+    the coefficients' size."""
+    rows = json.loads(Path(path).read_text())["items"]
+    if not all("cate_cov" in rows[it] for it in items):
+        return None
+    out = {}
+    for it in items:
+        p = len(rows[it]["cate_coef"])
+        try:
+            c = np.asarray(rows[it]["cate_cov"], dtype=np.float64)
+        except (TypeError, ValueError):
+            c = np.full((0, 0), np.nan)
+        if c.shape != (p, p) or not np.all(np.isfinite(c)):
+            raise FedrecInputError(f"{path}: items.{it}.cate_cov is not a finite {p}x{p} matrix; {_RERUN}")
+        out[it] = c
+    return out
 
 
 def _estimator(rows: dict) -> str:
@@ -73,16 +97,18 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
                     ) -> pd.DataFrame:
     """Each person's top-``k`` items by estimated benefit: columns ``person_id``, ``rank``
     (1 = best), ``item_id``, ``estimated_effect`` (CATE, outcome units) and
-    ``estimated_benefit`` (the same, negated when the study's outcome is better lower).
+    ``estimated_benefit`` (the same, negated when the study's outcome is better lower), and,
+    when causal.json carries the models' covariances, ``effect_ci_low`` / ``effect_ci_high``
+    (pointwise 95% CI of the CATE; sampling and X'y noise, not the Gram's noise).
 
     Post-processing of released coefficients on this institution's own covariates: no budget."""
     from fedrec.client.statistics import raw_design  # the design columns the estimate used
 
     if k < 1:
         raise FedrecInputError(f"--k {k}: must be at least 1; fix: e.g. --k 3")
-    models, design = read_cate_models(causal_json, items)
+    models, nuisance = read_cate_models(causal_json, items)
     data = load_institution(folder)
-    x_raw, cols = raw_design(data, design.get("covariates"), tuple(design.get("derived") or ()))
+    x_raw, cols = raw_design(data, nuisance.get("covariates"), tuple(nuisance.get("derived") or ()))
     names = {"intercept"} | {c[0] for c in cols}
     for it, coef in models.items():
         missing = sorted(names - set(coef))
@@ -93,19 +119,36 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
                 f"{causal_json}: the CATE model of {it!r} {what}, which does not match the design of "
                 f"{Path(folder).name}/study.toml; fix: use the study declaration the estimate was made with")
     order = list(models)
+    covs = read_cate_covs(causal_json, order)
     benefit = benefit_scores(x_raw, cols, models, order, data.study.outcome_better)
     sign = 1.0 if data.study.outcome_better == "higher" else -1.0
     best = top_k(benefit, k)
     kk = best.shape[1]
     people = data.people["person_id"].astype(str).to_numpy()
     picked = np.take_along_axis(benefit, best, axis=1)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "person_id": np.repeat(people, kk),
         "rank": np.tile(np.arange(1, kk + 1), len(people)),
         "item_id": np.asarray(order, dtype=object)[best].reshape(-1),
         "estimated_effect": (sign * picked).reshape(-1),
         "estimated_benefit": picked.reshape(-1),
     })
+    if covs is not None:
+        x = design(scale_covariates(x_raw, [(lo, hi) for _, lo, hi in cols]))
+        # covariances are in cate_coef's key order; the design is in the folder's column order
+        names = ["intercept"] + [c[0] for c in cols]
+        se = np.column_stack([np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, _reorder(covs[it], list(models[it]), names),
+                                                           x), 0.0)) for it in order])
+        half = float(norm.ppf(0.975)) * np.take_along_axis(se, best, axis=1).reshape(-1)
+        table["effect_ci_low"] = table["estimated_effect"] - half
+        table["effect_ci_high"] = table["estimated_effect"] + half
+    return table
+
+
+def _reorder(cov: np.ndarray, keys: list[str], names: list[str]) -> np.ndarray:
+    """``cov`` (rows/columns in ``keys`` order) with rows/columns in ``names`` order."""
+    idx = [keys.index(n) for n in names]
+    return cov[np.ix_(idx, idx)]
 
 
 def run_recommend(causal_json: Path, folder: Path, *, k: int, items: Sequence[str] | None, out: Path | None,

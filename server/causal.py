@@ -401,6 +401,8 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             row["gram_weight"] = gw
             row["cate_coef"] = dict(zip(["intercept"] + [c[0] for c in study.columns],
                                         [float(v) for v in est.cate_coef()]))
+            # its covariance, rows and columns in cate_coef's order (pointwise CATE CIs)
+            row["cate_cov"] = [[float(v) for v in r] for r in est.cate_cov()]
         result.items[it] = row
         result.estimators[it] = est
     return result

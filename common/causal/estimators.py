@@ -739,6 +739,19 @@ class FederatedCausalEstimator:
         c = self._coef()
         return c if self.whitening is None else self.whitening.linear_coef(c)
 
+    def cate_cov(self) -> np.ndarray:
+        """Covariance of :meth:`cate_coef` (outcome units squared, bound-scaled design): the two
+        arm models' ``cov`` (sampling and X'y noise; not the Gram's noise), as
+        :meth:`effect_interval` uses. With it, anyone holding ``cate_coef`` gets the same
+        pointwise CI as ``effect_interval``: ``x' C x`` for a bound-scaled design row x."""
+        if self.arm1 is None or self.arm0 is None:
+            raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
+        c = self.scale**2 * (self.arm1.cov + self.arm0.cov)
+        if self.whitening is None:
+            return c
+        m = self.whitening.linear_map()
+        return m @ c @ m.T
+
     def effect(self, X: np.ndarray) -> np.ndarray:
         """tau(x) for raw covariate rows X (columns in ``study.design_columns()`` order)."""
         return self._rows(X) @ self._coef()
@@ -1589,6 +1602,16 @@ class Whitening:
     def linear_coef(self, c: np.ndarray) -> np.ndarray:
         """Coefficients on the bound-scaled design of ``c' w`` (exact where no row is clipped)."""
         return np.concatenate([[c[0] + c[1:] @ self.b], self.a.T @ c[1:]])
+
+    def linear_map(self) -> np.ndarray:
+        """The matrix M of :meth:`linear_coef` (``linear_coef(c) = M c``): maps a covariance of
+        whitened-design coefficients to the bound-scaled design's, ``M C M'``."""
+        p = self.a.shape[0] + 1
+        m = np.zeros((p, p))
+        m[0, 0] = 1.0
+        m[0, 1:] = self.b
+        m[1:, 1:] = self.a.T
+        return m
 
     @staticmethod
     def identity(p: int) -> Whitening:

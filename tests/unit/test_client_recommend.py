@@ -59,7 +59,15 @@ def test_recommend_ranks_each_person_by_the_released_cate(study, tmp_path):
     top = recs[recs["rank"] == 1].set_index("person_id").loc[people]
     best = np.asarray(truth.item_ids)[(sign * tau).argmax(axis=1)]
     assert (top["item_id"].to_numpy() == best).all()
-    assert np.allclose(top["estimated_effect"], tau[np.arange(len(people)), (sign * tau).argmax(axis=1)], rtol=1e-9)
+    pick = (sign * tau).argmax(axis=1)
+    assert np.allclose(top["estimated_effect"], tau[np.arange(len(people)), pick], rtol=1e-9)
+    # the CI from causal.json's cate_cov equals each estimator's own effect_interval
+    lo = np.column_stack([res.estimators[it].effect_interval(x_raw)[0] for it in truth.item_ids])
+    hi = np.column_stack([res.estimators[it].effect_interval(x_raw)[1] for it in truth.item_ids])
+    rows = np.arange(len(people))
+    assert np.allclose(top["effect_ci_low"], lo[rows, pick], rtol=1e-9, atol=1e-9)
+    assert np.allclose(top["effect_ci_high"], hi[rows, pick], rtol=1e-9, atol=1e-9)
+    assert (top["effect_ci_high"] - top["effect_ci_low"] > 0).all()
     assert "post-processing" in got.output
 
 
@@ -98,6 +106,8 @@ def test_recommend_bad_input_one_line_and_nothing_written(study, tmp_path):
          f"items.{item}.cate_coef.age is not a finite number"),
         (_rewrite(root, tmp_path / "old.json", lambda r: r.pop("nuisance_design")),
          "no 'items' / 'nuisance_design' section"),
+        (_rewrite(root, tmp_path / "cov.json", lambda r: r["items"][item]["cate_cov"].pop()),
+         f"items.{item}.cate_cov is not a finite"),
     ]
     (tmp_path / "bad.json").write_text("{not json")
     out = tmp_path / "recs.csv"
