@@ -109,10 +109,10 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
     models, nuisance = read_cate_models(causal_json, items)
     data = load_institution(folder)
     x_raw, cols = raw_design(data, nuisance.get("covariates"), tuple(nuisance.get("derived") or ()))
-    names = {"intercept"} | {c[0] for c in cols}
+    expected = {"intercept"} | {c[0] for c in cols}
     for it, coef in models.items():
-        missing = sorted(names - set(coef))
-        extra = sorted(set(coef) - names)
+        missing = sorted(expected - set(coef))
+        extra = sorted(set(coef) - expected)
         if missing or extra:
             what = f"has no coefficient for {missing[0]!r}" if missing else f"uses {extra[0]!r}"
             raise FedrecInputError(
