@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
-
 from scipy.stats import norm
 
 from fedrec.common.causal.estimators import design, scale_covariates
@@ -25,13 +24,16 @@ from fedrec.common.causal.recommend import benefit_scores, top_k
 from fedrec.common.datasets import load_institution
 from fedrec.common.errors import FedrecInputError
 
-__all__ = ["read_cate_models", "read_cate_covs", "recommendations", "run_recommend"]
+__all__ = ["read_cate_models", "recommendations", "run_recommend"]
 
 _RERUN = "fix: give the causal.json a `fedrec-sim causal` run (or the causal ServerApp) wrote"
 
 
-def read_cate_models(path: Path, items: Sequence[str] | None = None) -> tuple[dict[str, dict[str, float]], dict]:
-    """The CATE coefficients per item and the nuisance design from a ``causal.json``.
+def read_cate_models(path: Path, items: Sequence[str] | None = None
+                     ) -> tuple[dict[str, dict[str, float]], dict, dict[str, object] | None]:
+    """The CATE coefficients per item, the nuisance design and the coefficients' covariances
+    as the file holds them (``cate_cov``, unchecked: :func:`_checked_covs`; None when any item
+    lacks one: files from before they were written) from one read of a ``causal.json``.
 
     ``items``: the items to rank (None: every item the file has a CATE model for). Raises
     :class:`FedrecInputError` (one line naming the file and the fix) for a missing or malformed
@@ -65,28 +67,25 @@ def read_cate_models(path: Path, items: Sequence[str] | None = None) -> tuple[di
         if bad:
             raise FedrecInputError(f"{path}: items.{it}.cate_coef.{bad[0]} is not a finite number; {_RERUN}")
         models[it] = {str(name): float(v) for name, v in coef.items()}
-    return models, nuisance
+    if not all("cate_cov" in rows[it] for it in wanted):
+        return models, nuisance, None
+    return models, nuisance, {it: rows[it]["cate_cov"] for it in wanted}
 
 
-def read_cate_covs(path: Path, items: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """Each item's ``cate_cov`` (covariance of ``cate_coef``, same order) from a ``causal.json``
-    that has them for every item (None when any lacks one: files from before they were
-    written). Raises :class:`FedrecInputError` for one that is not a finite square matrix of
-    the coefficients' size."""
-    rows = json.loads(Path(path).read_text())["items"]
-    if not all("cate_cov" in rows[it] for it in items):
-        return None
-    out = {}
-    for it in items:
-        p = len(rows[it]["cate_coef"])
+def _checked_covs(path: Path, raw: dict[str, object], models: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
+    """``cate_cov`` per item as arrays, or :class:`FedrecInputError` for one that is not a
+    finite square matrix of its coefficients' size."""
+    covs = {}
+    for it, value in raw.items():
+        p = len(models[it])
         try:
-            c = np.asarray(rows[it]["cate_cov"], dtype=np.float64)
+            cov = np.asarray(value, dtype=np.float64)
         except (TypeError, ValueError):
-            c = np.full((0, 0), np.nan)
-        if c.shape != (p, p) or not np.all(np.isfinite(c)):
+            cov = np.full((0, 0), np.nan)
+        if cov.shape != (p, p) or not np.all(np.isfinite(cov)):
             raise FedrecInputError(f"{path}: items.{it}.cate_cov is not a finite {p}x{p} matrix; {_RERUN}")
-        out[it] = c
-    return out
+        covs[it] = cov
+    return covs
 
 
 def _estimator(rows: dict) -> str:
@@ -106,7 +105,7 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
 
     if k < 1:
         raise FedrecInputError(f"--k {k}: must be at least 1; fix: e.g. --k 3")
-    models, nuisance = read_cate_models(causal_json, items)
+    models, nuisance, raw_covs = read_cate_models(causal_json, items)
     data = load_institution(folder)
     x_raw, cols = raw_design(data, nuisance.get("covariates"), tuple(nuisance.get("derived") or ()))
     expected = {"intercept"} | {c[0] for c in cols}
@@ -118,8 +117,8 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
             raise FedrecInputError(
                 f"{causal_json}: the CATE model of {it!r} {what}, which does not match the design of "
                 f"{Path(folder).name}/study.toml; fix: use the study declaration the estimate was made with")
+    covs = None if raw_covs is None else _checked_covs(causal_json, raw_covs, models)
     order = list(models)
-    covs = read_cate_covs(causal_json, order)
     benefit = benefit_scores(x_raw, cols, models, order, data.study.outcome_better)
     sign = 1.0 if data.study.outcome_better == "higher" else -1.0
     best = top_k(benefit, k)

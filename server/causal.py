@@ -185,20 +185,19 @@ def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.
                      for it in items)
         return min(max(base, raised), worst)
 
-    def k_needed(clip: float, grid: np.ndarray) -> float:
+    def k_needed(clip: float) -> float:  # on PSI_SQUARE_GRID, psi_square_weight's grid
         unit_nv = _noise_var(cfg, sigma, clip * math.sqrt(j), contributors)
-        return max(psi_square_weight(sum_sq[it], unit_nv, clip, count_weight=a, target=cfg.psi_square_error,
-                                     grid=grid) for it in items)
+        return max(psi_square_weight(sum_sq[it], unit_nv, clip, count_weight=a, target=cfg.psi_square_error)
+                   for it in items)
 
     if not cfg.psi_square_error > 0:
         k = INFLUENCE_WEIGHTS[1]
         return clip_at(k), (a, k)
-    grid = PSI_SQUARE_GRID
-    for k in grid:
+    for k in PSI_SQUARE_GRID:
         clip = clip_at(float(k))
-        if k_needed(clip, grid) <= k:
+        if k_needed(clip) <= k:
             return clip, (a, float(k))
-    k = float(grid[-1])
+    k = float(PSI_SQUARE_GRID[-1])
     return clip_at(k), (a, k)
 
 

@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedrec.common.causal.recommend import benefit_scores, recommend, top_k
+from fedrec.common.causal.recommend import benefit_scores, top_k
 from fedrec.common.datasets import GroundTruth, InstitutionData
 
-__all__ = ["benefit_scores", "recommend", "top_k", "policy_values"]
+__all__ = ["policy_values"]
 
 
 def policy_values(institutions: Sequence[InstitutionData], truth: GroundTruth, item_results: Mapping[str, dict],

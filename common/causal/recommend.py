@@ -14,7 +14,7 @@ import numpy as np
 
 from fedrec.common.causal.estimators import design, scale_covariates
 
-__all__ = ["benefit_scores", "recommend", "top_k"]
+__all__ = ["benefit_scores", "top_k"]
 
 
 def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]],
@@ -29,11 +29,6 @@ def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]
     coef = np.column_stack([[cate_coef[it][n] for n in names] for it in items])
     tau = x @ coef
     return tau if better == "higher" else -tau
-
-
-def recommend(scores: np.ndarray, items: Sequence[str]) -> np.ndarray:
-    """Top-1 item per person by score."""
-    return np.asarray(items, dtype=object)[scores.argmax(axis=1)]
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -592,7 +592,8 @@ def test_policy_values_rank_by_estimated_benefit_and_grade_with_the_truth(health
     """Top-1 and top-k policy values: a CATE model that orders items like the truth reaches the
     oracle; one that orders them backwards gets the worst items; random is the mean benefit."""
     from fedrec.client.statistics import design_columns
-    from fedrec.server.causal_recommend import policy_values, top_k
+    from fedrec.common.causal.recommend import top_k
+    from fedrec.server.causal_recommend import policy_values
 
     assert top_k(np.array([[0.1, 3.0, 2.0], [5.0, -1.0, 0.0]]), 2).tolist() == [[1, 2], [0, 2]]
     insts, truth = health
