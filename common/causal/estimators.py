@@ -359,9 +359,18 @@ class ArmModel:
     ainv: np.ndarray | None = None
     #: covariance of the DP noise in ``coef`` (:func:`ridge_noise_cov`; zeros without DP)
     noise_cov: np.ndarray | None = None
+    #: the part of ``noise_cov`` that the Gram's noise carries (``cov`` leaves it out)
+    gram_noise_cov: np.ndarray | None = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return np.clip(x @ self.coef, -1.0, 1.0)
+
+    @property
+    def total_cov(self) -> np.ndarray:
+        """Covariance of ``coef``: sampling, the X'y noise (``cov``) and the Gram's noise
+        (first order: ``G + E`` moves the fit by ``-A^-1 E coef``, :func:`ridge_noise_input_cov`).
+        What the CATE's intervals use."""
+        return self.cov if self.gram_noise_cov is None else self.cov + self.gram_noise_cov
 
 
 def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float = 0.0,
@@ -371,9 +380,10 @@ def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float 
     The residual variance comes from ``RSS = y'y - 2 b'X'y + b'X'X b`` (post-processing of the
     same release), and the coefficient covariance is ``A^-1 (s^2 G + v I) A^-1`` with
     ``A = G + ridge I``: the sampling part plus the DP noise ``v`` on each coordinate of
-    ``X'y`` (the noise on the Gram is a second-order term and is ignored there; ``noise_cov``
-    carries both). ``gram_noise_var``: noise variance per coordinate of the Gram when it differs
-    from X'y's (a release with a Gram weight, :func:`outcome_bound`); None = ``noise_var``.
+    ``X'y``. The Gram's noise is carried apart, in ``gram_noise_cov`` (``noise_cov`` holds both
+    noises, ``total_cov`` all three parts). ``gram_noise_var``: noise variance per coordinate of
+    the Gram when it differs from X'y's (a release with a Gram weight, :func:`outcome_bound`);
+    None = ``noise_var``.
     """
     p = xy.shape[0]
     g = unvech(gram_vech, p)
@@ -387,7 +397,9 @@ def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float 
     ainv = _inv_pd(a, max(floor, ridge))
     cov = ainv @ (resid_var * _psd_part(g) + noise_var * np.eye(p)) @ ainv
     arm = ArmModel(coef=coef, gram=g, n=n, resid_var=resid_var, cov=cov, ainv=ainv)
-    return replace(arm, noise_cov=ridge_noise_cov(arm, noise_var, gram_noise_var))
+    vg = noise_var if gram_noise_var is None else gram_noise_var
+    return replace(arm, noise_cov=ridge_noise_cov(arm, noise_var, gram_noise_var),
+                   gram_noise_cov=ridge_noise_cov(arm, 0.0, vg))
 
 
 def pooled_anchor_fits(gram_vechs: Sequence[np.ndarray], xys: Sequence[np.ndarray], yys: Sequence[float], *,
@@ -427,20 +439,23 @@ def pooled_anchor_fits(gram_vechs: Sequence[np.ndarray], xys: Sequence[np.ndarra
     c_pool = _solve_pd(a_pool, xys[0] + xys[1], pool_floor)
     n_mat = ridge * pen @ _inv_pd(a_pool, pool_floor)
     m_mat = np.eye(p) + n_mat
-    offs, samp, nois = [], [], []
+    vg = noise_var if gram_noise_var is None else gram_noise_var
+    offs, samp, nois, gnois = [], [], [], []
     for g_vech, g, xy, yy in zip(gram_vechs, grams, xys, yys):
         off = ridge_fit(g_vech, xy - g @ c_pool, float(yy - 2 * c_pool @ xy + c_pool @ g @ c_pool),
                         ridge=ridge, noise_var=noise_var, floor=floor, gram_noise_var=gram_noise_var)
         c = c_pool + off.coef
         samp.append(off.resid_var * _psd_part(g) + noise_var * np.eye(p))
         nois.append(ridge_noise_input_cov(c, noise_var, gram_noise_var))
+        gnois.append(ridge_noise_input_cov(c, 0.0, vg))
         offs.append(replace(off, coef=c))
     out = []
     for a, b in ((0, 1), (1, 0)):
         ainv = offs[a].ainv
         assert ainv is not None
-        cov, noise_cov = (ainv @ (m_mat @ s[a] @ m_mat.T + n_mat @ s[b] @ n_mat.T) @ ainv.T for s in (samp, nois))
-        out.append(replace(offs[a], cov=cov, noise_cov=noise_cov))
+        cov, noise_cov, gram_noise_cov = (ainv @ (m_mat @ s[a] @ m_mat.T + n_mat @ s[b] @ n_mat.T) @ ainv.T
+                                          for s in (samp, nois, gnois))
+        out.append(replace(offs[a], cov=cov, noise_cov=noise_cov, gram_noise_cov=gram_noise_cov))
     return out[0], out[1]
 
 
@@ -696,7 +711,7 @@ class FederatedCausalEstimator:
             # heterogeneity of tau(x) across people + coefficient uncertainty (+ noise in xbar)
             second = gram / n
             var_tau = max(float(diff @ second @ diff) - ate**2, 0.0)
-            coef_var = float(xbar @ (arm1.cov + arm0.cov) @ xbar)
+            coef_var = float(xbar @ (arm1.total_cov + arm0.total_cov) @ xbar)
             noise_x = float(noise.get("gram", 0.0)) * float(diff @ diff) / n**2
             sampling = var_tau / n + coef_var
             self.result = ATEResult(ate=self.scale * ate, se=self.scale * math.sqrt(sampling + noise_x), n=n,
@@ -741,12 +756,12 @@ class FederatedCausalEstimator:
 
     def cate_cov(self) -> np.ndarray:
         """Covariance of :meth:`cate_coef` (outcome units squared, bound-scaled design): the two
-        arm models' ``cov`` (sampling and X'y noise; not the Gram's noise), as
+        arm models' ``total_cov`` (sampling, X'y noise and the Gram's noise), as
         :meth:`effect_interval` uses. With it, anyone holding ``cate_coef`` gets the same
         pointwise CI as ``effect_interval``: ``x' C x`` for a bound-scaled design row x."""
         if self.arm1 is None or self.arm0 is None:
             raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
-        c = self.scale**2 * (self.arm1.cov + self.arm0.cov)
+        c = self.scale**2 * (self.arm1.total_cov + self.arm0.total_cov)
         if self.whitening is None:
             return c
         m = self.whitening.linear_map()
@@ -759,7 +774,7 @@ class FederatedCausalEstimator:
     def effect_interval(self, X: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
         assert self.arm1 is not None and self.arm0 is not None
         x = self._rows(X)
-        cov = self.arm1.cov + self.arm0.cov
+        cov = self.arm1.total_cov + self.arm0.total_cov
         se = self.scale * np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, cov, x), 0.0))
         z = float(norm.ppf(1 - alpha / 2))
         tau = x @ self._coef()
@@ -1545,7 +1560,8 @@ def arm_from_mapped(arm: ArmModel, centre: float, half: float) -> ArmModel:
     coef[0] += centre
     h2 = half * half
     return replace(arm, coef=coef, resid_var=arm.resid_var * h2, cov=arm.cov * h2,
-                   noise_cov=None if arm.noise_cov is None else arm.noise_cov * h2)
+                   noise_cov=None if arm.noise_cov is None else arm.noise_cov * h2,
+                   gram_noise_cov=None if arm.gram_noise_cov is None else arm.gram_noise_cov * h2)
 
 
 # --------------------------------------------------------------------------- whitening

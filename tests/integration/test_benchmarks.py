@@ -67,3 +67,17 @@ def test_causal_policy_quick():
     for eps in {r["epsilon"] for r in rows}:  # benefit-oriented: the oracle is the best ranking
         assert value[(eps, "oracle")] >= value[(eps, "causal")] - 1e-9
         assert value[(eps, "oracle")] >= value[(eps, "engagement")] - 1e-9
+
+
+def test_cate_coverage_quick():
+    out = _run("cate_coverage.py", "--domains", "health", "--workers", "1")
+    rows = out["rows"]
+    assert out["meta"]["script"] == "cate_coverage.py" and rows
+    keys = {"domain", "item", "noise_mode", "epsilon", "runs", "coverage", "coverage_mc_se",
+            "coverage_without_gram_noise", "noise_var_ratio", "noise_var_ratio_without_gram_noise",
+            "bias_sd", "width_ratio"}
+    for r in rows:
+        assert keys <= set(r) and r["domain"] == "health"
+        assert 0.0 <= r["coverage_without_gram_noise"] <= r["coverage"] <= 1.0  # the Gram term only widens
+        assert r["noise_var_ratio"] < r["noise_var_ratio_without_gram_noise"]
+        assert r["width_ratio"] > 1.0

@@ -922,3 +922,49 @@ def test_pooled_anchor_shrinks_only_the_arms_difference_and_reports_its_noise() 
         # the arm's own noise alone (leaving out the pooled anchor's) would be ~20% short
         own = ridge_fit(*sums[a], ridge=lam, noise_var=v, gram_noise_var=vg, floor=1.0).noise_cov
         assert np.trace(blk) / np.trace(own) > 1.15
+
+
+def test_ridge_fit_reports_the_grams_noise_apart_and_the_cate_intervals_carry_it(health) -> None:
+    """The noise on the released Gram moves the outcome coefficients by ``-A^-1 E coef``: with
+    large coefficients it is most of their DP spread. ``gram_noise_cov`` must hold that part,
+    ``total_cov`` must add it to ``cov`` (sampling + X'y noise), and the CATE's intervals must use
+    ``total_cov``: leaving it out (the release before this one) is caught here by a clear margin."""
+    from fedrec.common.causal.estimators import ridge_fit, vech_len
+
+    rng = np.random.default_rng(11)
+    p, n = 4, 800
+    x = np.column_stack([np.ones(n), rng.normal(size=(n, p - 1))])
+    y = x @ np.array([0.5, 1.0, -0.8, 0.6]) + 0.3 * rng.normal(size=n)
+    gram_vech, xy, yy = _arm_sums(x, y)
+    v, vg, m = 5.0, 40.0, vech_len(p)
+    fit = ridge_fit(gram_vech, xy, yy, noise_var=v, gram_noise_var=vg, floor=1.0)
+    assert fit.gram_noise_cov is not None and fit.noise_cov is not None and fit.ainv is not None
+    np.testing.assert_allclose(fit.total_cov - fit.cov, fit.gram_noise_cov, atol=1e-15)
+    # the X'y noise is the rest of the noise covariance: v A^-1 A^-1
+    np.testing.assert_allclose(fit.noise_cov - fit.gram_noise_cov, v * fit.ainv @ fit.ainv, rtol=1e-9, atol=1e-15)
+
+    draws = np.array([ridge_fit(gram_vech + rng.normal(scale=math.sqrt(vg), size=m),
+                                xy + rng.normal(scale=math.sqrt(v), size=p),
+                                yy + rng.normal(scale=math.sqrt(v)), noise_var=v, gram_noise_var=vg,
+                                floor=1.0).coef for _ in range(2000)])
+    emp = np.cov(draws.T)
+    contrasts = [np.eye(p)[j] for j in range(p)] + [np.array([1.0, 1.0, -1.0, 0.5])]
+    for c in contrasts:
+        observed = float(c @ emp @ c)
+        assert 0.85 < observed / float(c @ fit.noise_cov @ c) < 1.15, c
+    # without the Gram's part the noise would be well under half of what it is
+    assert np.trace(emp) / np.trace(fit.noise_cov - fit.gram_noise_cov) > 2.5
+
+    # the estimator's CATE intervals and cate_cov carry it (both arms' Gram noise)
+    insts, _ = health
+    cfg = CausalConfig(epsilon=1.0, items=("walking_group",))
+    est = estimate_inprocess(insts, cfg, rng=np.random.default_rng(3)).estimators["walking_group"]
+    assert est.arm1 is not None and est.arm0 is not None
+    rows = insts[0].covariate_matrix()[:20]
+    lo, hi = est.effect_interval(rows)
+    design = est._rows(rows)
+    with_gram = est.arm1.total_cov + est.arm0.total_cov
+    without = est.arm1.cov + est.arm0.cov
+    se = (hi - lo) / (2 * 1.959963984540054)
+    np.testing.assert_allclose(se, est.scale * np.sqrt(np.einsum("ij,jk,ik->i", design, with_gram, design)), rtol=1e-9)
+    assert np.all(np.einsum("ij,jk,ik->i", design, with_gram - without, design) > 0)
