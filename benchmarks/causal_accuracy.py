@@ -94,14 +94,20 @@ def _import_before_fork() -> None:
 
 def run_seeds(one_seed, jobs: list, workers: int) -> list:
     """``one_seed(job)`` for every job, over a fork pool of ``workers`` processes when > 1
-    (also used by causal_policy.py)."""
+    (also used by causal_policy.py and cate_coverage.py). A progress bar goes to stderr when it
+    is a terminal (stdout carries the JSON)."""
+    from tqdm import tqdm
+
+    def bar(it):
+        return tqdm(it, total=len(jobs), desc="seeds", unit="seed", file=sys.stderr, disable=None)
+
     if workers > 1:
         from multiprocessing import get_context
 
         _import_before_fork()
         with get_context("fork").Pool(workers) as pool:
-            return pool.map(one_seed, jobs, chunksize=1)
-    return [one_seed(j) for j in jobs]
+            return list(bar(pool.imap(one_seed, jobs, chunksize=1)))
+    return [one_seed(j) for j in bar(jobs)]
 
 
 def cell_runs(results: list, domain: str, mode: str, eps: float) -> list:

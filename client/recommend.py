@@ -98,7 +98,7 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
     (1 = best), ``item_id``, ``estimated_effect`` (CATE, outcome units) and
     ``estimated_benefit`` (the same, negated when the study's outcome is better lower), and,
     when causal.json carries the models' covariances, ``effect_ci_low`` / ``effect_ci_high``
-    (pointwise 95% CI of the CATE; sampling and X'y noise, not the Gram's noise).
+    (pointwise 95% CI of the CATE: sampling, X'y and Gram noise; docs/causal.md, CATE coverage).
 
     Post-processing of released coefficients on this institution's own covariates: no budget."""
     from fedrec.client.statistics import raw_design  # the design columns the estimate used
