@@ -40,14 +40,9 @@ RECOMMENDERS = ("causal", "engagement", "oracle", "random")
 def _accuracy_module():
     """benchmarks/causal_accuracy.py: its per-domain nuisance design (one source of truth) and
     its seed-running helpers."""
-    import importlib.util
+    import causal_accuracy  # a sibling script: Python puts the running script's folder on sys.path
 
-    spec = importlib.util.spec_from_file_location(
-        "causal_accuracy", os.path.join(os.path.dirname(os.path.abspath(__file__)), "causal_accuracy.py"))
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return causal_accuracy
 
 
 def one_seed(args):
