@@ -19,8 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import norm
 
-from fedrec.common.causal.estimators import design, scale_covariates
-from fedrec.common.causal.recommend import benefit_scores, top_k
+from fedrec.common.causal.recommend import benefit_scores, scaled_design, top_k
 from fedrec.common.datasets import load_institution
 from fedrec.common.errors import FedrecInputError
 
@@ -133,9 +132,8 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
         "estimated_benefit": picked.reshape(-1),
     })
     if covs is not None:
-        x = design(scale_covariates(x_raw, [(lo, hi) for _, lo, hi in cols]))
+        x, names = scaled_design(x_raw, cols)
         # covariances are in cate_coef's key order; the design is in the folder's column order
-        names = ["intercept"] + [c[0] for c in cols]
         se = np.column_stack([np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, _reorder(covs[it], list(models[it]), names),
                                                            x), 0.0)) for it in order])
         half = float(norm.ppf(0.975)) * np.take_along_axis(se, best, axis=1).reshape(-1)

@@ -14,7 +14,14 @@ import numpy as np
 
 from fedrec.common.causal.estimators import design, scale_covariates
 
-__all__ = ["benefit_scores", "top_k"]
+__all__ = ["benefit_scores", "scaled_design", "top_k"]
+
+
+def scaled_design(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]]) -> tuple[np.ndarray, list[str]]:
+    """The bound-scaled design the CATE coefficients apply to, and its column names
+    (``"intercept"`` first). ``columns``: ``(name, lower, upper)`` of ``x_raw``'s columns (public bounds)."""
+    x = design(scale_covariates(x_raw, [(lo, hi) for _, lo, hi in columns]))
+    return x, ["intercept"] + [c[0] for c in columns]
 
 
 def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]],
@@ -24,8 +31,7 @@ def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]
     ``columns``: ``(name, lower, upper)`` of the design columns in ``x_raw``'s order (public
     bounds); ``cate_coef[item]`` maps ``"intercept"`` and every column name to its coefficient
     on the bound-scaled design (``causal.json`` ``items.<item>.cate_coef``)."""
-    x = design(scale_covariates(x_raw, [(lo, hi) for _, lo, hi in columns]))
-    names = ["intercept"] + [c[0] for c in columns]
+    x, names = scaled_design(x_raw, columns)
     coef = np.column_stack([[cate_coef[it][n] for n in names] for it in items])
     tau = x @ coef
     return tau if better == "higher" else -tau
