@@ -22,7 +22,9 @@ Columns, each a mean over runs and evaluation points:
   ``noise_var_ratio_without_gram_noise`` likewise with only the X'y noise;
 * ``bias_sd``: mean error against the target, over the mean predicted SD (the ridge's shrinkage
   and the weights' shift show here; the interval does not cover them);
-* ``width_ratio``: mean interval width over the ε = inf interval's on the same data.
+* ``width_ratio``: mean interval width over the ε = inf interval's on the same data;
+* ``cate_shrinkage``: mean of the estimator's ``cate_shrinkage()`` (the share of the arm models
+  the ridge and the eigenvalue floor take; causal.json reports it per item).
 
 For speed the estimation runs in-process (benchmarks/causal_accuracy.py's protocol and
 helpers: the same client statistics and server code, releases summed in numpy).
@@ -92,7 +94,7 @@ def truth_model(domain: str, item: str, institutions: int, people: int, points: 
 
 
 def one_seed(args):
-    domain, item, seed, institutions, people, epsilons, modes, nuisance, knobs, x_eval, tau_true = args
+    domain, item, seed, institutions, people, epsilons, modes, nuisance, knobs, x_eval, tau_true, all_items = args
     warnings.filterwarnings("ignore")
     from dataclasses import replace
 
@@ -100,12 +102,13 @@ def one_seed(args):
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation
 
-    insts, _ = domain_federation(domain, institutions=institutions, people=people, seed=seed, skew=0.5)
+    insts, truth = domain_federation(domain, institutions=institutions, people=people, seed=seed, skew=0.5)
+    run_items = tuple(truth.item_ids) if all_items else (item,)  # all: the budget is split across them
     cache: dict = {}
     rng = np.random.default_rng([seed, 11])
 
     def fit(eps: float, mode: str):
-        cfg = replace(knobs, epsilon=eps, items=(item,), noise_mode=mode, n_min=institutions, **nuisance)
+        cfg = replace(knobs, epsilon=eps, items=run_items, noise_mode=mode, n_min=institutions, **nuisance)
         return estimate_inprocess(insts, cfg, rng=rng, plan=plan_budget(cfg), cache=cache).estimators[item]
 
     base_coef, base_cov, _, _ = cate_parts(fit(math.inf, "local"))
@@ -116,7 +119,8 @@ def one_seed(args):
         for eps in epsilons:
             if mode == "distributed" and not math.isfinite(eps):
                 continue  # no noise: one cell (local) is enough
-            coef, total, noise, gram = cate_parts(fit(eps, mode))
+            est = fit(eps, mode)
+            coef, total, noise, gram = cate_parts(est)
             tau = x_eval @ coef
             sd = np.sqrt(_quad(x_eval, total))
             sd_old = np.sqrt(_quad(x_eval, total - gram))
@@ -130,6 +134,7 @@ def one_seed(args):
                 "noise_pred_old": float(np.mean(_quad(x_eval, noise - gram))),
                 "err": float(np.mean(err)), "sd": float(np.mean(sd)),
                 "width": float(2 * Z95 * np.mean(sd)), "base_width": float(base_width),
+                "shrinkage": est.cate_shrinkage(),
             })
     return domain, out
 
@@ -152,6 +157,7 @@ def summarise(runs: list[dict]) -> dict:
         "noise_var_ratio_without_gram_noise": _ratio(mean("noise_sq"), mean("noise_pred_old")),
         "bias_sd": round(mean("err") / max(mean("sd"), 1e-300), 3),
         "width_ratio": round(mean("width") / max(mean("base_width"), 1e-300), 3),
+        "cate_shrinkage": round(mean("shrinkage"), 3),
     }
 
 
@@ -165,6 +171,9 @@ def main(argv=None) -> int:
     ap.add_argument("--truth-people", type=int, default=25_000, help="people per institution of the target fit")
     ap.add_argument("--points", type=int, default=2_000, help="evaluation points (people of the target federation)")
     ap.add_argument("--first-seed", type=int, default=1000)
+    ap.add_argument("--all-items", action="store_true",
+                    help="estimate every item of the domain in each run, as `fedrec-sim causal` does by default "
+                         "(the budget split across them), and measure the headline item; default: the headline item alone")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     a = ap.parse_args(argv)
     acc = _accuracy_module()
@@ -179,7 +188,8 @@ def main(argv=None) -> int:
     for dom in domains:
         nuisance = acc.study_design(dom)
         x_eval, tau_true = truth_model(dom, acc.ITEMS[dom], inst, truth_people, a.points, nuisance, knobs, seed=999_000)
-        jobs += [(dom, acc.ITEMS[dom], a.first_seed + s, inst, people, eps, modes, nuisance, knobs, x_eval, tau_true) for s in range(runs)]
+        jobs += [(dom, acc.ITEMS[dom], a.first_seed + s, inst, people, eps, modes, nuisance, knobs, x_eval, tau_true,
+                  a.all_items) for s in range(runs)]
     results = acc.run_seeds(one_seed, jobs, a.workers)
     rows = []
     for dom in domains:
@@ -192,7 +202,7 @@ def main(argv=None) -> int:
                              "epsilon": e if math.isfinite(e) else "inf", **summarise(cell)})
     meta = {"script": "cate_coverage.py", "quick": a.quick, "runs_per_cell": runs, "first_seed": a.first_seed,
             "institutions": inst, "people_per_institution": people, "truth_people_per_institution": truth_people,
-            "points": a.points, "seconds": round(time.time() - t0, 1),
+            "points": a.points, "all_items": a.all_items, "seconds": round(time.time() - t0, 1),
             "target": "the ε = inf linear CATE of the same protocol on the large federation"}
     json.dump({"meta": meta, "rows": rows}, sys.stdout)
     print()

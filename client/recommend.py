@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import norm
 
-from fedrec.common.causal.recommend import benefit_scores, scaled_design, top_k
+from fedrec.common.causal.recommend import benefit_scores, scaled_design, shrinkage_caveat, top_k
 from fedrec.common.datasets import load_institution
 from fedrec.common.errors import FedrecInputError
 
@@ -29,10 +29,11 @@ _RERUN = "fix: give the causal.json a `fedrec-sim causal` run (or the causal Ser
 
 
 def read_cate_models(path: Path, items: Sequence[str] | None = None
-                     ) -> tuple[dict[str, dict[str, float]], dict, dict[str, object] | None]:
-    """The CATE coefficients per item, the nuisance design and the coefficients' covariances
+                     ) -> tuple[dict[str, dict[str, float]], dict, dict[str, object] | None, dict[str, float]]:
+    """The CATE coefficients per item, the nuisance design, the coefficients' covariances
     as the file holds them (``cate_cov``, unchecked: :func:`_checked_covs`; None when any item
-    lacks one: files from before they were written) from one read of a ``causal.json``.
+    lacks one: files from before they were written) and each item's ``cate_shrinkage`` (where
+    the file has a finite one) from one read of a ``causal.json``.
 
     ``items``: the items to rank (None: every item the file has a CATE model for). Raises
     :class:`FedrecInputError` (one line naming the file and the fix) for a missing or malformed
@@ -66,9 +67,11 @@ def read_cate_models(path: Path, items: Sequence[str] | None = None
         if bad:
             raise FedrecInputError(f"{path}: items.{it}.cate_coef.{bad[0]} is not a finite number; {_RERUN}")
         models[it] = {str(name): float(v) for name, v in coef.items()}
+    shrinkage = {it: float(rows[it]["cate_shrinkage"]) for it in wanted
+                 if isinstance(rows[it].get("cate_shrinkage"), (int, float)) and math.isfinite(rows[it]["cate_shrinkage"])}
     if not all("cate_cov" in rows[it] for it in wanted):
-        return models, nuisance, None
-    return models, nuisance, {it: rows[it]["cate_cov"] for it in wanted}
+        return models, nuisance, None, shrinkage
+    return models, nuisance, {it: rows[it]["cate_cov"] for it in wanted}, shrinkage
 
 
 def _checked_covs(path: Path, raw: dict[str, object], models: dict[str, dict[str, float]]) -> dict[str, np.ndarray]:
@@ -104,7 +107,7 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
 
     if k < 1:
         raise FedrecInputError(f"--k {k}: must be at least 1; fix: e.g. --k 3")
-    models, nuisance, raw_covs = read_cate_models(causal_json, items)
+    models, nuisance, raw_covs, shrinkage = read_cate_models(causal_json, items)
     data = load_institution(folder)
     x_raw, cols = raw_design(data, nuisance.get("covariates"), tuple(nuisance.get("derived") or ()))
     expected = {"intercept"} | {c[0] for c in cols}
@@ -139,6 +142,7 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
         half = float(norm.ppf(0.975)) * np.take_along_axis(se, best, axis=1).reshape(-1)
         table["effect_ci_low"] = table["estimated_effect"] - half
         table["effect_ci_high"] = table["estimated_effect"] + half
+    table.attrs["cate_shrinkage"] = shrinkage  # for the caller's caveat (run_recommend)
     return table
 
 
@@ -167,6 +171,9 @@ def run_recommend(causal_json: Path, folder: Path, *, k: int, items: Sequence[st
         grp = first[first["item_id"] == it]
         table.add_row(str(it), str(len(grp)), f"{len(grp) / max(len(first), 1):.1%}", f"{grp['estimated_effect'].mean():.4g}")
     console.print(table)
+    caveat = shrinkage_caveat(recs.attrs.get("cate_shrinkage", {}))
+    if caveat and "effect_ci_low" in recs:
+        console.print(caveat, markup=False)
     console.print("CATE from the run's DP models; applying them is post-processing (no budget spent, "
                   f"nothing sent). {len(recs)} rows -> {out}", markup=False)
     return 0

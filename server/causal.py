@@ -402,6 +402,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                                         [float(v) for v in est.cate_coef()]))
             # its covariance, rows and columns in cate_coef's order (pointwise CATE CIs)
             row["cate_cov"] = [[float(v) for v in r] for r in est.cate_cov()]
+            row["cate_shrinkage"] = est.cate_shrinkage()
         result.items[it] = row
         result.estimators[it] = est
     return result

@@ -25,6 +25,7 @@ import numpy as np
 
 from fedrec.common.jsonio import write_json
 from fedrec.common.causal.estimators import CausalConfig, ate_from_sums, half_range, influence_terms
+from fedrec.common.causal.recommend import shrinkage_caveat
 from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_federation, read_ground_truth
 from fedrec.common.errors import FedrecInputError
 
@@ -331,6 +332,10 @@ def _print_table(console, report: dict, items: list[str]) -> None:
     eps = report["epsilon_per_institution"]
     console.print("ε spent per institution: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in eps.items()))
+    caveat = shrinkage_caveat({it: report["items"][it]["cate_shrinkage"] for it in items
+                               if "cate_shrinkage" in report["items"][it]})
+    if caveat:
+        console.print(caveat, markup=False)
     if "recommendations" in report:
         rec = report["recommendations"]
         for key, what in (("policy_value", "top-1"), ("policy_value_top_k", f"top-{rec['k']} total")):

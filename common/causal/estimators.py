@@ -373,6 +373,13 @@ class ArmModel:
         return self.cov if self.gram_noise_cov is None else self.cov + self.gram_noise_cov
 
 
+def _shrinkage(arm: ArmModel) -> float:
+    """``tr(I - A^-1 G) / p`` of one ridge fit (:meth:`FederatedCausalEstimator.cate_shrinkage`)."""
+    assert arm.ainv is not None
+    p = arm.coef.shape[0]
+    return float(np.trace(np.eye(p) - arm.ainv @ arm.gram)) / p
+
+
 def ridge_fit(gram_vech: np.ndarray, xy: np.ndarray, yy: float, *, ridge: float = 0.0,
               noise_var: float = 0.0, floor: float = 1e-8, gram_noise_var: float | None = None) -> ArmModel:
     """Ridge regression from summed ``vech(X'X)``, ``X'y`` and ``y'y`` of one arm.
@@ -753,6 +760,17 @@ class FederatedCausalEstimator:
         whitening radius)."""
         c = self._coef()
         return c if self.whitening is None else self.whitening.linear_coef(c)
+
+    def cate_shrinkage(self) -> float:
+        """How much of the arm models the ridge and the eigenvalue floor take: ``tr(I - A^-1 G) / p``
+        for each arm (``A`` the floored, ridged Gram the fit inverted, ``G`` the released one; 0
+        without DP, 1 when the floor swamps the Gram), the larger of the two. Post-processing of
+        released Grams: no budget. The CATE's intervals carry the noise, not this shrinkage's
+        bias; in the simulators they under-cover where it is above about 0.8 (local ε <= 1,
+        docs/causal.md "CATE coverage")."""
+        if self.arm1 is None or self.arm0 is None:
+            raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
+        return max(_shrinkage(arm) for arm in (self.arm1, self.arm0))
 
     def cate_cov(self) -> np.ndarray:
         """Covariance of :meth:`cate_coef` (outcome units squared, bound-scaled design): the two

@@ -75,9 +75,9 @@ def test_cate_coverage_quick():
     assert out["meta"]["script"] == "cate_coverage.py" and rows
     keys = {"domain", "item", "noise_mode", "epsilon", "runs", "coverage", "coverage_mc_se",
             "coverage_without_gram_noise", "noise_var_ratio", "noise_var_ratio_without_gram_noise",
-            "bias_sd", "width_ratio"}
+            "bias_sd", "width_ratio", "cate_shrinkage"}
     for r in rows:
         assert keys <= set(r) and r["domain"] == "health"
         assert 0.0 <= r["coverage_without_gram_noise"] <= r["coverage"] <= 1.0  # the Gram term only widens
         assert r["noise_var_ratio"] < r["noise_var_ratio_without_gram_noise"]
-        assert r["width_ratio"] > 1.0
+        assert r["width_ratio"] > 1.0 and 0.0 < r["cate_shrinkage"] < 1.5

@@ -968,3 +968,16 @@ def test_ridge_fit_reports_the_grams_noise_apart_and_the_cate_intervals_carry_it
     se = (hi - lo) / (2 * 1.959963984540054)
     np.testing.assert_allclose(se, est.scale * np.sqrt(np.einsum("ij,jk,ik->i", design, with_gram, design)), rtol=1e-9)
     assert np.all(np.einsum("ij,jk,ik->i", design, with_gram - without, design) > 0)
+
+
+def test_cate_shrinkage_grows_with_the_noise(health) -> None:
+    """``cate_shrinkage`` (the share of the arm models the ridge and the eigenvalue floor take) is
+    0 without DP and grows as ε falls on the same data; causal.json reports it per item."""
+    insts, _ = health
+    shrink = {}
+    for eps in (INF, 8.0, 0.5):
+        res = estimate_inprocess(insts, CausalConfig(epsilon=eps, items=("walking_group",)),
+                                 rng=np.random.default_rng(5))
+        shrink[eps] = res.estimators["walking_group"].cate_shrinkage()
+        assert res.items["walking_group"]["cate_shrinkage"] == shrink[eps]
+    assert abs(shrink[INF]) < 1e-6 and 0.0 < shrink[8.0] < shrink[0.5] <= 1.5, shrink

@@ -125,3 +125,23 @@ def test_recommend_bad_input_one_line_and_nothing_written(study, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "has no coefficient for 'age'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_recommend_flags_heavily_shrunk_cate_models(study, tmp_path):
+    """A causal.json whose CATE model the DP ridge/floor shrank past CATE_SHRINKAGE_CAVEAT gets a
+    caveat naming the item (its intervals under-cover there); an unshrunk one (ε = inf) none."""
+    from fedrec.common.causal.recommend import CATE_SHRINKAGE_CAVEAT
+
+    root, insts, truth, res = study
+    folder = str(root / "data" / insts[0].name)
+    assert all(abs(row["cate_shrinkage"]) < 1e-6 for row in res.items.values())  # no DP: nothing shrunk
+    plain = CliRunner().invoke(client_app, ["recommend", str(root / "causal.json"), folder,
+                                            "--out", str(tmp_path / "a.csv")])
+    assert plain.exit_code == 0 and "caveat" not in plain.output
+    item = truth.item_ids[1]
+    shrunk = _rewrite(root, tmp_path / "shrunk.json",
+                      lambda r: r["items"][item].update(cate_shrinkage=CATE_SHRINKAGE_CAVEAT + 0.05))
+    got = CliRunner().invoke(client_app, ["recommend", str(shrunk), folder, "--out", str(tmp_path / "b.csv")],
+                             env={"COLUMNS": "400"})
+    assert got.exit_code == 0, got.output
+    assert "caveat" in got.output and item in got.output and truth.item_ids[0] not in got.output.split("caveat")[1]
