@@ -100,7 +100,9 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
     (1 = best), ``item_id``, ``estimated_effect`` (CATE, outcome units) and
     ``estimated_benefit`` (the same, negated when the study's outcome is better lower), and,
     when causal.json carries the models' covariances, ``effect_ci_low`` / ``effect_ci_high``
-    (pointwise 95% CI of the CATE: sampling, X'y and Gram noise; docs/causal.md, CATE coverage).
+    (pointwise 95% CI of the CATE: sampling, X'y and Gram noise; docs/causal.md, CATE coverage),
+    and ``cate_shrinkage`` (the item's, from causal.json: at >= ``CATE_SHRINKAGE_CAVEAT`` the
+    DP ridge's bias makes that CI under-cover).
 
     Post-processing of released coefficients on this institution's own covariates: no budget."""
     from fedrec.client.statistics import raw_design  # the design columns the estimate used
@@ -142,6 +144,8 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
         half = float(norm.ppf(0.975)) * np.take_along_axis(se, best, axis=1).reshape(-1)
         table["effect_ci_low"] = table["estimated_effect"] - half
         table["effect_ci_high"] = table["estimated_effect"] + half
+    if shrinkage and set(shrinkage) >= set(order):  # each row's item's shrinkage: >= 0.8, its CI under-covers
+        table["cate_shrinkage"] = table["item_id"].map(shrinkage).astype(float)
     table.attrs["cate_shrinkage"] = shrinkage  # for the caller's caveat (run_recommend)
     return table
 

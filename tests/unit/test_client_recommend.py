@@ -145,3 +145,6 @@ def test_recommend_flags_heavily_shrunk_cate_models(study, tmp_path):
                              env={"COLUMNS": "400"})
     assert got.exit_code == 0, got.output
     assert "caveat" in got.output and item in got.output and truth.item_ids[0] not in got.output.split("caveat")[1]
+    recs = pd.read_csv(tmp_path / "b.csv")
+    expected = recs["item_id"].map(lambda it: CATE_SHRINKAGE_CAVEAT + 0.05 if it == item else res.items[it]["cate_shrinkage"])
+    np.testing.assert_allclose(recs["cate_shrinkage"], expected, atol=1e-12)
