@@ -30,8 +30,8 @@ def shrinkage_caveat(shrinkage: Mapping[str, float]) -> str | None:
     shrunk = {it: v for it, v in shrinkage.items() if v >= CATE_SHRINKAGE_CAVEAT}
     if not shrunk:
         return None
-    return (f"caveat: the DP ridge and eigenvalue floor took {max(shrunk.values()):.0%} of the CATE models of "
-            f"{', '.join(sorted(shrunk))} (cate_shrinkage >= {CATE_SHRINKAGE_CAVEAT}): their per-person effect CIs "
+    return (f"caveat: the DP ridge and eigenvalue floor shrink the CATE models of {', '.join(sorted(shrunk))} "
+            f"heavily (cate_shrinkage up to {max(shrunk.values()):.2f}, >= {CATE_SHRINKAGE_CAVEAT}): their per-person effect CIs "
             "carry the noise, not that shrinkage's bias, and under-covered at this level in the simulators "
             "(docs/causal.md, CATE coverage); a larger ε, fewer items per run or more people shrink less.")
 
