@@ -29,7 +29,7 @@ Columns, each a mean over runs and evaluation points:
 For speed the estimation runs in-process (benchmarks/causal_accuracy.py's protocol and
 helpers: the same client statistics and server code, releases summed in numpy).
 
-    python benchmarks/cate_coverage.py            # 200 runs per ε, 8 institutions x 2,500
+    python benchmarks/cate_coverage.py            # 200 runs per ε, 8 institutions x 2,500 (--people)
     python benchmarks/cate_coverage.py --quick    # smoke test
 """
 
@@ -77,7 +77,8 @@ def _quad(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def truth_model(domain: str, item: str, institutions: int, people: int, points: int, nuisance: dict, knobs, seed: int):
-    """The target linear CATE (ε = inf on a large federation) at ``points`` of its people."""
+    """The target linear CATE (ε = inf on a large federation of ``institutions`` x ``people``)
+    at ``points`` of its people."""
     from dataclasses import replace
 
     from fedrec.client.statistics import people_design
@@ -85,7 +86,7 @@ def truth_model(domain: str, item: str, institutions: int, people: int, points: 
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation
 
-    insts, _ = domain_federation(domain, institutions=institutions, people=people, seed=seed, skew=0.5)
+    insts, _ = domain_federation(domain, institutions=institutions, people=institutions * people, seed=seed, skew=0.5)
     cfg = replace(knobs, epsilon=math.inf, items=(item,), noise_mode="local", n_min=institutions, **nuisance)
     est = estimate_inprocess(insts, cfg, rng=np.random.default_rng(seed), plan=plan_budget(cfg)).estimators[item]
     x = np.vstack([people_design(d, nuisance["covariates"], nuisance["derived"]) for d in insts])
@@ -102,7 +103,8 @@ def one_seed(args):
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation
 
-    insts, truth = domain_federation(domain, institutions=institutions, people=people, seed=seed, skew=0.5)
+    # ``people`` is per institution; domain_federation takes the federation's total
+    insts, truth = domain_federation(domain, institutions=institutions, people=institutions * people, seed=seed, skew=0.5)
     run_items = tuple(truth.item_ids) if all_items else (item,)  # all: the budget is split across them
     cache: dict = {}
     rng = np.random.default_rng([seed, 11])
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 runs, 2 institutions x 600, ε 1 and 8")
     ap.add_argument("--domains", default="health,education,finance")
     ap.add_argument("--modes", default="distributed,local")
+    ap.add_argument("--people", type=int, default=2_500, help="people per institution (8 institutions)")
     ap.add_argument("--truth-people", type=int, default=25_000, help="people per institution of the target fit")
     ap.add_argument("--points", type=int, default=2_000, help="evaluation points (people of the target federation)")
     ap.add_argument("--first-seed", type=int, default=1000)
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
     acc = _accuracy_module()
     from fedrec.common.causal.estimators import CausalConfig
 
-    runs, inst, people, eps = (3, 2, 600, (1.0, 8.0)) if a.quick else (a.runs, 8, 2_500, EPSILONS)
+    runs, inst, people, eps = (3, 2, 600, (1.0, 8.0)) if a.quick else (a.runs, 8, a.people, EPSILONS)
     truth_people = 2_000 if a.quick else a.truth_people
     domains, modes = a.domains.split(","), tuple(a.modes.split(","))
     knobs = CausalConfig()

@@ -49,6 +49,7 @@ def test_causal_command_three_institutions(tmp_path):
     flagged = any(row["cate_shrinkage"] >= CATE_SHRINKAGE_CAVEAT for row in report["items"].values())
     printed = any("caveat" in str(part) for line in console.lines for part in line)
     assert flagged and printed
+    assert any("items shared this run's ε" in str(part) for line in console.lines for part in line)
     eps_inst = report["epsilon_per_institution"]
     assert sorted(eps_inst) == [d.name for d in insts]
     for v in eps_inst.values():  # the ledgers say the whole run cost ε (PRV), not more
