@@ -766,8 +766,8 @@ class FederatedCausalEstimator:
         for each arm (``A`` the floored, ridged Gram the fit inverted, ``G`` the released one; 0
         without DP, 1 when the floor swamps the Gram), the larger of the two. Post-processing of
         released Grams: no budget. The CATE's intervals carry the noise, not this shrinkage's
-        bias; in the simulators they under-cover where it is above about 0.8 (local ε <= 1 with
-        one item per run, ε <= 2 with eight; docs/causal.md "CATE coverage")."""
+        bias; in the simulators they under-cover where it is above about 0.8 (small federations,
+        many items per run, small ε; docs/causal.md "CATE coverage")."""
         if self.arm1 is None or self.arm0 is None:
             raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
         return max(_shrinkage(arm) for arm in (self.arm1, self.arm0))
