@@ -49,27 +49,10 @@ EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 Z95 = 1.959963984540054
 
 
-def _accuracy_module():
-    """benchmarks/causal_accuracy.py: the per-domain items and nuisance design (one source of
-    truth) and its seed-running helpers."""
-    import causal_accuracy  # a sibling script: Python puts the running script's folder on sys.path
-
-    return causal_accuracy
-
-
 def cate_parts(est) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(coef, total_cov, noise_cov, gram_noise_cov)`` of an estimator's CATE on the
-    bound-scaled design, outcome units (``cate_cov``'s map applied to each part)."""
-    coef = est.cate_coef()
-    m = np.eye(len(coef)) if est.whitening is None else est.whitening.linear_map()
-    s2 = est.scale**2
-
-    def mapped(part: str) -> np.ndarray:
-        c = sum(np.zeros((len(coef), len(coef))) if getattr(a, part) is None else getattr(a, part)
-                for a in (est.arm1, est.arm0))
-        return m @ (s2 * c) @ m.T
-
-    return coef, est.cate_cov(), mapped("noise_cov"), mapped("gram_noise_cov")
+    bound-scaled design, outcome units (each through ``cate_cov``'s map)."""
+    return est.cate_coef(), est.cate_cov(), est.cate_cov("noise_cov"), est.cate_cov("gram_noise_cov")
 
 
 def _quad(x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -179,7 +162,8 @@ def main(argv=None) -> int:
                          "(the budget split across them), and measure the headline item; default: the headline item alone")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     a = ap.parse_args(argv)
-    acc = _accuracy_module()
+    import causal_accuracy as acc  # a sibling script (items, designs, seed runner): its folder is on sys.path
+
     from fedrec.common.causal.estimators import CausalConfig
 
     runs, inst, people, eps = (3, 2, 600, (1.0, 8.0)) if a.quick else (a.runs, 8, a.people, EPSILONS)

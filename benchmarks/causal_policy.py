@@ -37,14 +37,6 @@ EPSILONS = (1.0, 4.0, math.inf)
 RECOMMENDERS = ("causal", "engagement", "oracle", "random")
 
 
-def _accuracy_module():
-    """benchmarks/causal_accuracy.py: its per-domain nuisance design (one source of truth) and
-    its seed-running helpers."""
-    import causal_accuracy  # a sibling script: Python puts the running script's folder on sys.path
-
-    return causal_accuracy
-
-
 def one_seed(args):
     domain, seed, institutions, people, epsilons, modes, nuisance, k = args
     warnings.filterwarnings("ignore")
@@ -83,7 +75,8 @@ def main(argv=None) -> int:
     runs = a.runs or (2 if a.quick else 20)
     domains = a.domains.split(",")
     modes = a.noise_modes.split(",")
-    acc = _accuracy_module()
+    import causal_accuracy as acc  # a sibling script (items, designs, seed runner): its folder is on sys.path
+
     nuisance = {d: acc.study_design(d) for d in domains}
     warnings.filterwarnings("ignore")
     jobs = [(d, 5000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}), a.k)

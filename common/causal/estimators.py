@@ -772,14 +772,18 @@ class FederatedCausalEstimator:
             raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
         return max(_shrinkage(arm) for arm in (self.arm1, self.arm0))
 
-    def cate_cov(self) -> np.ndarray:
+    def cate_cov(self, part: str = "total_cov") -> np.ndarray:
         """Covariance of :meth:`cate_coef` (outcome units squared, bound-scaled design): the two
         arm models' ``total_cov`` (sampling, X'y noise and the Gram's noise), as
         :meth:`effect_interval` uses. With it, anyone holding ``cate_coef`` gets the same
-        pointwise CI as ``effect_interval``: ``x' C x`` for a bound-scaled design row x."""
+        pointwise CI as ``effect_interval``: ``x' C x`` for a bound-scaled design row x.
+        ``part``: another :class:`ArmModel` covariance mapped the same way (``"noise_cov"``,
+        ``"gram_noise_cov"``: the DP noise alone, as benchmarks/cate_coverage.py measures it;
+        an arm without it counts 0)."""
         if self.arm1 is None or self.arm0 is None:
             raise ValueError(f"the {self.estimator} estimator fits no outcome models: no CATE")
-        c = self.scale**2 * (self.arm1.total_cov + self.arm0.total_cov)
+        parts = [getattr(arm, part) for arm in (self.arm1, self.arm0)]
+        c = self.scale**2 * sum(np.zeros_like(self.arm1.cov) if v is None else v for v in parts)
         if self.whitening is None:
             return c
         m = self.whitening.linear_map()
