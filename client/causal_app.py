@@ -120,8 +120,8 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
             raise FedrecInputError(f"noise multiplier {sigma} is not usable")
         if sigma == 0 and ccfg.dp:
             raise FedrecInputError("the server asked for a release without noise while DP is on")
-        try:  # the server's public choices (radius, clip, coordinate weights) must give a bound
-            sens = release_sensitivity(kind, p, arrays, len(items))
+        try:  # the server's public choices (radius, clips, coordinate weights) must give a bound
+            sens = release_sensitivity(kind, p, arrays, len(items), items)
         except ValueError as err:
             raise FedrecInputError(f"step {step}: {err}") from None
     except FedrecInputError as err:

@@ -42,6 +42,7 @@ from fedrec.common.causal.estimators import (
     moments_bound,
     moments_carry_arms,
     influence_bound,
+    influence_clip,
     influence_jacobian,
     influence_relative_weights,
     influence_terms,
@@ -270,16 +271,18 @@ def influence_sum_terms(rows: ItemRows, *, estimator: str, clip: float, prop_coe
                         coef1: np.ndarray | None, coef0: np.ndarray | None,
                         trim: tuple[float, float] = TRIM,
                         rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> Contribution:
-    """Per person ``[w_n, psi, w_2 psi^2]`` with psi (aipw or ipw influence term) clipped to
-    ``[-clip, clip]`` and the public relative weights ``rel`` (:func:`influence_weights`); the
-    server divides the weights out. L2 bound per person: :func:`influence_bound`
-    ``clip * sqrt(a^2 + 1 + k^2)`` (``1.146 * clip`` at the default weights).
+    """Per person ``[a, u, k u^2]`` with ``u = psi / clip``, psi (aipw or ipw influence term)
+    clipped to this item's public ``[-clip, clip]``, and the public relative weights
+    ``rel = (a, k)`` (:func:`influence_weights`); the server divides the weights out (so the
+    noise on the item's psi sum scales with its own clip). L2 bound per person:
+    :func:`influence_bound` ``sqrt(a^2 + 1 + k^2)`` (``1.146`` at the default weights),
+    whatever the clip.
     """
     psi = np.clip(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
                                   coef1=coef1, coef0=coef0, trim=trim), -clip, clip)
-    w_n, w_2 = influence_weights(clip, rel)
-    terms = np.column_stack([np.full(len(psi), w_n), psi, w_2 * psi * psi])
-    return Contribution(terms, influence_bound(clip, rel))
+    w_n, w_psi, w_2 = influence_weights(clip, rel)
+    terms = np.column_stack([np.full(len(psi), w_n), w_psi * psi, w_2 * psi * psi])
+    return Contribution(terms, influence_bound(rel))
 
 
 def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, prop_coef: np.ndarray | None,
@@ -388,7 +391,7 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
                                                   prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
                                                   coef0=arrays.get(f"mu0/{it}"), trim=trim)
         elif kind == "influence":
-            blocks[it] = influence_sum_terms(rows, estimator=estimator, clip=float(arrays["clip"][0]),
+            blocks[it] = influence_sum_terms(rows, estimator=estimator, clip=influence_clip(arrays, it),
                                              prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
                                              coef0=arrays.get(f"mu0/{it}"), trim=trim,
                                              rel=influence_relative_weights(arrays))

@@ -16,10 +16,11 @@ One run estimates, for each requested item, the effect of ``exposed`` on the out
 2. ``outcome`` — DP sums of per-arm ``vech(W'W), W'y', y''y'`` with ``y'`` the outcome mapped
    to that interval and clipped to it; the server fits the per-arm ridge models, maps them back
    (CATE = their difference) with their DP residual variances.
-3. ``scale`` — a DP histogram of |psi| on a public grid; the server picks the psi clip.
+3. ``scale`` — a DP histogram of |psi| per item on a public grid; the server picks each item's
+   psi clip.
 3b. ``jacobian`` (optional, ``share_jacobian > 0``) — DP sums of d psi / d nuisance.
-4. ``influence`` — the server sends the nuisances and the clip; institutions release DP sums
-   of ``[1, psi, psi^2]`` (weighted); the server forms ATE, SE (with the DP noise variance of
+4. ``influence`` — the server sends the nuisances and the clips; institutions release DP sums
+   of ``[1, psi, psi^2]`` (weighted, psi over its item's clip); the server forms ATE, SE (with the DP noise variance of
    these sums and of the nuisance fits, the latter tracked through the Newton steps and the
    ridge fits and propagated by the delta method) and CI.
 
@@ -157,48 +158,48 @@ def _floor(nv: float, p: int, k: float = 2.0) -> float:
 
 
 def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.ndarray], edges: np.ndarray,
-                      items: list[str], *, contributors: int) -> tuple[float, tuple[float, float]]:
-    """The psi clip and the influence release's relative weights, from the ``scale`` step's
-    DP |psi| histograms (``counts`` per item). Public post-processing; releases nothing.
+                      items: list[str], *, contributors: int) -> tuple[dict[str, float], tuple[float, float]]:
+    """Each item's psi clip and the influence release's relative weights, from the ``scale``
+    step's DP |psi| histograms (``counts`` per item). Public post-processing; releases nothing.
 
-    The clip is the tail-rule edge (:func:`clip_from_histogram`, the largest over items, times
+    An item's clip is its tail-rule edge (:func:`clip_from_histogram`, times
     ``psi_clip_margin``), raised where the budget allows (:func:`noise_limited_clip`) and cut
-    to the worst case. The noise-limited rule needs the influence sum's noise per unit of clip,
-    which depends on the release's psi^2 weight ``k`` (:func:`influence_bound`), while ``k``
-    (:func:`psi_square_weight`, the most demanding item's) depends on the clip. The pair is
-    the smallest ``k`` on psi_square_weight's grid that is enough at the clip it implies
-    (a larger k lowers that clip and the k it needs, so the scan stops at the fixed point).
-    One release, one bound: the same clip and weights for every item.
+    to the worst case. The release carries ``psi / clip`` per item (:func:`influence_weights`),
+    so its bound is the same whatever the clips and each item's noise scales with its own clip:
+    one item's wide tail does not widen the others' CIs. The noise-limited rule needs the
+    influence sum's noise per unit of clip, which depends on the release's psi^2 weight ``k``
+    (:func:`influence_bound`), while ``k`` (:func:`psi_square_weight`, the most demanding
+    item's: one ``k`` for the release) depends on the clips. The pair is the smallest ``k`` on
+    psi_square_weight's grid that is enough at the clips it implies (a larger k lowers those
+    clips and the k they need, so the scan stops at the fixed point).
     """
     j = len(items)
     sigma = plan.sigma["influence"]
     a = cfg.influence_count_weight
     tail_edge = {it: clip_from_histogram(counts[it], edges, tail=cfg.psi_tail) for it in items}
     sum_sq = {it: histogram_sum_squares(counts[it], edges, upto=tail_edge[it]) for it in items}
-    base = cfg.psi_clip_margin * max(tail_edge.values())
     worst = psi_worst_case(cfg.estimator, cfg.trim)
 
-    def clip_at(k: float) -> float:
-        # noise SD of the released psi sum per unit of clip, with weights (a, k)
-        unit_sd = math.sqrt(_noise_var(cfg, sigma, influence_bound(1.0, (a, k)) * math.sqrt(j), contributors))
-        raised = min(noise_limited_clip(sum_sq[it], noise_sd_per_clip=unit_sd, ratio=cfg.psi_noise_ratio)
-                     for it in items)
-        return min(max(base, raised), worst)
+    def clips_at(k: float) -> dict[str, float]:
+        # noise SD of an item's released psi sum per unit of its clip, with weights (a, k)
+        unit_sd = math.sqrt(_noise_var(cfg, sigma, influence_bound((a, k)) * math.sqrt(j), contributors))
+        return {it: min(max(cfg.psi_clip_margin * tail_edge[it],
+                            noise_limited_clip(sum_sq[it], noise_sd_per_clip=unit_sd, ratio=cfg.psi_noise_ratio)),
+                        worst) for it in items}
 
-    def k_needed(clip: float) -> float:  # on PSI_SQUARE_GRID, psi_square_weight's grid
-        unit_nv = _noise_var(cfg, sigma, clip * math.sqrt(j), contributors)
-        return max(psi_square_weight(sum_sq[it], unit_nv, clip, count_weight=a, target=cfg.psi_square_error)
-                   for it in items)
+    def k_needed(clips: dict[str, float]) -> float:  # on PSI_SQUARE_GRID, psi_square_weight's grid
+        return max(psi_square_weight(sum_sq[it], _noise_var(cfg, sigma, clips[it] * math.sqrt(j), contributors),
+                                     clips[it], count_weight=a, target=cfg.psi_square_error) for it in items)
 
     if not cfg.psi_square_error > 0:
         k = INFLUENCE_WEIGHTS[1]
-        return clip_at(k), (a, k)
+        return clips_at(k), (a, k)
     for k in PSI_SQUARE_GRID:
-        clip = clip_at(float(k))
-        if k_needed(clip) <= k:
-            return clip, (a, float(k))
+        clips = clips_at(float(k))
+        if k_needed(clips) <= k:
+            return clips, (a, float(k))
     k = float(PSI_SQUARE_GRID[-1])
-    return clip_at(k), (a, k)
+    return clips_at(k), (a, k)
 
 
 def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: BudgetPlan | None = None) -> CausalResult:
@@ -311,8 +312,8 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             else:
                 fits = [ridge_fit(g, xy, yy, **fit_kw) for g, xy, yy in zip(*parts)]
             arms[it] = (arm_from_mapped(fits[0], *ymap[it]), arm_from_mapped(fits[1], *ymap[it]))
-    # 3. influence terms (aipw/ipw): first the psi clip, then the clipped sums
-    clip = 0.0
+    # 3. influence terms (aipw/ipw): first each item's psi clip, then the clipped sums
+    clips: dict[str, float] = {}
     rel = (cfg.influence_count_weight, INFLUENCE_WEIGHTS[1])  # the influence release's relative weights
     if cfg.estimator in ("aipw", "ipw"):
         nuis = dict(warrays)
@@ -322,18 +323,18 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                 nuis[f"mu0/{it}"] = arms[it][0].coef
                 nuis[f"mu1/{it}"] = arms[it][1].coef
         if cfg.psi_clip is not None:
-            clip = cfg.psi_clip
+            clips = {it: cfg.psi_clip for it in items}
         elif not cfg.dp:  # no noise: no reason to clip below the worst case
-            clip = psi_worst_case(cfg.estimator, cfg.trim)
+            clips = {it: psi_worst_case(cfg.estimator, cfg.trim) for it in items}
         else:
-            # a DP histogram of |psi| on a public grid; the clip is the grid edge above which
-            # at most psi_tail of the people lie (the largest over items)
+            # a DP histogram of |psi| on a public grid; an item's clip is the grid edge above
+            # which at most psi_tail of its people lie
             # (the grid shrinks with the outcome models' interval: psi's spread follows y's)
             edges = psi_grid(cfg.estimator, cfg.trim, factor=cfg.psi_grid_factor) * max(h for _, h in ymap.values())
             sigma = plan.sigma["scale"]
             totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
             record("scale", n, metrics)
-            clip, rel = _clip_and_weights(cfg, plan, totals, edges, items, contributors=n)
+            clips, rel = _clip_and_weights(cfg, plan, totals, edges, items, contributors=n)
         # optional: sums of d psi / d theta for the first-order nuisance-noise terms
         jac: dict[str, float] = {}
         if "jacobian" in plan.sigma:
@@ -347,12 +348,12 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
                 if it in arms:  # each ridge fit already carries its noise covariance
                     covs += [arms[it][1].noise_cov, arms[it][0].noise_cov]
                 jac[it] = (totals[it], covs, jnv)
-        # one release, one bound: the same clip for every item of the release
-        arrays = {**nuis, "clip": np.array([clip]), "influence-weights": np.array(rel)}
+        # one release, one bound (the clips do not enter it: each item sends psi / its clip)
+        arrays = {**nuis, **{f"clip/{it}": np.array([clips[it]]) for it in items}, "influence-weights": np.array(rel)}
         sigma = plan.sigma["influence"]
         totals, n, metrics = send("influence", arrays, {"noise-multiplier": sigma})
         record("influence", n, metrics)
-        influence_nv = _noise_var(cfg, sigma, release_sensitivity("influence", p, arrays, j), n)
+        influence_nv = _noise_var(cfg, sigma, release_sensitivity("influence", p, arrays, j, items), n)
     for it in items:
         est = FederatedCausalEstimator(covariate_bounds=[(lo, hi) for _, lo, hi in study.columns],
                                        outcome_bounds=study.outcome_bounds, estimator=cfg.estimator, trim=cfg.trim,
@@ -361,11 +362,11 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         if cfg.estimator == "ra":
             est.fit(prop_coef=None, arm1=a1, arm0=a0, noise={"gram": out_noise})
         else:
-            w_n, w_2 = influence_weights(clip, rel)
-            nv = influence_nv
+            w_n, w_psi, w_2 = influence_weights(clips[it], rel)
+            nv = influence_nv  # per released coordinate
             tot = totals[it]
-            sums = {"n": tot[0] / w_n, "psi": tot[1], "psi2": tot[2] / w_2}
-            noise = {"n": nv / w_n**2, "psi": nv, "psi2": nv / w_2**2}
+            sums = {"n": tot[0] / w_n, "psi": tot[1] / w_psi, "psi2": tot[2] / w_2}
+            noise = {"n": nv / w_n**2, "psi": nv / w_psi**2, "psi2": nv / w_2**2}
             # DP noise in the nuisances -> ATE variance (delta method, see docs/causal.md)
             cross = 0.0
             if a1 is not None and cfg.dp:
@@ -380,7 +381,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             elif cfg.nuisance_variance:
                 noise["nuisance"] = cross
             est.fit(prop_coef=beta[it], arm1=a1, arm0=a0, sums=sums, noise=noise)
-            est.extra["psi_clip"] = clip
+            est.extra["psi_clip"] = clips[it]
             est.extra["influence_weights"] = rel
         lo, hi = est.ate_interval(cfg.alpha)
         r = est.result
@@ -446,7 +447,7 @@ def flower_send(grid: Grid, nodes: list[int], protocol: SumProtocol, cfg: Causal
         kind = step.split(":")[0]
         sigma = float(config["noise-multiplier"])
         p = study.p
-        sens = release_sensitivity(step, p, arrays, len(items))
+        sens = release_sensitivity(step, p, arrays, len(items), items)
         rec = {"server-round": counter["round"], "step": step, "items": json.dumps(items),
                "noise-multiplier": sigma, **{k: v for k, v in flat.items()}}
         # SecAgg+ quantisation: a coordinate of one institution's noiseless sum is at most

@@ -83,6 +83,7 @@ __all__ = [
     "arm_from_mapped",
     "influence_bound",
     "influence_weights",
+    "influence_clip",
     "influence_relative_weights",
     "psi_square_weight",
     "histogram_sum_squares",
@@ -1292,19 +1293,41 @@ def influence_relative_weights(arrays: Mapping[str, np.ndarray]) -> tuple[float,
     return float(v[0]), float(v[1])
 
 
-def influence_weights(clip: float, rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> tuple[float, float]:
-    """Coordinate weights ``(w_n, w_2) = (a clip, k / clip)`` of ``[w_n, psi, w_2 psi^2]`` for
-    relative weights ``rel = (a, k)``: relative to psi's, the count and the square get
-    ``a^2`` and ``k^2`` of the noise budget (default 1/16 and 1/4)."""
+def influence_weights(clip: float, rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> tuple[float, float, float]:
+    """Coordinate weights ``(w_n, w_psi, w_2) = (a, 1 / clip, k / clip^2)`` of the influence
+    release's row ``[w_n, w_psi psi, w_2 psi^2]`` for an item whose psi is clipped to
+    ``[-clip, clip]``, with relative weights ``rel = (a, k)``: the row is ``[a, u, k u^2]`` with
+    ``u = psi / clip`` in [-1, 1], so its bound (:func:`influence_bound`) does not depend on
+    the clip, and relative to psi's the count and the square get ``a^2`` and ``k^2`` of the
+    noise budget (default 1/16 and 1/4). The server divides the weights out, so item ``i``'s
+    psi sum carries noise in proportion to its own clip.
+
+    Why per item: with one clip for every item of a release (the largest item's), one item
+    whose noisy histogram tail jumped set every item's noise (8 items, ε = 1: CI widths 5-6x
+    pooled against 1.2-1.3x for one item, docs/causal.md)."""
     a, k = rel
-    return a * clip, k / clip
+    return a, 1.0 / clip, k / (clip * clip)
 
 
-def influence_bound(clip: float, rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> float:
-    """L2 bound of ``[w_n, psi, w_2 psi^2]`` with |psi| <= clip: ``clip * sqrt(a^2 + 1 + k^2)``
-    (default ``1.146 clip``)."""
+def influence_bound(rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> float:
+    """Per-item L2 bound of the influence row ``[a, u, k u^2]`` with ``|u| = |psi| / clip <= 1``
+    (:func:`influence_weights`): ``sqrt(a^2 + 1 + k^2)`` (``1.146`` at the default weights),
+    whatever each item's clip."""
     a, k = rel
-    return clip * math.sqrt(a * a + 1.0 + k * k)
+    return math.sqrt(a * a + 1.0 + k * k)
+
+
+def influence_clip(arrays: Mapping[str, np.ndarray], item: str) -> float:
+    """The public psi clip the server sent for ``item`` with the ``influence`` step
+    (``clip/<item>``): positive and finite, or ValueError naming it (checked before the client
+    charges anything). It does not enter the release's bound (:func:`influence_bound`)."""
+    key = f"clip/{item}"
+    if key not in arrays:
+        raise ValueError(f"{key} (the psi clip of item {item!r}) is missing")
+    v = np.asarray(arrays[key], dtype=np.float64).reshape(-1)
+    if v.shape != (1,) or not (v[0] > 0 and math.isfinite(v[0])):
+        raise ValueError(f"{key} must be one positive finite number, got {v.tolist()}")
+    return float(v[0])
 
 
 def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, count_weight: float,
@@ -1314,10 +1337,10 @@ def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, coun
     variance is estimated) gets noise SD at most ``target`` x the variance of the psi sum
     (sampling ``sum_sq`` plus the DP noise on it).
 
-    ``unit_noise_var``: noise variance of one released coordinate when the per-item bound is
-    ``clip`` (weights 0); with weights ``(a, k)`` it scales with the release's bound,
-    :func:`influence_bound` squared (``unit_noise_var (1 + a^2 + k^2)``), and
-    the square's noise, after dividing ``w_2 = k / clip`` out, ``clip^2 / k^2`` times that.
+    ``unit_noise_var``: noise variance of the item's psi sum (psi units) if its release row
+    were ``[0, psi, 0]`` (bound ``clip``); with weights ``(a, k)`` it scales with
+    :func:`influence_bound` squared (``unit_noise_var (1 + a^2 + k^2)``), and the square's noise,
+    after dividing ``w_2 = k / clip^2`` out, ``clip^2 / k^2`` times the psi sum's.
     ``sum_sq``: an estimate of ``sum psi^2`` (:func:`histogram_sum_squares`). Public
     post-processing of released values; chooses a weight, releases nothing.
 
@@ -1331,13 +1354,13 @@ def psi_square_weight(sum_sq: float, unit_noise_var: float, clip: float, *, coun
     if not unit_noise_var > 0 or not target > 0:
         return INFLUENCE_WEIGHTS[1]
     for k in grid:
-        nv = unit_noise_var * influence_bound(1.0, (count_weight, float(k))) ** 2
+        nv = unit_noise_var * influence_bound((count_weight, float(k))) ** 2
         if math.sqrt(nv) * clip / k <= target * (max(sum_sq, 0.0) + nv):
             return float(k)
     return float(grid[-1])
 
 
-def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0, jac_k: float = 1.0,
+def step_bound(step: str, p: int, *, r2: float | None = None, jac_k: float = 1.0,
                hessian_weight: float = 1.0, gram_weight: float = 1.0, arm_items: int = 0,
                influence_rel: tuple[float, float] = INFLUENCE_WEIGHTS) -> float:
     """Per-item L2 bound of one person's contribution to ``step`` (r2 defaults to p); for
@@ -1351,33 +1374,39 @@ def step_bound(step: str, p: int, *, r2: float | None = None, clip: float = 1.0,
         return propensity_bound(r2, hessian_weight)
     if step == "outcome":
         return outcome_bound(r2, gram_weight)
-    if step == "influence":
-        return influence_bound(clip, influence_rel)
+    if step == "influence":  # the row is [a, psi/clip, k (psi/clip)^2]: the clip cancels
+        return influence_bound(influence_rel)
     if step in ("scale", "outcome-range"):  # one-hot histogram rows
         return 1.0
     raise ValueError(step)
 
 
-def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_items: int) -> float:
+def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_items: int,
+                        items: Sequence[str] | None = None) -> float:
     """L2 sensitivity of one protocol release, from public values only.
 
     ``arrays`` are the public arrays the server sends with the step (whitening radius, psi
-    clip and influence weights, Jacobian clip, Hessian and Gram weights); a release carrying ``n_items`` items has ``sqrt(n_items)`` x the
-    per-item bound (a person can be considered for every item), except ``moments`` (each
-    person once). The client charges its ledger with this and the server sizes SecAgg+ with
-    it: one function, so the two cannot disagree.
+    clips and influence weights, Jacobian clip, Hessian and Gram weights); a release carrying
+    ``n_items`` items has ``sqrt(n_items)`` x the per-item bound (a person can be considered
+    for every item), except ``moments`` (each person once). The client charges its ledger with
+    this and the server sizes SecAgg+ with it: one function, so the two cannot disagree.
+    ``items`` (the release's items): when given, each item's public inputs that do not enter
+    the bound but that the client needs (the ``influence`` step's per-item psi clips) are
+    checked too, so a bad one is refused before any charge. ValueError on anything unusable.
     """
     radius = float(arrays["whiten/radius"][0]) if "whiten/radius" in arrays else -1.0
     r2 = 1.0 + radius**2 if radius > 0 else float(p)
-    clip = float(arrays["clip"][0]) if "clip" in arrays else 1.0
     jac_k = float(arrays["jacobian-k"][0]) if "jacobian-k" in arrays else 1.0
     if step == "outcome":  # the outcome maps must be usable (they do not enter the bound)
         for key in arrays:
             if key.startswith("outcome-map/"):
                 outcome_map(arrays, key[len("outcome-map/"):])
+    if step == "influence" and items is not None:
+        for it in items:
+            influence_clip(arrays, it)
     if step in HISTOGRAM_EDGES:
         histogram_edges(arrays, HISTOGRAM_EDGES[step])
-    per_item = step_bound(step, p, r2=r2, clip=clip, jac_k=jac_k,
+    per_item = step_bound(step, p, r2=r2, jac_k=jac_k,
                           hessian_weight=release_weight(arrays, "hessian-weight"),
                           gram_weight=release_weight(arrays, "gram-weight"),
                           arm_items=n_items if moments_carry_arms(arrays) else 0,

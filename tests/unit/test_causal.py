@@ -180,12 +180,12 @@ def test_one_person_moves_a_release_by_at_most_the_declared_bound(health, which)
             return influence_jacobian_terms(r, estimator="aipw", k=2.0, prop_coef=beta, coef1=coef, coef0=coef)
         return influence_sum_terms(r, estimator="aipw", clip=0.5, prop_coef=beta, coef1=coef, coef0=coef)
 
-    bound = {"propensity": propensity_bound(p), "outcome": outcome_bound(p), "influence": influence_bound(0.5),
+    bound = {"propensity": propensity_bound(p), "outcome": outcome_bound(p), "influence": influence_bound(),
              "jacobian": jacobian_bound(p, 2.0)}[which]
     # the bound the client clips to is the one the server and the ledger charge for
     from fedrec.common.causal.estimators import step_bound
 
-    assert step_bound(which, p, r2=p, clip=0.5, jac_k=2.0) == pytest.approx(bound)
+    assert step_bound(which, p, r2=p, jac_k=2.0) == pytest.approx(bound)
     base, plus = contrib(rows), contrib(_extreme(rows, 50.0))
     assert base.bound == pytest.approx(bound)
     # every honest person (encoded within the declared bounds) is within the bound already
@@ -199,7 +199,7 @@ def test_one_person_moves_a_release_by_at_most_the_declared_bound(health, which)
         big = _extreme(rows, 50.0)
         raw = influence_terms(big.x[-1:], big.t[-1:], big.y[-1:], estimator="aipw", prop_coef=beta,
                               coef1=coef, coef0=coef)
-        assert abs(raw[0]) > 2 * bound
+        assert abs(raw[0]) / 0.5 > 2 * bound  # the release carries psi / clip
     else:
         assert np.linalg.norm(plus.terms.sum(0) - base.terms.sum(0)) > 2 * bound
 
@@ -366,18 +366,18 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     folder = write_institution(tmp_path / insts[0].name, insts[0])
     ledger = tmp_path / "ledger.db"
 
-    def run(covariates, extra=None):
+    def run(covariates, extra=None, step="propensity"):
         ccfg = CausalConfig(epsilon=1.0, items=("walking_group",), covariates=covariates)
         flat = {**RunConfig().override(**{"privacy.epsilon-cap": 5.0}).to_flat(), **ccfg.to_flat()}
         ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder), "ledger": str(ledger)},
                       state=RecordDict(), run_config=flat)
-        conf = ConfigRecord({"server-round": 1, "step": "propensity:1", "items": _json.dumps(["walking_group"]),
+        conf = ConfigRecord({"server-round": 1, "step": f"{step}:1", "items": _json.dumps(["walking_group"]),
                              "noise-multiplier": 5.0})
         p = 11
         arrays: ArrayRecord = numpy_to_arrays({"beta/walking_group": np.zeros(p), **(extra or {})})
         msg = Message(RecordDict({"config": conf, "arrays": arrays}), dst_node_id=7,
-                      message_type="query.causal_propensity")
-        return causal_app.causal_propensity(msg, ctx)
+                      message_type=f"query.causal_{step}")
+        return getattr(causal_app, f"causal_{step}")(msg, ctx)
 
     bad = run(("age", "blood_type"))
     assert "refusal" in bad.content.config_records
@@ -387,6 +387,11 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     bad = run(None, {"hessian-weight": np.array([0.0])})
     assert "hessian-weight" in str(bad.content.config_records["refusal"]["reason"])
     assert not ledger.exists() or PrivacyLedger(ledger).events() == []
+    # so is an influence step without a usable psi clip for an item (it does not enter the bound)
+    for extra in ({}, {"clip/walking_group": np.array([-1.0])}):
+        bad = run(None, extra, step="influence")
+        assert "clip/walking_group" in str(bad.content.config_records["refusal"]["reason"])
+        assert not ledger.exists() or PrivacyLedger(ledger).events() == []
     good = run(None)
     assert "arrays" in good.content.array_records
     events = PrivacyLedger(ledger).events()
@@ -649,49 +654,95 @@ def test_noise_limited_clip_reads_the_histogram_below_the_tail_edge():
 
 # --------------------------------------------------------------------------- influence weights
 def test_influence_weights_set_the_charged_bound_and_are_divided_out(health):
-    """The psi^2 (and count) weights the server sends with the influence step: every person's
-    row ``[a clip, psi, (k / clip) psi^2]`` is within ``clip sqrt(a^2 + 1 + k^2)``, which is what
-    release_sensitivity charges; the person at |psi| = clip attains it, so a sensitivity that
-    kept the default weights (a larger k here) or forgot the square would be exceeded; and the
-    server divides the weights out (equal estimates at ε = inf whatever the weights)."""
+    """The weights the server sends with the influence step: every person's row
+    ``[a, psi / C, k (psi / C)^2]`` is within ``sqrt(a^2 + 1 + k^2)`` whatever the item's clip C,
+    which is what release_sensitivity charges; the person at |psi| = C attains it, so a
+    sensitivity that kept the default weights (a larger k here), forgot the square, or a row
+    that forgot to divide by a clip above 1 would be exceeded; and the server divides the
+    weights out (equal estimates at ε = inf whatever the weights)."""
     from fedrec.common.causal.estimators import INFLUENCE_WEIGHTS, release_sensitivity
 
     insts, _ = health
-    rows = encode_item(insts[0], "diet_counselling")
-    p, clip = rows.p, 0.5
-    beta, coef = np.zeros(p), np.zeros(p)
-    for rel in [(0.05, 0.2), (0.25, 1.5)]:
-        arrays = {"clip": np.array([clip]), "influence-weights": np.array(rel)}
-        c = influence_sum_terms(rows, estimator="aipw", clip=clip, prop_coef=beta, coef1=coef, coef0=coef, rel=rel)
-        bound = clip * math.sqrt(rel[0] ** 2 + 1 + rel[1] ** 2)
-        assert c.bound == pytest.approx(bound) == release_sensitivity("influence", p, arrays, 1)
-        assert release_sensitivity("influence", p, arrays, 4) == pytest.approx(2 * bound)
-        assert np.linalg.norm(c.terms, axis=1).max() <= bound + 1e-9
-        np.testing.assert_allclose(c.terms[:, 0], rel[0] * clip)
-        np.testing.assert_allclose(c.terms[:, 2], rel[1] / clip * c.terms[:, 1] ** 2)
-        # a person at the clip (|psi| >= clip) attains the bound exactly
-        corner = np.linalg.norm([rel[0] * clip, clip, rel[1] * clip])
-        assert corner == pytest.approx(bound)
-    assert release_sensitivity("influence", p, {"clip": np.array([clip])}, 1) == pytest.approx(
-        influence_bound(clip, INFLUENCE_WEIGHTS))
-    assert influence_bound(clip, (0.25, 1.5)) > influence_bound(clip) * 1.3  # the default would undercharge
-    with pytest.raises(ValueError, match="influence-weights"):
-        release_sensitivity("influence", p, {"clip": np.array([clip]), "influence-weights": np.array([0.1, -1.0])}, 1)
-    with pytest.raises(ValueError, match="influence-weights"):
-        release_sensitivity("influence", p, {"clip": np.array([clip]), "influence-weights": np.array([0.1])}, 1)
     item = "diet_counselling"
+    rows = encode_item(insts[0], item)
+    p = rows.p
+    beta, coef = np.zeros(p), np.zeros(p)
+    for clip in (0.5, 3.0):
+        for rel in [(0.05, 0.2), (0.25, 1.5)]:
+            arrays = {f"clip/{item}": np.array([clip]), "influence-weights": np.array(rel)}
+            c = influence_sum_terms(rows, estimator="aipw", clip=clip, prop_coef=beta, coef1=coef, coef0=coef,
+                                    rel=rel)
+            bound = math.sqrt(rel[0] ** 2 + 1 + rel[1] ** 2)
+            assert c.bound == pytest.approx(bound) == release_sensitivity("influence", p, arrays, 1, [item])
+            assert release_sensitivity("influence", p, arrays, 4) == pytest.approx(2 * bound)
+            assert np.linalg.norm(c.terms, axis=1).max() <= bound + 1e-9
+            np.testing.assert_allclose(c.terms[:, 0], rel[0])
+            assert np.abs(c.terms[:, 1]).max() <= 1.0 + 1e-12
+            if clip == 0.5:  # here someone's |psi| reaches the clip; at 3 the largest is 1.9
+                assert np.abs(c.terms[:, 1]).max() == pytest.approx(1.0)
+            np.testing.assert_allclose(c.terms[:, 2], rel[1] * c.terms[:, 1] ** 2)
+    assert release_sensitivity("influence", p, {}, 1) == pytest.approx(influence_bound(INFLUENCE_WEIGHTS))
+    assert influence_bound((0.25, 1.5)) > influence_bound() * 1.3  # the default would undercharge
+    for bad in ([0.1, -1.0], [0.1]):
+        with pytest.raises(ValueError, match="influence-weights"):
+            release_sensitivity("influence", p, {"influence-weights": np.array(bad)}, 1)
+    # each item's clip is checked before any charge, although it does not enter the bound
+    for bad in ({}, {f"clip/{item}": np.array([0.0])}, {f"clip/{item}": np.array([np.nan])},
+                {f"clip/{item}": np.array([1.0, 2.0])}):
+        with pytest.raises(ValueError, match=f"clip/{item}"):
+            release_sensitivity("influence", p, bad, 1, [item])
     a = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,))).items[item]
     b = estimate_inprocess(insts, CausalConfig(epsilon=INF, items=(item,), influence_count_weight=0.05)).items[item]
     assert b["ate"] == pytest.approx(a["ate"], rel=1e-9) and b["se"] == pytest.approx(a["se"], rel=1e-9)
 
 
+def test_each_item_gets_its_own_psi_clip_and_noise_in_proportion_to_it(health):
+    """Two items in one influence release with clips 10x apart: one person moves the whole
+    release by at most sqrt(2) x the per-item bound (what is charged), yet each item's psi sum,
+    after the server divides its weights out, carries noise in proportion to its own clip; a
+    shared clip (the larger) would give the narrow item 10x the noise SD."""
+    from fedrec.client.statistics import release, step_contributions
+    from fedrec.common.causal.estimators import influence_weights, release_sensitivity
+    from fedrec.server.causal import _noise_var
+
+    insts, _ = health
+    items = ["diet_counselling", "walking_group"]
+    p = encode_item(insts[0], items[0]).p
+    clips = {items[0]: 0.2, items[1]: 2.0}
+    rel = (0.05, 0.5)
+    arrays = {**{f"beta/{it}": np.zeros(p) for it in items}, **{f"mu1/{it}": np.zeros(p) for it in items},
+              **{f"mu0/{it}": np.zeros(p) for it in items},
+              **{f"clip/{it}": np.array([c]) for it, c in clips.items()}, "influence-weights": np.array(rel)}
+    sens = release_sensitivity("influence", p, arrays, 2, items)
+    assert sens == pytest.approx(math.sqrt(2) * influence_bound(rel))
+    blocks = step_contributions("influence", insts[0], items, arrays, estimator="aipw")
+    # every row of either item is within the per-item bound, so one person (in both items at
+    # most) moves the release by at most the charged sensitivity, whatever the clips
+    for it in items:
+        assert np.linalg.norm(blocks[it].terms, axis=1).max() <= influence_bound(rel) + 1e-9
+    rng = np.random.default_rng(3)
+    sigma = 2.0
+    draws = {it: [] for it in items}
+    for _ in range(400):
+        sums, s = release(blocks, noise_multiplier=sigma, generator=rng)
+        assert s == pytest.approx(sens)
+        for it in items:
+            draws[it].append(sums[it][1] / influence_weights(clips[it], rel)[1])  # psi sum, psi units
+    nv = _noise_var(CausalConfig(epsilon=1.0, noise_mode="local"), sigma, sens, 1)
+    for it in items:
+        sd = float(np.std(draws[it]))
+        assert sd == pytest.approx(math.sqrt(nv) * clips[it], rel=0.12)
+    assert np.std(draws[items[1]]) / np.std(draws[items[0]]) == pytest.approx(10.0, rel=0.2)
+
+
 @pytest.mark.parametrize("noise_mode", ["local", "distributed"])
 def test_noise_limited_clip_uses_the_weights_the_influence_release_will_carry(noise_mode):
-    """Where the noise-limited rule sets the clip, the influence release's psi-sum noise at the
-    chosen clip and weights (its real sensitivity) is ratio x sqrt(sum psi^2): the rule must not
-    assume the default weights (1.146 x clip) when the psi^2 weight it picks differs; and that
-    weight is enough for every item at that clip (the pair is a fixed point)."""
-    from fedrec.common.causal.estimators import (clip_from_histogram, histogram_sum_squares, influence_bound,
+    """Where the noise-limited rule sets an item's clip, that item's psi-sum noise at the chosen
+    clip and weights (the release's real sensitivity, psi units) is ratio x sqrt(its sum psi^2):
+    the rule must not assume the default weights (1.146) when the psi^2 weight it picks differs;
+    each item's clip is its own (the narrow item's is not raised to the wide one's); and the
+    weight is enough for every item at its clip (the pair is a fixed point)."""
+    from fedrec.common.causal.estimators import (clip_from_histogram, histogram_sum_squares, influence_weights,
                                                  psi_grid, psi_square_weight, release_sensitivity)
     from fedrec.server.causal import _clip_and_weights, _noise_var
 
@@ -700,21 +751,21 @@ def test_noise_limited_clip_uses_the_weights_the_influence_release_will_carry(no
     edges = psi_grid("aipw") * 0.3
     rng = np.random.default_rng(5)
     counts = {it: np.bincount(np.searchsorted(edges, np.abs(rng.normal(0, s, 40000)), side="right"),
-                              minlength=len(edges) + 1).astype(float) for it, s in (("a", 0.05), ("b", 0.04))}
-    clip, rel = _clip_and_weights(cfg, plan, counts, edges, ["a", "b"], contributors=8)
-    base = cfg.psi_clip_margin * max(clip_from_histogram(c, edges, tail=cfg.psi_tail) for c in counts.values())
-    assert clip > base  # the noise-limited rule binds here
-    # the weights it picks differ from the default (with which the old rule sized the noise)
-    # by more than this test's tolerance
-    assert abs(influence_bound(1.0, rel) / influence_bound(1.0) - 1.0) > 0.03
-    arrays = {"clip": np.array([clip]), "influence-weights": np.array(rel)}
-    sum_noise_sd = math.sqrt(_noise_var(cfg, plan.sigma["influence"], release_sensitivity("influence", 5, arrays, 2), 8))
-    ssqs = [histogram_sum_squares(c, edges, upto=clip_from_histogram(c, edges, tail=cfg.psi_tail))
-            for c in counts.values()]
-    assert sum_noise_sd == pytest.approx(cfg.psi_noise_ratio * math.sqrt(min(ssqs)), rel=0.01)
-    unit_nv = _noise_var(cfg, plan.sigma["influence"], clip * math.sqrt(2), 8)
-    for ssq in ssqs:
-        assert psi_square_weight(ssq, unit_nv, clip, count_weight=rel[0], target=cfg.psi_square_error) <= rel[1]
+                              minlength=len(edges) + 1).astype(float) for it, s in (("a", 0.05), ("b", 0.2))}
+    clips, rel = _clip_and_weights(cfg, plan, counts, edges, ["a", "b"], contributors=8)
+    for it in ("a", "b"):
+        assert clips[it] > cfg.psi_clip_margin * clip_from_histogram(counts[it], edges, tail=cfg.psi_tail)
+    assert clips["b"] > 2.5 * clips["a"]  # per item: psi's spread differs 4x
+    # the weights it picks differ from the default by more than this test's tolerance
+    assert abs(influence_bound(rel) / influence_bound() - 1.0) > 0.03
+    arrays = {"clip/a": np.array([clips["a"]]), "clip/b": np.array([clips["b"]]), "influence-weights": np.array(rel)}
+    coord_nv = _noise_var(cfg, plan.sigma["influence"], release_sensitivity("influence", 5, arrays, 2, ["a", "b"]), 8)
+    for it in ("a", "b"):
+        ssq = histogram_sum_squares(counts[it], edges, upto=clip_from_histogram(counts[it], edges, tail=cfg.psi_tail))
+        psi_sd = math.sqrt(coord_nv) / influence_weights(clips[it], rel)[1]
+        assert psi_sd == pytest.approx(cfg.psi_noise_ratio * math.sqrt(ssq), rel=0.01)
+        unit_nv = _noise_var(cfg, plan.sigma["influence"], clips[it] * math.sqrt(2), 8)
+        assert psi_square_weight(ssq, unit_nv, clips[it], count_weight=rel[0], target=cfg.psi_square_error) <= rel[1]
 
 
 def test_psi_square_weight_is_the_smallest_meeting_the_target():
