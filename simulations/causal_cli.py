@@ -334,8 +334,8 @@ def _print_table(console, report: dict, items: list[str]) -> None:
                                                           for k, v in eps.items()))
     if len(items) > 1 and report["epsilon_requested"] != "inf":
         console.print(f"{len(items)} items shared this run's ε: their CIs are wider than one item's at the same ε "
-                      "(simulators, ε = 1, 8 items against one: distributed 5.1-6.4x against 1.1-1.3x the pooled "
-                      "width, local 39-69x against 3.1-4.1x; docs/causal.md, 'Every item in one run'); "
+                      "(simulators, ε = 1, 8 items against one: distributed 3.1-3.9x against 1.1-1.3x the pooled "
+                      "width, local 19-22x against 3.1-4.1x; docs/causal.md, 'Every item in one run'); "
                       "--item estimates only the items you need.", markup=False)
     caveat = shrinkage_caveat({it: report["items"][it]["cate_shrinkage"] for it in items
                                if "cate_shrinkage" in report["items"][it]})
