@@ -115,6 +115,20 @@ def cell_runs(results: list, domain: str, mode: str, eps: float) -> list:
     return [r for dom, out in results if dom == domain for r in out if r["epsilon"] == eps and r["noise_mode"] == mode]
 
 
+def parse_epsilons(text: str) -> tuple[float, ...]:
+    """``"2.5,3,inf"`` -> (2.5, 3.0, inf); every ε must be positive (one-line error otherwise)."""
+    out = []
+    for part in text.split(","):
+        try:
+            eps = float(part)
+        except ValueError:
+            raise ValueError(f"--epsilons: {part!r} is not a number (use e.g. 0.5,1,inf)") from None
+        if not eps > 0:
+            raise ValueError(f"--epsilons: {part!r} must be positive (inf for no DP)")
+        out.append(eps)
+    return tuple(out)
+
+
 def one_seed(args):
     domain, seed, institutions, people, epsilons, modes, nuisance, knobs, all_items = args
     warnings.filterwarnings("ignore")
@@ -161,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--all-items", action="store_true",
                     help="estimate every item of the domain in each run, as `fedrec-sim causal` does by default "
                          "(the budget split across them), and measure the headline item; default: the headline item alone")
+    ap.add_argument("--epsilons", default=None,
+                    help="comma-separated ε per institution to measure, 'inf' allowed (default: "
+                         "0.5,1,2,4,8,inf), e.g. --epsilons 2.5,3 to find the ε a target needs")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="processes (default: CPU cores - 1)")
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -168,6 +185,10 @@ def main(argv=None) -> int:
                          "e.g. --set outcome-anchor=pooled; the knobs are in docs/causal.md (Tuning knobs)")
     a = ap.parse_args(argv)
     runs = a.runs or (4 if a.quick else 200)
+    try:
+        epsilons = parse_epsilons(a.epsilons) if a.epsilons else EPSILONS
+    except ValueError as exc:
+        ap.error(str(exc))
     domains = a.domains.split(",")
     warnings.filterwarnings("ignore")
     from dataclasses import replace
@@ -181,18 +202,18 @@ def main(argv=None) -> int:
         knobs = CausalConfig.from_flat(settings)
     except (FedrecInputError, ValueError) as exc:
         ap.error(str(exc))
-    for eps in EPSILONS:  # calibrate once in the parent (cached per process anyway)
+    for eps in epsilons:  # calibrate once in the parent (cached per process anyway)
         plan_budget(replace(knobs, epsilon=eps))
     modes = a.noise_modes.split(",")
     nuisance = {d: {} if a.no_derived else study_design(d) for d in domains}
-    jobs = [(d, 1000 + s, a.institutions, a.people, EPSILONS, modes, nuisance.get(d, {}), knobs, a.all_items)
+    jobs = [(d, 1000 + s, a.institutions, a.people, epsilons, modes, nuisance.get(d, {}), knobs, a.all_items)
             for d in domains for s in range(runs)]
     t0 = time.time()
     results = run_seeds(one_seed, jobs, a.workers)
     rows = []
     for d in domains:
       for mode in modes:
-        for eps in EPSILONS:
+        for eps in epsilons:
             rs = cell_runs(results, d, mode, eps)
             if not rs:
                 continue
@@ -212,6 +233,7 @@ def main(argv=None) -> int:
                          "rmse": float(np.sqrt((err**2).mean())), "coverage": float(cover),
                          "ci_width_ratio": float(width), "mean_se": float(se.mean())})
     meta = {"script": "causal_accuracy.py", "quick": a.quick, "runs_per_epsilon": runs,
+            "epsilons": [e if math.isfinite(e) else "inf" for e in epsilons],
             "institutions": a.institutions, "people": a.people, "skew": 0.5, "estimator": "aipw",
             "epsilon_unit": "per institution, whole run (PRV accountant, delta 1e-5)",
             "noise_modes": modes, "items": ITEMS, "nuisance_design": nuisance,

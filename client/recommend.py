@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import norm
 
-from fedrec.common.causal.recommend import benefit_scores, scaled_design, shrinkage_caveat, top_k
+from fedrec.common.causal.recommend import design_benefit, scaled_design, shrinkage_caveat, top_k
 from fedrec.common.datasets import load_institution
 from fedrec.common.errors import FedrecInputError
 
@@ -123,7 +123,8 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
                 f"{Path(folder).name}/study.toml; fix: use the study declaration the estimate was made with")
     covs = None if raw_covs is None else _checked_covs(causal_json, raw_covs, models)
     order = list(models)
-    benefit = benefit_scores(x_raw, cols, models, order, data.study.outcome_better)
+    x, names = scaled_design(x_raw, cols)
+    benefit = design_benefit(x, names, models, order, data.study.outcome_better)
     sign = 1.0 if data.study.outcome_better == "higher" else -1.0
     best = top_k(benefit, k)
     kk = best.shape[1]
@@ -137,7 +138,6 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
         "estimated_benefit": picked.reshape(-1),
     })
     if covs is not None:
-        x, names = scaled_design(x_raw, cols)
         # covariances are in cate_coef's key order; the design is in the folder's column order
         se = np.column_stack([np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, _reorder(covs[it], list(models[it]), names),
                                                            x), 0.0)) for it in order])

@@ -333,10 +333,11 @@ def _print_table(console, report: dict, items: list[str]) -> None:
     console.print("ε spent per institution: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                           for k, v in eps.items()))
     if len(items) > 1 and report["epsilon_requested"] != "inf":
-        console.print(f"{len(items)} items shared this run's ε: their CIs are wider than one item's at the same ε "
-                      "(simulators, ε = 1, 8 items against one: distributed 3.1-3.9x against 1.1-1.3x the pooled "
-                      "width, local 19-22x against 3.1-4.1x; docs/causal.md, 'Every item in one run'); "
-                      "--item estimates only the items you need.", markup=False)
+        # the mechanism, not measured widths: those live in docs/causal.md and would drift here
+        console.print(f"{len(items)} items shared this run's ε: a person counts once per item, so each release's "
+                      f"noise is sqrt({len(items)}) = {math.sqrt(len(items)):.1f}x one item's at the same ε and the "
+                      "CIs are wider than one item's (measured on the simulators: docs/causal.md, 'Every item in "
+                      "one run'); --item estimates only the items you need.", markup=False)
     caveat = shrinkage_caveat({it: report["items"][it]["cate_shrinkage"] for it in items
                                if "cate_shrinkage" in report["items"][it]})
     if caveat:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fedrec.common.causal.estimators import design, scale_covariates
 
-__all__ = ["CATE_SHRINKAGE_CAVEAT", "benefit_scores", "scaled_design", "shrinkage_caveat", "top_k"]
+__all__ = ["CATE_SHRINKAGE_CAVEAT", "benefit_scores", "design_benefit", "scaled_design", "shrinkage_caveat", "top_k"]
 
 #: ``cate_shrinkage`` from which the CATE's pointwise intervals are flagged. Measured on the
 #: three simulators (benchmarks/cate_coverage.py; 8 institutions of ~312 and of 2,500; one item
@@ -51,6 +51,13 @@ def benefit_scores(x_raw: np.ndarray, columns: Sequence[tuple[str, float, float]
     bounds); ``cate_coef[item]`` maps ``"intercept"`` and every column name to its coefficient
     on the bound-scaled design (``causal.json`` ``items.<item>.cate_coef``)."""
     x, names = scaled_design(x_raw, columns)
+    return design_benefit(x, names, cate_coef, items, better)
+
+
+def design_benefit(x: np.ndarray, names: Sequence[str], cate_coef: Mapping[str, Mapping[str, float]],
+                   items: Sequence[str], better: str) -> np.ndarray:
+    """:func:`benefit_scores` on a design already scaled by :func:`scaled_design` (``names`` its
+    column names), for callers that need that design again (the CATE's pointwise CIs)."""
     coef = np.column_stack([[cate_coef[it][n] for n in names] for it in items])
     tau = x @ coef
     return tau if better == "higher" else -tau
