@@ -388,7 +388,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
         assert r is not None
         row = {"ate": r.ate, "se": r.se, "ci_low": lo, "ci_high": hi, "n": r.n,
                "sampling_se": math.sqrt(r.sampling_var), "noise_se": math.sqrt(r.noise_var),
-               "nuisance_se": math.sqrt(r.nuisance_var),
+               "nuisance_se": math.sqrt(r.nuisance_var), "sampling_var_noise_sd": r.sampling_var_noise_sd,
                "estimator": cfg.estimator}
         if "outcome-range" in plan.sigma:  # the step ran (its interval may still be the whole range)
             c, h = ymap[it]

@@ -646,6 +646,10 @@ class ATEResult:
     noise_var: float
     #: variance the DP noise in the nuisance fits adds (delta method, :func:`nuisance_variance`)
     nuisance_var: float = 0.0
+    #: SD that the DP noise on the psi^2 sum puts on ``sampling_var`` (public: from the noise
+    #: variance alone). Where it exceeds ``sampling_var`` the sampling part is mostly noise
+    #: (many items with local noise) and the SE rests on ``noise_var`` + ``nuisance_var``.
+    sampling_var_noise_sd: float = 0.0
 
     def interval(self, alpha: float = 0.05) -> tuple[float, float]:
         z = float(norm.ppf(1 - alpha / 2))
@@ -668,8 +672,10 @@ def ate_from_sums(s_n: float, s_psi: float, s_psi2: float, *, v_n: float = 0.0, 
     sampling = var_psi / n
     noise = v_psi / n**2 + ate**2 * v_n / n**2
     se = math.sqrt(sampling + noise + v_nuisance)
+    # S_psi2 / N carries noise of SD sqrt(v_psi2) / N, and sampling = var_psi / N
     return ATEResult(ate=scale * ate, se=scale * se, n=n, sampling_var=scale**2 * sampling,
-                     noise_var=scale**2 * noise, nuisance_var=scale**2 * v_nuisance)
+                     noise_var=scale**2 * noise, nuisance_var=scale**2 * v_nuisance,
+                     sampling_var_noise_sd=scale**2 * math.sqrt(max(v_psi2, 0.0)) / n**2)
 
 
 # --------------------------------------------------------------------------- the estimator

@@ -39,6 +39,7 @@ def test_causal_command_three_institutions(tmp_path):
     assert set(report["items"]) == set(truth.item_ids)
     for it, row in report["items"].items():
         for k in ("ate", "se", "ci_low", "ci_high", "true_ate", "cate_coef", "noise_se", "sampling_se",
+                  "sampling_var_noise_sd",
                   "cate_cov", "cate_shrinkage"):
             assert k in row
         assert row["ci_low"] < row["ate"] < row["ci_high"]

@@ -1032,3 +1032,21 @@ def test_cate_shrinkage_grows_with_the_noise(health) -> None:
         shrink[eps] = res.estimators["walking_group"].cate_shrinkage()
         assert res.items["walking_group"]["cate_shrinkage"] == shrink[eps]
     assert abs(shrink[INF]) < 1e-6 and 0.0 < shrink[8.0] < shrink[0.5] <= 1.5, shrink
+
+
+def test_sampling_variance_reports_the_noise_its_psi_square_sum_carries() -> None:
+    """causal.json's ``sampling_var_noise_sd`` is the SD the DP noise on sum(psi^2) puts on
+    ``sampling_var``: checked against the spread of ``sampling_var`` over noise draws (a wrong
+    power of N or a missing scale would be off by orders of magnitude)."""
+    from fedrec.common.causal.estimators import ate_from_sums
+
+    rng = np.random.default_rng(3)
+    psi = rng.normal(0.2, 1.5, size=4000)
+    s_n, s_psi, s_psi2 = float(len(psi)), float(psi.sum()), float((psi**2).sum())
+    v_psi2, scale = 400.0**2, 7.0
+    draws = [ate_from_sums(s_n, s_psi, s_psi2 + rng.normal(0, math.sqrt(v_psi2)), v_psi2=v_psi2, scale=scale)
+             for _ in range(4000)]
+    observed = float(np.std([d.sampling_var for d in draws]))
+    reported = draws[0].sampling_var_noise_sd
+    assert reported == pytest.approx(observed, rel=0.05)
+    assert ate_from_sums(s_n, s_psi, s_psi2, scale=scale).sampling_var_noise_sd == 0.0  # no DP, no noise
