@@ -162,8 +162,8 @@ def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.
     """Each item's psi clip and the influence release's relative weights, from the ``scale``
     step's DP |psi| histograms (``counts`` per item). Public post-processing; releases nothing.
 
-    An item's clip is its tail-rule edge (:func:`clip_from_histogram`, times
-    ``psi_clip_margin``), raised where the budget allows (:func:`noise_limited_clip`) and cut
+    An item's clip is its tail-rule edge (:func:`clip_from_histogram` at ``clip_tail``, times
+    ``clip_margin``: both by noise mode unless set), raised where the budget allows (:func:`noise_limited_clip`) and cut
     to the worst case. The release carries ``psi / clip`` per item (:func:`influence_weights`),
     so its bound is the same whatever the clips and each item's noise scales with its own clip:
     one item's wide tail does not widen the others' CIs. The noise-limited rule needs the
@@ -176,14 +176,18 @@ def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.
     j = len(items)
     sigma = plan.sigma["influence"]
     a = cfg.influence_count_weight
+    # sum(psi^2) from the bins below the psi_tail edge; the clip from the clip_tail edge (the same
+    # edge with distributed noise; with local noise a lower, resolvable one, CausalConfig.clip_tail)
     tail_edge = {it: clip_from_histogram(counts[it], edges, tail=cfg.psi_tail) for it in items}
     sum_sq = {it: histogram_sum_squares(counts[it], edges, upto=tail_edge[it]) for it in items}
+    clip_edge = (tail_edge if cfg.clip_tail == cfg.psi_tail else
+                 {it: clip_from_histogram(counts[it], edges, tail=cfg.clip_tail) for it in items})
     worst = psi_worst_case(cfg.estimator, cfg.trim)
 
     def clips_at(k: float) -> dict[str, float]:
         # noise SD of an item's released psi sum per unit of its clip, with weights (a, k)
         unit_sd = math.sqrt(_noise_var(cfg, sigma, influence_bound((a, k)) * math.sqrt(j), contributors))
-        return {it: min(max(cfg.psi_clip_margin * tail_edge[it],
+        return {it: min(max(cfg.clip_margin * clip_edge[it],
                             noise_limited_clip(sum_sq[it], noise_sd_per_clip=unit_sd, ratio=cfg.psi_noise_ratio)),
                         worst) for it in items}
 

@@ -109,6 +109,13 @@ __all__ = [
 TRIM = (0.05, 0.95)
 #: default relative weights ``(count, square)`` of the influence release (see :func:`influence_weights`)
 INFLUENCE_WEIGHTS = (0.25, 0.5)
+#: the psi clip's histogram rule by noise mode (:attr:`CausalConfig.clip_tail` / ``clip_margin``):
+#: distributed noise, the edge above which 1% (``psi_tail``) of the people lie, times 2; local
+#: noise (8x the count noise variance, and the 1% edge jumped 9-fold from seed to seed at ε = 1),
+#: the 5% edge times 5 (docs/causal.md, "The ψ clip under local noise")
+DISTRIBUTED_CLIP_MARGIN = 2.0
+LOCAL_CLIP_TAIL = 0.05
+LOCAL_CLIP_MARGIN = 5.0
 #: candidate psi^2 weights of :func:`psi_square_weight` (ascending)
 PSI_SQUARE_GRID = np.geomspace(0.02, 2.0, 101)
 ESTIMATORS = ("aipw", "ipw", "ra")
@@ -826,7 +833,8 @@ class CausalConfig:
     share w gets sigma_step = sigma / sqrt(w)); the propensity share is split evenly over the
     Newton steps; shares of steps an estimator does not run are renormalised away.
     ``psi_clip``: |psi| bound in scaled outcome units (None = automatic: from the DP |psi|
-    histogram of the ``scale`` step, ``psi_tail`` / ``psi_clip_margin`` / ``psi_noise_ratio``;
+    histogram of the ``scale`` step, ``psi_clip_tail`` / ``psi_clip_margin`` (:attr:`clip_tail`,
+    :attr:`clip_margin`: by noise mode unless set) / ``psi_tail`` / ``psi_noise_ratio``;
     the worst case when DP is off).
     ``ridge``: ridge penalty of the nuisance fits (None = automatic: 0 without DP, else the
     noise sd of a released Gram coordinate x sqrt(p)).
@@ -877,8 +885,15 @@ class CausalConfig:
     share_jacobian: float = 0.0
     jacobian_k: float = 4.0
     nuisance_variance: bool = True
+    #: fraction of people above the |psi| histogram edge from which the noise-limited rule
+    #: estimates sum(psi^2) (:func:`histogram_sum_squares`)
     psi_tail: float = 0.01
-    psi_clip_margin: float = 2.0
+    #: the clip is ``clip_margin`` x the edge above which at most ``clip_tail`` of the people lie.
+    #: None = by noise mode (:attr:`clip_tail`, :attr:`clip_margin`): 1% and 2 with distributed
+    #: noise; 5% and 5 with local noise, whose 1% edge is not resolvable at ε <= 1 (the count
+    #: noise summed over the bins above it is as large as the 1% it is compared with)
+    psi_clip_tail: float | None = None
+    psi_clip_margin: float | None = None
     #: ratio of consecutive edges of the public |psi| grid of the ``scale`` histogram
     psi_grid_factor: float = 2.0
     #: the psi clip is raised (never lowered) until the influence-sum noise is this fraction of
@@ -964,7 +979,9 @@ class CausalConfig:
         for name, ok, rule in (("delta", 0.0 < self.delta < 1.0, "in (0, 1)"),
                                ("alpha", 0.0 < self.alpha < 1.0, "in (0, 1)"),
                                ("psi_tail", 0.0 < self.psi_tail < 1.0, "in (0, 1)"),
-                               ("psi_clip_margin", self.psi_clip_margin > 0, "> 0"),
+                               ("psi_clip_tail", self.psi_clip_tail is None or 0.0 < self.psi_clip_tail < 1.0,
+                                "in (0, 1)"),
+                               ("psi_clip_margin", self.psi_clip_margin is None or self.psi_clip_margin > 0, "> 0"),
                                ("outcome_range_tail", 0.0 < self.outcome_range_tail < 0.5, "in (0, 0.5)"),
                                ("outcome_range_margin", self.outcome_range_margin >= 1.0, ">= 1"),
                                ("jacobian_k", self.jacobian_k > 0, "> 0"),
@@ -983,6 +1000,21 @@ class CausalConfig:
     @property
     def dp(self) -> bool:
         return math.isfinite(self.epsilon)
+
+    @property
+    def clip_tail(self) -> float:
+        """The tail fraction of the psi clip's histogram edge: the config's, else by noise mode
+        (:attr:`psi_clip_tail`)."""
+        if self.psi_clip_tail is not None:
+            return self.psi_clip_tail
+        return LOCAL_CLIP_TAIL if self.noise_mode == "local" else self.psi_tail
+
+    @property
+    def clip_margin(self) -> float:
+        """The psi clip as a multiple of that edge: the config's, else by noise mode."""
+        if self.psi_clip_margin is not None:
+            return self.psi_clip_margin
+        return LOCAL_CLIP_MARGIN if self.noise_mode == "local" else DISTRIBUTED_CLIP_MARGIN
 
     @property
     def radius_factor(self) -> float | None:
@@ -1076,7 +1108,8 @@ class CausalConfig:
             "causal.outcome-grid-factor": self.outcome_grid_factor,
             "causal.share-jacobian": self.share_jacobian, "causal.jacobian-k": self.jacobian_k,
             "causal.nuisance-variance": bool(self.nuisance_variance),
-            "causal.psi-clip-margin": self.psi_clip_margin, "causal.whiten-mode": self.whiten_mode,
+            "causal.psi-clip-margin": -1.0 if self.psi_clip_margin is None else float(self.psi_clip_margin),
+            "causal.psi-clip-tail": -1.0 if self.psi_clip_tail is None else float(self.psi_clip_tail), "causal.whiten-mode": self.whiten_mode,
             "causal.psi-grid-factor": self.psi_grid_factor, "causal.hessian-weight": self.hessian_weight,
             "causal.psi-noise-ratio": self.psi_noise_ratio,
             "causal.psi-square-error": self.psi_square_error,
@@ -1110,7 +1143,6 @@ class CausalConfig:
                           ("outcome-range-margin", "outcome_range_margin"),
                           ("outcome-grid-factor", "outcome_grid_factor"),
                           ("share-jacobian", "share_jacobian"), ("jacobian-k", "jacobian_k"),
-                          ("psi-clip-margin", "psi_clip_margin"),
                           ("share-outcome", "share_outcome"), ("share-influence", "share_influence"),
                           ("alpha", "alpha"), ("floor-k", "floor_k"), ("newton-floor-k", "newton_floor_k"),
                           ("outcome-ridge-k", "outcome_ridge_k"), ("psi-grid-factor", "psi_grid_factor"),
@@ -1137,6 +1169,10 @@ class CausalConfig:
         if "nuisance-variance" in d:
             v = d["nuisance-variance"]
             kw["nuisance_variance"] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+        for key, attr in (("psi-clip-margin", "psi_clip_margin"), ("psi-clip-tail", "psi_clip_tail")):
+            if key in d:  # <= 0: by noise mode
+                v = float(d[key])  # type: ignore[arg-type]
+                kw[attr] = None if v <= 0 else v
         if "psi-clip" in d:
             v = float(d["psi-clip"])  # type: ignore[arg-type]
             kw["psi_clip"] = None if v <= 0 else v

@@ -754,7 +754,7 @@ def test_noise_limited_clip_uses_the_weights_the_influence_release_will_carry(no
                               minlength=len(edges) + 1).astype(float) for it, s in (("a", 0.05), ("b", 0.2))}
     clips, rel = _clip_and_weights(cfg, plan, counts, edges, ["a", "b"], contributors=8)
     for it in ("a", "b"):
-        assert clips[it] > cfg.psi_clip_margin * clip_from_histogram(counts[it], edges, tail=cfg.psi_tail)
+        assert clips[it] > cfg.clip_margin * clip_from_histogram(counts[it], edges, tail=cfg.clip_tail)
     assert clips["b"] > 2.5 * clips["a"]  # per item: psi's spread differs 4x
     # the weights it picks differ from the default by more than this test's tolerance
     assert abs(influence_bound(rel) / influence_bound() - 1.0) > 0.03
@@ -1050,3 +1050,29 @@ def test_sampling_variance_reports_the_noise_its_psi_square_sum_carries() -> Non
     reported = draws[0].sampling_var_noise_sd
     assert reported == pytest.approx(observed, rel=0.05)
     assert ate_from_sums(s_n, s_psi, s_psi2, scale=scale).sampling_var_noise_sd == 0.0  # no DP, no noise
+
+
+def test_the_clip_rule_follows_the_noise_mode_and_the_knobs_override_it() -> None:
+    """Distributed noise clips at 2 x the 1% edge of the |psi| histogram, local noise at 5 x the
+    5% edge (its 1% edge is mostly count noise at ε <= 1); ``psi_clip_tail`` / ``psi_clip_margin``
+    override either, and sum(psi^2) for the noise-limited rule comes from the ``psi_tail`` edge in
+    both modes (so where that rule binds, ε >= 2, the modes size the clip the same way)."""
+    from fedrec.common.causal.estimators import clip_from_histogram, psi_grid
+    from fedrec.server.causal import _clip_and_weights
+
+    edges = psi_grid("aipw") * 0.3
+    rng = np.random.default_rng(11)
+    psi = np.abs(rng.standard_t(3, 15000)) * 0.05  # a heavy tail: the 1% and 5% edges differ
+    counts = {"a": np.bincount(np.searchsorted(edges, psi, side="right"), minlength=len(edges) + 1).astype(float)}
+    e1, e5 = (clip_from_histogram(counts["a"], edges, tail=t) for t in (0.01, 0.05))
+    assert e5 < e1
+    for mode, want in (("distributed", 2.0 * e1), ("local", 5.0 * e5)):
+        cfg = CausalConfig(epsilon=0.5, items=("a",), noise_mode=mode, n_min=8, psi_noise_ratio=0.0)
+        clips, _ = _clip_and_weights(cfg, plan_budget(cfg), counts, edges, ["a"], contributors=8)
+        assert clips["a"] == pytest.approx(want), mode
+    cfg = CausalConfig(epsilon=0.5, items=("a",), noise_mode="local", psi_clip_tail=0.01, psi_clip_margin=3.0,
+                       psi_noise_ratio=0.0)
+    assert _clip_and_weights(cfg, plan_budget(cfg), counts, edges, ["a"], contributors=8)[0]["a"] == pytest.approx(3 * e1)
+    flat = CausalConfig.from_flat({"causal.psi-clip-tail": "0.02", "causal.psi-clip-margin": "-1"})
+    assert (flat.psi_clip_tail, flat.psi_clip_margin, flat.clip_margin) == (0.02, None, 5.0)
+    assert CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()

@@ -84,6 +84,7 @@ def test_set_changes_a_knob_and_keeps_the_rest(health):
     ("trim-low=0.97", "trim must be 0 < trim-low < trim-high < 1"),
     ("accountant=gdp", "accountant 'gdp': use one of prv, rdp"),
     ("psi-tail=0", "psi_tail must be in (0, 1)"),
+    ("psi-clip-tail=1.5", "psi_clip_tail must be in (0, 1)"),
 ])
 def test_bad_settings_are_one_line_errors(health, setting, expect):
     from fedrec.common.errors import FedrecInputError
