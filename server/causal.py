@@ -163,8 +163,8 @@ def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.
     step's DP |psi| histograms (``counts`` per item). Public post-processing; releases nothing.
 
     An item's clip is its tail-rule edge (:func:`clip_from_histogram` at ``clip_tail``, times
-    ``clip_margin``: both by noise mode unless set), raised where the budget allows (:func:`noise_limited_clip`) and cut
-    to the worst case. The release carries ``psi / clip`` per item (:func:`influence_weights`),
+    ``clip_margin``: both by noise mode unless set), raised where the budget allows
+    (:func:`noise_limited_clip`) and cut to the worst case. The release carries ``psi / clip`` per item (:func:`influence_weights`),
     so its bound is the same whatever the clips and each item's noise scales with its own clip:
     one item's wide tail does not widen the others' CIs. The noise-limited rule needs the
     influence sum's noise per unit of clip, which depends on the release's psi^2 weight ``k``
@@ -332,7 +332,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             clips = {it: psi_worst_case(cfg.estimator, cfg.trim) for it in items}
         else:
             # a DP histogram of |psi| on a public grid; an item's clip is the grid edge above
-            # which at most psi_tail of its people lie
+            # which at most clip_tail of its people lie (CausalConfig.clip_tail: by noise mode)
             # (the grid shrinks with the outcome models' interval: psi's spread follows y's)
             edges = psi_grid(cfg.estimator, cfg.trim, factor=cfg.psi_grid_factor) * max(h for _, h in ymap.values())
             sigma = plan.sigma["scale"]
