@@ -164,8 +164,9 @@ def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.
 
     An item's clip is its tail-rule edge (:func:`clip_from_histogram` at ``clip_tail``, times
     ``clip_margin``: both by noise mode unless set), raised where the budget allows
-    (:func:`noise_limited_clip`) and cut to the worst case. The release carries ``psi / clip`` per item (:func:`influence_weights`),
-    so its bound is the same whatever the clips and each item's noise scales with its own clip:
+    (:func:`noise_limited_clip`) and cut to the worst case. The release carries ``psi / clip``
+    per item (:func:`influence_weights`), so its bound is the same whatever the clips and each
+    item's noise scales with its own clip:
     one item's wide tail does not widen the others' CIs. The noise-limited rule needs the
     influence sum's noise per unit of clip, which depends on the release's psi^2 weight ``k``
     (:func:`influence_bound`), while ``k`` (:func:`psi_square_weight`, the most demanding
@@ -180,8 +181,7 @@ def _clip_and_weights(cfg: CausalConfig, plan: BudgetPlan, counts: dict[str, np.
     # edge with distributed noise; with local noise a lower, resolvable one, CausalConfig.clip_tail)
     tail_edge = {it: clip_from_histogram(counts[it], edges, tail=cfg.psi_tail) for it in items}
     sum_sq = {it: histogram_sum_squares(counts[it], edges, upto=tail_edge[it]) for it in items}
-    clip_edge = (tail_edge if cfg.clip_tail == cfg.psi_tail else
-                 {it: clip_from_histogram(counts[it], edges, tail=cfg.clip_tail) for it in items})
+    clip_edge = {it: clip_from_histogram(counts[it], edges, tail=cfg.clip_tail) for it in items}
     worst = psi_worst_case(cfg.estimator, cfg.trim)
 
     def clips_at(k: float) -> dict[str, float]:

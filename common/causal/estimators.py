@@ -822,6 +822,13 @@ class FederatedCausalEstimator:
 NEWTON_STEPS_NO_DP = 8
 
 
+def _flat_auto(value: float | None) -> float:
+    """A knob whose None means automatic, as a run-config number: -1.0 for None
+    (:meth:`CausalConfig.from_flat` reads it back as None: any value <= 0, or < 0 for the
+    ridge, where 0 is a setting)."""
+    return -1.0 if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class CausalConfig:
     """Knobs of one causal-estimation run (carried in run config keys ``causal.*`` and in the
@@ -1100,7 +1107,8 @@ class CausalConfig:
             "causal.propensity-start": self.propensity_start,
             "causal.outcome-anchor": self.outcome_anchor,
             "causal.share-moments": self.share_moments,
-            "causal.whiten-radius": -1.0 if self.whiten_radius is None else float(self.whiten_radius), "causal.share-propensity": self.share_propensity,
+            "causal.whiten-radius": _flat_auto(self.whiten_radius),
+            "causal.share-propensity": self.share_propensity,
             "causal.share-scale": self.share_scale, "causal.psi-tail": self.psi_tail,
             "causal.share-outcome-range": self.share_outcome_range,
             "causal.outcome-range-tail": self.outcome_range_tail,
@@ -1108,19 +1116,19 @@ class CausalConfig:
             "causal.outcome-grid-factor": self.outcome_grid_factor,
             "causal.share-jacobian": self.share_jacobian, "causal.jacobian-k": self.jacobian_k,
             "causal.nuisance-variance": bool(self.nuisance_variance),
-            "causal.psi-clip-margin": -1.0 if self.psi_clip_margin is None else float(self.psi_clip_margin),
-            "causal.psi-clip-tail": -1.0 if self.psi_clip_tail is None else float(self.psi_clip_tail),
+            "causal.psi-clip-margin": _flat_auto(self.psi_clip_margin),
+            "causal.psi-clip-tail": _flat_auto(self.psi_clip_tail),
             "causal.whiten-mode": self.whiten_mode,
             "causal.psi-grid-factor": self.psi_grid_factor, "causal.hessian-weight": self.hessian_weight,
             "causal.psi-noise-ratio": self.psi_noise_ratio,
             "causal.psi-square-error": self.psi_square_error,
             "causal.influence-count-weight": self.influence_count_weight,
-            "causal.gram-weight": -1.0 if self.gram_weight is None else float(self.gram_weight),
+            "causal.gram-weight": _flat_auto(self.gram_weight),
             "causal.gram-weight-min": self.gram_weight_min, "causal.gram-floor-ratio": self.gram_floor_ratio,
             "causal.whiten-weighted": bool(self.whiten_weighted),
             "causal.share-outcome": self.share_outcome, "causal.share-influence": self.share_influence,
-            "causal.psi-clip": -1.0 if self.psi_clip is None else float(self.psi_clip),
-            "causal.ridge": -1.0 if self.ridge is None else float(self.ridge),
+            "causal.psi-clip": _flat_auto(self.psi_clip),
+            "causal.ridge": _flat_auto(self.ridge),
             "causal.floor-k": self.floor_k, "causal.outcome-ridge-k": self.outcome_ridge_k,
             "causal.newton-floor-k": self.newton_floor_k,
             "causal.trim-low": self.trim[0], "causal.trim-high": self.trim[1],
@@ -1170,21 +1178,14 @@ class CausalConfig:
         if "nuisance-variance" in d:
             v = d["nuisance-variance"]
             kw["nuisance_variance"] = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
-        for key, attr in (("psi-clip-margin", "psi_clip_margin"), ("psi-clip-tail", "psi_clip_tail")):
-            if key in d:  # <= 0: by noise mode
+        for key, attr in (("psi-clip-margin", "psi_clip_margin"), ("psi-clip-tail", "psi_clip_tail"),
+                          ("psi-clip", "psi_clip"), ("gram-weight", "gram_weight"),
+                          ("whiten-radius", "whiten_radius")):
+            if key in d:  # <= 0: automatic (by noise mode, ε or data; see the field)
                 v = float(d[key])  # type: ignore[arg-type]
                 kw[attr] = None if v <= 0 else v
-        if "psi-clip" in d:
-            v = float(d["psi-clip"])  # type: ignore[arg-type]
-            kw["psi_clip"] = None if v <= 0 else v
-        if "gram-weight" in d:
-            v = float(d["gram-weight"])  # type: ignore[arg-type]
-            kw["gram_weight"] = None if v <= 0 else v
         if "newton-last" in d:
             kw["newton_last"] = max(float(d["newton-last"]), 0.0)  # type: ignore[arg-type]
-        if "whiten-radius" in d:
-            v = float(d["whiten-radius"])  # type: ignore[arg-type]
-            kw["whiten_radius"] = None if v <= 0 else v
         if "ridge" in d:
             v = float(d["ridge"])  # type: ignore[arg-type]
             kw["ridge"] = None if v < 0 else v
