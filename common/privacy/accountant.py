@@ -37,6 +37,7 @@ __all__ = [
     "DPSGDEvent",
     "GaussianEvent",
     "Event",
+    "NonPrivateEvent",
     "epsilon_for",
     "calibrate_noise_multiplier",
     "opacus_history",
@@ -76,7 +77,20 @@ class GaussianEvent:
             raise ValueError("GaussianEvent.count must be >= 1")
 
 
-Event = DPSGDEvent | GaussianEvent
+@dataclass(frozen=True)
+class NonPrivateEvent:
+    """A release without differential privacy (ε = ∞): only in simulations whose institution
+    policy explicitly allows it. It is recorded so that the ledger, ``budget`` and the audit say
+    ε = ∞ for everything after it — never 0. Any composition containing one is ε = ∞."""
+
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError("NonPrivateEvent.count must be >= 1")
+
+
+Event = DPSGDEvent | GaussianEvent | NonPrivateEvent
 
 
 def opacus_history(events: Iterable[Event]) -> list[tuple[float, float, int]]:
@@ -113,6 +127,8 @@ def epsilon_for(events: Sequence[Event], *, delta: float, accountant: str = "prv
         raise ValueError(f"unknown accountant {accountant!r}; use 'prv' or 'rdp'")
     if not (0 < delta < 1):
         raise ValueError("delta must lie in (0, 1)")
+    if any(isinstance(ev, NonPrivateEvent) for ev in events):
+        return math.inf
     hist = merged_history(events)
     if not hist:
         return 0.0
