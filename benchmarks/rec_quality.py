@@ -118,7 +118,7 @@ def trainer_row(system: str, insts, cfg: RunConfig, rounds: int) -> dict:
     if rounds:
         p = preconditioner(sum(t.item_counts(None) for t in trainers), cfg.train.item_reg)
         for _ in range(rounds):
-            deltas = [t.train_round(g, None, p)[0] for t in trainers]
+            deltas = [t.train_round(g, p, event=None) for t in trainers]
             g = {k: g[k] + sum(dd[k] for dd in deltas) for k in g}
     parts = []
     for t, (tp, ti, tr, neg) in zip(trainers, tests):

@@ -4,11 +4,15 @@ Message handlers (Flower Message API):
 
 * ``query`` ``catalogue`` — the public item catalogue's size and fingerprint, so the server
   can size the shared model and check that every institution uses the same catalogue.
-* ``train`` — one round of local DP-SGD on the MF item side. Before anything touches the
-  data, the round's mechanism event is charged to the institution's privacy ledger
-  (write-ahead); a charge that would exceed the cap is refused and the reply says why (the
-  server counts the node as dropped). The reply carries only the item-side delta (already
-  noised) and public accounting metrics (ε spent so far).
+* ``query`` ``counts`` — the DP item counts, once per run; the whole run's plan is checked
+  against the institution's budget and policy first (refused up front, nothing charged).
+* ``train`` — one round of local DP-SGD on the MF item side. What the run config asks for is
+  first checked against the institution's own policy (client/guard.py: ε, δ, noise mode,
+  n_min against the round's size); then the round's mechanism event is charged to the
+  institution's ledger (write-ahead); the noise added is the charged event's
+  (common/privacy/release.py). A refusal reaches the server as a generic code (the server
+  counts the node as dropped); the detail stays in the institution's log. The reply carries
+  only the item-side delta (already noised) and public accounting metrics (ε spent so far).
 * ``evaluate`` — held-out metrics as sums; only with ``eval.metrics-release = simulation``.
 
 Privacy contract of ``train``: see ``client/train.py``; the user side never appears in any
@@ -28,11 +32,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedrec.common.config import RunConfig
-from fedrec.common.errors import BudgetExceeded
 from fedrec.common.metrics import sample_negatives
 from fedrec.common.models.mf import PersonRatings
+from fedrec.common.privacy.accountant import NonPrivateEvent
 from fedrec.common.ratings import InstitutionRatings, load_institution_ratings
-from fedrec.client.guard import ReleaseGuard, open_guard
+from fedrec.client.guard import Refusal, ReleaseGuard, ReleaseRequest
+from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
 from fedrec.client.train import DPSchedule, MFTrainer, evaluation_sums, plan_dp
 
 log = logging.getLogger(__name__)
@@ -60,14 +65,6 @@ def institution_folder(context: Context, cfg: RunConfig) -> Path:
         return Path(str(node["data-dir"]))
     pid = int(node["partition-id"])
     return Path(cfg.data.data_dir) / f"institution_{pid:02d}"
-
-
-def ledger_path(context: Context, cfg: RunConfig, institution: str) -> Path:
-    node = context.node_config
-    if "ledger" in node:
-        return Path(str(node["ledger"]))
-    root = Path(cfg.privacy.ledger_dir or Path(cfg.data.results_dir or ".") / "ledgers")
-    return root / f"{institution}.db"
 
 
 @dataclass
@@ -130,6 +127,7 @@ def catalogue_fingerprint(item_ids: np.ndarray, features: np.ndarray | None = No
 
 # ---------------------------------------------------------------------- handlers
 @app.query("catalogue")
+@private_errors
 def catalogue(msg: Message, context: Context) -> Message:
     """Public information only: the catalogue's size, fingerprint and metadata features
     (the item table every institution shares, not anything about its people), and the
@@ -145,81 +143,96 @@ def catalogue(msg: Message, context: Context) -> Message:
 
 
 @app.query("counts")
+@private_errors
 def counts(msg: Message, context: Context) -> Message:
-    """Weighted item counts N_i (Gaussian release, sensitivity 1), once per run.
+    """Weighted item counts N_i (Gaussian release, sensitivity 1), once per run, before round 1.
 
-    The server turns their secure sum into the public per-item step size. Charged to the
-    ledger before the data is read.
+    The whole run's plan (this release and every round) is checked against the institution's
+    remaining budget and per-run ceiling first: a run that cannot finish is refused here,
+    before anything is charged. The server turns the counts' secure sum into the public
+    per-item step size.
     """
     cfg, inst = _institution(context)
-    return _guarded_release(
-        msg, context, cfg, inst, task="item-counts",
-        event=None if inst.schedule is None else inst.schedule.count_event(),
-        compute=lambda trainer: (
-            {"counts": trainer.item_counts(inst.schedule)},
-            # public: the variance of the count noise (the server denoises counts with it)
-            {"count-noise-var": 0.0 if inst.schedule is None else inst.schedule.count_noise_std ** 2},
-        ),
-    )
+    guard, share = _authorized(msg, context, cfg, inst)
+    sched = inst.schedule
+    if sched is not None:
+        guard.check_plan(sched.run_events(), run_id=str(context.run_id))
+    event = sched.count_event() if sched is not None else NonPrivateEvent()
+
+    def compute(charge):
+        counts = _trainer(inst, cfg).item_counts(charge.event if sched is not None else None, noise_share=share)
+        # public: the variance of the count noise (the server denoises counts with it)
+        return {"counts": counts}, {"count-noise-var": 0.0 if sched is None else sched.count_noise_std(share) ** 2}
+
+    return _release(msg, context, cfg, inst, guard, share, task="item-counts", event=event, compute=compute)
 
 
 @app.train()
+@private_errors
 def train(msg: Message, context: Context) -> Message:
     """One round of local DP-SGD on the item side; replies with the (noised) item-side delta."""
     cfg, inst = _institution(context)
+    guard, share = _authorized(msg, context, cfg, inst)
     global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     precond = msg.content["precond"]["precond"].numpy()
+    sched = inst.schedule
+    event = sched.round_event() if sched is not None else NonPrivateEvent()
 
-    def compute(trainer: MFTrainer):
-        delta, stats = trainer.train_round(global_arrays, inst.schedule, precond)
-        return delta, {"clipped-fraction": stats["clipped_fraction"]}
+    def compute(charge):
+        delta = _trainer(inst, cfg).train_round(
+            global_arrays, precond, event=charge.event if sched is not None else None, noise_share=share)
+        return delta, {}
 
-    return _guarded_release(
-        msg, context, cfg, inst, task="train",
-        event=None if inst.schedule is None else inst.schedule.round_event(), compute=compute,
-    )
+    return _release(msg, context, cfg, inst, guard, share, task="train", event=event, compute=compute)
 
 
-def _guarded_release(msg: Message, context: Context, cfg: RunConfig, inst: Institution, *, task: str, event, compute) -> Message:
-    """Charge (write-ahead) -> compute on the data -> reply -> mark released.
+def _authorized(msg: Message, context: Context, cfg: RunConfig, inst: Institution) -> tuple[ReleaseGuard, float]:
+    """The institution's guard, and the noise share its policy accepts for this request."""
+    guard = node_guard(context, institution_folder(context, cfg), inst.data.name, accountant=cfg.privacy.accountant)
+    p = cfg.privacy
+    share = guard.authorize(ReleaseRequest(epsilon=p.epsilon, delta=p.delta, noise_mode=p.noise_mode,
+                                           n_min=cfg.n_min, round_size=secagg_round_size(msg)))
+    return guard, share
 
-    A refused charge replies with the reason and touches no data. The reply's metrics are
-    public accounting facts: ε spent (PRV and RDP), δ, and the variance of the gradient noise
-    this institution adds per coordinate (the server needs it for the Wiener step size).
+
+def _release(msg: Message, context: Context, cfg: RunConfig, inst: Institution, guard: ReleaseGuard, share: float,
+             *, task: str, event, compute) -> Message:
+    """Charge (write-ahead) -> compute on the data with the charged event's noise -> reply ->
+    mark released. A refused charge raises :class:`Refusal` before any data is touched.
+
+    The reply's metrics are public accounting facts only: ε spent (PRV and RDP), δ, and the
+    variance of the gradient noise this institution adds per coordinate (a function of the
+    charged σ, the public clip and the noise share; the server needs it for the Wiener step).
+    Nothing data-dependent (no clipped fraction, no count, no error text) is in it.
     """
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
-    guard = _guard(context, cfg, inst.data.name)
-    charge = None
-    if event is not None:
-        try:
-            charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=task, model="mf")
-        except BudgetExceeded as err:
-            return Message(RecordDict({"refusal": ConfigRecord({"reason": str(err)})}), reply_to=msg)
-    arrays, metrics = compute(_trainer(inst, cfg))
+    charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=task, model="mf")
+    arrays, metrics = compute(charge)
     eps_prv, eps_rdp = guard.spent(delta=cfg.privacy.delta)
     sched = inst.schedule
-    # per-coordinate std of the gradient noise this institution adds in training (public)
-    noise_sd = 0.0 if sched is None else sched.local_noise_multiplier * sched.clip_norm
+    noise_sd = 0.0 if sched is None else sched.noise_std(share)
     metrics.update({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": cfg.privacy.delta, "noise-var": noise_sd**2})
-    reply = Message(
-        RecordDict({"arrays": ArrayRecord({k: _array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)}),
-        reply_to=msg,
-    )
-    if charge is not None:
-        guard.released(charge)
+    content = RecordDict({"arrays": ArrayRecord({k: _array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics)})
+    if cfg.privacy.noise_mode == "distributed" and sched is not None:
+        content[NOISE_RECORD] = noise_record(cfg.n_min)
+    reply = Message(content, reply_to=msg)
+    guard.released(charge)
     return reply
 
 
 @app.evaluate()
+@private_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out metrics as additive sums (a release of institution data: simulations only)."""
+    """Held-out metrics as additive sums: a release of institution data without DP, so only a
+    simulated node (ground truth is the simulation's own) or a deployed node whose node config
+    says ``metrics-release = simulation`` answers; the run config cannot switch it on."""
     cfg, inst = _institution(context)
     if cfg.eval.metrics_release != "simulation":
-        return Message(RecordDict({"refusal": ConfigRecord({"reason": "metrics release is off"})}), reply_to=msg)
+        raise Refusal("policy", "metrics release is off")
     if "partition-id" not in context.node_config and context.node_config.get("metrics-release") != "simulation":
-        # a deployed institution decides itself: the run config cannot switch non-DP metrics on
-        reason = "this institution releases no non-DP metrics (node config metrics-release != simulation)"
-        return Message(RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
+        raise Refusal("policy", "this institution releases no non-DP metrics (node config metrics-release != "
+                                "simulation)")
     trainer = _trainer(inst, cfg)
     trainer.refit({k: v.numpy() for k, v in msg.content["arrays"].items()})
     d = inst.data
@@ -231,11 +244,6 @@ def _array(v: np.ndarray):
     from flwr.app import Array
 
     return Array(np.ascontiguousarray(v, dtype=np.float32))
-
-
-def _guard(context: Context, cfg: RunConfig, institution: str) -> ReleaseGuard:
-    """The institution's release guard over its SQLite ledger (client/guard.py)."""
-    return open_guard(ledger_path(context, cfg, institution), institution=institution, cfg=cfg)
 
 
 # causal-estimation handlers (query.causal-*) register on this same ClientApp

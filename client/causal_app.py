@@ -7,12 +7,15 @@ Importing this module registers, on :data:`fedrec.client.app.app`:
 * ``query.causal_moments`` / ``query.causal_propensity`` / ``query.causal_outcome_range`` /
   ``query.causal_outcome`` / ``query.causal_scale`` /
   ``query.causal_jacobian`` / ``query.causal_influence`` — one
-  DP release each (client/statistics.py): the study is validated, then the step's
-  ``GaussianEvent`` is **charged** to the institution's ledger (write-ahead; a charge over the
-  cap is refused with the reason), then the clipped sums are computed and noised, the reply
-  leaves, and the charge is marked released.
+  DP release each (client/statistics.py): the study is validated, the run's request (ε, δ,
+  noise mode, n_min against the round's size) is checked against the institution's own policy
+  (client/guard.py), the step's ``GaussianEvent`` is **charged** to the institution's ledger
+  (write-ahead; over the cap or the per-run ceiling: refused), then the clipped sums are
+  computed and noised with the charged event's σ (common/privacy/release.py), the reply
+  leaves, and the charge is marked released. Refusals and errors reach the server as generic
+  codes only.
 
-The lead wires it with one line at the bottom of client/app.py::
+client/app.py registers it with one line at its bottom::
 
     from fedrec.client import causal_app as _causal_app  # noqa: E402,F401  (registers causal handlers)
 
@@ -31,14 +34,16 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.app import app, ledger_path
-from fedrec.client.guard import open_guard
+from fedrec.client.app import app
+from fedrec.client.guard import Refusal, ReleaseRequest
+from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
 from fedrec.client.statistics import design_columns, release, step_contributions
 from fedrec.common.causal.estimators import CausalConfig, release_sensitivity
 from fedrec.common.config import RunConfig
 from fedrec.common.datasets import InstitutionData, load_institution
-from fedrec.common.errors import BudgetExceeded, FedrecInputError
-from fedrec.common.privacy.accountant import GaussianEvent
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
+from fedrec.common.privacy.release import release_std
 from fedrec.common.schema import STUDY_FILE
 
 log = logging.getLogger(__name__)
@@ -81,27 +86,25 @@ def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
                        "items": sorted(data.items["item_id"].astype(str).tolist())}, sort_keys=True)
 
 
-def _refusal(msg: Message, reason: str) -> Message:
-    return Message(RecordDict({"refusal": ConfigRecord({"reason": reason})}), reply_to=msg)
-
-
 @app.query("causal_study")
+@private_errors
 def causal_study(msg: Message, context: Context) -> Message:
-    """Public declarations only (no data values): nothing to charge."""
+    """Public declarations only (no data values): nothing to charge. A folder this node cannot
+    load is refused with the code ``data`` (the detail stays in the institution's log)."""
     cfg, ccfg = split_config(context.run_config)
-    try:
-        data = _load(str(node_folder(context, cfg)))
-        cov = json.loads(str(msg.content["config"]["covariates"])) if "config" in msg.content.config_records else None
-        ccfg = CausalConfig(**{**ccfg.__dict__, "covariates": None if cov is None else tuple(cov)})
-        decl = _declaration(data, ccfg)
-    except FedrecInputError as err:
-        return _refusal(msg, str(err))
+    data = _load(str(node_folder(context, cfg)))
+    cov = json.loads(str(msg.content["config"]["covariates"])) if "config" in msg.content.config_records else None
+    ccfg = CausalConfig(**{**ccfg.__dict__, "covariates": None if cov is None else tuple(cov)})
+    decl = _declaration(data, ccfg)
     return Message(RecordDict({"study": ConfigRecord({"declaration": decl})}), reply_to=msg)
 
 
 def _step(msg: Message, context: Context, kind: str) -> Message:
-    """Validate -> charge -> compute clipped sums + noise -> reply -> released."""
+    """Validate -> policy -> charge -> clipped sums + the charged event's noise -> reply -> released.
+
+    Every refusal and error reaches the server as a generic code (``private_errors``)."""
     cfg, ccfg = split_config(context.run_config)
+    ccfg = ccfg.resolved(cfg.n_min)  # the automatic n_min the server resolves too
     conf = msg.content["config"]
     step = str(conf["step"])
     items = [str(i) for i in json.loads(str(conf["items"]))]
@@ -109,84 +112,86 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     server_round = int(conf["server-round"])
     arrays = {k: v.numpy().astype(np.float64) for k, v in msg.content["arrays"].items()} \
         if "arrays" in msg.content.array_records else {}
-    try:  # validation before any charge
-        data = _load(str(node_folder(context, cfg)))
-        p = len(design_columns(data, ccfg.covariates, ccfg.derived)) + 1
-        known = set(data.items["item_id"].astype(str))
-        missing = [i for i in items if i not in known]
-        if missing:
-            raise FedrecInputError(f"items {missing} are not in this institution's catalogue")
-        if not (sigma >= 0 and math.isfinite(sigma)):
-            raise FedrecInputError(f"noise multiplier {sigma} is not usable")
-        if sigma == 0 and ccfg.dp:
-            raise FedrecInputError("the server asked for a release without noise while DP is on")
-        try:  # the server's public choices (radius, clips, coordinate weights) must give a bound
-            sens = release_sensitivity(kind, p, arrays, len(items), items)
-        except ValueError as err:
-            raise FedrecInputError(f"step {step}: {err}") from None
-    except FedrecInputError as err:
-        return _refusal(msg, str(err))
-    guard = open_guard(ledger_path(context, cfg, data.name), institution=data.name, cfg=cfg)
-    charge = None
-    event = None
-    if sigma > 0:
-        # the release's L2 sensitivity (public: declared bounds + the server's public choices,
-        # computed above), recorded for the audit; released() below once the reply is built
-        event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens)
-        try:
-            charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=f"causal-{step}",
-                                  model="causal")
-        except BudgetExceeded as err:
-            return _refusal(msg, str(err))
+    # validation before any charge
+    folder = node_folder(context, cfg)
+    data = _load(str(folder))
+    p = len(design_columns(data, ccfg.covariates, ccfg.derived)) + 1
+    known = set(data.items["item_id"].astype(str))
+    missing = [i for i in items if i not in known]
+    if missing:
+        raise FedrecInputError(f"items {missing} are not in this institution's catalogue")
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise Refusal("policy", f"noise multiplier {sigma} is not usable")
+    try:  # the server's public choices (radius, clips, coordinate weights) must give a bound
+        sens = release_sensitivity(kind, p, arrays, len(items), items)
+    except ValueError as err:
+        raise Refusal("policy", f"step {step}: {err}") from None
+    guard = node_guard(context, folder, data.name, accountant=ccfg.accountant)
+    share = guard.authorize(ReleaseRequest(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode,
+                                           n_min=ccfg.n_min, round_size=secagg_round_size(msg)))
+    if sigma == 0 and ccfg.dp:
+        raise Refusal("policy", "the server asked for a release without noise while the run is DP")
+    if sigma > 0 and not ccfg.dp:
+        raise Refusal("policy", "the server asked for noise in a run it declared non-private")
+    # the release's L2 sensitivity (public: declared bounds + the server's public choices)
+    event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens) if sigma > 0 else NonPrivateEvent()
+    charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=f"causal-{step}",
+                          model="causal")
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
                                 covariates=ccfg.covariates, derived=ccfg.derived, cache=_ROWS)
-    sums, sens = release(blocks, noise_multiplier=sigma, noise_mode=ccfg.noise_mode, n_min=max(ccfg.n_min, 1))
+    sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share)
     eps_prv, eps_rdp = guard.spent(delta=ccfg.delta)
-    from fedrec.common.privacy.gaussian import noise_std
-
-    nstd = 0.0 if sigma == 0 else noise_std(sensitivity=sens, noise_multiplier=sigma, noise_mode=ccfg.noise_mode,
-                                            n_min=max(ccfg.n_min, 1))
+    nstd = release_std(charge.event, noise_share=share) if sigma > 0 else 0.0
     metrics = MetricRecord({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": ccfg.delta,
                             "noise-var": nstd**2, "sensitivity": sens})
     from flwr.app import Array
 
-    reply = Message(RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sums.items()}),
-                                "metrics": metrics}), reply_to=msg)
-    if charge is not None:
-        guard.released(charge)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sums.items()}),
+                          "metrics": metrics})
+    if ccfg.noise_mode == "distributed" and sigma > 0:
+        content[NOISE_RECORD] = noise_record(ccfg.n_min)
+    reply = Message(content, reply_to=msg)
+    guard.released(charge)
     return reply
 
 
 @app.query("causal_moments")
+@private_errors
 def causal_moments(msg: Message, context: Context) -> Message:
     return _step(msg, context, "moments")
 
 
 @app.query("causal_propensity")
+@private_errors
 def causal_propensity(msg: Message, context: Context) -> Message:
     return _step(msg, context, "propensity")
 
 
 @app.query("causal_outcome")
+@private_errors
 def causal_outcome(msg: Message, context: Context) -> Message:
     return _step(msg, context, "outcome")
 
 
 @app.query("causal_scale")
+@private_errors
 def causal_scale(msg: Message, context: Context) -> Message:
     return _step(msg, context, "scale")
 
 
 @app.query("causal_outcome_range")
+@private_errors
 def causal_outcome_range(msg: Message, context: Context) -> Message:
     return _step(msg, context, "outcome-range")
 
 
 @app.query("causal_jacobian")
+@private_errors
 def causal_jacobian(msg: Message, context: Context) -> Message:
     return _step(msg, context, "jacobian")
 
 
 @app.query("causal_influence")
+@private_errors
 def causal_influence(msg: Message, context: Context) -> Message:
     return _step(msg, context, "influence")

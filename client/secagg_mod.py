@@ -46,6 +46,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedrec.common.secagg import ClientState, SecAggClient, SecAggError
 
+NOISE_RECORD = "fedrec.noise"  #: the handler's distributed-noise floor (client/node.py)
+
 log = logging.getLogger(__name__)
 
 __all__ = ["secaggplus_mod", "SECAGG_RECORD", "secagg_required"]
@@ -120,6 +122,9 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable, client: 
     vec = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
     try:
         masked = client.mask(rec, vec)
+        noise = reply.content.config_records.get(NOISE_RECORD)
+        if noise is not None:  # distributed noise: never unmask below its n_min survivors
+            client.set_survivor_floor(int(rec["slot"]), int(noise["n-min"]))
     except (SecAggError, ValueError) as err:
         return _error(msg, f"mask: {err}")
     _save(context, client)

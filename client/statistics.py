@@ -59,7 +59,9 @@ from fedrec.common.causal.estimators import (
 )
 from fedrec.common.causal.design import base_columns, derived_specs, design_columns_of
 from fedrec.common.datasets import InstitutionData
-from fedrec.common.privacy.gaussian import clip_rows, gaussian_mechanism
+from fedrec.common.privacy.accountant import GaussianEvent
+from fedrec.common.privacy.gaussian import clip_rows
+from fedrec.common.privacy.release import gaussian_release
 
 __all__ = [
     "ItemRows",
@@ -78,6 +80,7 @@ __all__ = [
     "influence_jacobian_terms",
     "release",
     "clipped_sum",
+    "release_bound",
 ]
 
 
@@ -326,26 +329,39 @@ def clipped_sum(c: Contribution) -> np.ndarray:
     return clip_rows(c.terms, c.bound).sum(axis=0)
 
 
-def release(blocks: Mapping[str, Contribution], *, noise_multiplier: float, noise_mode: str = "local",
-            n_min: int = 1, generator: np.random.Generator | None = None) -> tuple[dict[str, np.ndarray], float]:
-    """Clip, sum and noise a release carrying one block per item.
+def release_bound(blocks: Mapping[str, Contribution]) -> float:
+    """The L2 sensitivity of a release carrying ``blocks``: ``max bound * sqrt(J)`` (J blocks; one
+    person can appear in each)."""
+    return max(c.bound for c in blocks.values()) * math.sqrt(len(blocks))
 
-    Returns ``({item: noisy sum}, sensitivity)`` with ``sensitivity = max bound * sqrt(J)``
-    (J blocks; one person can appear in each). ``noise_multiplier = 0`` means DP off (no
-    noise; simulations at ε = inf only).
+
+def release(blocks: Mapping[str, Contribution], *, event: GaussianEvent | None, noise_share: float = 1.0,
+            generator: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Clip, sum and noise a release carrying one block per item, with the charged ``event``.
+
+    Privacy contract: every block's rows are clipped to its public bound, so one person moves
+    the concatenated release by at most :func:`release_bound`, which must not exceed the
+    charged ``event.sensitivity`` (checked: a release whose bound the charge did not cover is
+    refused). The noise is the event's (``common/privacy/release.py``): std
+    ``σ · Δ · √noise_share`` per coordinate. ``event=None`` means no noise: only a
+    non-private simulation the institution's policy allowed (ε = inf).
     """
-    bound = max(c.bound for c in blocks.values())
-    sens = bound * math.sqrt(len(blocks))
-    if noise_multiplier > 0 and not math.isfinite(sens):
-        raise ValueError("a DP release needs a finite sensitivity (whitening radius inf?)")
+    sums = {item: clipped_sum(c) for item, c in blocks.items()}
+    if event is None:
+        return sums
+    sens = release_bound(blocks)
+    if not (math.isfinite(sens) and sens <= event.sensitivity * (1 + 1e-9)):
+        raise ValueError(f"the release's sensitivity {sens:.6g} exceeds the charged {event.sensitivity:.6g}")
+    names = list(sums)
+    flat = np.concatenate([np.ravel(sums[k]) for k in names])
+    noisy = gaussian_release(flat, event=event, noise_share=noise_share, generator=generator)
     out: dict[str, np.ndarray] = {}
-    for item, c in blocks.items():
-        s = clipped_sum(c)
-        if noise_multiplier > 0:
-            s = gaussian_mechanism(s, sensitivity=sens, noise_multiplier=noise_multiplier,
-                                   noise_mode=noise_mode, n_min=n_min, generator=generator)
-        out[item] = s
-    return out, sens
+    at = 0
+    for k in names:
+        size = np.size(sums[k])
+        out[k] = noisy[at:at + size].reshape(np.shape(sums[k]))
+        at += size
+    return out
 
 
 # --------------------------------------------------------------------------- one step

@@ -10,11 +10,12 @@ records every step. The user side is refitted in closed form before each step (a
 Privacy contract. :meth:`MFTrainer.item_counts` is a Gaussian release with sensitivity 1;
 :meth:`MFTrainer.train_round` returns an item-side delta that is post-processing (with the
 public preconditioner) of ``steps_per_round`` subsampled-Gaussian steps with sampling rate
-``schedule.sample_rate``, per-person sensitivity ``clip_norm`` and noise std
-``local_noise_multiplier · clip_norm``. In ``local`` noise mode that is the accounted σ; in
-``distributed`` mode it is σ/√n_min and the guarantee holds for the securely aggregated sum
-of at least n_min institutions (one local step, so the delta stays linear in the noise —
-enforced in :func:`plan_dp`).
+``event.sample_rate``, per-person sensitivity ``clip_norm`` and noise std
+``σ · clip_norm · √noise_share`` with σ the **charged** event's noise multiplier
+(``common/privacy/release.py``: the noise cannot drift from the ledger). In ``local`` noise
+mode the share is 1; in ``distributed`` mode it is 1/n_min and the guarantee holds for the
+securely aggregated sum of at least n_min institutions (the guard verified the round's size;
+one local step, so the delta stays linear in the noise — enforced in :func:`plan_dp`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch.utils.data import TensorDataset
 
 from fedrec.common.config import ConfigError, RunConfig
@@ -37,6 +37,7 @@ from fedrec.common.models.mf import (
     fit_user_side,
     PreconditionedSGD,
     person_losses_and_norms,
+    public_offset,
     weighted_item_counts,
 )
 from fedrec.common.privacy.accountant import (
@@ -47,6 +48,8 @@ from fedrec.common.privacy.accountant import (
     calibrate_noise_multiplier,
 )
 from fedrec.common.privacy.person_clipping import clipped_sum_backward
+from fedrec.common.ratings import RATING_BOUNDS
+from fedrec.common.privacy.release import dp_sgd_optimizer, gaussian_release
 
 __all__ = ["DPSchedule", "plan_dp", "MFTrainer", "evaluation_sums"]
 
@@ -60,10 +63,8 @@ class DPSchedule:
     that their composition spends exactly the run's ε.
     """
 
-    #: σ of the released aggregate (what the accountant composes)
+    #: σ of the released aggregate (what the accountant composes and the ledger is charged)
     noise_multiplier: float
-    #: σ this institution adds itself (σ in local mode, σ/√n_min in distributed mode)
-    local_noise_multiplier: float
     sample_rate: float
     steps_per_round: int
     rounds: int
@@ -71,10 +72,13 @@ class DPSchedule:
     #: the item counts carry this many times σ (they only set step sizes: coarse is enough)
     count_noise_factor: float = 1.0
 
-    @property
-    def count_noise_std(self) -> float:
-        """Std of the noise this institution adds to each item count (sensitivity 1)."""
-        return self.count_noise_factor * self.local_noise_multiplier
+    def count_noise_std(self, noise_share: float) -> float:
+        """Std of the noise this institution adds to each item count (sensitivity 1): public."""
+        return self.count_noise_factor * self.noise_multiplier * math.sqrt(noise_share)
+
+    def noise_std(self, noise_share: float) -> float:
+        """Std of the gradient noise this institution adds per coordinate and step: public."""
+        return self.noise_multiplier * self.clip_norm * math.sqrt(noise_share)
 
     def count_event(self) -> GaussianEvent:
         """The item-count release (sensitivity 1: each person's count vector has norm 1)."""
@@ -119,10 +123,8 @@ def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
             return [GaussianEvent(noise_multiplier=k * s)] + [DPSGDEvent(noise_multiplier=s, sample_rate=q, steps=t.local_steps)] * t.rounds
 
         sigma = calibrate_for_events(events, target_epsilon=p.epsilon, delta=p.delta, accountant=p.accountant)
-    local_sigma = sigma / math.sqrt(cfg.n_min) if p.noise_mode == "distributed" else sigma
     return DPSchedule(
         noise_multiplier=sigma,
-        local_noise_multiplier=local_sigma,
         sample_rate=q,
         steps_per_round=t.local_steps,
         rounds=t.rounds,
@@ -134,13 +136,25 @@ def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
 class MFTrainer:
     """An institution's MF state: its ratings, its private user side, its noise generator."""
 
-    def __init__(self, ratings: PersonRatings, n_items: int, cfg: RunConfig, *, global_bias: float | None = None, seed: int | None = None):
+    def __init__(self, ratings: PersonRatings, n_items: int, cfg: RunConfig, *,
+                 bounds: tuple[float, float] = RATING_BOUNDS, global_bias: float | None = None,
+                 seed: int | None = None):
+        """``bounds``: the institution's declared (public) rating scale — MovieLens' by default;
+        a data-contract institution passes its study's engagement bounds.
+
+        Privacy contract: the MF global offset enters every person's residual, so it must not
+        depend on any person's data (an institution mean would let one person move every other
+        person's clipped gradient, pushing their influence on the release past the clip C). It
+        is the midpoint of the public ``bounds`` (:func:`~fedrec.common.models.mf.public_offset`),
+        or ``global_bias`` — a public constant a caller fixes (tests), never a statistic of the
+        ratings. The private user side absorbs the rest, at no privacy cost.
+        """
         self.ratings = ratings
         self.cfg = cfg
-        if global_bias is None:
-            # the institution's own mean rating: private, used locally, never released
-            global_bias = float(ratings.rating.mean()) if len(ratings.rating) else 0.0
-        self.item_side = ItemSide(n_items, cfg.train.mf_dim, global_bias=global_bias)
+        offset = public_offset(bounds) if global_bias is None else float(global_bias)
+        if not np.isfinite(offset):
+            raise ValueError(f"the MF global offset must be a finite public constant, got {global_bias}")
+        self.item_side = ItemSide(n_items, cfg.train.mf_dim, global_bias=offset)
         self.user = UserSide.zeros(ratings.n_persons, cfg.train.mf_dim)
         # DP noise must be unpredictable to the server: seed from the OS unless a test pins it.
         self.noise_generator = torch.Generator().manual_seed(
@@ -151,34 +165,43 @@ class MFTrainer:
         )
 
     # ---------------------------------------------------------------- releases
-    def item_counts(self, schedule: DPSchedule | None) -> np.ndarray:
-        """Weighted item counts N_i = Σ_u w_u 1[u rated i], noised when DP is on.
+    @property
+    def numpy_generator(self) -> np.random.Generator:
+        """A numpy generator drawn from the (OS-seeded, or test-pinned) noise generator."""
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self.noise_generator)))
+
+    def item_counts(self, event: GaussianEvent | None, *, noise_share: float = 1.0) -> np.ndarray:
+        """Weighted item counts N_i = Σ_u w_u 1[u rated i], noised with the charged ``event``.
 
         Privacy contract: each person's count vector has L2 norm exactly 1 (w_u = 1/√n_u),
-        so this is the Gaussian mechanism with sensitivity 1 and noise std
-        ``count_noise_factor · local_noise_multiplier`` (σ_local is σ in local mode, σ/√n_min
-        in distributed mode).
+        so this is the Gaussian mechanism with sensitivity 1 (checked against the event) and
+        noise std ``σ_event · √noise_share`` (``common/privacy/release.py``). ``event=None``
+        only in a non-private run the institution's policy allowed (simulations).
         """
-        counts = weighted_item_counts(self.ratings, self.item_side.n_items)
-        if schedule is not None:
-            counts = counts + schedule.count_noise_std * torch.randn(
-                counts.shape, generator=self.noise_generator
-            )
-        return counts.numpy()
+        counts = weighted_item_counts(self.ratings, self.item_side.n_items).numpy().astype(np.float64)
+        if event is None:
+            return counts
+        if event.sensitivity < 1.0:
+            raise ValueError(f"item counts have sensitivity 1; the charged event says {event.sensitivity}")
+        return gaussian_release(counts, event=event, noise_share=noise_share, generator=self.numpy_generator)
 
     def train_round(
-        self, global_arrays: dict[str, np.ndarray], schedule: DPSchedule | None, precond: np.ndarray
-    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Run this round's local steps from the global item side; return (delta, stats).
+        self, global_arrays: dict[str, np.ndarray], precond: np.ndarray, *, event: DPSGDEvent | None,
+        noise_share: float = 1.0,
+    ) -> dict[str, np.ndarray]:
+        """Run this round's local steps from the global item side; return the item-side delta.
 
-        The delta is on the scale of a sum over persons: the server adds the institutions'
-        deltas. Only the item-side delta is returned; the user side stays in ``self.user``.
+        ``event`` is the charged DP-SGD event (its σ, sample rate and steps drive the noise,
+        sampling and step count); ``None`` only in a non-private run the institution's policy
+        allowed. The delta is on the scale of a sum over persons: the server adds the
+        institutions' deltas. Only the item-side delta is returned; the user side stays in
+        ``self.user``. Nothing else about the data (not even the clipped fraction) leaves.
         """
         self.item_side.load_numpy(global_arrays)
         start = {k: v.copy() for k, v in global_arrays.items()}
         params = self.item_side.released_parameters()
         n = self.ratings.n_persons
-        q = 1.0 if schedule is None else schedule.sample_rate
+        q = 1.0 if event is None else event.sample_rate
         base = PreconditionedSGD(
             params,
             lr=self.cfg.train.lr / q,
@@ -187,8 +210,8 @@ class MFTrainer:
             # so the summed update holds it once
             shrinkage=self.cfg.train.item_reg / self.cfg.data.institutions,
         )
-        clipped_fraction = 0.0
-        if schedule is None:
+        clip = self.cfg.privacy.clip_norm
+        if event is None:
             for _ in range(self.cfg.train.local_steps):
                 persons = torch.arange(n)
                 fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg, persons=persons)
@@ -197,21 +220,17 @@ class MFTrainer:
                 losses.sum().backward()
                 base.step()
         else:
-            optimizer = DPOptimizerFastGradientClipping(
-                base,
-                noise_multiplier=schedule.local_noise_multiplier,
-                max_grad_norm=schedule.clip_norm,
-                expected_batch_size=max(1, int(round(q * n))),
-                loss_reduction="sum",
-                generator=self.noise_generator,
+            optimizer = dp_sgd_optimizer(
+                base, event=event, clip_norm=clip, noise_share=noise_share,
+                expected_batch_size=max(1, int(round(q * n))), generator=self.noise_generator,
             )
             loader = DPDataLoader(
                 TensorDataset(torch.arange(n)),
-                sample_rate=schedule.sample_rate,
+                sample_rate=event.sample_rate,
                 generator=self.sampling_generator,
             )
             batches = iter(loader)
-            for _ in range(schedule.steps_per_round):
+            for _ in range(event.steps):
                 try:
                     (persons,) = next(batches)
                 except StopIteration:
@@ -221,14 +240,13 @@ class MFTrainer:
                 if len(persons):
                     fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg, persons=persons)
                     losses, norms = person_losses_and_norms(self.item_side, self.user, self.ratings, persons)
-                    coef = clipped_sum_backward(losses, norms, schedule.clip_norm)
-                    clipped_fraction = float((coef < 1).float().mean())
+                    clipped_sum_backward(losses, norms, clip)
                 else:  # an empty Poisson batch still releases noise
                     for p in params:
                         p.grad = torch.zeros_like(p)
                 optimizer.step()
         delta = {k: v - start[k] for k, v in self.item_side.to_numpy().items()}
-        return delta, {"clipped_fraction": clipped_fraction}
+        return delta
 
     def refit(self, global_arrays: dict[str, np.ndarray] | None = None) -> None:
         """Refit the private user side to the (new) item side — free: nothing is released."""

@@ -84,13 +84,19 @@ class PrivacyConfig:
     count_budget_share: float = 0.18
     #: ``local``: each client adds the full noise. ``distributed``: each adds σ²/n_min.
     noise_mode: str = "local"
-    #: survivors needed for distributed noise to be complete (0 = all institutions).
+    #: survivors needed for distributed noise to be complete (0 = automatic: the
+    #: institutions minus the dropouts ``secagg.max-dropout-fraction`` tolerates). Each
+    #: institution checks it against its own policy and the round's size.
     n_min: int = 0
-    #: folder holding one SQLite ledger per institution ("" = the run's results folder).
-    ledger_dir: str = ""
-    #: the institution's cap; a release that would exceed it is refused.
-    epsilon_cap: float = 10.0
-    delta_cap: float = 1e-5
+    # The ledger, the cap and every bound on what a run may ask are the institution's own
+    # (its privacy.toml, common/privacy/policy.py), never the run config's.
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    #: simulations only: the folder where the harness wrote each simulated institution's
+    #: ``<institution>/privacy.toml`` (and the ledger it names). A deployed node ignores it.
+    policy_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
 
     # ---------------------------------------------------------------- parsing
     @classmethod
@@ -192,8 +199,9 @@ class RunConfig:
             raise ConfigError("item-prior-mean must be 'metadata' or 'zero'")
         if t.mf_dim < 0:
             raise ConfigError("train.mf-dim must be >= 0")
-        if t.model not in ("mf", "adapter"):
-            raise ConfigError("train.model must be 'mf' or 'adapter'")
+        if t.model != "mf":
+            raise ConfigError("model must be 'mf' (the LLM adapter is not yet wired into the Flower apps; "
+                              "see docs/adapter.md)")
         if self.eval.metrics_release not in ("simulation", "off"):
             raise ConfigError("eval.metrics-release must be 'simulation' or 'off'")
         if not (0 <= self.secagg.max_dropout_fraction < 1):
@@ -205,8 +213,10 @@ class RunConfig:
 
     @property
     def n_min(self) -> int:
-        """Survivors required for distributed noise (``privacy.n-min``, 0 = all)."""
-        return self.privacy.n_min or self.data.institutions
+        """Survivors required for distributed noise (``privacy.n-min``; 0 = the institutions
+        minus the tolerated dropouts, the same floor the server's rounds need)."""
+        n = self.data.institutions
+        return self.privacy.n_min or max(1, n - math.floor(self.secagg.max_dropout_fraction * n))
 
 
 # Sections whose keys live at the top level of [tool.flwr.app.config] (no prefix).

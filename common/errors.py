@@ -15,15 +15,22 @@ class BudgetExceeded(RuntimeError):
     exit_code = 3
 
 
+class RunFailed(RuntimeError):
+    """A federated run could not complete (too few institutions took part, a refused plan);
+    ``str(err)`` says which and why in one line."""
+
+    exit_code = 4
+
+
 def run_cli(app) -> None:
     """Run a Typer app; a FedrecInputError or BudgetExceeded ends it with one line on stderr
-    and the error's exit code (2 for bad input, 3 for an exhausted budget)."""
+    and the error's exit code (2 for bad input, 3 for an exhausted budget, 4 for a failed run)."""
     import sys
 
     from rich.console import Console
 
     try:
         app()
-    except (FedrecInputError, BudgetExceeded) as err:
+    except (FedrecInputError, BudgetExceeded, RunFailed) as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)

@@ -101,7 +101,9 @@ def split_replies(
             log.warning("node %s failed: %s", node, msg.error.reason)
             continue
         if "refusal" in msg.content.config_records:
-            refusals[node] = str(msg.content.config_records["refusal"].get("reason", ""))
+            # institutions send a generic code (client/node.py), never a text about their data
+            rec = msg.content.config_records["refusal"]
+            refusals[node] = str(rec.get("code", "refused"))
             continue
         ok[node] = msg
     return ok, refusals, failed

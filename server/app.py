@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,21 @@ def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flower(context.run_config)
-    run_training(grid, cfg)
+    with reported_failure(cfg.data.results_dir):
+        run_training(grid, cfg)
+
+
+@contextmanager
+def reported_failure(results_dir: str):
+    """A run that cannot complete (too few institutions, a refused plan) ends with one line in
+    the log and ``failure.json`` in the results folder — which the CLIs print — not a traceback."""
+    try:
+        yield
+    except RoundFailed as err:
+        log.error("run failed: %s", err)
+        if results_dir:
+            Path(results_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(results_dir) / "failure.json", {"reason": str(err)})
 
 
 def run_training(grid: Grid, cfg: RunConfig) -> dict:

@@ -422,7 +422,9 @@ def query_study(grid: Grid, nodes: list[int], cfg: CausalConfig, *, timeout: flo
     msgs = [Message(content, dst_node_id=n, message_type=MESSAGE_TYPES["study"]) for n in nodes]
     ok, refusals, failed = split_replies(grid.send_and_receive(msgs, timeout=timeout))
     if refusals:
-        raise FedrecInputError(next(iter(refusals.values())))
+        node, code = next(iter(refusals.items()))
+        raise RoundFailed(f"{len(refusals)} institution(s) refused the study query (node {node}: {code}); "
+                          "the reason is in that institution's log (e.g. run `fedrec-client check-data` there)")
     if failed or len(ok) < len(nodes):
         raise RoundFailed(f"study query failed at nodes {sorted(set(nodes) - set(ok))}")
     seen = {str(m.content["study"]["declaration"]) for m in ok.values()}
@@ -505,20 +507,22 @@ def main(grid: Grid, context: Context) -> None:
 
     from fedrec.common.config import RunConfig
     from fedrec.server.aggregation import PlainSum
-    from fedrec.server.app import wait_for_nodes
+    from fedrec.server.app import reported_failure, wait_for_nodes
 
     flat = dict(context.run_config)
     ccfg = CausalConfig.from_flat(flat)
     cfg = RunConfig.from_flat({k: v for k, v in flat.items() if not k.startswith("causal.")})
-    nodes = wait_for_nodes(grid, cfg.data.institutions)
-    if cfg.secagg.enabled:
-        from fedrec.server.secagg_workflow import SecAggPlusSum
+    with reported_failure(cfg.data.results_dir):
+        nodes = wait_for_nodes(grid, cfg.data.institutions)
+        ccfg = ccfg.resolved(cfg.n_min)  # the same automatic n_min every client resolves
+        if cfg.secagg.enabled:
+            from fedrec.server.secagg_workflow import SecAggPlusSum
 
-        protocol: SumProtocol = SecAggPlusSum.from_config(cfg, clip_range=1.0)
-    else:
-        protocol = PlainSum()
-    result = estimate(grid, nodes, protocol, ccfg)
-    if cfg.data.results_dir:
-        out = Path(cfg.data.results_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "causal_raw.json").write_text(json.dumps(result.to_json(), indent=2, default=float))
+            protocol: SumProtocol = SecAggPlusSum.from_config(cfg, clip_range=1.0)
+        else:
+            protocol = PlainSum()
+        result = estimate(grid, nodes, protocol, ccfg)
+        if cfg.data.results_dir:
+            out = Path(cfg.data.results_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "causal_raw.json").write_text(json.dumps(result.to_json(), indent=2, default=float))

@@ -47,9 +47,13 @@ def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, i
                    *, rng: np.random.Generator | None = None, cache: dict | None = None):
     """A transport for :func:`fedrec.server.causal.run_protocol`: each institution computes its
     release with client/statistics.py (clip + noise), the sums are added in numpy."""
-    from fedrec.client.statistics import release, step_contributions
+    from fedrec.client.statistics import release, release_bound, step_contributions
+    from fedrec.common.privacy.accountant import GaussianEvent
+    from fedrec.common.privacy.release import noise_share
 
     cache = {} if cache is None else cache
+    # in-process there are no dropouts: automatic n_min (0) is every institution
+    share = noise_share(cfg.noise_mode, cfg.n_min or len(institutions))
 
     def send(step: str, arrays: dict, config: dict):
         kind = step.split(":")[0]
@@ -58,8 +62,8 @@ def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, i
         for d in institutions:
             blocks = step_contributions(kind, d, items, arrays, estimator=cfg.estimator, trim=cfg.trim,
                                         covariates=cfg.covariates, derived=cfg.derived, cache=cache)
-            sums, _ = release(blocks, noise_multiplier=sigma, noise_mode=cfg.noise_mode,
-                              n_min=max(cfg.n_min, 1), generator=rng)
+            event = GaussianEvent(noise_multiplier=sigma, sensitivity=release_bound(blocks)) if sigma > 0 else None
+            sums = release(blocks, event=event, noise_share=share, generator=rng)
             for k, v in sums.items():
                 totals[k] = totals[k] + v if k in totals else v.copy()
         return totals, len(institutions), {}
@@ -72,6 +76,7 @@ def estimate_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfi
     """The protocol with sums added in numpy (same client and server code as the Flower run)."""
     from fedrec.server.causal import run_protocol
 
+    cfg = cfg.resolved(len(institutions))  # in-process: no dropouts
     info = study_info(institutions, cfg)
     items = list(cfg.items) or info.items
     return run_protocol(inprocess_send(institutions, cfg, items, rng=rng, cache=cache), info, cfg, plan=plan)
@@ -206,7 +211,8 @@ def _typed(text: str, key: str, value: str, default: object) -> object:
 
 def causal_command(data: Path, item: str | None, epsilon: float, estimator: str, compare_pooled: bool,
                    out: Path | None, seed: int, console, *, plain: bool = False,
-                   causal_overrides: dict | None = None, settings: Sequence[str] = ()) -> int:
+                   causal_overrides: dict | None = None, settings: Sequence[str] = (),
+                   non_private: bool = False) -> int:
     """Run federated causal estimation on the institution folders under ``data``.
 
     The nuisance design is the study's (``study.toml [causal]``) unless ``causal_overrides``
@@ -227,9 +233,12 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     plan_budget(ccfg)  # fails loudly before anything runs
     out = Path(out) if out else Path("results") / f"causal-{time.strftime('%Y%m%d-%H%M%S')}"
     names = [d.name for d in institutions]
-    _check_fresh_ledgers(out / "ledgers", names, ccfg)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain)
+    from fedrec.simulations.provision import check_unused_out, provision_institutions
+
+    check_unused_out(out)  # a used folder's ledgers would be charged twice: refused, nothing spent
+    policy_dir = provision_institutions(names, out, epsilon=ccfg.epsilon, delta=ccfg.delta,
+                                        allow_non_private=non_private)
+    raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain, policy_dir=policy_dir)
     report = dict(raw)
     report["institutions"] = names
     # per-institution ε: the ledgers (one per institution folder name) are the source of truth
@@ -259,23 +268,6 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     return 0
 
 
-def _check_fresh_ledgers(folder: Path, names: list[str], ccfg: CausalConfig) -> None:
-    """A simulated causal run accounts in its own ledgers (``OUT/ledgers``, capped at this
-    run's ε): ledgers that already record spending would refuse every release. Say so in one
-    line (BudgetExceeded, exit 3) before anything runs, instead of failing in round 1."""
-    from fedrec.common.errors import BudgetExceeded
-
-    if not folder.is_dir():
-        return
-    spent = {n: e for n, e in _ledger_epsilon(folder, names, ccfg).items() if isinstance(e, float) and e > 0}
-    if spent:
-        first = next(iter(spent))
-        raise BudgetExceeded(
-            f"{folder}: the ledgers of this results folder already record spending ({first} ε {spent[first]:.3f}"
-            f"{f' and {len(spent) - 1} more' if len(spent) > 1 else ''}), so this run would go over its cap; "
-            "fix: give a new --out folder (each causal run accounts in its own ledgers)")
-
-
 def _ledger_epsilon(folder: Path, names: list[str], ccfg: CausalConfig) -> dict[str, float | str]:
     from fedrec.common.privacy.accountant import epsilon_for
     from fedrec.common.privacy.ledger import PrivacyLedger
@@ -291,15 +283,14 @@ def _ledger_epsilon(folder: Path, names: list[str], ccfg: CausalConfig) -> dict[
     return out
 
 
-def _run_flower(data: Path, ccfg: CausalConfig, n_inst: int, out: Path, *, seed: int, plain: bool) -> dict:
+def _run_flower(data: Path, ccfg: CausalConfig, n_inst: int, out: Path, *, seed: int, plain: bool,
+                policy_dir: Path) -> dict:
     from fedrec.common.config import RunConfig
+    from fedrec.common.errors import RunFailed
     from fedrec.simulations.run import launch_flower
 
-    cap = 1e6 if not math.isfinite(ccfg.epsilon) else ccfg.epsilon * 1.02 + 1e-6
     cfg = RunConfig().override(**{"institutions": n_inst, "seed": seed, "data-dir": str(Path(data).resolve()),
-                                  "results-dir": str(out.resolve()),
-                                  "privacy.ledger-dir": str((out / "ledgers").resolve()),
-                                  "privacy.epsilon-cap": cap, "privacy.delta-cap": ccfg.delta,
+                                  "results-dir": str(out.resolve()), "sim.policy-dir": str(policy_dir),
                                   "privacy.delta": ccfg.delta, "secagg.enabled": not plain})
     work = Path(tempfile.mkdtemp(prefix="fedrec-causal-"))
     try:
@@ -308,8 +299,11 @@ def _run_flower(data: Path, ccfg: CausalConfig, n_inst: int, out: Path, *, seed:
                       server_app="fedrec.server.causal:app", client_app="fedrec.client.causal_app:app",
                       extra_config=causal_flat, quiet=True)
         raw = out / "causal_raw.json"
+        failure = out / "failure.json"
+        if failure.exists():
+            raise RunFailed(json.loads(failure.read_text()).get("reason", "the run failed"))
         if not raw.exists():
-            raise RuntimeError(f"the causal simulation ended without writing {raw}")
+            raise RunFailed(f"the causal simulation ended without writing {raw} (see the log above)")
         return json.loads(raw.read_text())
     finally:
         shutil.rmtree(work, ignore_errors=True)

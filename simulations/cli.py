@@ -41,6 +41,7 @@ def run_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: results/<dataset>-eps<ε>-<time>)."),
     set_: list[str] = typer.Option([], "--set", help="Any run-config knob, KEY=VALUE (e.g. --set mf.dim=8). Repeatable."),
     plain: bool = typer.Option(False, "--plain-aggregation", help="Sum updates in the clear (tests/benchmarks only: the server sees each update)."),
+    non_private: bool = typer.Option(False, "--non-private", help="Required with --epsilon inf: a run without differential privacy (simulations only; its ledgers record ε = ∞)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ) -> None:
     """Run one federated training simulation on Flower's simulation engine.
@@ -61,6 +62,7 @@ def run_cmd(
             out=out,
             overrides=set_,
             plain=plain,
+            non_private=non_private,
             quiet=quiet,
             console=console,
         )
@@ -109,7 +111,10 @@ def causal_cmd(
     noise_mode: str = typer.Option(
         "local", "--noise-mode",
         help="local: each institution adds the full noise (holds even if secure aggregation broke); "
-             "distributed: each adds σ²/n_min, valid behind SecAgg+ with n_min survivors (narrower CIs)."),
+             "distributed: each adds σ²/n_min, valid behind SecAgg+ with n_min survivors (narrower CIs; "
+             "n_min defaults to the institutions minus the dropouts secure aggregation tolerates)."),
+    non_private: bool = typer.Option(False, "--non-private", help="Required with --epsilon inf: no differential "
+                                     "privacy (simulations only; the ledgers record ε = ∞)."),
 ) -> None:
     """Estimate ATE/CATE with 95% CIs from DP, securely aggregated statistics (Flower simulation)."""
     from fedrec.simulations.causal_cli import causal_command
@@ -122,7 +127,7 @@ def causal_cmd(
     if covariates is not None:
         overrides["covariates"] = tuple(c.strip() for c in covariates.split(",") if c.strip())
     raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console,
-                                    causal_overrides=overrides, settings=set_))
+                                    causal_overrides=overrides, settings=set_, non_private=non_private))
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from fedrec.common.config import DEFAULTS, ConfigError, RunConfig
-from fedrec.common.errors import FedrecInputError
+from fedrec.common.errors import FedrecInputError, RunFailed
 
 __all__ = ["run_simulation", "run_from_cli", "write_app_dir", "launch_flower"]
 
@@ -143,21 +143,38 @@ def launch_flower(overrides: dict[str, Any], work: Path, *, num_supernodes: int,
         flwr_logger.setLevel(old_level)
 
 
-def run_simulation(cfg: RunConfig, out: Path, *, num_cpus_per_client: float = 1.0, quiet: bool = False) -> dict:
-    """Run one federated training simulation; return the metrics history (also in out/)."""
+def run_simulation(cfg: RunConfig, out: Path, *, num_cpus_per_client: float = 1.0, quiet: bool = False,
+                   allow_non_private: bool = False) -> dict:
+    """Run one federated training simulation; return the metrics history (also in out/).
+
+    The harness first provisions every simulated institution (its privacy policy and ledger,
+    ``simulations/provision.py``) — refused, with nothing charged, when ``out`` already holds a
+    run, or when the run is non-private (ε = inf) without ``allow_non_private``.
+    """
+    from fedrec.simulations.provision import check_unused_out, provision_institutions
+
     out = Path(out)
+    check_unused_out(out)
+    if not cfg.dp_enabled and not allow_non_private:
+        raise FedrecInputError("--epsilon inf is a non-private run; fix: add --non-private to say so explicitly "
+                               "(simulations only)")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fedrec-sim-"))
     try:
         data_root = Path(cfg.data.data_dir) if cfg.data.data_dir else prepare_data(cfg, work)
-        cfg = cfg.override(**{"data-dir": str(data_root.resolve()), "results-dir": str(out.resolve())})
-        if not cfg.privacy.ledger_dir:
-            cfg = cfg.override(**{"privacy.ledger-dir": str((out / "ledgers").resolve())})
+        names = [f"institution_{k:02d}" for k in range(cfg.data.institutions)]
+        policy_dir = provision_institutions(names, out, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
+                                            allow_non_private=allow_non_private)
+        cfg = cfg.override(**{"data-dir": str(data_root.resolve()), "results-dir": str(out.resolve()),
+                              "sim.policy-dir": str(policy_dir)})
         launch_flower(cfg.to_flat(), work, num_supernodes=cfg.data.institutions,
                       num_cpus_per_client=num_cpus_per_client, quiet=quiet)
+        failure = out / "failure.json"
+        if failure.exists():
+            raise RunFailed(json.loads(failure.read_text()).get("reason", "the run failed"))
         metrics_file = out / "metrics.json"
         if not metrics_file.exists():
-            raise RuntimeError(f"the simulation ended without writing {metrics_file}")
+            raise RunFailed(f"the simulation ended without writing {metrics_file} (see the log above)")
         history = json.loads(metrics_file.read_text())
         plot_metrics(history, out / "metrics.png")
         return history
@@ -208,7 +225,8 @@ def plot_metrics(history: dict, path: Path) -> None:
 
 
 def run_from_cli(*, dataset: str, data: Path | None, institutions: int, rounds: int, epsilon: float, seed: int,
-                 out: Path | None, overrides: list[str], plain: bool, quiet: bool, console: Console) -> int:
+                 out: Path | None, overrides: list[str], plain: bool, quiet: bool, console: Console,
+                 non_private: bool = False) -> int:
     flat: dict[str, Any] = {"dataset": dataset, "institutions": institutions, "rounds": rounds,
                             "privacy.epsilon": epsilon, "seed": seed}
     if data is not None:
@@ -228,7 +246,7 @@ def run_from_cli(*, dataset: str, data: Path | None, institutions: int, rounds: 
         validate_data_dir(Path(data), cfg.data.institutions)
     if out is None:
         out = Path("results") / f"{dataset}-eps{epsilon:g}-{time.strftime('%Y%m%d-%H%M%S')}"
-    history = run_simulation(cfg, out, quiet=quiet)
+    history = run_simulation(cfg, out, quiet=quiet, allow_non_private=non_private)
     last = history["rounds"][-1]
     shown = {k: round(last[k], 4) for k in ("rmse", "mae", "ndcg10", "hr10") if k in last}
     eps = last.get("epsilon", {})
@@ -237,4 +255,27 @@ def run_from_cli(*, dataset: str, data: Path | None, institutions: int, rounds: 
     if eps:
         console.print(f"ε per institution (δ={cfg.privacy.delta:g}): max {max(eps.values()):.3f}, "
                       f"min {min(eps.values()):.3f}")
+    absent = absent_institutions(history)
+    for name, why in absent.items():
+        console.print(f"[yellow]{name}[/] took no part in {why}", highlight=False)
     return 0
+
+
+def absent_institutions(history: dict) -> dict[str, str]:
+    """Institutions missing from some rounds, and why (the generic codes they sent), e.g.
+    ``{"institution_03": "rounds 2-5 (budget)"}``."""
+    names = history.get("institutions", {})
+    missing: dict[str, list[tuple[int, str]]] = {}
+    for row in history.get("rounds", []):
+        for node, code in row.get("refusals", {}).items():
+            missing.setdefault(names.get(str(node), str(node)), []).append((row["round"], code))
+        for node in row.get("dropped", []):
+            if str(node) not in row.get("refusals", {}):
+                missing.setdefault(names.get(str(node), str(node)), []).append((row["round"], "no reply"))
+    out = {}
+    for name, entries in missing.items():
+        rounds = [r for r, _ in entries]
+        codes = sorted({c for _, c in entries})
+        span = f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]}-{rounds[-1]} ({len(rounds)} of them)"
+        out[name] = f"{span} ({', '.join(codes)})"
+    return out

@@ -948,7 +948,10 @@ class CausalConfig:
     outcome_anchor: str = "zero"
     trim: tuple[float, float] = TRIM
     noise_mode: str = "local"
-    n_min: int = 1
+    #: distributed noise: survivors each client's σ²/n_min share rests on (0 = automatic: the
+    #: institutions minus the dropouts the secure sum tolerates; resolved where the federation's
+    #: size is known, :meth:`resolved`)
+    n_min: int = 0
     accountant: str = "prv"
     alpha: float = 0.05
 
@@ -995,7 +998,7 @@ class CausalConfig:
                                ("floor_k", self.floor_k >= 0, ">= 0"),
                                ("newton_floor_k", self.newton_floor_k >= 0, ">= 0"),
                                ("outcome_ridge_k", self.outcome_ridge_k >= 0, ">= 0"),
-                               ("n_min", self.n_min >= 1, ">= 1")):
+                               ("n_min", self.n_min >= 0, ">= 0 (0: automatic)")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)}")
         for name, allowed in (("noise_mode", ("local", "distributed")), ("accountant", ("prv", "rdp")),
@@ -1007,6 +1010,12 @@ class CausalConfig:
     @property
     def dp(self) -> bool:
         return math.isfinite(self.epsilon)
+
+    def resolved(self, automatic_n_min: int) -> "CausalConfig":
+        """This config with an automatic ``n_min`` (0) replaced by ``automatic_n_min``."""
+        import dataclasses
+
+        return self if self.n_min else dataclasses.replace(self, n_min=max(1, int(automatic_n_min)))
 
     @property
     def clip_tail(self) -> float:

@@ -47,6 +47,9 @@ class ClientState:
     #: "node:kind" (one kind per node and slot, ever)
     released_slot: int = -1
     released: list[str] = field(default_factory=list)
+    #: per slot, the fewest survivors this node's input may be unmasked with (distributed
+    #: noise: its n_min; 0 where it set none)
+    floors: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in fields(self)}
@@ -176,6 +179,15 @@ class SecAggClient:
         st.pair_seeds = _erase(st.pair_seeds, [p * st.slots + slot for p in range(len(st.neighbours))])
         return y
 
+    def set_survivor_floor(self, slot: int, n_min: int) -> None:
+        """Distributed noise: this node's input in ``slot`` carries σ²/n_min of the noise, so it
+        holds back every self-seed share of that slot unless at least ``n_min`` survive."""
+        st = self.state
+        _need(0 <= slot < st.slots, f"slot {slot} outside this session")
+        floors = list(st.floors) + [0] * (st.slots - len(st.floors))
+        floors[slot] = max(floors[slot], int(n_min))
+        st.floors = floors
+
     # ----------------------------------------------------------------- unmask
     def unmask(self, rec: Mapping[str, Any]) -> dict[str, Any]:
         """As share holder: decrypt the requested shares of one slot — self-seed shares of
@@ -189,6 +201,9 @@ class SecAggClient:
         survivors = set(int(x) for x in rec["survivors"])
         dropped = set(int(x) for x in rec["dropped"])
         _need(not survivors & dropped, "a node cannot be both survivor and dropped")
+        floor = st.floors[slot] if slot < len(st.floors) else 0
+        _need(len(survivors) >= floor,
+              f"unmask with {len(survivors)} survivors, below this node's distributed-noise n_min {floor}")
         senders = [int(x) for x in rec["ct-from"]]
         kinds = [str(x) for x in rec["ct-kind"]]
         cts = list(rec["ct"])

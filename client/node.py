@@ -1,0 +1,101 @@
+"""What a node knows about itself: its policy, its guard, and how it answers the server.
+
+* :func:`node_guard` — the institution's guard from the policy the **node** names: a deployed
+  node (no simulation ids) reads its node config's ``policy`` or ``<data-dir>/privacy.toml``;
+  nothing in the run config can move it. A simulated node (Flower simulation's
+  ``partition-id``/``num-partitions``) is played by the simulation harness, which writes every
+  institution's policy and ledger before the run under ``sim.policy-dir``.
+* :func:`private_errors` — wraps a message handler so that whatever goes wrong, the server gets
+  a generic refusal code and never an error text: exception messages and refusal details can
+  name private values ("people.csv row 18, column age: 93 ..."). The detail goes to the
+  institution's log.
+* :func:`secagg_round_size` — the participants of this round per the secure-aggregation record
+  the handler's reply will be masked under (None when the message has none).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedrec.client.guard import Refusal, ReleaseGuard, open_guard
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.policy import POLICY_FILE, load_policy
+
+log = logging.getLogger("fedrec.client")
+
+__all__ = ["is_simulated", "policy_path", "node_guard", "refusal_reply", "private_errors",
+           "secagg_round_size", "NOISE_RECORD"]
+
+#: reply record that tells the SecAgg+ mod the survivor floor of distributed noise
+NOISE_RECORD = "fedrec.noise"
+_SECAGG_RECORD = "fedrec.secagg"  # same name as client/secagg_mod.SECAGG_RECORD
+
+
+def is_simulated(context: Context) -> bool:
+    """A node started by Flower's simulation engine (the harness plays the institution)."""
+    node = context.node_config
+    return "partition-id" in node and "num-partitions" in node
+
+
+def policy_path(context: Context, folder: Path) -> Path:
+    """The privacy policy this node obeys (see module doc)."""
+    node = context.node_config
+    if not is_simulated(context):
+        return Path(str(node["policy"])) if "policy" in node else Path(folder) / POLICY_FILE
+    root = str(context.run_config.get("sim.policy-dir", "") or "")
+    if not root:
+        raise Refusal("policy", "simulated node without sim.policy-dir: the harness provisions no policy")
+    return Path(root) / Path(folder).name / POLICY_FILE
+
+
+def node_guard(context: Context, folder: Path, institution: str, *, accountant: str = "prv") -> ReleaseGuard:
+    """Open the institution's guard; :class:`Refusal` when the policy or ledger is unusable."""
+    path = policy_path(context, folder)
+    try:
+        policy = load_policy(path)
+    except FedrecInputError as err:
+        raise Refusal("policy", str(err)) from None
+    return open_guard(policy, institution=institution, accountant=accountant, simulated=is_simulated(context))
+
+
+def refusal_reply(msg: Message, code: str) -> Message:
+    """A refusal the server can read: a code, nothing else."""
+    return Message(RecordDict({"refusal": ConfigRecord({"code": code})}), reply_to=msg)
+
+
+def private_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn any refusal or exception of ``handler`` into a generic refusal code (see module doc)."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Refusal as err:
+            log.warning("refused %s: [%s] %s", msg.metadata.message_type, err.code, err.detail)
+            return refusal_reply(msg, err.code)
+        except FedrecInputError as err:
+            log.warning("refused %s: [data] %s", msg.metadata.message_type, err)
+            return refusal_reply(msg, "data")
+        except Exception:  # noqa: BLE001 - nothing of an exception may reach the server
+            log.exception("failed %s (the server sees only the code 'internal')", msg.metadata.message_type)
+            return refusal_reply(msg, "internal")
+
+    return wrapped
+
+
+def secagg_round_size(msg: Message) -> int | None:
+    """Participants of this round per the message's SecAgg+ masking record (None: none)."""
+    rec = msg.content.config_records.get(_SECAGG_RECORD)
+    if rec is None or str(rec.get("stage", "")) != "mask" or "active" not in rec:
+        return None
+    return len({int(x) for x in rec["active"]})
+
+
+def noise_record(n_min: int) -> ConfigRecord:
+    """Reply record carrying the survivor floor of distributed noise to the SecAgg+ mod."""
+    return ConfigRecord({"n-min": int(n_min)})
