@@ -144,7 +144,8 @@ def flower_row(system: str, cfg: RunConfig, data_root: Path, repeats: int = 1) -
         return row
     with tempfile.TemporaryDirectory() as out:
         t0 = time.time()
-        hist = run_simulation(cfg.override(**{"data-dir": str(data_root)}), Path(out), quiet=True)
+        hist = run_simulation(cfg.override(**{"data-dir": str(data_root)}), Path(out), quiet=True,
+                              allow_non_private=not cfg.dp_enabled)  # the non-private peer rows
     last = hist["rounds"][-1]
     eps = cfg.privacy.epsilon
     row = {"system": system, "epsilon": None if not np.isfinite(eps) else eps,

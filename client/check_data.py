@@ -2,7 +2,10 @@
 
 Every problem is printed on one line (file, row, column, fix) to stderr and the exit code is
 2; a valid folder prints a summary (people, items, interactions, exposure rate, engagement,
-outcome range) and exits 0. The folder is only read, never modified.
+outcome range) and exits 0. The folder is only read, never modified. The checks are
+``fedrec.common.schema.validate_folder``, the same the loaders run before any training: unreadable
+files, non-ISO or out-of-range timestamps and a folder without exposed rows are reported here,
+each on one line, rather than failing a run after its privacy budget was charged.
 
 The summary is shown to the institution's own IT staff on their own machine: it is not a
 release, so it carries no DP noise and is never sent anywhere.

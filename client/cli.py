@@ -27,7 +27,9 @@ console = Console()
 
 @app.command("check-data")
 def check_data_cmd(
-    folder: Path = typer.Argument(..., help="Institution folder: people, items, interactions files + study.toml."),
+    # readable=False: an unreadable folder gets our one-line message, not click's boxed usage error
+    folder: Path = typer.Argument(..., readable=False,
+                                  help="Institution folder: people, items, interactions files + study.toml."),
 ) -> None:
     """Validate an institution folder against the data contract; print a summary.
 

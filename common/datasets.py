@@ -79,7 +79,9 @@ def load_institution(folder: Path) -> InstitutionData:
     if not result.ok:
         n = len(result.problems)
         more = f" ({n - 1} more: run fedrec-client check-data {folder})" if n > 1 else ""
-        raise FedrecInputError(f"{folder.name}/{result.problems[0].line()}{more}")
+        first = result.problems[0]
+        where = "" if first.file == str(folder) else f"{folder.name}/"  # a problem with the folder itself
+        raise FedrecInputError(f"{where}{first.line()}{more}")
     t = result.tables
     assert t is not None
     return InstitutionData(folder.name, t.people, t.items, t.interactions, t.study)

@@ -14,6 +14,12 @@ An institution folder holds four files (see docs/data-contract.md):
 boundary the tables are typed and trusted. Row numbers: for CSV, the spreadsheet row (the
 header is row 1, the first record row 2 — the file's line number); for Parquet, the 1-based
 record number.
+
+Bad input never raises out of :func:`validate_folder`: an unreadable file (no permission, a
+folder or pipe where a file belongs, a broken link), a timestamp that is not strict ISO 8601 or
+lies outside :data:`TIMESTAMP_YEARS`, and a folder in which nobody was exposed are problems like
+any other. ``fedrec-client check-data`` and ``load_institution`` (hence every training and
+causal run) share this one path, so a run never starts on a folder check-data rejects.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +46,7 @@ __all__ = [
     "STUDY_FILE",
     "REQUIRED_COLUMNS",
     "MAX_LINE_BYTES",
+    "TIMESTAMP_YEARS",
     "Covariate",
     "Study",
     "Problem",
@@ -64,6 +73,17 @@ MAX_LINE_BYTES = 1 << 20
 MISSING_TOKENS = frozenset({"", "na", "nan", "null", "none", "n/a"})
 #: Individual problem lines per (file, column, kind) before they are summarised in one line.
 MAX_LINES_PER_KIND = 5
+#: Calendar years a timestamp may have (inclusive). The loaded column is ``datetime64[ns]``,
+#: which holds 1677-09-21 to 2262-04-11; whole years inside that range keep every accepted value
+#: (offsets included) representable, so nothing overflows or wraps silently.
+TIMESTAMP_YEARS = (1678, 2261)
+#: Strict ISO 8601 (extended format): ``YYYY-MM-DD``, optionally ``T`` (or a space) and
+#: ``hh:mm[:ss[.fraction]]`` with an optional ``Z`` / ``±hh[:mm]`` offset. Truncated or basic
+#: forms (``2024-03-1``, ``2024-03``, ``20240301``) are refused.
+_ISO_RE = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]{1,9})?)?(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?)?$"
+)
 
 CovariateKind = Literal["number", "integer", "binary", "category"]
 _KINDS = ("number", "integer", "binary", "category")
@@ -354,10 +374,15 @@ def _causal_table(table: object) -> tuple[Optional[tuple[str, ...]], tuple[str, 
 
 def read_study(path: Path) -> Study:
     """Read and parse a ``study.toml`` file (FedrecInputError when missing or invalid)."""
+    path = Path(path)
+    if _probe(path)[0] == "missing":
+        raise FedrecInputError(f"{STUDY_FILE}: missing in {path.parent}; fix: write it as in docs/data-contract.md")
+    problems: list[Problem] = []
+    data = _read_bytes(path, problems)
+    if data is None:
+        raise FedrecInputError(problems[0].line())
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise FedrecInputError(f"{STUDY_FILE}: missing in {Path(path).parent}; fix: write it as in docs/data-contract.md") from None
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise FedrecInputError(f"{STUDY_FILE}: not UTF-8 text; fix: save it as UTF-8") from None
     return parse_study(text)
@@ -420,8 +445,59 @@ class Validation:
 
 
 def table_path(folder: Path, stem: str) -> list[Path]:
-    """The files present for table ``stem`` (``.csv`` and/or ``.parquet``)."""
-    return [p for p in (folder / f"{stem}.csv", folder / f"{stem}.parquet") if p.is_file()]
+    """The paths present for table ``stem`` (``.csv`` and/or ``.parquet``), whatever they are
+    (a file, a folder, a path that cannot be inspected): :func:`validate_folder` says which
+    cannot be read."""
+    return [p for p in (folder / f"{stem}.csv", folder / f"{stem}.parquet") if _probe(p)[0] != "missing"]
+
+
+_READ_FIX = ("give the user running fedrec-client read access to it (check its owner and permissions, "
+             "e.g. chmod u+r), or copy it into the folder as a plain file")
+
+
+def _probe(path: Path) -> tuple[Literal["missing", "file", "folder", "other", "error"], str]:
+    """What ``path`` is, without following it into a traceback: ``missing``, ``file`` (a
+    regular file, after symlinks), ``folder``, ``other`` (a device, pipe, socket) or ``error``
+    (it exists but cannot be inspected; the second item is the OS's reason)."""
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return ("error", "a broken link") if os.path.islink(path) else ("missing", "")
+    except OSError as err:
+        return "error", err.strerror or type(err).__name__
+    if stat.S_ISREG(st.st_mode):
+        return "file", ""
+    if stat.S_ISDIR(st.st_mode):
+        return "folder", ""
+    return "other", ""
+
+
+def _not_a_file(path: Path, kind: str, reason: str) -> Problem:
+    """The problem for a path that is present but is not a readable regular file."""
+    if kind == "folder":
+        return Problem(path.name, None, None, "is a folder, not a file",
+                       f"put the {path.name} file itself here (not a folder of that name)")
+    if kind == "other":
+        return Problem(path.name, None, None, "is not a regular file (a device, pipe or socket)",
+                       f"copy the data into a plain {path.name} file")
+    if reason == "a broken link":
+        return Problem(path.name, None, None, "cannot be read (a broken link)",
+                       "point the link at an existing file, or copy the file itself into the folder")
+    return Problem(path.name, None, None, f"cannot be read ({reason})", _READ_FIX)
+
+
+def _read_bytes(path: Path, out: list[Problem]) -> Optional[bytes]:
+    """The file's bytes, or None with a one-line problem when it is not a readable file."""
+    kind, reason = _probe(path)
+    if kind != "file":
+        out.append(_not_a_file(path, kind, reason) if kind != "missing"
+                   else Problem(path.name, None, None, "missing", f"provide {path.name}"))
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        out.append(Problem(path.name, None, None, f"cannot be read ({err.strerror or type(err).__name__})", _READ_FIX))
+        return None
 
 
 @dataclass
@@ -434,7 +510,9 @@ class _Table:
 
 def _read_csv(path: Path, out: list[Problem]) -> Optional[_Table]:
     name = path.name
-    data = path.read_bytes()
+    data = _read_bytes(path, out)
+    if data is None:
+        return None
     if not data.strip():
         out.append(Problem(name, None, None, "file is empty",
                            "write a header row with the contract's columns, then one row per record"))
@@ -488,6 +566,16 @@ def _read_csv(path: Path, out: list[Problem]) -> Optional[_Table]:
 
 
 def _read_parquet(path: Path, out: list[Problem]) -> Optional[_Table]:
+    kind, reason = _probe(path)
+    if kind != "file":
+        out.append(_not_a_file(path, kind, reason))
+        return None
+    try:
+        with open(path, "rb"):  # permission problems get their own line, not a reader's error
+            pass
+    except OSError as err:
+        out.append(Problem(path.name, None, None, f"cannot be read ({err.strerror or type(err).__name__})", _READ_FIX))
+        return None
     try:
         frame = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 - any reader failure is the user's file
@@ -576,10 +664,34 @@ def _text(s: pd.Series) -> pd.Series:
     return s.astype(object).where(s.notna(), "").astype(str).str.strip()
 
 
+def _id_text(s: pd.Series) -> pd.Series:
+    """Ids as text. CSV ids are read as text already; a numeric Parquet id column is written
+    the way it would read in a CSV: whole numbers without ``.0`` (a float column holding ids
+    7 and NaN says ``7``, the same id as an integer column's 7)."""
+    if pd.api.types.is_float_dtype(s.dtype):
+        vals = s.to_numpy(dtype=float, na_value=np.nan)
+        whole = np.isfinite(vals) & (vals == np.round(vals)) & (np.abs(vals) < 2.0**63)
+        text = _text(s).to_numpy(dtype=object)
+        text[whole] = [str(int(v)) for v in vals[whole]]
+        return pd.Series(text, index=s.index, dtype=object).astype(str)
+    return _text(s)
+
+
+def _bad_id_mask(s: pd.Series, missing: np.ndarray) -> np.ndarray:
+    """Present ids that are not usable: infinite numbers (a numeric Parquet id column)."""
+    if pd.api.types.is_float_dtype(s.dtype):
+        vals = s.to_numpy(dtype=float, na_value=np.nan)
+        return ~missing & ~np.isfinite(vals)
+    return np.zeros(len(s), bool)
+
+
 def _check_ids(rep: _Reporter, s: pd.Series, column: str, what: str) -> pd.Series:
-    ids = _text(s)
+    ids = _id_text(s)
     missing = _missing_mask(s)
     rep.rows(column, missing, lambda i: f"{what} is empty", f"give every row a {column}")
+    bad = _bad_id_mask(s, missing)
+    rep.rows(column, bad, lambda i: f"{_fmt(ids.iat[i])!r} is not an id", f"give every row a finite {column} (text or a whole number)")
+    missing = missing | bad
     dup = ids.duplicated(keep="first").to_numpy() & ~missing
     if dup.any():
         firsts = {v: int(i) for i, v in zip(ids.index[~ids.duplicated()], ids[~ids.duplicated()])}
@@ -642,16 +754,28 @@ def validate_folder(folder: Path) -> Validation:
     folder = Path(folder)
     result = Validation(folder)
     out = result.problems
-    if not folder.is_dir():
+    kind, reason = _probe(folder)
+    if kind == "error":
+        out.append(Problem(str(folder), None, None, f"cannot be read ({reason})", _READ_FIX))
+        return result
+    if kind != "folder":
         out.append(Problem(str(folder), None, None, "is not a folder", "give the institution folder holding people, items, interactions and study.toml"))
+        return result
+    try:
+        os.listdir(folder)
+    except OSError as err:
+        out.append(Problem(str(folder), None, None, f"cannot be read ({err.strerror or type(err).__name__})",
+                           _READ_FIX))
         return result
     study: Optional[Study] = None
     study_path = folder / STUDY_FILE
-    if not study_path.is_file():
+    if _probe(study_path)[0] == "missing":
         out.append(Problem(STUDY_FILE, None, None, f"missing in {folder}", "write study.toml as in docs/data-contract.md"))
     else:
+        data = _read_bytes(study_path, out)
         try:
-            study = _parse_study(study_path.read_bytes().decode("utf-8-sig"))
+            if data is not None:
+                study = _parse_study(data.decode("utf-8-sig"))
         except UnicodeDecodeError:
             out.append(Problem(STUDY_FILE, None, None, "not UTF-8 text", "save it as UTF-8"))
         except _StudyError as err:
@@ -712,9 +836,12 @@ def _check_interactions(t: _Table, study: Study, people: Optional[pd.DataFrame],
     for c, ref, what in (("person_id", people, "person"), ("item_id", items, "item")):
         if c not in f.columns:
             continue
-        ids = _text(f[c]).reset_index(drop=True)
+        ids = _id_text(f[c]).reset_index(drop=True)
         missing = _missing_mask(f[c])
         rep.rows(c, missing, lambda i: f"{what} is empty", f"give every row a {c}")
+        bad = _bad_id_mask(f[c], missing)
+        rep.rows(c, bad, lambda i: f"{_fmt(ids.iat[i])!r} is not an id", f"give every row a finite {c} (text or a whole number)")
+        missing = missing | bad
         if ref is not None and c in ref.columns:
             table = "people" if what == "person" else "items"
             dangling = ~missing & ~ids.isin(ref[c]).to_numpy()
@@ -739,6 +866,12 @@ def _check_interactions(t: _Table, study: Study, people: Optional[pd.DataFrame],
                  "write 1 if the item was recommended/assigned to the person, else 0")
         exposed = np.where(vals == 1, 1, 0).astype(np.int64)
         exposed_ok = (vals == 0) | (vals == 1)
+        if exposed_ok.all() and not exposed.any():
+            # nothing to train on: refuse here, before any run is planned or charged
+            rep.out.append(Problem(t.name, None, "exposed", f"no row has exposed = 1 (0 of {len(f):,} rows): no "
+                                   "person was recommended, assigned or shown an item, so there is nothing to train on",
+                                   "include the rows where an item was recommended/assigned/shown (exposed = 1, with "
+                                   "its engagement), or check that exposed is coded 1 for shown, 0 for not shown"))
         cols["exposed"] = pd.Series(exposed)
     if "engagement" in f.columns:
         raw = _text(f["engagement"])
@@ -776,23 +909,56 @@ def _check_interactions(t: _Table, study: Study, people: Optional[pd.DataFrame],
                  "correct the value, or widen outcome.min/outcome.max in study.toml")
         cols["outcome"] = pd.Series(vals, dtype="float64")
     if "timestamp" in f.columns:
-        s = f["timestamp"]
-        missing = _missing_mask(s)
-        if pd.api.types.is_datetime64_any_dtype(s.dtype):
-            if getattr(s.dt, "tz", None) is not None:
-                s = s.dt.tz_convert("UTC").dt.tz_localize(None)
-            ts = pd.Series(s.to_numpy(dtype="datetime64[ns]"))
-            bad = np.zeros(len(s), bool)
-        else:
-            raw = _text(s)
-            # times with an offset are converted to UTC; times without one are kept as written
-            ts = pd.to_datetime(raw.where(~missing, None), format="ISO8601", errors="coerce", utc=True)
-            ts = ts.dt.tz_localize(None).astype("datetime64[ns]").reset_index(drop=True)
-            bad = ~missing & ts.isna().to_numpy()
-            rep.rows("timestamp", bad, lambda i: f"{_fmt(raw.iat[i])!r} is not an ISO 8601 date/time",
-                     "write e.g. 2024-03-05 or 2024-03-05T14:30:00")
-        rep.rows("timestamp", missing, lambda i: "value is empty", "write when the person was considered, e.g. 2024-03-05")
-        cols["timestamp"] = ts
+        cols["timestamp"] = _check_timestamps(rep, f["timestamp"])
     if not ok:
         return None
     return pd.DataFrame(cols)[list(REQUIRED_COLUMNS["interactions"])]
+
+
+def _check_timestamps(rep: _Reporter, s: pd.Series) -> pd.Series:
+    """The timestamp column as naive ``datetime64[ns]`` (UTC where an offset or time zone was
+    given, as written otherwise); NaT where a problem was reported.
+
+    Text (CSV, or a Parquet text column) must be strict ISO 8601 (:data:`_ISO_RE`) with a year in
+    :data:`TIMESTAMP_YEARS`; a Parquet timestamp/date column of any unit is range-checked
+    *before* conversion to nanoseconds (a year-2300 microsecond value would otherwise wrap to
+    1715 silently)."""
+    lo_year, hi_year = TIMESTAMP_YEARS
+    span = f"the accepted range {lo_year}-01-01 to {hi_year}-12-31"
+    range_fix = "correct the date (a mistyped year?); timestamps say when the person was considered"
+    missing = _missing_mask(s)
+    rep.rows("timestamp", missing, lambda i: "value is empty", "write when the person was considered, e.g. 2024-03-05")
+    if pd.api.types.is_datetime64_any_dtype(s.dtype):
+        if getattr(s.dt, "tz", None) is not None:
+            s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+        s = s.reset_index(drop=True)
+        lo = np.datetime64(f"{lo_year}-01-01T00:00:00", "s")
+        hi = np.datetime64(f"{hi_year + 1}-01-01T00:00:00", "s")
+        raw = s.to_numpy()  # the column's own unit: no conversion yet, so no overflow
+        present = ~missing
+        out = present & ((raw < lo) | (raw >= hi))
+        rep.rows("timestamp", out, lambda i: f"{pd.Timestamp(raw[i])} is outside {span}", range_fix)
+        keep = present & ~out
+        ts = np.full(len(s), np.datetime64("NaT"), dtype="datetime64[ns]")
+        ts[keep] = raw[keep].astype("datetime64[ns]")
+        return pd.Series(ts, dtype="datetime64[ns]")
+    raw = _text(s).reset_index(drop=True)
+    fix = ("write e.g. 2024-03-05 or 2024-03-05T14:30:00 (YYYY-MM-DD, two-digit month and day)"
+           if rep.t.is_csv else "store a timestamp or date column, or ISO 8601 text such as 2024-03-05T14:30:00")
+    form_ok = ~missing & raw.str.fullmatch(_ISO_RE.pattern).fillna(False).to_numpy(dtype=bool)
+    rep.rows("timestamp", ~missing & ~form_ok, lambda i: f"{_fmt(raw.iat[i])!r} is not an ISO 8601 date/time", fix)
+    year = raw.str.slice(0, 4)  # four ASCII digits wherever form_ok: compared as text, no parsing
+    out = form_ok & ((year < f"{lo_year:04d}") | (year > f"{hi_year:04d}")).to_numpy(dtype=bool)
+    rep.rows("timestamp", out, lambda i: f"{_fmt(raw.iat[i])!r} is outside {span}", range_fix)
+    keep = form_ok & ~out
+    ts = np.full(len(s), np.datetime64("NaT"), dtype="datetime64[ns]")
+    if keep.any():
+        # times with an offset are converted to UTC; times without one are kept as written
+        parsed = pd.to_datetime(raw[keep].str.replace(",", ".", regex=False), format="ISO8601",
+                                errors="coerce", utc=True)
+        vals = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+        invalid = np.zeros(len(s), bool)
+        invalid[np.flatnonzero(keep)[np.isnat(vals)]] = True
+        rep.rows("timestamp", invalid, lambda i: f"{_fmt(raw.iat[i])!r} is not a real date/time (no such month, day or hour)", fix)
+        ts[keep] = vals
+    return pd.Series(ts, dtype="datetime64[ns]")

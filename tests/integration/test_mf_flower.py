@@ -82,8 +82,13 @@ def test_no_user_side_parameter_leaves_the_institution(tmp_path, monkeypatch):
     folder = write_movielens_federation(tmp_path / "data", institutions=3, skew=0.5, test_fraction=0.2, seed=0)[1]
     inst = load_institution_ratings(folder)
     cfg = CFG.override(**{"results-dir": str(tmp_path), "mf.dim": 2})
-    ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder), "ledger": str(tmp_path / "l.db")},
-                  state=RecordDict(), run_config=cfg.to_flat())
+    from typer.testing import CliRunner
+
+    from fedrec.client.cli import app as client_cli
+
+    assert CliRunner().invoke(client_cli, ["init", str(folder), "--epsilon-cap", "10"]).exit_code == 0
+    ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder)}, state=RecordDict(),
+                  run_config=cfg.to_flat())
     n_items = inst.n_items
     arrays = numpy_to_arrays({"item_bias": np.zeros(n_items, np.float32),
                               "item_factors": np.full((n_items, 2), 0.1, np.float32)})
@@ -101,8 +106,9 @@ def test_no_user_side_parameter_leaves_the_institution(tmp_path, monkeypatch):
             values = arr.numpy()
             assert name in ("item_bias", "item_factors", "counts")
             assert values.shape in {(n_items,), (n_items, 2)} and values.shape not in user_shapes
+        # public accounting facts only: nothing data-dependent (no clipped fraction, no count)
         assert set(r.content.metric_records["metrics"]) <= {
-            "epsilon", "epsilon-rdp", "delta", "noise-var", "count-noise-var", "clipped-fraction"}
+            "epsilon", "epsilon-rdp", "delta", "noise-var", "count-noise-var"}
     # the catalogue reply carries the public item table's features and nothing about persons
     cat = client_app.catalogue(Message(RecordDict(), dst_node_id=7, message_type="query.catalogue"), ctx)
     assert set(cat.content.array_records) == {"public"}
@@ -152,7 +158,7 @@ def test_a_deployed_institution_refuses_non_dp_metrics_unless_it_opts_in(tmp_pat
     n_items = load_institution_ratings(folder).n_items
     content = RecordDict({"arrays": numpy_to_arrays({"item_bias": np.zeros(n_items, np.float32)}),
                           "config": ConfigRecord({"server-round": 1})})
-    node = {"data-dir": str(folder), "ledger": str(tmp_path / "l.db")}
+    node = {"data-dir": str(folder)}
     for node_config, refused in ((node, True), ({**node, "metrics-release": "simulation"}, False)):
         ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=CFG.to_flat())
         reply = client_app.evaluate(Message(content, dst_node_id=7, message_type="evaluate"), ctx)

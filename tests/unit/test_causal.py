@@ -350,8 +350,9 @@ def test_missing_bounds_is_one_line_before_any_budget(federation_dir, tmp_path):
     _assert_nothing_spent(out)
 
 
-def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_step(tmp_path, monkeypatch):
+def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_step(tmp_path, monkeypatch, caplog):
     import json as _json
+    import logging
 
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -359,6 +360,7 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     from fedrec.client import causal_app
     from fedrec.common.config import RunConfig
     from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.common.privacy.policy import InstitutionPolicy, write_policy
     from fedrec.server.aggregation import numpy_to_arrays
 
     for attr in ("_run_id", "_task_id", "_node_id"):  # Messages need a task identity outside a run
@@ -366,78 +368,39 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     insts, _ = domain_federation("health", institutions=1, people=400, seed=2, skew=0.0)
     folder = write_institution(tmp_path / insts[0].name, insts[0])
     ledger = tmp_path / "ledger.db"
+    PrivacyLedger.initialize(ledger, institution=insts[0].name, epsilon_cap=5.0, delta_cap=1e-5)
+    write_policy(folder / "privacy.toml", InstitutionPolicy(ledger=ledger, epsilon_cap=5.0, max_run_epsilon=5.0))
 
     def run(covariates, extra=None, step="propensity"):
         ccfg = CausalConfig(epsilon=1.0, items=("walking_group",), covariates=covariates)
-        flat = {**RunConfig().override(**{"privacy.epsilon-cap": 5.0}).to_flat(), **ccfg.to_flat()}
-        ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder), "ledger": str(ledger)},
-                      state=RecordDict(), run_config=flat)
+        flat = {**RunConfig().to_flat(), **ccfg.to_flat()}
+        ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(folder)}, state=RecordDict(), run_config=flat)
         conf = ConfigRecord({"server-round": 1, "step": f"{step}:1", "items": _json.dumps(["walking_group"]),
                              "noise-multiplier": 5.0})
         p = 11
         arrays: ArrayRecord = numpy_to_arrays({"beta/walking_group": np.zeros(p), **(extra or {})})
         msg = Message(RecordDict({"config": conf, "arrays": arrays}), dst_node_id=7,
                       message_type=f"query.causal_{step}")
-        return getattr(causal_app, f"causal_{step}")(msg, ctx)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedrec.client"):
+            return getattr(causal_app, f"causal_{step}")(msg, ctx)
 
-    bad = run(("age", "blood_type"))
-    assert "refusal" in bad.content.config_records
-    assert "blood_type" in str(bad.content.config_records["refusal"]["reason"])
-    assert not ledger.exists() or PrivacyLedger(ledger).events() == []
-    # a Hessian weight that gives no usable bound is refused before any charge, in one line
-    bad = run(None, {"hessian-weight": np.array([0.0])})
-    assert "hessian-weight" in str(bad.content.config_records["refusal"]["reason"])
-    assert not ledger.exists() or PrivacyLedger(ledger).events() == []
+    def refused(reply, detail):  # a code to the server; the detail in the institution's log
+        assert set(reply.content.config_records["refusal"].keys()) == {"code"}
+        assert detail in caplog.text
+        assert PrivacyLedger(ledger).events() == []
+
+    refused(run(("age", "blood_type")), "blood_type")
+    # a Hessian weight that gives no usable bound is refused before any charge
+    refused(run(None, {"hessian-weight": np.array([0.0])}), "hessian-weight")
     # so is an influence step without a usable psi clip for an item (it does not enter the bound)
     for extra in ({}, {"clip/walking_group": np.array([-1.0])}):
-        bad = run(None, extra, step="influence")
-        assert "clip/walking_group" in str(bad.content.config_records["refusal"]["reason"])
-        assert not ledger.exists() or PrivacyLedger(ledger).events() == []
+        refused(run(None, extra, step="influence"), "clip/walking_group")
     good = run(None)
     assert "arrays" in good.content.array_records
     events = PrivacyLedger(ledger).events()
     assert len(events) == 1 and events[0].noise_multiplier == 5.0
     assert good.content.metric_records["metrics"]["epsilon"] > 0
-
-
-# --------------------------------------------------------------------------- weighted whitening
-def test_weighted_fit_rows_obey_the_row_bound(health):
-    """Whitening with weights (``whiten_weighted``): people keep their whitened features and
-    the nuisance fits' terms are multiplied by omega^2 = min(1, r^2/|z|^2). Every person's
-    weighted propensity and outcome rows, even far outside the radius, are within the bounds
-    the ledger charges for rows of norm^2 <= 1 + r^2 (before any clipping), and the bound the
-    client uses is step_bound's."""
-    from fedrec.client.statistics import whiten_rows
-    from fedrec.common.causal.estimators import Whitening, step_bound
-
-    insts, _ = health
-    rows = encode_item(insts[0], "diet_counselling")
-    p = rows.p
-    rng = np.random.default_rng(0)
-    wh = Whitening(a=np.diag(rng.uniform(2.0, 20.0, p - 1)), b=rng.normal(0, 3, p - 1),
-                   radius=math.sqrt(p - 1), weighted=True)
-    w = whiten_rows(rows, wh)
-    assert w.wt is not None and (w.wt < 1).mean() > 0.5  # most people are outside the radius
-    assert np.linalg.norm(w.x, axis=1).max() > 3 * math.sqrt(wh.r2)  # features are not clipped
-    for beta in (np.zeros(p), rng.normal(0, 2, p)):
-        c = propensity_newton_terms(w, beta)
-        assert c.bound == pytest.approx(step_bound("propensity:1", p, r2=wh.r2))
-        assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
-    c = outcome_gram_terms(w)
-    assert c.bound == pytest.approx(step_bound("outcome", p, r2=wh.r2))
-    assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
-    # the unweighted, clipped-feature variant obeys the same bound
-    c = outcome_gram_terms(whiten_rows(rows, Whitening(wh.a, wh.b, wh.radius, weighted=False)))
-    assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
-
-
-# --------------------------------------------------------------------------- derived features
-@pytest.fixture(scope="module")
-def finance():
-    return domain_federation("finance", institutions=3, people=3000, seed=4, skew=0.5)
-
-
-DERIVED = ("at_min(earnings_1y_ago)", "log1p(earnings_2y_ago)", "square(age)")
 
 
 def test_derived_features_keep_the_public_scaling_and_pooled_equality(finance):

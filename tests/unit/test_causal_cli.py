@@ -116,20 +116,20 @@ def test_every_knob_is_documented():
 
 
 def test_a_results_folder_with_spent_ledgers_is_refused_in_one_line(finance, tmp_path):
-    """Re-running into a results folder whose ledgers already record spending would be refused
-    in round 1 by every institution; the CLI says so first (exit 3) and touches nothing."""
+    """Re-running into a results folder that already holds a run would charge its ledgers
+    twice; the CLI refuses first (exit 2), in one line, and touches nothing."""
     from fedrec.common.privacy.accountant import GaussianEvent
     from fedrec.common.privacy.ledger import PrivacyLedger
 
     out = tmp_path / "out"
     (out / "ledgers").mkdir(parents=True)
-    ledger = PrivacyLedger.create(out / "ledgers" / "institution_00.db", institution="institution_00",
-                                  epsilon_cap=1.02, delta_cap=1e-5)
+    ledger = PrivacyLedger.initialize(out / "ledgers" / "institution_00.db", institution="institution_00",
+                                      epsilon_cap=1.02, delta_cap=1e-5)
     ledger.charge(GaussianEvent(noise_multiplier=4.0), run_id="earlier", round=1, task="causal", model="causal")
     before = sorted(p.name for p in out.rglob("*"))
     proc = _sim("causal", "--data", str(finance), "--item", "job_training", "--out", str(out))
-    assert proc.returncode == 3
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "already record spending" in ln]
-    assert len(lines) == 1 and "institution_00" in lines[0] and "fix: give a new --out" in lines[0]
+    assert proc.returncode == 2
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "already holds a run" in ln]
+    assert len(lines) == 1 and "nothing was charged" in lines[0] and "fix: give a new --out" in lines[0]
     assert sorted(p.name for p in out.rglob("*")) == before
     assert len(PrivacyLedger(out / "ledgers" / "institution_00.db").events()) == 1

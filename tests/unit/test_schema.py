@@ -7,6 +7,8 @@ subprocess): exit code 2 and one line naming file, row and column.
 
 from __future__ import annotations
 
+import datetime
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +17,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -151,6 +155,64 @@ def click_study(f: Path) -> None:
     (f / "study.toml").write_text(text, encoding="utf-8")
 
 
+def parquet_interactions(**columns: object) -> Callable[[Path], None]:
+    """Replace interactions.csv by interactions.parquet written with pyarrow, the CSV's columns as
+    text except those given here as pyarrow arrays (4 rows, in the CSV's order)."""
+    def apply(f: Path) -> None:
+        df = pd.read_csv(f / "interactions.csv", dtype=str, keep_default_na=False)
+        arrays = {c: columns.get(c, pa.array(df[c].tolist(), type=pa.string())) for c in df.columns}
+        pq.write_table(pa.table(arrays), f / "interactions.parquet")
+        (f / "interactions.csv").unlink()
+    return apply
+
+
+def timestamps(last: object, unit: str = "us", tz: Optional[str] = None) -> object:
+    """A Parquet timestamp column whose fourth value is ``last`` (the others in 2024)."""
+    return pa.array([datetime.datetime(2024, 1, 2), datetime.datetime(2024, 1, 3), datetime.datetime(2024, 1, 4), last],
+                    type=pa.timestamp(unit, tz=tz))
+
+
+def dates(last: object) -> object:
+    return pa.array([datetime.date(2024, 1, 2), datetime.date(2024, 1, 3), datetime.date(2024, 1, 4), last],
+                    type=pa.date32())
+
+
+def floats(*values: float) -> object:
+    return pa.array(list(values), type=pa.float64())
+
+
+def nobody_exposed(f: Path) -> None:
+    text = (f / "interactions.csv").read_text(encoding="utf-8")
+    (f / "interactions.csv").write_text(text.replace(",1,4,", ",0,,").replace(",1,5,", ",0,,"), encoding="utf-8")
+
+
+def make_dir(name: str) -> Callable[[Path], None]:
+    """Put a folder where the file ``name`` is expected."""
+    def apply(f: Path) -> None:
+        if (f / name).exists():
+            (f / name).unlink()
+        (f / name).mkdir()
+        (f / name / "inside.txt").write_text("x")
+    return apply
+
+
+def symlink(name: str, target: str) -> Callable[[Path], None]:
+    """Make ``name`` a symbolic link to ``target`` (relative to the folder): a link to itself
+    cannot be opened by anyone, root included (ELOOP); a link to nothing is broken."""
+    def apply(f: Path) -> None:
+        (f / name).unlink()
+        os.symlink(target, f / name)
+    return apply
+
+
+def fifo(name: str) -> Callable[[Path], None]:
+    """A named pipe where a table is expected (reading it would block forever)."""
+    def apply(f: Path) -> None:
+        (f / name).unlink()
+        os.mkfifo(f / name)
+    return apply
+
+
 # (case id, how to break the folder, file, row, column, part of the message)
 CASES: list[tuple[str, Callable[[Path], None], str, Optional[int], Optional[str], str]] = [
     ("missing_study", delete("study.toml"), "study.toml", None, None, "missing"),
@@ -198,7 +260,62 @@ CASES: list[tuple[str, Callable[[Path], None], str, Optional[int], Optional[str]
      "not a number"),
     ("outcome_missing", edit("interactions.csv", ",-2,", ",,"), "interactions.csv", 4, "outcome", "empty"),
     ("bad_timestamp", edit("interactions.csv", "2024-01-04", "2024-13-45"), "interactions.csv", 4, "timestamp",
-     "not an ISO 8601"),
+     "'2024-13-45' is not a real date/time"),
+    ("timestamp_no_such_day", edit("interactions.csv", "2024-01-04", "2024-02-30"), "interactions.csv", 4, "timestamp",
+     "'2024-02-30' is not a real date/time"),
+    ("timestamp_truncated_day", edit("interactions.csv", "2024-01-04", "2024-03-1"), "interactions.csv", 4,
+     "timestamp", "'2024-03-1' is not an ISO 8601 date/time"),
+    ("timestamp_one_digit_month", edit("interactions.csv", "2024-01-04", "2024-3-01"), "interactions.csv", 4,
+     "timestamp", "'2024-3-01' is not an ISO 8601"),
+    ("timestamp_year_month", edit("interactions.csv", "2024-01-04", "2024-03"), "interactions.csv", 4, "timestamp",
+     "'2024-03' is not an ISO 8601"),
+    ("timestamp_basic_format", edit("interactions.csv", "2024-01-04", "20240104"), "interactions.csv", 4,
+     "timestamp", "'20240104' is not an ISO 8601"),
+    ("timestamp_fullwidth_digits", edit("interactions.csv", "2024-01-04", "\uff12\uff10\uff12\uff14-01-04"),
+     "interactions.csv", 4, "timestamp", "is not an ISO 8601"),
+    ("timestamp_offset_without_time", edit("interactions.csv", "2024-01-04", "2024-01-04Z"), "interactions.csv", 4,
+     "timestamp", "'2024-01-04Z' is not an ISO 8601"),
+    ("timestamp_year_2300_csv", edit("interactions.csv", "2024-01-04", "2300-01-04"), "interactions.csv", 4,
+     "timestamp", "'2300-01-04' is outside the accepted range 1678-01-01 to 2261-12-31"),
+    ("timestamp_year_1500_csv", edit("interactions.csv", "2024-02-01T10:00:00", "1500-02-01T10:00:00"),
+     "interactions.csv", 5, "timestamp", "'1500-02-01T10:00:00' is outside the accepted range"),
+    ("timestamp_year_2262_csv", edit("interactions.csv", "2024-01-03", "2262-01-01"), "interactions.csv", 3,
+     "timestamp", "'2262-01-01' is outside"),
+    ("timestamp_empty", edit("interactions.csv", "2024-01-03", ""), "interactions.csv", 3, "timestamp",
+     "value is empty"),
+    ("parquet_timestamp_us_2300", parquet_interactions(timestamp=timestamps(datetime.datetime(2300, 1, 1))),
+     "interactions.parquet", 4, "timestamp", "2300-01-01 00:00:00 is outside the accepted range"),
+    ("parquet_timestamp_ms_1500", parquet_interactions(timestamp=timestamps(datetime.datetime(1500, 6, 1), "ms")),
+     "interactions.parquet", 4, "timestamp", "1500-06-01 00:00:00 is outside"),
+    ("parquet_timestamp_tz_2300",
+     parquet_interactions(timestamp=timestamps(datetime.datetime(2300, 1, 1), "s", "Europe/Paris")),
+     "interactions.parquet", 4, "timestamp", "is outside the accepted range"),
+    ("parquet_date_2300", parquet_interactions(timestamp=dates(datetime.date(2300, 1, 1))),
+     "interactions.parquet", 4, "timestamp", "'2300-01-01' is outside the accepted range"),
+    ("parquet_text_timestamp_truncated",
+     parquet_interactions(timestamp=pa.array(["2024-01-02", "2024-03-1", "2024-01-04", "2024-01-05"])),
+     "interactions.parquet", 2, "timestamp", "'2024-03-1' is not an ISO 8601"),
+    ("parquet_epoch_seconds_timestamp",
+     parquet_interactions(timestamp=pa.array([1704153600, 1704240000, 1704326400, 1706781600])),
+     "interactions.parquet", 1, "timestamp", "'1704153600' is not an ISO 8601"),
+    ("no_exposed_rows", nobody_exposed, "interactions.csv", None, "exposed", "no row has exposed = 1 (0 of 4 rows)"),
+    ("people_is_a_folder", make_dir("people.csv"), "people.csv", None, None, "is a folder, not a file"),
+    ("study_is_a_folder", make_dir("study.toml"), "study.toml", None, None, "is a folder, not a file"),
+    ("parquet_is_a_folder", both(delete("items.csv"), make_dir("items.parquet")), "items.parquet", None, None,
+     "is a folder, not a file"),
+    ("people_link_loop", symlink("people.csv", "people.csv"), "people.csv", None, None, "cannot be read ("),
+    ("study_link_loop", symlink("study.toml", "study.toml"), "study.toml", None, None, "cannot be read ("),
+    ("people_broken_link", symlink("people.csv", "no-such-file.csv"), "people.csv", None, None,
+     "cannot be read (a broken link)"),
+    ("interactions_named_pipe", fifo("interactions.csv"), "interactions.csv", None, None, "not a regular file"),
+    ("nan_person_id_csv", edit("interactions.csv", "a2,x1", "NaN,x1"), "interactions.csv", 4, "person_id",
+     "person is empty"),
+    ("parquet_nan_person_id", parquet_interactions(person_id=floats(1, 1, float("nan"), 3)), "interactions.parquet",
+     3, "person_id", "person is empty"),
+    ("parquet_infinite_item_id", parquet_interactions(item_id=floats(1, 2, float("inf"), 2)), "interactions.parquet",
+     3, "item_id", "'inf' is not an id"),
+    ("parquet_numeric_id_not_in_people", parquet_interactions(person_id=floats(1, 1, 2, 3)), "interactions.parquet",
+     1, "person_id", "person '1' is not in the people file"),
     ("wrong_encoding", latin1_items, "items.csv", 3, "description", "not UTF-8"),
     ("huge_line", huge_line, "items.csv", 3, None, "bytes long"),
     ("ragged_row", edit("people.csv", "a2,45,1,2000,south", "a2,45,1,2,000,south"), "people.csv", 3, None,
@@ -235,6 +352,21 @@ CASES: list[tuple[str, Callable[[Path], None], str, Optional[int], Optional[str]
 ]
 
 
+def snapshot(folder: Path) -> dict[str, object]:
+    """What is in ``folder``, without opening anything that is not a regular file."""
+    snap: dict[str, object] = {}
+    for p in folder.iterdir():
+        if p.is_symlink():
+            snap[p.name] = ("link", os.readlink(p))
+        elif p.is_dir():
+            snap[p.name] = ("folder", sorted(q.name for q in p.iterdir()))
+        elif p.is_file():
+            snap[p.name] = p.read_bytes()
+        else:
+            snap[p.name] = ("other", p.stat().st_mode)
+    return snap
+
+
 def run_cli(folder: Path) -> tuple[int, str, str]:
     result = CliRunner().invoke(client_app, ["check-data", str(folder)])
     return result.exit_code, result.stdout, result.stderr
@@ -265,14 +397,14 @@ def test_malformed_folder_exit_2_with_one_line(tmp_path: Path, case) -> None:
     _, breaker, file, row, column, fragment = case
     folder = make_folder(tmp_path)
     breaker(folder)
-    broken = {p.name: p.read_bytes() for p in folder.iterdir()}
+    broken = snapshot(folder)
     code, out, err = run_cli(folder)
     assert code == 2, (out, err)
     label = "key" if file == "study.toml" else "column"
     prefix = file + (f" row {row}" if row is not None else "") + (f", {label} {column}" if column else "")
     hits = [ln for ln in err.splitlines() if ln.startswith(prefix + ":") and fragment in ln and "; fix: " in ln]
     assert hits, f"expected a line starting {prefix!r} containing {fragment!r}; got:\n{err}"
-    assert {p.name: p.read_bytes() for p in folder.iterdir()} == broken  # check-data modifies nothing
+    assert snapshot(folder) == broken  # check-data modifies nothing
     # the loader raises the same kind of one-line error
     with pytest.raises(FedrecInputError) as info:
         load_institution(folder)
@@ -364,3 +496,203 @@ def test_the_documented_study_toml_parses() -> None:
     assert example is not None
     study = parse_study(example.group(1))
     assert study.causal_covariates == ("age", "female", "region") and study.causal_derived == ("square(age)",)
+
+
+# --------------------------------------------------------------------------- unreadable files
+# Root reads any file whatever its mode, so as root the permission cases run in a child process
+# that drops to an unprivileged uid after importing everything (a real EACCES, not a mock).
+
+UNREADABLE = ["people.csv", "study.toml", "items.parquet", "."]
+
+
+def _make_unreadable(folder: Path, target: str) -> tuple[Path, str]:
+    """chmod 000 ``target`` in ``folder`` (``.``: the folder itself); returns the path and the
+    start of the line check-data must print."""
+    if target == "items.parquet":
+        pd.read_csv(folder / "items.csv", dtype=str).to_parquet(folder / "items.parquet")
+        (folder / "items.csv").unlink()
+    path = folder if target == "." else folder / target
+    os.chmod(path, 0)
+    return path, (str(folder) if target == "." else target) + ": cannot be read (Permission denied)"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode (see the root variant)")
+@pytest.mark.parametrize("target", UNREADABLE)
+def test_unreadable_file_is_one_line_as_non_root(tmp_path: Path, target: str) -> None:
+    folder = make_folder(tmp_path)
+    path, expected = _make_unreadable(folder, target)
+    try:
+        if target == ".":  # an unreadable FOLDER argument is refused by click first: check run_check itself
+            from rich.console import Console
+
+            from fedrec.client.check_data import run_check
+
+            buf = io.StringIO()
+            code = run_check(folder, console=Console(file=io.StringIO()), err_console=Console(file=buf, width=400))
+            err = buf.getvalue()
+        else:
+            code, _, err = run_cli(folder)
+        assert code == 2 and any(ln.startswith(expected) and "; fix: " in ln for ln in err.splitlines()), err
+        with pytest.raises(FedrecInputError, match="cannot be read") as info:
+            load_institution(folder)
+        assert "\n" not in str(info.value)
+    finally:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+_AS_NOBODY = r"""
+import io, os, sys
+from pathlib import Path
+from rich.console import Console
+from typer.testing import CliRunner
+import typer.rich_utils  # imported lazily by typer when it reports a usage error
+from fedrec.client.check_data import run_check
+from fedrec.client.cli import app
+from fedrec.common.datasets import load_institution
+from fedrec.common.errors import FedrecInputError
+warm, targets = Path(sys.argv[1]), [Path(a) for a in sys.argv[2:]]
+assert CliRunner().invoke(app, ["check-data", str(warm)]).exit_code == 0  # every lazy import, as root
+try:
+    os.setgid(65534)
+    os.setuid(65534)
+except PermissionError:
+    print("NO-SETUID")
+    sys.exit(0)
+for target in targets:
+    print("=== TARGET", target)
+    result = CliRunner().invoke(app, ["check-data", str(target)])
+    print("CLI", result.exit_code)
+    sys.stdout.write(result.stderr)
+    err = io.StringIO()
+    code = run_check(target, console=Console(file=io.StringIO()), err_console=Console(file=err, width=400))
+    print("RUN_CHECK", code)
+    sys.stdout.write(err.getvalue())
+    try:
+        load_institution(target)
+        print("LOADED")
+    except FedrecInputError as e:
+        print("LOADER", e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid (the non-root variant covers it)")
+def test_unreadable_file_is_one_line_after_dropping_root() -> None:
+    """Each of UNREADABLE, chmod 000, checked by an unprivileged child (one process for all)."""
+    import shutil
+    import stat as st
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="fedrec-unreadable-"))
+    try:
+        os.chmod(base, 0o755)
+        if any(not os.stat(p).st_mode & st.S_IXOTH for p in base.parents):
+            pytest.skip(f"{tempfile.gettempdir()} is not reachable by an unprivileged user")
+        (base / "warm").mkdir()
+        warm = make_folder(base / "warm")
+        pd.read_csv(warm / "items.csv", dtype=str).to_parquet(warm / "items.parquet")  # warm the Parquet reader
+        (warm / "items.csv").unlink()
+        folders, expected = [], {}
+        for k, target in enumerate(UNREADABLE):
+            (base / str(k)).mkdir()
+            bad = make_folder(base / str(k))
+            folders.append(str(bad))
+            expected[str(bad)] = (target, _make_unreadable(bad, target)[1])
+        run = subprocess.run([sys.executable, "-c", _AS_NOBODY, str(warm), *folders], capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-3000:]
+        if "NO-SETUID" in run.stdout:
+            pytest.skip("cannot drop privileges here")
+        blocks = run.stdout.split("=== TARGET ")[1:]
+        assert len(blocks) == len(UNREADABLE), run.stdout
+        for block in blocks:
+            folder, _, body = block.partition("\n")
+            target, line = expected[folder]
+            cli, _, rest = body.partition("RUN_CHECK ")
+            direct, _, loader = rest.partition("LOADER ")
+            assert direct.startswith("2\n"), (target, body)
+            assert any(ln.startswith(line) and "; fix: " in ln for ln in direct.splitlines()), (target, body)
+            assert "cannot be read (Permission denied); fix: " in loader and "\n" not in loader.strip(), (target, body)
+            if target != ".":  # an unreadable FOLDER argument is refused by click first (see the report)
+                assert cli.startswith("CLI 2\n"), (target, body)
+                assert any(ln.startswith(line) and "; fix: " in ln for ln in cli.splitlines()), (target, body)
+    finally:
+        for p in [base, *base.rglob("*")]:
+            if not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- what is accepted
+
+
+def test_iso_forms_load_to_the_right_instant(folder: Path) -> None:
+    """Strict ISO 8601 forms that are accepted, and the instant each loads as (offsets -> UTC,
+    no offset: as written)."""
+    text = INTERACTIONS.replace("2024-01-02", "2024-01-02T23:30:00-02:00").replace("2024-01-03", "2024-01-03 07:15")
+    text = text.replace("2024-01-04", "2261-12-31T23:59:59.123456789Z").replace("2024-02-01T10:00:00", "1678-01-01")
+    (folder / "interactions.csv").write_text(text, encoding="utf-8")
+    ts = load_institution(folder).interactions["timestamp"]
+    assert str(ts.dtype) == "datetime64[ns]"
+    assert ts.tolist() == [pd.Timestamp("2024-01-03T01:30:00"), pd.Timestamp("2024-01-03T07:15:00"),
+                           pd.Timestamp("2261-12-31T23:59:59.123456789"), pd.Timestamp("1678-01-01")]
+
+
+@pytest.mark.parametrize("unit", ["s", "ms", "us", "ns"])
+def test_parquet_timestamps_keep_their_value_in_any_unit(folder: Path, unit: str) -> None:
+    """A Parquet timestamp near the accepted range's end is read exactly (no nanosecond wrap);
+    a time zone converts to UTC."""
+    from zoneinfo import ZoneInfo
+
+    paris = ZoneInfo("Europe/Paris")
+    values = [datetime.datetime(2024, 1, 2, 0, 30, tzinfo=paris), datetime.datetime(2024, 1, 3, tzinfo=paris),
+              datetime.datetime(2024, 1, 4, tzinfo=paris), datetime.datetime(2261, 6, 1, 12, tzinfo=paris)]
+    parquet_interactions(timestamp=pa.array(values, type=pa.timestamp(unit, tz="Europe/Paris")))(folder)
+    ts = load_institution(folder).interactions["timestamp"]
+    assert str(ts.dtype) == "datetime64[ns]"
+    assert ts.iloc[3] == pd.Timestamp("2261-06-01T10:00:00")  # 12:00 in Paris (summer time) is 10:00 UTC
+    assert ts.iloc[0] == pd.Timestamp("2024-01-01T23:30:00")  # winter time: UTC+1
+
+
+def test_parquet_date_column_loads(folder: Path) -> None:
+    parquet_interactions(timestamp=dates(datetime.date(2261, 12, 31)))(folder)
+    ts = load_institution(folder).interactions["timestamp"]
+    assert ts.tolist()[2:] == [pd.Timestamp("2024-01-04"), pd.Timestamp("2261-12-31")]
+
+
+def test_parquet_numeric_ids_match_across_tables(folder: Path) -> None:
+    """Whole-number ids read as 7 whether the Parquet column is integer or float (a float id
+    column is what a NaN anywhere in it makes); the loaded ids are text."""
+    people = pd.read_csv(folder / "people.csv", dtype={"person_id": str})
+    people["person_id"] = [1, 2, 3]
+    people.to_parquet(folder / "people.parquet")
+    (folder / "people.csv").unlink()
+    parquet_interactions(person_id=floats(1, 1, 2, 3))(folder)
+    data = load_institution(folder)
+    assert data.people["person_id"].tolist() == ["1", "2", "3"]
+    assert data.interactions["person_id"].tolist() == ["1", "1", "2", "3"]
+
+
+def test_one_exposed_row_is_enough(folder: Path) -> None:
+    text = INTERACTIONS.replace("a3,x2,1,5,", "a3,x2,0,,")
+    (folder / "interactions.csv").write_text(text, encoding="utf-8")
+    assert load_institution(folder).interactions["exposed"].tolist() == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("breaker, expected", [
+    (edit("interactions.csv", "2024-01-04", "2024-03-1"),
+     "interactions.csv row 4, column timestamp: '2024-03-1' is not an ISO 8601 date/time; fix: "),
+    (parquet_interactions(timestamp=timestamps(datetime.datetime(2300, 1, 1))),
+     "interactions.parquet row 4, column timestamp: 2300-01-01 00:00:00 is outside the accepted range "),
+    (nobody_exposed, "interactions.csv, column exposed: no row has exposed = 1 "),
+], ids=["truncated_date", "parquet_2300", "no_exposed_rows"])
+def test_subprocess_real_cli_new_checks(tmp_path: Path, breaker: Callable[[Path], None], expected: str) -> None:
+    """The installed ``fedrec-client check-data``: exit 2, the problem on one stderr line, no traceback."""
+    folder = make_folder(tmp_path)
+    breaker(folder)
+    exe = Path(sys.executable).with_name("fedrec-client")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fedrec.client.cli"]
+    env = dict(os.environ, COLUMNS="300")
+    run = subprocess.run([*cmd, "check-data", str(folder)], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert [ln for ln in run.stderr.splitlines() if ln.startswith(expected)], run.stderr
