@@ -103,7 +103,7 @@ def split_replies(
         if "refusal" in msg.content.config_records:
             # institutions send a generic code (client/node.py), never a text about their data
             rec = msg.content.config_records["refusal"]
-            refusals[node] = str(rec.get("code", "refused"))
+            refusals[node] = str(rec.get("code", rec.get("reason", "refused")))
             continue
         ok[node] = msg
     return ok, refusals, failed

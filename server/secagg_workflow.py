@@ -137,7 +137,8 @@ class SecAggPlusSum:
                 continue
             c = m.content
             if "refusal" in c.config_records:
-                refusals[node] = str(c.config_records["refusal"].get("reason", ""))
+                rec = c.config_records["refusal"]  # a generic code from the institution (client/node.py)
+                refusals[node] = str(rec.get("code", rec.get("reason", "refused")))
                 continue
             srec = c.config_records.get(SECAGG_RECORD)
             if srec is None or "error" in srec or "arrays" not in c.array_records:

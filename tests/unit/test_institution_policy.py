@@ -286,3 +286,20 @@ def test_causal_release_carries_the_charged_noise(causal_folder):
     k = len(draws) - 1
     dof = k * spread.size
     assert measured == pytest.approx(charged_sd, rel=5 / math.sqrt(2 * dof)), (measured, charged_sd)
+
+
+def test_a_holder_never_unmasks_distributed_noise_below_its_n_min():
+    """A node that added σ²/n_min in a slot holds back its shares for that slot unless at least
+    n_min survive: the server cannot unmask a sum carrying too little noise."""
+    from fedrec.common.secagg import ClientState, SecAggClient, SecAggProtocolError
+
+    session = b"s" * 16
+    client = SecAggClient(ClientState(session=session, index=1, slots=2, committee=[1, 2, 3, 4], threshold=3))
+    client.set_survivor_floor(0, 3)
+    request = {"session": session, "slot": 0, "survivors": [1, 2], "dropped": [3, 4],
+               "ct-from": [], "ct-kind": [], "ct": []}
+    with pytest.raises(SecAggProtocolError, match="below this node's distributed-noise n_min 3"):
+        client.unmask(request)
+    assert client.unmask({**request, "survivors": [1, 2, 3], "dropped": [4]})["shares"] == []
+    # slots without distributed noise keep no floor
+    assert client.unmask({**request, "slot": 1})["shares"] == []
