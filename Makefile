@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast mutants bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+## mutants: break the privacy code on purpose (tests/mutation/mutants.toml), each in a scratch
+## copy; every mutant must make its named tests fail (also run by `make test`)
+mutants: $(STAMP)
+	$(BIN)/python tests/mutation/run_mutants.py
 
 ## bench: every benchmark, full size, JSON to results/bench/
 bench: $(STAMP)

@@ -109,7 +109,8 @@ def _stable_int(text: str) -> int:
 
 
 def _trainer(inst: Institution, cfg: RunConfig) -> MFTrainer:
-    return MFTrainer(inst.ratings, inst.data.n_items, cfg)
+    # the public, declared rating scale sets the MF global offset (never the data's mean)
+    return MFTrainer(inst.ratings, inst.data.n_items, cfg, bounds=inst.data.bounds)
 
 
 def catalogue_fingerprint(item_ids: np.ndarray, features: np.ndarray | None = None) -> tuple[int, str]:

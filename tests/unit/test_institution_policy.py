@@ -203,14 +203,17 @@ def test_errors_reach_the_server_as_codes_and_the_detail_stays_in_the_log(node, 
     assert "secret-value-93" in caplog.text
 
 
-def test_reported_noise_and_the_ledger_match_what_the_handler_adds(node):
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_reported_noise_and_the_ledger_match_what_the_handler_adds(node, mode):
     """Two train replies from the same global model differ only by the noise: its empirical
-    variance must be what the ledger's charged σ implies (a client adding σ/10 while charging σ
-    fails this)."""
-    ctx = ctx_for(node, **{"privacy.epsilon": 2.0})
-    assert refusal_code(client_app.counts(counts_msg(), ctx)) is None
-    a = client_app.train(train_msg(node), ctx)
-    b = client_app.train(train_msg(node), ctx)
+    variance must be what the ledger's charged σ implies — σ²C² (local) or σ²C²/n_min
+    (distributed) — so a client adding σ/10 while charging σ fails this."""
+    extra = {"privacy.noise-mode": "distributed", "privacy.n-min": 3} if mode == "distributed" else {}
+    active = [1, 2, 3] if mode == "distributed" else None
+    ctx = ctx_for(node, **{"privacy.epsilon": 2.0, **extra})
+    assert refusal_code(client_app.counts(counts_msg(active), ctx)) is None
+    a = client_app.train(train_msg(node, active=active), ctx)
+    b = client_app.train(train_msg(node, active=active), ctx)
     lr, precond = BASE.train.lr, 0.1  # train_msg's public preconditioner
     diff = (a.content.array_records["arrays"]["item_bias"].numpy().astype(np.float64)
             - b.content.array_records["arrays"]["item_bias"].numpy()) / (lr * precond)
@@ -218,7 +221,7 @@ def test_reported_noise_and_the_ledger_match_what_the_handler_adds(node):
     train_rows = [r for r in rows if r.task == "train"]
     assert len(train_rows) == 2
     sigma = train_rows[0].event.noise_multiplier
-    charged_sd = sigma * BASE.privacy.clip_norm
+    charged_sd = sigma * BASE.privacy.clip_norm / (math.sqrt(3) if mode == "distributed" else 1.0)
     measured_sd = float(np.std(diff)) / math.sqrt(2)
     n = diff.size  # thousands of coordinates: the std is known to ~1/sqrt(2n)
     assert measured_sd == pytest.approx(charged_sd, rel=5 / math.sqrt(2 * n)), (measured_sd, charged_sd)
