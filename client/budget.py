@@ -6,20 +6,33 @@ release; they count as spent), ε of that group alone, and the **cumulative** ε
 composition is sub-additive, so the cumulative column, not the sum of the "alone" column, is
 what the cap is compared with. Below: total spent (PRV, with RDP as the cross-check), cap
 and remaining. ε is derived from the recorded events on every call; nothing is cached.
+
+A non-private release (a ``nonprivate`` ledger row, allowed only by an institution policy for
+simulations) has ε = ∞: its group and every cumulative value after it print as
+"∞ (non-private)", never 0, and the remaining budget is 0 with the reason. The summary's
+numbers stay floats (``math.inf``).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from fedrec.common.errors import FedrecInputError
-from fedrec.common.privacy.accountant import epsilon_pair
+from fedrec.common.privacy.accountant import NonPrivateEvent, epsilon_pair
 from fedrec.common.privacy.ledger import LedgerRow, PrivacyLedger
 
-__all__ = ["show_budget", "budget_summary"]
+__all__ = ["show_budget", "budget_summary", "format_epsilon"]
+
+NON_PRIVATE = "∞ (non-private)"
+
+
+def format_epsilon(eps: float, nd: int = 3) -> str:
+    """ε for people: ∞ says "non-private" (ε = ∞ must never read as 0 or as a number)."""
+    return NON_PRIVATE if math.isinf(eps) else f"{eps:.{nd}f}"
 
 
 def budget_summary(ledger: PrivacyLedger, *, delta: float | None = None) -> dict:
@@ -45,6 +58,7 @@ def budget_summary(ledger: PrivacyLedger, *, delta: float | None = None) -> dict
                 "model": model,
                 "task": task,
                 "releases": len(grp),
+                "non_private": sum(isinstance(r.event, NonPrivateEvent) for r in grp),
                 "unreleased": sum(r.status == "charged" for r in grp),
                 "rounds": sorted({r.round for r in grp}),
                 "epsilon_alone": alone[0],
@@ -59,7 +73,8 @@ def budget_summary(ledger: PrivacyLedger, *, delta: float | None = None) -> dict
     remaining = None
     if cap is not None:
         at_cap = total[0] if d == cap.delta else epsilon_pair([r.event for r in rows], delta=cap.delta)[0]
-        remaining = max(0.0, cap.epsilon - at_cap)
+        remaining = max(0.0, cap.epsilon - at_cap)  # 0.0 when ε = ∞
+    non_private = sum(isinstance(r.event, NonPrivateEvent) for r in rows)
     return {
         "institution": ledger.institution,
         "ledger": str(ledger.path),
@@ -70,6 +85,11 @@ def budget_summary(ledger: PrivacyLedger, *, delta: float | None = None) -> dict
         "spent_rdp": total[1],
         "remaining": remaining,
         "unreleased": sum(r.status == "charged" for r in rows),
+        "non_private": non_private,
+        "remaining_reason": (
+            f"{non_private} non-private release(s) recorded: spent ε = ∞, nothing can be released privately"
+            if non_private else None
+        ),
     }
 
 
@@ -106,16 +126,21 @@ def show_budget(path: Path, *, delta: float | None, console: Console) -> int:
         table.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for g in s["groups"]:
         same_delta = cap is not None and cap["delta"] == s["delta"]
-        rem = f"{max(0.0, cap['epsilon'] - g['epsilon_cumulative']):.3f}" if same_delta else ""
+        if not same_delta:
+            rem = ""
+        elif math.isinf(g["epsilon_cumulative"]):
+            rem = "none"
+        else:
+            rem = f"{max(0.0, cap['epsilon'] - g['epsilon_cumulative']):.3f}"
         table.add_row(
             g["run_id"],
             g["model"],
             g["task"],
             str(g["releases"]),
             str(g["unreleased"]) if g["unreleased"] else "",
-            f"{g['epsilon_alone']:.3f}",
-            f"{g['epsilon_cumulative']:.3f}",
-            f"{g['epsilon_cumulative_rdp']:.3f}",
+            format_epsilon(g["epsilon_alone"]),
+            format_epsilon(g["epsilon_cumulative"]),
+            format_epsilon(g["epsilon_cumulative_rdp"]),
             rem,
             g["last"][:16].replace("T", " "),
         )
@@ -124,7 +149,14 @@ def show_budget(path: Path, *, delta: float | None, console: Console) -> int:
                       "" if cap is None else f"{cap['epsilon']:.3f}", "")
     console.print(table)
     if cap is None:
-        console.print(f"spent ε = {s['spent_prv']:.3f} (PRV), {s['spent_rdp']:.3f} (RDP); no cap set")
+        console.print(f"spent ε = {format_epsilon(s['spent_prv'])} (PRV), {format_epsilon(s['spent_rdp'])} (RDP); "
+                      "no cap set")
+    elif s["non_private"]:
+        console.print(
+            f"spent ε = [bold]{NON_PRIVATE}[/] at δ = {s['delta']:g}; cap ε = {cap['epsilon']:g} at "
+            f"δ = {cap['delta']:g}, remaining ε = [bold]none[/] ({s['remaining_reason']})",
+            highlight=False,
+        )
     else:
         console.print(
             f"spent ε = [bold]{s['spent_prv']:.3f}[/] (PRV; RDP cross-check {s['spent_rdp']:.3f}) "

@@ -199,10 +199,14 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         rng = np.random.default_rng(cfg.data.seed)
         global_arrays["item_factors"] = (0.1 * rng.standard_normal((n_items, dim))).astype(np.float32)
     protocol = make_sum_protocol(cfg)
-    history: dict = {"rounds": [], "config": cfg.to_flat(), "institutions": institution_names}
+    # the run's own record for the audit: its run id (the one every client charges its ledger
+    # under) and, per institution, how many replies the server accepted (each one a charged release)
+    run_id = str(grid.run.run_id)
+    releases: dict[str, dict] = {name: {"count": 0, "ledger_head": None} for name in institution_names.values()}
+    history: dict = {"rounds": [], "config": cfg.to_flat(), "institutions": institution_names, "releases": releases}
     if results_dir:
         results_dir.mkdir(parents=True, exist_ok=True)
-        write_json(results_dir / "config.json", cfg.to_flat())
+        write_json(results_dir / "config.json", {**cfg.to_flat(), "run-id": run_id})
     simulate = cfg.eval.metrics_release == "simulation"
     min_contributors = max(1, math.ceil((1 - cfg.secagg.max_dropout_fraction) * len(nodes)))
     if cfg.privacy.noise_mode == "distributed":
@@ -234,6 +238,9 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
             update = prior_mean_update(update, steps, catalogue, cfg)
         global_arrays = {k: (v + update[k]).astype(np.float32) for k, v in global_arrays.items()}
         record_epsilon(epsilon, res)
+        for node in res.contributors:
+            releases.setdefault(institution_names.get(str(node), str(node)), {"count": 0, "ledger_head": None})[
+                "count"] += 1
         row: dict = {
             "round": r,
             "contributors": len(res.contributors),

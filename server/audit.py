@@ -2,12 +2,25 @@
 
 Writes ``audit.md``, ``audit.json`` and ``audit.png`` into ``RUN_DIR``. Four parts:
 
-a. **Accounting re-check.** Every institution's ε is re-derived from the mechanism events in
-   its ledger (``RUN_DIR/ledgers/<institution>.db``; PRV primary, RDP cross-check) and
-   compared with what the run claimed in ``metrics.json`` (the last round's ``epsilon`` per
-   institution). A claim below the re-derived value (an under-count) is a failure; so is a
-   ledger above its cap. The ε of the run's own events is compared with the run's target
-   ``privacy.epsilon``.
+The audit reads **only the run folder**: ``config.json``, ``metrics.json`` and the ledgers at
+``RUN_DIR/ledgers/<institution>.db`` (never a path named in config.json, so a copied folder
+audits its own copies). The run is the one ``config.json`` records as ``"run-id"`` (the id every
+client charged its ledger rows under); nothing is guessed, so a run that passed still passes
+after a later run appended to the same ledgers.
+
+a. **Accounting re-check.** Each ledger's hash chain must verify (every problem is a failure
+   naming the institution and the row: deleted, edited, foreign, broken genesis), and where
+   ``metrics.json`` records a ``ledger_head`` the ledger must still extend it (else it was
+   swapped or rolled back). The ledger must hold at least as many rows of this run as
+   ``metrics.json["releases"][institution]["count"]`` says the server accepted from it (fewer
+   = a release that was never charged: a failure naming the institution). Every
+   institution's ε is re-derived from the mechanism events in its ledger (PRV primary, RDP
+   cross-check) and compared with what the run claimed in ``metrics.json`` (the last round's
+   ``epsilon`` per institution). A claim below the re-derived value (an under-count) is a
+   failure; so is a ledger above its cap. The ε of the run's own events is compared with the
+   run's target ``privacy.epsilon``. Non-private rows are ε = ∞ in the report (never 0): a run
+   holding any is reported as non-private; that is a failure unless config.json declares the
+   run non-private (``privacy.epsilon = inf``, a simulation with ``--non-private``).
 
 b. **Empirical audit in one run** (Steinke, Nasr & Jagielski, "Privacy Auditing with One (1)
    Training Run", NeurIPS 2023). m canaries, each included independently with probability ½;
@@ -28,17 +41,23 @@ b. **Empirical audit in one run** (Steinke, Nasr & Jagielski, "Privacy Auditing 
    * ``mf_dpsgd`` — white-box gradient canaries in DP-SGD with the run's σ, sample rate q,
      clipping bound C and number of steps (read from the ledger's events and config.json).
      Canary u is a person whose gradient is 100·C along its own coordinate e_u (so clipping
-     binds); the mechanism is the project's own: Opacus' Poisson sampler
+     binds); the mechanism is the one the handlers run: Opacus' Poisson sampler
      (``UniformWithReplacementSampler``, the sampler inside ``DPDataLoader``), exact
-     per-person clipping (``common/privacy/person_clipping.py``) and Opacus'
-     ``DPOptimizerFastGradientClipping`` noise, as in ``client/train.py``. In ``distributed``
-     noise mode n_min clients each add σ/√n_min and the canaries' client is one of them. The
-     score is the canary's coordinate of the summed noisy update (θ₀ − θ_T).
-   * ``gaussian_release`` — a Gaussian statistics release (MF item counts, causal sums) through ``common/privacy/gaussian.py``
-     (``clip_rows`` + ``gaussian_mechanism``): canary u contributes 100·Δ on its own
-     coordinate, clipped to Δ. The run's Gaussian events are replayed (score: the
+     per-person clipping (``common/privacy/person_clipping.py``) and the optimizer
+     ``common/privacy/release.py::dp_sgd_optimizer`` builds from the charged
+     :class:`DPSGDEvent` (the function ``client/train.py`` calls). In ``distributed`` noise
+     mode n_min clients each add the share 1/n_min of the variance and the canaries' client is
+     one of them. The score is the canary's coordinate of the summed noisy update (θ₀ − θ_T).
+   * ``gaussian_release`` — a Gaussian statistics release (MF item counts, causal sums) through
+     ``common/privacy/release.py::gaussian_release`` driven by the charged
+     :class:`GaussianEvent` (the function ``client/train.py`` and ``client/statistics.py``
+     call), after ``common/privacy/gaussian.py::clip_rows``: canary u contributes 100·Δ on its
+     own coordinate, clipped to Δ. The run's Gaussian events are replayed (score: the
      1/σ²-weighted sum of the releases); a run that recorded none is audited on a reference
      release calibrated to the run's ε target, and the report says so.
+
+   Because the audit drives the release functions themselves, a change that adds less noise
+   than the event charged (e.g. σ/10) is caught here as well as in the unit tests.
 
    The audit re-runs each mechanism on canaries with the run's parameters — it cannot plant
    canaries in a run that already happened — so it checks the mechanism and its accounting,
@@ -55,9 +74,10 @@ c. **Power check.** The same audit (same m, δ_audit, pilot procedure) against d
 d. **Protocol settings** from config.json: SecAgg+, noise mode and n_min, TLS and node
    authentication (n/a in a simulation), which metrics were released and whether they were DP.
 
-Exit code: 0 when the audit finds nothing wrong, 1 when it does (under-counted ε, a cap
-exceeded, a correct mechanism flagged, or a broken mechanism not flagged), 2 for unusable
-input (:class:`~fedrec.common.errors.FedrecInputError`).
+Exit code: 0 when the audit finds nothing wrong, 1 when it does (a broken hash chain, fewer
+ledger rows than accepted releases, under-counted ε, a cap exceeded, undeclared non-private
+releases, a correct mechanism flagged, or a broken mechanism not flagged), 2 for unusable input
+(:class:`~fedrec.common.errors.FedrecInputError`: no run id recorded, an unreadable ledger).
 """
 
 from __future__ import annotations
@@ -78,8 +98,16 @@ from rich.console import Console
 
 from fedrec.common.jsonio import write_json
 from fedrec.common.errors import FedrecInputError
-from fedrec.common.privacy.accountant import DPSGDEvent, GaussianEvent, epsilon_for, gaussian_epsilon
+from fedrec.common.privacy.accountant import (
+    DPSGDEvent,
+    GaussianEvent,
+    NonPrivateEvent,
+    epsilon_for,
+    gaussian_epsilon,
+)
+from fedrec.common.privacy.gaussian import clip_rows
 from fedrec.common.privacy.ledger import LedgerRow, PrivacyLedger
+from fedrec.common.privacy.release import dp_sgd_optimizer, gaussian_release
 
 __all__ = [
     "p_value_dp_audit",
@@ -98,6 +126,9 @@ __all__ = [
 ]
 
 CONFIDENCE = 0.95
+#: the noise multiplier handed to a release function for "no noise" in the power check
+#: (events need σ > 0; 1e-12 of the clip is no noise at all next to a canary's C)
+_NO_NOISE = 1e-12
 #: how much larger than C (or Δ) a canary's raw gradient / contribution is
 CANARY_SCALE = 100.0
 
@@ -336,14 +367,16 @@ def dpsgd_canary_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One DP-SGD run on ``m`` gradient canaries; returns (scores, included).
 
-    ``schedule``: ``[(σ, q, steps), ...]`` in order — σ of the released aggregate. With
-    ``n_clients`` > 1 (distributed noise) each client adds σ/√n_clients. ``noise_scale``
-    (0 = no noise) and ``clipping=False`` build the broken mechanisms of the power check.
-    The score is the canary's coordinate of the summed noisy update, undone of the optimizer's
-    1/batch scaling and divided by C: a canary in adds C·(times sampled), noise adds σ·√steps.
+    ``schedule``: ``[(σ, q, steps), ...]`` in order — σ of the released aggregate, i.e. of the
+    charged :class:`DPSGDEvent`. The noise is added by the optimizer
+    :func:`~fedrec.common.privacy.release.dp_sgd_optimizer` builds from that event (the handler's
+    own function), with ``noise_share`` 1/n_clients: with ``n_clients`` > 1 (distributed noise)
+    each client adds σ²/n_clients. ``noise_scale`` and ``clipping=False`` build the broken
+    mechanisms of the power check: the optimizer is then handed an event with σ·noise_scale
+    (≈ 0 for 0) — a handler noising less than it charged. The score is the canary's coordinate
+    of the summed noisy update divided by C: a canary in adds C·(times sampled), noise σ·√steps.
     """
     import torch
-    from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     from fedrec.common.privacy.person_clipping import clipped_sum_backward
@@ -359,18 +392,21 @@ def dpsgd_canary_scores(
         thetas = [torch.zeros(m, dtype=torch.float64, requires_grad=True) for _ in range(n_clients)]
         score = torch.zeros(m, dtype=torch.float64)
         for seg, (sigma, q, steps) in enumerate(schedule):
-            local_sigma = noise_scale * sigma / math.sqrt(n_clients)
+            charged = DPSGDEvent(noise_multiplier=sigma, sample_rate=q, steps=int(steps))
+            # what the optimizer is handed: the charged event (or, broken, a scaled one)
+            used = charged if noise_scale == 1.0 else DPSGDEvent(
+                noise_multiplier=max(noise_scale * sigma, _NO_NOISE), sample_rate=q, steps=int(steps))
             batch_size = max(1, int(round(q * n_members)))
             start = sum(t.detach().clone() for t in thetas)
             opts = []
             for j, theta in enumerate(thetas):
                 opts.append(
-                    DPOptimizerFastGradientClipping(
+                    dp_sgd_optimizer(
                         torch.optim.SGD([theta], lr=1.0),
-                        noise_multiplier=local_sigma,
-                        max_grad_norm=clip_norm,
+                        event=used,
+                        clip_norm=clip_norm,
+                        noise_share=1.0 / n_clients,
                         expected_batch_size=batch_size,
-                        loss_reduction="mean",
                         generator=torch.Generator().manual_seed(_seeded(seed, "noise", seg, j)),
                     )
                 )
@@ -395,21 +431,10 @@ def dpsgd_canary_scores(
                         theta.grad = torch.zeros_like(theta)
                     opt.step()
             with torch.no_grad():  # the segment's summed released update, in units of C
-                score += (start - sum(t.detach() for t in thetas)) * batch_size / clip_norm
+                score += (start - sum(t.detach() for t in thetas)) / clip_norm
         return score.numpy(), included
     finally:
         torch.set_num_threads(torch_threads)
-
-
-def _gaussian_module():
-    """``common/privacy/gaussian.py`` (clip_rows, gaussian_mechanism) or None."""
-    try:
-        from fedrec.common.privacy import gaussian as gm
-
-        gm.clip_rows, gm.gaussian_mechanism  # noqa: B018 - the two functions we need
-        return gm
-    except (ImportError, AttributeError):
-        return None
 
 
 def gaussian_canary_scores(
@@ -424,37 +449,28 @@ def gaussian_canary_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian statistics releases of a clipped per-person sum with ``m`` canaries.
 
-    ``releases``: ``[(σ, count), ...]``; the score is Σ release / σ² (likelihood-ratio order).
+    ``releases``: ``[(σ, count), ...]``, the charged :class:`GaussianEvent` s. Each of the
+    ``count`` releases goes through :func:`~fedrec.common.privacy.release.gaussian_release`
+    (the handlers' function) with a one-release event of that σ and ``sensitivity``, at
+    ``noise_share`` 1/n_clients per client; ``noise_scale``/``clipping=False`` are the broken
+    mechanisms of the power check (the function is handed a scaled event). The score is
+    Σ release / σ² (likelihood-ratio order).
     """
-    gm = _gaussian_module()
     rng = np.random.default_rng(_seeded(seed, "membership"))
     included = rng.random(m) < 0.5
     raw = np.full((int(included.sum()), 1), CANARY_SCALE * sensitivity)
-    if clipping:  # each canary's contribution is 1-sparse, so its row norm is |value|
-        rows = gm.clip_rows(raw, sensitivity) if gm else raw * min(1.0, sensitivity / float(raw.max(initial=1)))
-    else:
-        rows = raw
+    rows = clip_rows(raw, sensitivity) if clipping else raw  # each canary's row is 1-sparse
     value = np.zeros(m)
     value[included] = rows[:, 0]
     score = np.zeros(m)
     for k, (sigma, count) in enumerate(releases):
-        sig = noise_scale * sigma
+        used = GaussianEvent(noise_multiplier=max(noise_scale * sigma, _NO_NOISE), count=1, sensitivity=sensitivity)
         for c in range(int(count)):
             total = np.zeros(m)
             for j in range(n_clients):
                 gen = np.random.default_rng(_seeded(seed, "noise", k, c, j))
                 contrib = value if j == 0 else np.zeros(m)
-                if gm is not None:
-                    total += gm.gaussian_mechanism(
-                        contrib,
-                        sensitivity=sensitivity,
-                        noise_multiplier=sig,
-                        noise_mode="distributed" if n_clients > 1 else "local",
-                        n_min=n_clients,
-                        generator=gen,
-                    )
-                else:  # pragma: no cover - only without common/privacy/gaussian.py
-                    total += contrib + gen.normal(0.0, sig * sensitivity / math.sqrt(n_clients), m)
+                total += gaussian_release(contrib, event=used, noise_share=1.0 / n_clients, generator=gen)
             score += total / max(sigma, 1e-12) ** 2
     return score, included
 
@@ -465,7 +481,7 @@ class _Inst:
     name: str
     ledger: PrivacyLedger
     rows: list[LedgerRow]
-    run_id: str | None
+    run_id: str
     run_rows: list[LedgerRow] = field(default_factory=list)
 
 
@@ -484,20 +500,59 @@ def _num(x: Any) -> float:
     return float(x)
 
 
-def _choose_run(rows: list[LedgerRow], n_rounds: int) -> str | None:
-    """The ledger's run this folder describes: the latest run that trained ``n_rounds`` rounds
-    (or, failing that, the latest run)."""
-    if not rows:
+def _recorded_run_id(cfg: dict, run_dir: Path) -> str:
+    """The run id the run recorded about itself (config.json ``run-id``); never guessed."""
+    rid = cfg.get("run-id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not str(rid).strip():
+        raise FedrecInputError(
+            f"{run_dir / 'config.json'}: no \"run-id\" recorded, so the audit cannot tell this run's ledger rows "
+            "from other runs'; rerun with a fedrec that records it"
+        )
+    return str(rid)
+
+
+def _recorded_releases(metrics: dict, run_dir: Path) -> dict[str, dict] | None:
+    """``metrics.json["releases"]``: {institution: {"count": accepted replies, "ledger_head": ...}}."""
+    rec = metrics.get("releases")
+    if rec is None:
         return None
-    last_seen: dict[str, int] = {}
-    rounds: dict[str, set[int]] = {}
-    for r in rows:
-        last_seen[r.run_id] = r.id
-        if r.task == "train":
-            rounds.setdefault(r.run_id, set()).add(r.round)
-    fitting = [rid for rid, rs in rounds.items() if n_rounds and len(rs) >= n_rounds]
-    pool = fitting or list(last_seen)
-    return max(pool, key=lambda rid: last_seen[rid])
+    if not isinstance(rec, dict):
+        raise FedrecInputError(f"{run_dir / 'metrics.json'}: \"releases\" must map institution -> {{count, ledger_head}}")
+    out: dict[str, dict] = {}
+    for name, entry in rec.items():
+        if not _safe_name(str(name)):
+            raise FedrecInputError(f"{run_dir / 'metrics.json'}: releases names institution {name!r}, which is not "
+                                   "a plain file name")
+        count = entry.get("count") if isinstance(entry, dict) else None
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or count < 0 or count != int(count):
+            raise FedrecInputError(f"{run_dir / 'metrics.json'}: releases[{name!r}].count must be a whole number >= 0")
+        out[str(name)] = {"count": int(count), "ledger_head": entry.get("ledger_head")}
+    return out
+
+
+def _safe_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _head_problem(led: PrivacyLedger, head: Any) -> str | None:
+    """Why the ledger does not extend the head the run recorded (``[rows, hash]`` or
+    ``{"rows": n, "hash": h}``), or None when it does / none was recorded."""
+    if head is None:
+        return None
+    if isinstance(head, dict):
+        n, h = head.get("rows"), head.get("hash")
+    elif isinstance(head, (list, tuple)) and len(head) == 2:
+        n, h = head
+    else:
+        return f"the recorded ledger_head {head!r} is not [rows, hash]"
+    try:
+        at = led.hash_at(int(n))
+    except (TypeError, ValueError):
+        return f"the recorded ledger_head {head!r} is not [rows, hash]"
+    if at != h:
+        return (f"the ledger does not extend the head the run recorded (row {n}, hash {str(h)[:12]}…): it was "
+                "swapped, rebuilt or rolled back")
+    return None
 
 
 def _claims(metrics: dict) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -536,7 +591,9 @@ def _protocol(cfg: dict) -> dict[str, Any]:
         return cfg.get(key, default)
 
     institutions = int(get("institutions", 0) or 0)
-    n_min = int(get("privacy.n-min", 0) or 0) or institutions
+    # privacy.n-min = 0 means automatic: the institutions minus the tolerated dropouts (RunConfig.n_min)
+    dropout = float(get("secagg.max-dropout-fraction", 0.0) or 0.0)
+    n_min = int(get("privacy.n-min", 0) or 0) or max(1, institutions - math.floor(dropout * institutions))
     secagg = str(get("secagg.enabled", True)).lower() in ("true", "1", "yes")
     mode = str(get("privacy.noise-mode", "local"))
     metrics_release = str(get("eval.metrics-release", "simulation"))
@@ -555,8 +612,9 @@ def _protocol(cfg: dict) -> dict[str, Any]:
         "accountant": get("privacy.accountant", "prv"),
     }
     findings = []
-    if not items["dp_enabled"]:
-        findings.append(("FAIL", "privacy.epsilon = inf: DP is off; nothing released is private"))
+    if not items["dp_enabled"]:  # declared: a simulation run with --non-private (institutions refuse it otherwise)
+        findings.append(("NOTE", "privacy.epsilon = inf: a declared non-private simulation run; nothing it "
+                                 "released is private (ε = ∞)"))
     if not secagg:
         findings.append(("FAIL", "secure aggregation is off: the server saw every institution's update"))
     if mode == "distributed":
@@ -612,66 +670,113 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
     metrics = _read_json(run_dir / "metrics.json")
     if not isinstance(cfg, dict) or not isinstance(metrics, dict):
         raise FedrecInputError(f"{run_dir}: config.json and metrics.json must hold JSON objects")
+    run_id = _recorded_run_id(cfg, run_dir)
+    recorded = _recorded_releases(metrics, run_dir)
+    # only the run folder: a ledger path written into config.json is never followed (a copied
+    # folder must audit its own copies, not the originals)
     ledger_dir = run_dir / "ledgers"
-    if cfg.get("privacy.ledger-dir"):
-        alt = Path(str(cfg["privacy.ledger-dir"]))
-        ledger_dir = alt if alt.is_dir() else ledger_dir
     files = sorted(ledger_dir.glob("*.db")) if ledger_dir.is_dir() else []
     if not files:
         raise FedrecInputError(f"{ledger_dir}: no institution ledgers (*.db) to audit")
     delta = _num(cfg.get("privacy.delta", 1e-5))
     target = _num(cfg.get("privacy.epsilon", float("inf")))
+    declared_non_private = not math.isfinite(target)
     clip = _num(cfg.get("privacy.clip-norm", 1.0))
     seed = int(cfg.get("seed", 0)) if seed is None else seed
     n_rounds = len(metrics.get("rounds", []))
     protocol = _protocol(cfg)
     n_clients = protocol["n_min"] if protocol["noise_mode"] == "distributed" else 1
     n_clients = max(1, int(n_clients or 1))
+    failures: list[str] = []
+    warnings: list[str] = []
+    for key in ("privacy.ledger-dir", "privacy.ledger"):
+        if cfg.get(key):
+            warnings.append(f"config.json names {key} = {cfg[key]}; the audit reads only {ledger_dir}")
 
     insts: list[_Inst] = []
+    chain_problems: dict[str, list[str]] = {}
     for f in files:
         try:
             led = PrivacyLedger(f)
         except FedrecInputError as err:
             raise FedrecInputError(f"{err} (in the run's ledger folder)") from None
+        name = led.institution
+        if f.stem != name:
+            failures.append(f"ledgers/{f.name}: holds the ledger of institution {name!r}, not {f.stem!r} (swapped)")
+        problems = led.verify_chain()
+        head_problem = _head_problem(led, (recorded or {}).get(name, {}).get("ledger_head"))
+        if head_problem:
+            problems.append(head_problem)
+        for prob in problems:
+            failures.append(f"{name}: ledgers/{f.name}: {prob}")
+        chain_problems[name] = problems
         rows = led.rows()
-        rid = _choose_run(rows, n_rounds)
-        insts.append(_Inst(led.institution, led, rows, rid, [r for r in rows if r.run_id == rid]))
+        insts.append(_Inst(name, led, rows, run_id, [r for r in rows if r.run_id == run_id]))
+    by_name = {it.name: it for it in insts}
+    if recorded is None:
+        failures.append("metrics.json records no \"releases\" (replies accepted per institution): the ledgers "
+                        "cannot be checked against what the server received")
+    else:
+        for name, rec in recorded.items():
+            it = by_name.get(name)
+            if it is None:
+                if rec["count"]:
+                    failures.append(f"{name}: the server accepted {rec['count']} release(s) from it but the run "
+                                    f"folder holds no ledger ledgers/{name}.db")
+            elif len(it.run_rows) < rec["count"]:
+                failures.append(
+                    f"{name}: the server accepted {rec['count']} release(s) in run {run_id} but the ledger holds "
+                    f"only {len(it.run_rows)} row(s) of that run: a release was never charged"
+                )
+    for it in insts:
+        if not it.run_rows and (recorded is None or it.name in recorded):
+            warnings.append(f"{it.name}: its ledger holds no rows of run {run_id}")
+        n_np = sum(isinstance(r.event, NonPrivateEvent) for r in it.run_rows)
+        if n_np and not declared_non_private:
+            failures.append(
+                f"{it.name}: {n_np} non-private release(s) (ε = ∞) in run {run_id}, but config.json declares "
+                f"privacy.epsilon = {target:g}"
+            )
 
     # ------------------------------------------------------------- a. accounting re-check
     claimed_final, claimed_series = _claims(metrics)
     derived_at_claim: dict[str, float] = {}
     for it in insts:
-        last = max((r.id for r in it.run_rows if r.round <= max(n_rounds, 1) or not n_rounds), default=None)
-        prefix = [r.event for r in it.rows if last is None or r.id <= last]
+        last = max((r.seq for r in it.run_rows if r.round <= max(n_rounds, 1) or not n_rounds), default=None)
+        prefix = [r.event for r in it.rows if last is None or r.seq <= last]
         derived_at_claim[it.name] = epsilon_for(prefix, delta=delta, accountant="prv")
     mapping, matched_by = _match_claims(derived_at_claim, claimed_final)
     report_insts: dict[str, dict] = {}
-    failures: list[str] = []
-    warnings: list[str] = []
     for it in insts:
         total_prv = epsilon_for([r.event for r in it.rows], delta=delta, accountant="prv")
         total_rdp = epsilon_for([r.event for r in it.rows], delta=delta, accountant="rdp")
         run_prv = epsilon_for([r.event for r in it.run_rows], delta=delta, accountant="prv")
         run_rdp = epsilon_for([r.event for r in it.run_rows], delta=delta, accountant="rdp")
+        non_private_rows = sum(isinstance(r.event, NonPrivateEvent) for r in it.rows)
+        non_private_run = sum(isinstance(r.event, NonPrivateEvent) for r in it.run_rows)
         cap = it.ledger.cap()
         key = mapping.get(it.name)
         claimed = claimed_final.get(key) if key is not None else None
         d_claim = derived_at_claim[it.name]
-        tol = 0.02 + 1e-3 * d_claim
-        consistent = claimed is not None and abs(claimed - d_claim) <= tol
-        under = claimed is not None and claimed < d_claim - tol
+        tol = 0.02 + 1e-3 * d_claim if math.isfinite(d_claim) else 0.0
+        if claimed is not None and math.isinf(d_claim):
+            consistent, under = math.isinf(claimed), not math.isinf(claimed)  # ε = ∞ claimed as finite
+        else:
+            consistent = claimed is not None and abs(claimed - d_claim) <= tol
+            under = claimed is not None and claimed < d_claim - tol
         series = claimed_series.get(key, []) if key is not None else []
         monotone = all(b >= a - 1e-9 for a, b in zip(series, series[1:]))
         cap_eps_at_cap = (
             epsilon_for([r.event for r in it.rows], delta=cap.delta, accountant="prv") if cap else None
         )
-        within_cap = cap is None or cap_eps_at_cap <= cap.epsilon + 1e-9
+        # a declared non-private simulation's ledger is ∞ by design (reported, not a cap breach)
+        within_cap = cap is None or cap_eps_at_cap <= cap.epsilon + 1e-9 or (
+            declared_non_private and non_private_rows > 0 and math.isinf(cap_eps_at_cap))
         within_target = not math.isfinite(target) or run_prv <= target + 0.05
         if under:
-            failures.append(f"{it.name}: claimed ε {claimed:.3f} is below the re-derived {d_claim:.3f}")
+            failures.append(f"{it.name}: claimed ε {_fmt(claimed)} is below the re-derived {_fmt(d_claim)}")
         if not within_cap:
-            failures.append(f"{it.name}: ledger total ε {cap_eps_at_cap:.3f} exceeds its cap {cap.epsilon:g}")
+            failures.append(f"{it.name}: ledger total ε {_fmt(cap_eps_at_cap)} exceeds its cap {cap.epsilon:g}")
         if not monotone:
             failures.append(f"{it.name}: the claimed ε decreased between rounds")
         if claimed is None:
@@ -679,13 +784,21 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
         elif not consistent and not under:
             warnings.append(f"{it.name}: claimed ε {claimed:.3f} above the re-derived {d_claim:.3f} (conservative)")
         if not within_target:
-            warnings.append(f"{it.name}: this run's ε {run_prv:.3f} exceeds the target privacy.epsilon {target:g}")
+            warnings.append(f"{it.name}: this run's ε {_fmt(run_prv)} exceeds the target privacy.epsilon {target:g}")
+        rec = (recorded or {}).get(it.name)
         report_insts[it.name] = {
-            "ledger": str(it.ledger.path),
+            "ledger": str(Path("ledgers") / it.ledger.path.name),
+            "ledger_id": it.ledger.ledger_id,
+            "ledger_head": list(it.ledger.head()),
+            "chain_ok": not chain_problems.get(it.name),
+            "chain_problems": chain_problems.get(it.name, []),
             "run_id": it.run_id,
             "events_total": len(it.rows),
             "events_run": len(it.run_rows),
+            "releases_recorded": None if rec is None else rec["count"],
             "unreleased": sum(r.status == "charged" for r in it.rows),
+            "non_private_rows": non_private_rows,
+            "non_private_run_rows": non_private_run,
             "accounting": {
                 "claimed_epsilon": claimed,
                 "claim_key": key,
@@ -751,14 +864,14 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
         if kind == "mf_dpsgd":
             mech = {
                 "kind": "DP-SGD (Opacus UniformWithReplacementSampler + exact per-person clipping + "
-                        "DPOptimizerFastGradientClipping noise)",
+                        "common/privacy/release.py dp_sgd_optimizer noise from the charged event)",
                 "schedule": [{"noise_multiplier": a, "sample_rate": b, "steps": c} for a, b, c in params],
                 "clip_norm": clip,
             }
         else:
             mech = {
-                "kind": "Gaussian statistics release (common/privacy/gaussian.py clip_rows + gaussian_mechanism)"
-                if _gaussian_module() else "Gaussian release (local clipped sum: common/privacy/gaussian.py absent)",
+                "kind": "Gaussian statistics release (common/privacy/gaussian.py clip_rows + "
+                        "common/privacy/release.py gaussian_release from the charged event)",
                 "releases": [{"noise_multiplier": a, "count": b} for a, b in params],
                 "sensitivity": 1.0,
                 "reference_mechanism": reference,
@@ -836,8 +949,14 @@ def run_audit(run_dir: Path, *, quick: bool, console: Console, seed: int | None 
         if f["level"] == "FAIL":
             failures.append(f"protocol: {f['text']}")
 
+    non_private = any(i["non_private_run_rows"] for i in report_insts.values())
+    if non_private:
+        warnings.append(f"run {run_id} is NON-PRIVATE: its ledgers record releases with ε = ∞"
+                        + (" (declared in config.json: privacy.epsilon = inf)" if declared_non_private else ""))
     report = {
         "run_dir": str(run_dir),
+        "run_id": run_id,
+        "non_private": non_private,
         "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": quick,
         "seed": seed,
@@ -884,32 +1003,41 @@ def _release_entry(res: AuditResult, claimed: float, mechanism: dict) -> dict:
 
 # ====================================================================== report writers
 def _fmt(x: Any, nd: int = 3) -> str:
+    """A number for the report; ε = ∞ reads "∞ (non-private)", never 0 or 'inf'."""
+    if isinstance(x, float) and math.isinf(x):
+        return "∞ (non-private)" if x > 0 else "-∞"
     return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
 def _markdown(rep: dict) -> str:
     L = [f"# Privacy audit of `{rep['run_dir']}`", ""]
     verdict = "PASSED" if rep["passed"] else "FAILED"
-    L += [f"**{verdict}** — generated {rep['generated_at']}, δ = {rep['delta']:g}, "
+    L += [f"**{verdict}** — run {rep['run_id']}, generated {rep['generated_at']}, δ = {rep['delta']:g}, "
           f"confidence {rep['confidence']:.0%}{' (quick: fewer canaries)' if rep['quick'] else ''}.", ""]
+    if rep.get("non_private"):
+        L += ["**NON-PRIVATE RUN: its ledgers record releases with ε = ∞.**", ""]
     for f in rep["failures"]:
         L.append(f"- FAIL: {f}")
     for w in rep["warnings"]:
         L.append(f"- warning: {w}")
     L += ["", "## a. Accounting re-derived from the ledgers", "",
+          f"Ledgers read from `RUN_DIR/ledgers/` only; this run's rows are those of run id {rep['run_id']} "
+          "(recorded in config.json). "
           f"Claims from metrics.json matched to ledgers by {rep['claims_matched_by']}. "
           "ε is composed from every event in each ledger (PRV; RDP cross-check); charged-but-"
-          "unreleased events count as spent.", "",
-          "| institution | run | events (run/total) | unreleased | claimed ε | re-derived ε | total ε PRV | total ε RDP | run ε | target | cap | status |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "unreleased events count as spent; a non-private release is ε = ∞.", "",
+          "| institution | hash chain | events (run/total) | accepted by server | unreleased | claimed ε | re-derived ε | total ε PRV | total ε RDP | run ε | target | cap | status |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, i in rep["institutions"].items():
         a = i["accounting"]
         status = "ok" if a["consistent"] and a["within_cap"] and a["claims_monotone"] else (
             "UNDER-CLAIMED" if a["under_claimed"] else ("over cap" if not a["within_cap"] else "check"))
         cap = a["cap"]
         cap_txt = "—" if cap is None else f"{cap['epsilon']:g} @ {cap['delta']:g}"
+        chain = "ok" if i["chain_ok"] else f"BROKEN ({len(i['chain_problems'])})"
         L.append(
-            f"| {name} | {i['run_id']} | {i['events_run']}/{i['events_total']} | {i['unreleased']} | "
+            f"| {name} | {chain} | {i['events_run']}/{i['events_total']} | {_fmt(i['releases_recorded'])} | "
+            f"{i['unreleased']} | "
             f"{_fmt(a['claimed_epsilon'])} | {_fmt(a['derived_epsilon_at_claim'])} | "
             f"{_fmt(a['derived_epsilon_total_prv'])} | {_fmt(a['derived_epsilon_total_rdp'])} | "
             f"{_fmt(a['run_epsilon_prv'])} | {_fmt(a['target_epsilon'], 2)} | "
@@ -976,8 +1104,14 @@ def _plot(path: Path, rep: dict, traces: dict[str, tuple[np.ndarray, np.ndarray]
     ax = axes[0]
     names = list(rep["institutions"])
     x = np.arange(len(names))
-    claimed = [rep["institutions"][n]["accounting"]["claimed_epsilon"] or 0.0 for n in names]
-    derived = [rep["institutions"][n]["accounting"]["derived_epsilon_at_claim"] for n in names]
+    def finite(v: Any) -> float:  # ε = ∞ has no bar (it is marked ∞ above the axis), never 0
+        return float("nan") if v is None or (isinstance(v, float) and math.isinf(v)) else float(v)
+
+    claimed = [finite(rep["institutions"][n]["accounting"]["claimed_epsilon"]) for n in names]
+    derived = [finite(rep["institutions"][n]["accounting"]["derived_epsilon_at_claim"]) for n in names]
+    for k, n in enumerate(names):
+        if math.isinf(rep["institutions"][n]["accounting"]["derived_epsilon_at_claim"]):
+            ax.annotate("ε = ∞", (x[k], 0), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8)
     lb = [max((r["empirical_epsilon_lower_bound"] for r in rep["institutions"][n]["releases"].values()), default=0.0)
           for n in names]
     ax.bar(x - 0.27, claimed, 0.27, label="claimed ε (metrics.json)")
@@ -999,7 +1133,8 @@ def _plot(path: Path, rep: dict, traces: dict[str, tuple[np.ndarray, np.ndarray]
     ax.set_xlabel("canary score / std of the correct mechanism's out-scores")
     ax.set_title("DP-SGD canary scores")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a run with no DP-SGD release has no traces
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

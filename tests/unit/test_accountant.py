@@ -12,11 +12,13 @@ from scipy.stats import norm
 from fedrec.common.privacy.accountant import (
     DPSGDEvent,
     GaussianEvent,
+    NonPrivateEvent,
     calibrate_noise_multiplier,
     epsilon_for,
     epsilon_pair,
     gaussian_epsilon,
     merged_history,
+    opacus_history,
 )
 from fedrec.common.privacy.ledger import PrivacyLedger
 
@@ -88,7 +90,7 @@ def test_rounds_compose_like_one_run(accountant, tmp_path):
             acc.step(noise_multiplier=sigma, sample_rate=q)
         assert acc.get_epsilon(delta=DELTA) == pytest.approx(whole, rel=1e-9)
     # through the ledger: one row per round, no reset between rounds
-    ledger = PrivacyLedger.create(tmp_path / "inst.db", institution="inst", epsilon_cap=100.0, delta_cap=DELTA)
+    ledger = PrivacyLedger.initialize(tmp_path / "inst.db", institution="inst", epsilon_cap=100.0, delta_cap=DELTA)
     for r in range(1, rounds + 1):
         ledger.mark_released(ledger.charge(per_round, run_id="r", round=r, task="train", model="mf",
                                            accountant=accountant))
@@ -124,3 +126,15 @@ def test_refuses_what_cannot_be_accounted():
         epsilon_for([GaussianEvent(noise_multiplier=1.0)], delta=DELTA, accountant="moments")
     with pytest.raises(ValueError):
         DPSGDEvent(noise_multiplier=0.0, sample_rate=0.1, steps=1)
+
+
+def test_non_private_event_is_infinite_never_zero():
+    """ε = ∞ for any composition holding a non-private release, with either accountant."""
+    dp = DPSGDEvent(noise_multiplier=1.0, sample_rate=0.1, steps=4)
+    for events in ([NonPrivateEvent()], [dp, NonPrivateEvent(count=3)], [NonPrivateEvent(), dp]):
+        assert epsilon_pair(events, delta=DELTA) == (math.inf, math.inf)
+    assert epsilon_for([dp], delta=DELTA) < math.inf
+    with pytest.raises(TypeError):  # it never slips into an Opacus history as a noisy mechanism
+        opacus_history([NonPrivateEvent()])
+    with pytest.raises(ValueError):
+        NonPrivateEvent(count=0)

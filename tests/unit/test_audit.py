@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +16,18 @@ import pytest
 from rich.console import Console
 from scipy.stats import binom
 
-from fedrec.client.guard import open_guard
+from fedrec.client.guard import ReleaseGuard
 from fedrec.common.config import RunConfig
-from fedrec.common.privacy.accountant import DPSGDEvent, calibrate_noise_multiplier, epsilon_for, gaussian_epsilon
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy import ledger as ledger_mod
+from fedrec.common.privacy.accountant import (
+    DPSGDEvent,
+    NonPrivateEvent,
+    calibrate_noise_multiplier,
+    epsilon_for,
+    gaussian_epsilon,
+)
+from fedrec.common.privacy.ledger import PrivacyLedger
 from fedrec.server.audit import (
     audit_ceiling,
     audit_mechanism,
@@ -114,30 +125,39 @@ def test_distributed_noise_is_audited_as_a_sum():
 
 
 # -------------------------------------------------------------------- a run folder
+RUN_ID = "777"
+
+
 def build_run_folder(run_dir: Path, *, epsilon: float = 3.0, rounds: int = 5, persons=(400, 800), persons_per_step=100,
-                     by_node: bool = False) -> Path:
-    """A results folder as the ServerApp writes it: config.json, metrics.json with per-round ε
-    per institution (as claimed by each guard), and real ledgers under ledgers/."""
+                     by_node: bool = False, run_id: str = RUN_ID, cap: float = 20.0) -> Path:
+    """A results folder as the ServerApp writes it: config.json (with the run id), metrics.json
+    with per-round ε per institution (as claimed by each guard) and the releases the server
+    accepted, and real ledgers under ledgers/ (initialised by the institution step, then only
+    opened, as the handlers do)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig().override(**{
         "privacy.epsilon": epsilon, "rounds": rounds, "persons-per-step": persons_per_step,
         "institutions": len(persons),
     })
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_flat()))
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_flat(), "run-id": run_id}))
     guards = []
     for i, n in enumerate(persons):
         q = min(1.0, persons_per_step / n) if persons_per_step else 1.0
         sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=cfg.privacy.delta, sample_rate=q, steps=rounds,
                                            accountant="rdp")  # fast; the claims below are PRV
         name = f"institution_{i:02d}"
-        guard = open_guard(run_dir / "ledgers" / f"{name}.db", institution=name, cfg=cfg)
+        path = run_dir / "ledgers" / f"{name}.db"
+        PrivacyLedger.initialize(path, institution=name, epsilon_cap=cap, delta_cap=cfg.privacy.delta)
+        guard = ReleaseGuard(PrivacyLedger(path), institution=name)
         guards.append((name, 100 + i, guard, DPSGDEvent(noise_multiplier=sigma, sample_rate=q, steps=1)))
-    history: dict = {"rounds": [], "config": cfg.to_flat()}
+    history: dict = {"rounds": [], "config": cfg.to_flat(),
+                     "releases": {name: {"count": 0, "ledger_head": None} for name, *_ in guards}}
     claims: dict[str, float] = {}
     for r in range(1, rounds + 1):
         for name, node, guard, ev in guards:
-            guard.released(guard.charge(ev, run_id="777", round=r, task="train", model="mf"))
+            guard.released(guard.charge(ev, run_id=run_id, round=r, task="train", model="mf"))
             claims[str(node) if by_node else name] = guard.spent(delta=cfg.privacy.delta)[0]
+            history["releases"][name]["count"] += 1
         history["rounds"].append({"round": r, "epsilon": dict(claims)})
     (run_dir / "metrics.json").write_text(json.dumps(history))
     return run_dir
@@ -150,6 +170,11 @@ def _server_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+def _audit(run_dir: Path) -> tuple[int, dict]:
+    code = run_audit(run_dir, quick=True, console=Console(file=open(os.devnull, "w")))
+    return code, json.loads((run_dir / "audit.json").read_text())
+
+
 def test_audit_cli_on_a_run_folder(tmp_path):
     run_dir = build_run_folder(tmp_path / "run", by_node=True)
     res = _server_cli("audit", str(run_dir), "--quick")
@@ -159,15 +184,20 @@ def test_audit_cli_on_a_run_folder(tmp_path):
     report = json.loads((run_dir / "audit.json").read_text())
     assert report["power_check"]["broken_mechanism_flagged"] is True
     assert report["power_check"]["correct_mechanism_flagged"] is False
+    assert report["run_id"] == RUN_ID and report["non_private"] is False
     assert set(report["institutions"]) == {"institution_00", "institution_01"}
-    for inst in report["institutions"].values():
+    for name, inst in report["institutions"].items():
         assert inst["accounting"]["consistent"] and not inst["accounting"]["under_claimed"]
+        assert inst["chain_ok"] and inst["chain_problems"] == []
+        assert inst["ledger"] == f"ledgers/{name}.db"  # relative to the run folder
+        assert inst["events_run"] == inst["releases_recorded"] == 5
         assert set(inst["releases"]) == {"mf_dpsgd", "gaussian_release"}
         for rel in inst["releases"].values():
             for key in ("claimed_epsilon", "empirical_epsilon_lower_bound", "confidence"):
                 assert key in rel
             assert rel["confidence"] == 0.95
             assert rel["empirical_epsilon_lower_bound"] <= rel["claimed_epsilon"]
+            assert "release.py" in rel["mechanism"]["kind"]  # the handlers' release functions
     assert report["protocol"]["secagg_enabled"] is True
     assert "Power check" in (run_dir / "audit.md").read_text()
 
@@ -177,8 +207,7 @@ def test_audit_catches_an_under_claimed_run(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["rounds"][-1]["epsilon"]["institution_01"] *= 0.8  # the run reported less than it spent
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    code = run_audit(run_dir, quick=True, console=Console(file=open(os.devnull, "w")))
-    report = json.loads((run_dir / "audit.json").read_text())
+    code, report = _audit(run_dir)
     assert code == 1
     assert report["institutions"]["institution_01"]["accounting"]["under_claimed"] is True
     assert report["institutions"]["institution_00"]["accounting"]["consistent"] is True
@@ -186,9 +215,144 @@ def test_audit_catches_an_under_claimed_run(tmp_path):
 
 
 def test_audit_rejects_a_folder_without_ledgers(tmp_path):
-    from fedrec.common.errors import FedrecInputError
-
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"run-id": "1"}')
     (tmp_path / "metrics.json").write_text('{"rounds": []}')
     with pytest.raises(FedrecInputError, match="no institution ledgers"):
         run_audit(tmp_path, quick=True, console=Console(file=open(os.devnull, "w")))
+
+
+def test_audit_needs_the_recorded_run_id(tmp_path):
+    run_dir = build_run_folder(tmp_path / "run", rounds=2)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    del cfg["run-id"]
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FedrecInputError, match="run-id") as info:
+        run_audit(run_dir, quick=True, console=Console(file=open(os.devnull, "w")))
+    assert "\n" not in str(info.value)
+
+
+def _drop_triggers(con: sqlite3.Connection) -> None:
+    for name in ledger_mod._TRIGGERS:
+        con.execute(f"DROP TRIGGER IF EXISTS {name}")
+
+
+def test_audit_names_deleted_edited_and_foreign_rows(tmp_path):
+    """One folder, three tampered ledgers: each failure (exit code 1) names its institution and row."""
+    run_dir = build_run_folder(tmp_path / "run", rounds=3, persons=(400, 400, 400))
+    other = build_run_folder(tmp_path / "elsewhere", rounds=3, persons=(400, 400, 400))  # same names, other ledgers
+    led = {k: run_dir / "ledgers" / f"institution_{k:02d}.db" for k in range(3)}
+    con = sqlite3.connect(led[0], isolation_level=None)
+    _drop_triggers(con)
+    con.execute("DELETE FROM events WHERE id = 2")  # a release erased
+    con.close()
+    con = sqlite3.connect(led[1], isolation_level=None)
+    _drop_triggers(con)
+    con.execute("UPDATE events SET noise_multiplier = noise_multiplier * 10 WHERE id = 3")  # made to look cheaper
+    con.close()
+    cols = ("id, seq, institution, kind, noise_multiplier, sample_rate, steps, sensitivity, run_id, round, task, "
+            "model, status, charged_at, released_at, pid, prev_hash, row_hash")
+    foreign = sqlite3.connect(other / "ledgers" / "institution_02.db").execute(
+        f"SELECT {cols} FROM events WHERE id = 2").fetchone()
+    con = sqlite3.connect(led[2], isolation_level=None)
+    _drop_triggers(con)
+    con.execute("DELETE FROM events WHERE id = 2")
+    con.execute(f"INSERT INTO events ({cols}) VALUES ({', '.join('?' * 18)})", foreign)  # swapped in
+    con.close()
+    code, report = _audit(run_dir)
+    assert code == 1
+    fails = report["failures"]
+
+    def named(inst: str, row: str) -> bool:
+        return any(f.startswith(f"{inst}: ") and row in f for f in fails)
+
+    assert named("institution_00", "events row 2 is missing (deleted)"), fails
+    assert named("institution_01", "events row 3 ") and named("institution_01", "do not match its hash"), fails
+    assert named("institution_02", "events row 2 ") and named("institution_02", "another ledger"), fails
+    for k in range(3):
+        assert report["institutions"][f"institution_{k:02d}"]["chain_ok"] is False
+    assert "BROKEN" in (run_dir / "audit.md").read_text()
+
+
+def test_a_copied_run_folder_audits_its_own_ledgers(tmp_path):
+    original = build_run_folder(tmp_path / "original", rounds=3)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["privacy.ledger-dir"] = str(original / "ledgers")  # an absolute path, as older runs wrote
+    (copy / "config.json").write_text(json.dumps(cfg))
+    # the original's ledgers are tampered with afterwards: reading them would fail the audit
+    con = sqlite3.connect(original / "ledgers" / "institution_00.db", isolation_level=None)
+    _drop_triggers(con)
+    con.execute("UPDATE events SET steps = 1000 WHERE id = 1")
+    con.close()
+    code, report = _audit(copy)
+    assert code == 0, report["failures"]
+    assert all(i["chain_ok"] for i in report["institutions"].values())
+    assert any("privacy.ledger-dir" in w for w in report["warnings"])
+    assert _audit(original)[0] == 1  # and the original is caught
+
+
+def test_a_run_still_passes_after_a_later_run_reuses_its_ledgers(tmp_path):
+    run_dir = build_run_folder(tmp_path / "run", rounds=3)
+    assert _audit(run_dir)[0] == 0
+    # a later run (another run id, more rounds, another σ) charges the same ledgers
+    later = DPSGDEvent(noise_multiplier=1.5, sample_rate=0.25, steps=2)
+    for name in ("institution_00", "institution_01"):
+        led = PrivacyLedger(run_dir / "ledgers" / f"{name}.db")
+        for r in range(1, 6):
+            led.mark_released(led.charge(later, run_id="888", round=r, task="train", model="mf"))
+    code, report = _audit(run_dir)
+    assert code == 0, report["failures"]
+    for inst in report["institutions"].values():
+        assert inst["run_id"] == RUN_ID and inst["events_run"] == 3 and inst["events_total"] == 8
+        assert inst["accounting"]["consistent"]
+
+
+def test_fewer_ledger_rows_than_accepted_releases_fails(tmp_path):
+    run_dir = build_run_folder(tmp_path / "run", rounds=3)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["releases"]["institution_01"]["count"] = 4  # the server accepted a reply never charged
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    code, report = _audit(run_dir)
+    assert code == 1
+    (fail,) = [f for f in report["failures"] if "never charged" in f]
+    assert fail.startswith("institution_01: ") and "4 release(s)" in fail and "3 row(s)" in fail
+    # a recorded head the ledger does not extend (swapped or rolled back) fails too
+    metrics["releases"]["institution_01"]["count"] = 3
+    metrics["releases"]["institution_00"]["ledger_head"] = [4, "0" * 64]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    code, report = _audit(run_dir)
+    assert code == 1 and any(f.startswith("institution_00: ") and "recorded" in f for f in report["failures"])
+
+
+def test_non_private_rows_are_infinite_never_zero(tmp_path):
+    """A declared non-private simulation passes and says ε = ∞; an undeclared one fails."""
+    run_dir = tmp_path / "np"
+    cfg = RunConfig().override(**{"privacy.epsilon": math.inf, "rounds": 2, "institutions": 2})
+    (run_dir / "ledgers").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({**cfg.to_flat(), "privacy.epsilon": "inf", "run-id": "5"}))
+    metrics: dict = {"rounds": [], "releases": {}}
+    for name in ("institution_00", "institution_01"):
+        led = PrivacyLedger.initialize(run_dir / "ledgers" / f"{name}.db", institution=name, epsilon_cap=1.0,
+                                       delta_cap=1e-5)
+        for r in (1, 2):
+            led.mark_released(led.charge(NonPrivateEvent(), run_id="5", round=r, task="train", model="mf",
+                                         allow_non_private=True))
+        metrics["releases"][name] = {"count": 2, "ledger_head": list(led.head())}
+    metrics["rounds"] = [{"round": r, "epsilon": {"institution_00": "inf", "institution_01": "inf"}} for r in (1, 2)]
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    code, report = _audit(run_dir)
+    assert code == 0, report["failures"]
+    assert report["non_private"] is True
+    for inst in report["institutions"].values():
+        assert inst["accounting"]["derived_epsilon_at_claim"] == "inf"  # JSON's ∞, never 0
+        assert inst["accounting"]["run_epsilon_prv"] == "inf" and inst["non_private_run_rows"] == 2
+    md = (run_dir / "audit.md").read_text()
+    assert "NON-PRIVATE RUN" in md and "∞ (non-private)" in md
+    # the same ledgers under a config that claims DP: a failure naming each institution
+    cfg_dp = json.loads((run_dir / "config.json").read_text())
+    cfg_dp["privacy.epsilon"] = 3.0
+    (run_dir / "config.json").write_text(json.dumps(cfg_dp))
+    code, report = _audit(run_dir)
+    assert code == 1
+    assert any(f.startswith("institution_01: ") and "non-private" in f for f in report["failures"])
