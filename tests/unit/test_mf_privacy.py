@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.client.train import DPSchedule, MFTrainer, plan_dp
+from fedrec.client.train import MFTrainer, plan_dp
 from fedrec.common.config import ConfigError, RunConfig
 from fedrec.common.models.mf import (
     ItemSide,
@@ -15,10 +15,13 @@ from fedrec.common.models.mf import (
     fit_user_side,
     person_losses_and_norms,
     person_residuals,
+    public_offset,
     weighted_item_counts,
 )
 from fedrec.common.privacy.accountant import DPSGDEvent, GaussianEvent, epsilon_for
 from fedrec.common.privacy.person_clipping import clipped_sum_backward
+from fedrec.common.privacy.release import noise_share
+from fedrec.common.ratings import RATING_BOUNDS
 
 
 def _toy(n_persons=12, n_items=40, dim=3, seed=0, heavy=None):
@@ -35,6 +38,11 @@ def _toy(n_persons=12, n_items=40, dim=3, seed=0, heavy=None):
     user = UserSide.zeros(n_persons, dim)
     fit_user_side(side, pr, user, reg=1.0)
     return pr, side, user
+
+
+#: a DP-SGD event whose noise is negligible (σ·C ≈ 1e-9; the event refuses σ = 0): the real
+#: release path, clipping included, with the clipped sum left readable
+_NOISELESS = DPSGDEvent(noise_multiplier=1e-9, sample_rate=1.0, steps=1)
 
 
 @pytest.mark.parametrize("dim", [0, 4])
@@ -72,13 +80,12 @@ def test_clipping_is_per_person_not_per_rating():
     pr, side, user = _toy(n_persons=1, n_items=400, dim=0, heavy=300)
     cfg = RunConfig().override(**{"privacy.clip-norm": 0.5, "lr": 1.0, "item-reg": 0.0, "institutions": 1})
     trainer = MFTrainer(pr, side.n_items, cfg, global_bias=0.0, seed=0)  # offset 0: big residuals
-    schedule = DPSchedule(noise_multiplier=1.0, local_noise_multiplier=0.0, sample_rate=1.0,
-                          steps_per_round=1, rounds=1, clip_norm=0.5)
     ones = np.ones(side.n_items, np.float32)
-    delta, stats = trainer.train_round(trainer.item_side.to_numpy(), schedule, ones)
+    delta = trainer.train_round(trainer.item_side.to_numpy(), ones, event=_NOISELESS)
     total = np.sqrt(sum((v**2).sum() for v in delta.values()))
-    assert stats["clipped_fraction"] == 1.0
-    assert total == pytest.approx(0.5, rel=1e-4)  # exactly C: the person was clipped as a whole
+    _, norms = person_losses_and_norms(trainer.item_side, trainer.user, pr, torch.tensor([0]))
+    assert norms.item() > 2 * 0.5  # the person's own gradient is well above C ...
+    assert total == pytest.approx(0.5, rel=1e-4)  # ... and its release is exactly C: clipped as a whole
     # each single rating's gradient is far below C, so per-rating clipping would not clip at all
     seg, item, rating = pr.gather(torch.tensor([0]))
     e = person_residuals(trainer.item_side, trainer.user, seg, torch.tensor([0]), item, rating).detach()
@@ -89,11 +96,10 @@ def test_clipping_is_per_person_not_per_rating():
 def test_noise_is_added_with_the_calibrated_std():
     """Zero data signal: the released delta is pure noise with std σ·C (no missing noise term)."""
     pr, side, _ = _toy(n_persons=3, n_items=2000, dim=0)
-    cfg = RunConfig().override(**{"lr": 1.0, "item-reg": 0.0, "institutions": 1})
+    cfg = RunConfig().override(**{"lr": 1.0, "item-reg": 0.0, "institutions": 1, "privacy.clip-norm": 0.25})
     trainer = MFTrainer(pr, side.n_items, cfg, seed=1)
-    sched = DPSchedule(noise_multiplier=2.0, local_noise_multiplier=2.0, sample_rate=1.0,
-                       steps_per_round=1, rounds=1, clip_norm=0.25)
-    delta, _ = trainer.train_round(trainer.item_side.to_numpy(), sched, np.ones(side.n_items, np.float32))
+    event = DPSGDEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1)
+    delta = trainer.train_round(trainer.item_side.to_numpy(), np.ones(side.n_items, np.float32), event=event)
     unrated = np.setdiff1d(np.arange(side.n_items), pr.item.numpy())
     sd = delta["item_bias"][unrated].std()
     assert sd == pytest.approx(2.0 * 0.25, rel=0.06)
@@ -130,7 +136,8 @@ def test_dp_off_and_distributed_mode_plans():
     assert plan_dp(RunConfig().override(**{"privacy.epsilon": float("inf")}), 50) is None
     cfg = RunConfig().override(**{"privacy.noise-mode": "distributed", "privacy.n-min": 4, "institutions": 10})
     s = plan_dp(cfg, 50)
-    assert s.local_noise_multiplier == pytest.approx(s.noise_multiplier / 2)
+    share = noise_share(cfg.privacy.noise_mode, cfg.n_min)
+    assert s.noise_std(share) == pytest.approx(s.noise_multiplier * s.clip_norm / 2)
     with pytest.raises(ConfigError, match="local-steps=1"):
         plan_dp(cfg.override(**{"local-steps": 2}), 50)
 
@@ -152,3 +159,122 @@ def test_count_release_takes_its_budget_share_and_the_run_composes_to_epsilon():
     # a smaller share moves budget from the counts to the training steps
     small = plan_dp(RunConfig().override(**{"privacy.count-budget-share": 0.05}), 60)
     assert small.noise_multiplier < plan_dp(RunConfig(), 60).noise_multiplier
+
+
+# ----------------------------------------------------- sensitivity correct by construction
+#: fp32 slack on ‖Δ update‖/C: the sums run in float32 (measured ≤ 5e-6 over the cases below);
+#: the old institution-mean offset gave 1.0013 on MovieLens and > 600 on the constructed pair
+_SLACK = 1e-4
+
+
+def _released_update(person: np.ndarray, item: np.ndarray, rating: np.ndarray, n_persons: int,
+                     n_items: int, cfg: RunConfig) -> np.ndarray:
+    """The clipped item-side update ``MFTrainer.train_round`` releases, noise negligible, flat.
+
+    The trainer is built as production builds it (no ``global_bias``: the offset is its own
+    choice), from the initial public item side; lr 1, no shrinkage and a unit preconditioner,
+    so the update is exactly minus the clipped per-person gradient sum.
+    """
+    pr = PersonRatings.from_arrays(person, item, rating.astype(np.float32), n_persons)
+    trainer = MFTrainer(pr, n_items, cfg, seed=0)
+    start = trainer.item_side.to_numpy()
+    delta = trainer.train_round(start, np.ones(n_items, np.float32), event=_NOISELESS)
+    return np.concatenate([delta[k].ravel() for k in sorted(delta)]).astype(np.float64)
+
+
+def _without(person: np.ndarray, item: np.ndarray, rating: np.ndarray, drop: int):
+    """The neighbouring dataset: person ``drop`` removed (indices re-densified)."""
+    keep = person != drop
+    p = person[keep]
+    return p - (p > drop), item[keep], rating[keep]
+
+
+def _influence(person: np.ndarray, item: np.ndarray, rating: np.ndarray, drop: int, n_items: int,
+               cfg: RunConfig) -> tuple[np.ndarray, float]:
+    """(Δ update, ‖Δ update‖ / C) between D and D without person ``drop``."""
+    n = int(person.max()) + 1
+    full = _released_update(person, item, rating, n, n_items, cfg)
+    less = _released_update(*_without(person, item, rating, drop), n - 1, n_items, cfg)
+    diff = full - less
+    return diff, float(np.linalg.norm(diff) / cfg.privacy.clip_norm)
+
+
+_EXACT = {"lr": 1.0, "item-reg": 0.0, "institutions": 1}
+
+
+@pytest.mark.parametrize("dim", [0, 4])
+@pytest.mark.parametrize("heavy_pattern", ["all_lowest", "lowest_and_highest"])
+def test_one_heavy_rater_moves_the_clipped_update_by_at_most_C_constructed(dim, heavy_pattern):
+    """2,000 light raters (one rating each) and one heavy rater (3,000 ratings at the scale's
+    extreme): removing the heavy rater moves the release by their own clipped term only.
+
+    With an offset computed from the institution's ratings (its mean moves from 2.0 to 4.3
+    when the heavy rater leaves) every light rater's residual moved: 632 C / 605 C measured.
+    """
+    rng = np.random.default_rng(0)
+    light, heavy_n, light_items = 2000, 3000, 10
+    lo, hi = RATING_BOUNDS
+    heavy_ratings = np.full(heavy_n, lo) if heavy_pattern == "all_lowest" else np.where(
+        np.arange(heavy_n) % 10 == 0, hi, lo)  # own gradient well above C: the clip binds
+    person = np.concatenate([np.arange(light), np.full(heavy_n, light)])
+    item = np.concatenate([np.arange(light) % light_items, light_items + np.arange(heavy_n)])
+    rating = np.concatenate([rng.choice([3.5, 4.0, 4.5, 5.0], size=light), heavy_ratings])
+    n_items = light_items + heavy_n
+    cfg = RunConfig().override(**_EXACT, **{"mf.dim": dim})
+    diff, ratio = _influence(person, item, rating, light, n_items, cfg)
+    assert ratio <= 1.0 + _SLACK
+    # the difference is exactly the heavy rater's own clipped term (nothing shared moved) ...
+    alone = _released_update(np.zeros(heavy_n, np.int64), item[person == light], heavy_ratings, 1, n_items, cfg)
+    np.testing.assert_allclose(diff, alone, rtol=0, atol=1e-5)
+    # ... the light raters' items did not move at all ...
+    assert np.abs(diff[:light_items]).max() < 1e-5
+    if heavy_pattern == "lowest_and_highest":  # ... and where the clip binds, the bound is attained
+        assert ratio == pytest.approx(1.0, abs=_SLACK)
+
+
+@pytest.mark.parametrize("dim", [0, 4])
+def test_removing_the_heaviest_movielens_rater_moves_the_clipped_update_by_at_most_C(dim):
+    """MovieLens pooled as one institution (671 persons), the heaviest rater (2,391 ratings)
+    removed: ‖Δ update‖ ≤ C. The institution-mean offset gave 1.0013 C (1.012 C from a
+    trained item side, for the fourth-heaviest rater)."""
+    from fedrec.common.ratings import load_movielens
+
+    r = load_movielens()
+    heaviest = int(np.bincount(r.person).argmax())
+    cfg = RunConfig().override(**_EXACT, **{"mf.dim": dim})
+    diff, ratio = _influence(r.person, r.item, r.rating, heaviest, r.n_items, cfg)
+    assert ratio <= 1.0 + _SLACK
+    # the heaviest rater's own gradient exceeds C, so the bound is met with equality: the
+    # test would see any cross-person term, however small, that pushed past it
+    assert ratio == pytest.approx(1.0, abs=_SLACK)
+    untouched = np.setdiff1d(np.arange(r.n_items), r.item[r.person == heaviest])
+    assert np.abs(diff[untouched]).max() < 1e-5  # items the person never rated did not move (fp32)
+
+
+def test_release_is_a_sum_of_per_person_terms():
+    """Additivity, for every person of a toy institution (one heavy rater, mixed counts):
+    update(D) − update(D without u) == update({u}). Any quantity computed across persons —
+    an offset, a normaliser, a shared statistic — inside the released gradient breaks it."""
+    pr, side, _ = _toy(n_persons=12, n_items=60, heavy=45)
+    person, item, rating = pr.person_of_rows().numpy(), pr.item.numpy(), pr.rating.numpy()
+    for dim in (0, 3):
+        cfg = RunConfig().override(**_EXACT, **{"mf.dim": dim, "privacy.clip-norm": 0.3})
+        for u in range(pr.n_persons):
+            diff, ratio = _influence(person, item, rating, u, side.n_items, cfg)
+            mine = person == u
+            alone = _released_update(np.zeros(mine.sum(), np.int64), item[mine], rating[mine], 1, side.n_items, cfg)
+            np.testing.assert_allclose(diff, alone, rtol=0, atol=1e-6)
+            assert ratio <= 1.0 + _SLACK
+
+
+def test_offset_is_the_public_midpoint_not_a_statistic_of_the_ratings():
+    """Two institutions with very different ratings get the same offset: the declared scale's
+    midpoint (MovieLens' by default, the contract's bounds when passed)."""
+    cfg = RunConfig()
+    low = PersonRatings.from_arrays(np.array([0, 0, 1]), np.array([0, 1, 2]), np.array([0.5, 1.0, 0.5], np.float32), 2)
+    high = PersonRatings.from_arrays(np.array([0, 1]), np.array([0, 1]), np.array([5.0, 4.5], np.float32), 2)
+    offsets = {float(MFTrainer(pr, 3, cfg, seed=0).item_side.global_bias) for pr in (low, high)}
+    assert offsets == {public_offset(RATING_BOUNDS)} == {2.75}
+    assert float(MFTrainer(low, 3, cfg, bounds=(0.0, 1.0), seed=0).item_side.global_bias) == 0.5
+    with pytest.raises(ValueError):
+        public_offset((1.0, float("nan")))
