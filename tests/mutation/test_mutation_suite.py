@@ -38,6 +38,7 @@ REQUIRED = {
     "holder-unmasks-below-n-min",
     "no-up-front-plan-check",
     "error-text-reaches-the-server",
+    "mf-offset-from-the-data",
 }
 
 
