@@ -87,6 +87,8 @@ class ItemStepSizes:
     noise_var: float
     #: variance of the noise in each summed count (public)
     count_noise_var: float
+    #: the nodes whose count release went into the sum (each one a charged release)
+    contributors: tuple[int, ...] = ()
 
 
 def agree_on_catalogue(grid: Grid, nodes: list[int]) -> Catalogue:
@@ -132,6 +134,7 @@ def item_step_sizes(
     return ItemStepSizes(
         precond=preconditioner(counts, cfg.train.item_reg, noise_var, cfg.train.item_prior_var),
         counts=counts, noise_var=noise_var, count_noise_var=count_noise_var,
+        contributors=tuple(res.contributors),
     )
 
 
@@ -213,6 +216,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         min_contributors = max(min_contributors, cfg.n_min)
     epsilon: dict[str, float] = {}
     steps = item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
+    for node in steps.contributors:  # the count release is a charged release too
+        releases.setdefault(institution_names.get(str(node), str(node)), {"count": 0, "ledger_head": None})["count"] += 1
     precond = steps.precond
     # a noiseless delta coordinate is a step of at most the rating range (Newton step on a
     # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare

@@ -236,9 +236,12 @@ def choose_guesses(
     mp = len(ranked)
     top = np.concatenate([[0], np.cumsum(ranked)])
     bottom = np.concatenate([[0], np.cumsum(~ranked[::-1])])
-    # k up to 96 % of m/2: the number of canaries in fluctuates by ~√m/2 around m/2, and a
-    # guess count chosen at the pilot's edge would be fragile on the audited run
-    ks = [int(f * mp / 2) for f in (0.96, 0.92, 0.85)]
+    # k up to m/2 less three standard deviations of the number of canaries in (√m/2 around
+    # m/2), capped at 96 %: a guess count at the pilot's edge is fragile on the audited run (at
+    # m = 1,000 a fully revealing mechanism with 461 canaries in got 461 of 480 guesses right
+    # and passed as private)
+    cap = min(0.96, 1.0 - 3.0 / math.sqrt(m))
+    ks = [int(f * mp / 2) for f in sorted({cap, *(f for f in (0.96, 0.92, 0.85) if f <= cap)}, reverse=True)]
     while ks[-1] >= 4:
         ks.append(int(ks[-1] / 1.4))
     best, best_fr = -1.0, (0.5, 0.0)
