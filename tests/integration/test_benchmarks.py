@@ -91,3 +91,25 @@ def test_cate_coverage_quick():
         assert r["width_ratio"] > 0.0 and 0.0 < r["cate_shrinkage"] < 1.5
         if r["coverage"] < 0.5:  # 8 items on 2 x 600 people: the floor swamps the Gram, and the flag says so
             assert r["cate_shrinkage"] >= CATE_SHRINKAGE_CAVEAT, r
+
+
+def test_adapter_quick():
+    """LLM adapter benchmark (issue 30): every model row on both splits, DP and non-private, and
+    the throughput row; the DP adapter's σ is the calibrated one (finite, positive)."""
+    out = _run("adapter.py")
+    rows = [r for r in out["rows"] if r.get("kind") != "throughput"]
+    models = {(r["model"], r["split"]) for r in rows}
+    for model in ("random", "popularity", "category_knn", "text_knn", "mf", "text_prior", "adapter", "hybrid"):
+        assert {(model, "warm"), (model, "cold")} <= models, model
+    for r in rows:
+        assert 0.0 <= r["ndcg10"] <= r["hr10"] <= 1.0
+        assert r["dataset"] == "movielens"
+    assert {r["epsilon"] for r in rows if r["model"] == "adapter"} == {8.0, None}
+    dp = next(r for r in rows if r["model"] == "adapter" and r["epsilon"] == 8.0)
+    assert dp["sigma"] > 0
+    # cold items have no interactions: popularity cannot rank them, the text prior can
+    cold = {r["model"]: r for r in rows if r["split"] == "cold" and r["epsilon"] is None}
+    assert cold["popularity"]["ndcg10"] == 0.0 and cold["text_prior"]["ndcg10"] > cold["random"]["ndcg10"]
+    tput = [r for r in out["rows"] if r.get("kind") == "throughput"]
+    assert len(tput) == 1 and tput[0]["ratio_dp_to_nonprivate"] > 0 and tput[0]["device"] in ("cpu", "cuda")
+    assert out["meta"]["adapter_trainable_params"] == 6529

@@ -1,0 +1,438 @@
+"""LLM adapter vs its peers on MovieLens, warm and cold-start, in one run.
+
+Rows (ARCHITECTURE.md "Benchmarks"): ``dataset, model, split, epsilon, ndcg10, hr10`` with model
+random | popularity | category_knn | text_knn | mf | text_prior | adapter | hybrid, plus rows
+``kind=throughput, device, ratio_dp_to_nonprivate``.
+
+Protocol (seeded): 20% of the items with >= 5 ratings are **cold**: all their ratings are held
+out of training. Each cold rating is ranked against 99 cold items its person never rated (cold
+split). The remaining (warm) ratings are split 80/20 per person; each warm test rating is ranked
+against 99 warm items its person never rated (warm split). Training data are the warm 80%;
+the hybrid's blend weights are chosen on a validation split *of the training data* (10% of each
+person's training ratings, and 20% of the training items with >= 5 ratings held out as
+pseudo-cold), never on test. Persons are spread over ``--institutions`` federated
+institutions (in-process federation: each round every institution runs its local steps from the
+global weights; the server applies the mean delta). DP: person-level, local noise, ε per
+institution for the whole run (δ = 1e-5).
+
+Usage: ``python benchmarks/adapter.py [--quick]`` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fedrec.client.train import MFTrainer, plan_dp  # noqa: E402
+from fedrec.client.train_adapter import AdapterTrainer, ItemBank, measure_throughput, plan_adapter_dp  # noqa: E402
+from fedrec.common.config import RunConfig  # noqa: E402
+from fedrec.common.metrics import ranking_from_scores  # noqa: E402
+from fedrec.common.models.adapter import AdapterConfig, TextAdapter, default_device  # noqa: E402
+from fedrec.common.models.mf import PersonRatings, preconditioner, score_items  # noqa: E402
+from fedrec.common.models.text_prior import (  # noqa: E402
+    catalogue_texts,
+    default_cache_dir,
+    item_embeddings,
+    load_encoder,
+    person_profiles,
+    text_prior_scores,
+)
+from fedrec.common.ratings import load_movielens  # noqa: E402
+
+DELTA = 1e-5
+
+
+def log(msg: str) -> None:
+    print(f"[adapter-bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- splits
+def per_person_split(person: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask: ``fraction`` of each person's rows (at least one kept for training)."""
+    out = np.zeros(len(person), bool)
+    order = np.argsort(person, kind="stable")
+    bounds = np.flatnonzero(np.diff(np.concatenate([[-1], person[order], [-2]])))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = order[a:b]
+        k = int(round(fraction * len(rows)))
+        k = min(k, len(rows) - 1)
+        if k > 0:
+            out[rng.choice(rows, size=k, replace=False)] = True
+    return out
+
+
+def cold_items(item: np.ndarray, n_items: int, fraction: float, rng: np.random.Generator, min_ratings: int = 5
+               ) -> np.ndarray:
+    counts = np.bincount(item, minlength=n_items)
+    eligible = np.flatnonzero(counts >= min_ratings)
+    return np.sort(rng.choice(eligible, size=int(round(fraction * len(eligible))), replace=False))
+
+
+def negatives_for(person: np.ndarray, item: np.ndarray, pool: np.ndarray, n_persons: int, k: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """[P, k'] items from ``pool`` each person never interacted with (k' = min(k, fewest available))."""
+    rated = [set() for _ in range(n_persons)]
+    for u, i in zip(person.tolist(), item.tolist()):
+        rated[u].add(i)
+    pool_set = set(pool.tolist())
+    k = min(k, min(len(pool_set - r) for r in rated))
+    out = np.empty((n_persons, k), np.int64)
+    for u in range(n_persons):
+        out[u] = rng.choice(np.array(sorted(pool_set - rated[u])), size=k, replace=False)
+    return out
+
+
+class Task:
+    """Positives (person, item) and each person's negatives: one ranking evaluation."""
+
+    def __init__(self, person: np.ndarray, item: np.ndarray, negatives: np.ndarray):
+        self.person, self.item, self.neg = person, item, negatives
+        self.cands = np.concatenate([item[:, None], negatives[person]], axis=1)  # [n, 1 + k]
+
+    def metrics(self, scores: np.ndarray) -> dict[str, float]:
+        ndcg, hit = ranking_from_scores(scores[:, 0], scores[:, 1:], 10)
+        return {"ndcg10": round(float(ndcg.mean()), 4), "hr10": round(float(hit.mean()), 4)}
+
+
+# ---------------------------------------------------------------------- peers
+def knn_scores(vectors: np.ndarray, hist_p: np.ndarray, hist_i: np.ndarray, persons: np.ndarray, cands: np.ndarray,
+               k: int = 20) -> np.ndarray:
+    """Item kNN: mean of the ``k`` largest cosines between a candidate and the person's history."""
+    v = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    order = np.argsort(hist_p, kind="stable")
+    hp, hi = hist_p[order], hist_i[order]
+    out = np.zeros(cands.shape, np.float64)
+    for u in np.unique(persons):
+        rows = np.flatnonzero(persons == u)
+        h = hi[np.searchsorted(hp, u):np.searchsorted(hp, u, side="right")]
+        if len(h) == 0:
+            continue
+        sims = v[cands[rows]] @ v[h].T  # [r, c, n_hist]
+        kk = min(k, len(h))
+        out[rows] = np.sort(sims, axis=-1)[..., -kk:].mean(-1)
+    return out
+
+
+def genre_vectors(items) -> np.ndarray:
+    g = items["genres"].fillna("").astype(str).str.get_dummies("|")
+    return g.to_numpy(np.float32)
+
+
+def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, seed):
+    """In-process federated MF (as the Flower run does it): DP counts -> public step sizes ->
+    ``rounds`` summed DP rounds. Returns (score fn, DP popularity counts)."""
+    cfg = RunConfig().override(**{"institutions": K, "seed": seed, "privacy.epsilon": epsilon, "rounds": 2})
+    trainers, maps = [], []
+    for k in range(K):
+        rows = owner[train_p] == k
+        persons = np.flatnonzero(owner == k)
+        local = np.full(n_persons, -1)
+        local[persons] = np.arange(len(persons))
+        pr = PersonRatings.from_arrays(local[train_p[rows]], train_i[rows], train_r[rows], len(persons))
+        t = MFTrainer(pr, n_items, cfg, seed=seed + 17 * k)
+        sched = plan_dp(cfg, len(persons))
+        trainers.append((t, sched))
+        maps.append(local)
+    counts = sum(t.item_counts(None if s is None else s.count_event()) for t, s in trainers)
+    noise_var = sum(0.0 if s is None else s.noise_std(1.0) ** 2 for _, s in trainers)
+    precond = preconditioner(counts, cfg.train.item_reg, noise_var, cfg.train.item_prior_var)
+    g = trainers[0][0].item_side.to_numpy()
+    for _ in range(cfg.train.rounds):
+        deltas = [t.train_round(g, precond, event=None if s is None else s.round_event()) for t, s in trainers]
+        g = {key: g[key] + cfg.train.server_lr * sum(d[key] for d in deltas) for key in g}
+    for t, _ in trainers:
+        t.refit(g)
+
+    def score(persons: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        out = np.zeros(cands.shape)
+        for k, (t, _) in enumerate(trainers):
+            rows = owner[persons] == k
+            if rows.any():
+                out[rows] = score_items(t.item_side, t.user, torch.as_tensor(maps[k][persons[rows]]),
+                                        torch.as_tensor(cands[rows])).numpy()
+        return out
+
+    return score, np.asarray(counts, np.float64)
+
+
+def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner, n_persons, K, epsilon, *, rounds,
+                  persons_per_step, steps, lr, server_lr, clip, pos, neg, candidates, seed, score_items_needed):
+    """In-process federated DP adapter; returns the score fn (each institution scores its own)."""
+    init = adapter.to_numpy()
+    trainers, maps = [], []
+    for k in range(K):
+        persons = np.flatnonzero(owner == k)
+        local = np.full(n_persons, -1)
+        local[persons] = np.arange(len(persons))
+        rows = owner[train_p] == k
+        t = AdapterTrainer(adapter, bank, local[train_p[rows]], train_i[rows], len(persons), lr=lr,
+                           pos_per_person=pos, neg_per_person=neg, candidate_items=candidates, seed=seed + 31 * k)
+        sched = plan_adapter_dp(epsilon=epsilon, delta=DELTA, n_persons=len(persons),
+                                persons_per_step=int(round(persons_per_step * len(persons) / n_persons)),
+                                steps_per_round=steps, rounds=rounds, clip_norm=clip)
+        trainers.append((t, sched))
+        maps.append(local)
+    g = {key: v.copy() for key, v in init.items()}
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(rounds), desc=f"adapter rounds eps={epsilon}", file=sys.stderr, leave=False):
+        deltas = [t.train_round(g, event=None if s is None else s.round_event(),
+                                clip_norm=clip, steps=steps, persons_per_step=int(round(persons_per_step / K)))
+                  for t, s in trainers]
+        g = {key: g[key] + server_lr * np.mean([d[key] for d in deltas], axis=0) for key in g}
+    adapter.load_numpy(g)
+    z = np.zeros((bank.n_items, bank.emb.shape[1]), np.float32)
+    need = torch.as_tensor(score_items_needed)
+    z[score_items_needed] = adapter.item_vectors(bank.hidden[need], bank.mask[need])
+    w = adapter.top.head.weight.detach().float().cpu().numpy()[0]
+    adapter.load_numpy(init)  # leave the shared model untouched for the next caller
+    sigma = None if trainers[0][1] is None else trainers[0][1].noise_multiplier
+
+    def score(persons: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        out = np.zeros(cands.shape)
+        for k, (t, _) in enumerate(trainers):
+            rows = owner[persons] == k
+            if rows.any():
+                prof = t._profiles(maps[k][persons[rows]], None)
+                out[rows] = np.einsum("pd,pkd->pk", prof * w, z[cands[rows]])
+        return out
+
+    return score, sigma
+
+
+# ---------------------------------------------------------------------- hybrid
+def standardise(s: np.ndarray) -> np.ndarray:
+    """Per-row z-score: components on one scale whatever their units (ties stay ties)."""
+    s = np.asarray(s, np.float64)
+    sd = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def fit_blend(components: dict[str, list[np.ndarray]], tasks: list[Task]) -> dict[str, float]:
+    """Blend weights maximising mean NDCG@10 over the validation tasks (grid search; the first
+    component's weight is fixed at 1 unless all others are 0, as scale is irrelevant to ranking)."""
+    names = list(components)
+    best, best_w = -1.0, None
+    for ws in itertools.product(GRID, repeat=len(names)):
+        if max(ws) == 0 or (ws[0] not in (0.0, 1.0)):
+            continue
+        total = 0.0
+        for t, task in enumerate(tasks):
+            s = sum(w * standardise(components[n][t]) for w, n in zip(ws, names) if w)
+            total += task.metrics(s)["ndcg10"]
+        if total > best + 1e-9:
+            best, best_w = total, ws
+    return dict(zip(names, best_w))
+
+
+def blend(weights: dict[str, float], comps: dict[str, np.ndarray]) -> np.ndarray:
+    return sum(w * standardise(comps[n]) for n, w in weights.items() if w)
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a small smoke run (subset of persons and items)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--persons", type=int, default=0, help="subsample persons (0 = all 671; quick: 60 persons on the 600 most-rated items)")
+    ap.add_argument("--institutions", type=int, default=10)
+    ap.add_argument("--epsilons", default="8,inf", help="comma list of per-institution ε (inf = non-private)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--persons-per-step", type=int, default=0, help="expected persons per step, all institutions (0 = all)")
+    ap.add_argument("--local-steps", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--pos", type=int, default=None)
+    ap.add_argument("--neg", type=int, default=None)
+    ap.add_argument("--top-layers", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=2)
+    ap.add_argument("--cache-dir", default=str(default_cache_dir()))
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    quick = args.quick
+    rounds = args.rounds if args.rounds is not None else (2 if quick else 5)
+    pos = args.pos if args.pos is not None else (1 if quick else 2)
+    neg = args.neg if args.neg is not None else (1 if quick else 2)
+    K = 2 if quick else args.institutions
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+
+    r = load_movielens()
+    person, item = r.person.copy(), r.item.copy()
+    n_persons = r.n_persons
+    keep_items = np.arange(r.n_items)
+    n_sub = args.persons or (60 if quick else 0)
+    if n_sub and n_sub < n_persons:  # subsample persons (quick: and the 600 most-rated items)
+        if quick:
+            top = np.argsort(-np.bincount(item, minlength=r.n_items), kind="stable")[:600]
+            in_top = np.isin(item, top)
+            person, item, base_rating = person[in_top], item[in_top], r.rating[in_top]
+        else:
+            base_rating = r.rating
+        eligible = np.flatnonzero(np.bincount(person, minlength=n_persons) >= 10)
+        chosen = np.sort(rng.choice(eligible, size=min(n_sub, len(eligible)), replace=False))
+        n_sub = len(chosen)
+        pmap = np.full(n_persons, -1)
+        pmap[chosen] = np.arange(n_sub)
+        rows = pmap[person] >= 0
+        keep_items = np.unique(item[rows])
+        imap = np.full(r.n_items, -1)
+        imap[keep_items] = np.arange(len(keep_items))
+        person, item = pmap[person[rows]], imap[item[rows]]
+        rating = base_rating[rows]
+        n_persons = n_sub
+    else:
+        rating = r.rating
+    items_table = r.items.iloc[keep_items].reset_index(drop=True)
+    n_items = len(items_table)
+    texts = catalogue_texts(items_table)
+    log(f"{n_persons} persons, {n_items} items, {len(person)} ratings")
+
+    # --- splits: cold items (all ratings out), warm 80/20 per person, validation inside train
+    cold = cold_items(item, n_items, 0.2, rng)
+    is_cold = np.isin(item, cold)
+    warm_test = per_person_split(np.where(is_cold, -1, person), 0.2, rng) & ~is_cold
+    train = ~is_cold & ~warm_test
+    tp, ti, tr = person[train], item[train], rating[train]
+    val_cold = cold_items(ti, n_items, 0.2, rng)
+    v_is_cold = np.isin(ti, val_cold)
+    v_warm = per_person_split(np.where(v_is_cold, -1, tp), 0.1, rng) & ~v_is_cold
+    fit = ~v_is_cold & ~v_warm
+    fp, fi, fr = tp[fit], ti[fit], tr[fit]
+    warm_pool = np.setdiff1d(np.arange(n_items), cold)
+    fit_pool = np.setdiff1d(warm_pool, val_cold)
+    neg_k = 99
+    tasks = {
+        "warm": Task(person[warm_test], item[warm_test], negatives_for(person, item, warm_pool, n_persons, neg_k, rng)),
+        "cold": Task(person[is_cold], item[is_cold], negatives_for(person, item, cold, n_persons, neg_k, rng)),
+    }
+    val_tasks = {
+        "warm": Task(tp[v_warm], ti[v_warm], negatives_for(tp, ti, fit_pool, n_persons, neg_k, rng)),
+        "cold": Task(tp[v_is_cold], ti[v_is_cold], negatives_for(tp, ti, val_cold, n_persons, neg_k, rng)),
+    }
+    owner = rng.integers(0, K, size=n_persons)
+    needed = np.unique(np.concatenate([t.cands.ravel() for t in (*tasks.values(), *val_tasks.values())]))
+    log(f"cold items {len(cold)}, warm test {warm_test.sum()}, cold test {is_cold.sum()}, "
+        f"val warm {v_warm.sum()}, val cold {v_is_cold.sum()}")
+
+    # --- public text side (cached per catalogue)
+    encoder = load_encoder()
+    emb = item_embeddings(texts, encoder=encoder, cache_dir=args.cache_dir, progress=True)
+    genres = genre_vectors(items_table)
+    acfg = AdapterConfig(top_layers=args.top_layers, rank=args.rank)
+    adapter = TextAdapter(acfg, center=emb.mean(0), encoder=encoder)
+    bank = ItemBank.build(adapter, texts, emb, cache_dir=args.cache_dir)
+    log(f"adapter: {adapter.n_trainable()} trainable parameters (LoRA r={acfg.rank} on "
+        f"{','.join(acfg.target_modules)} of the top {acfg.top_layers} layers + head)")
+
+    rows: list[dict] = []
+
+    def add(model: str, split: str, eps: float | None, m: dict, **extra) -> None:
+        e = None if eps is None or not math.isfinite(eps) else eps
+        rows.append({"dataset": "movielens", "model": model, "split": split, "epsilon": e, **m, **extra})
+        log(f"{model:12s} {split:5s} eps={e}: {m}")
+
+    # scorers trained on (hist_p, hist_i[, hist_r]): returns fn(persons, cands)
+    def text_side(hp, hi):
+        prof = person_profiles(emb, hp, hi, n_persons)
+        return {
+            "text_prior": lambda p, c: text_prior_scores(prof, emb, p, c),
+            "text_knn": lambda p, c: knn_scores(emb, hp, hi, p, c),
+            "category_knn": lambda p, c: knn_scores(genres, hp, hi, p, c),
+        }
+
+    def popularity(hp, hi):
+        counts = np.bincount(hi, minlength=n_items).astype(float)
+        return lambda p, c: counts[c]
+
+    # --- validation-time models (trained on the fit part) and test-time models (all training data)
+    val_scorers = text_side(fp, fi)
+    test_scorers = text_side(tp, ti)
+    val_scorers["popularity"], test_scorers["popularity"] = popularity(fp, fi), popularity(tp, ti)
+    rand = np.random.default_rng(args.seed + 99)
+    for split, task in tasks.items():
+        add("random", split, None, task.metrics(rand.random(task.cands.shape)))
+        for name in ("popularity", "category_knn", "text_knn", "text_prior"):
+            add(name, split, None, task.metrics(test_scorers[name](task.person, task.cands)))
+
+    for eps in epsilons:
+        t0 = time.time()
+        mf_val, dpcount_val = mf_model(fp, fi, fr, owner, n_persons, n_items, K, eps, args.seed)
+        mf_test, dpcount_test = mf_model(tp, ti, tr, owner, n_persons, n_items, K, eps, args.seed)
+        log(f"mf eps={eps}: {time.time() - t0:.1f}s")
+        t0 = time.time()
+        # the adapter is trained once, on the fit part (validation never enters its training)
+        ad_score, sigma = adapter_model(
+            adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds, persons_per_step=args.persons_per_step,
+            steps=args.local_steps, lr=args.lr, server_lr=args.server_lr, clip=args.clip, pos=pos, neg=neg,
+            candidates=fit_pool, seed=args.seed, score_items_needed=needed)
+        ad_s = time.time() - t0
+        log(f"adapter eps={eps}: {ad_s:.1f}s, sigma={sigma}")
+        for split, task in tasks.items():
+            extra = {"rounds": rounds, "sigma": None if sigma is None else round(sigma, 4), "train_s": round(ad_s, 1)}
+            add("adapter", split, eps, task.metrics(ad_score(task.person, task.cands)), **extra)
+            add("mf", split, eps, task.metrics(mf_test(task.person, task.cands)))
+
+        def comps(mf, dpcount, scorers, task):
+            return {
+                "dp_popularity": np.log1p(np.maximum(dpcount[task.cands], 0.0)),
+                "mf": mf(task.person, task.cands),
+                "text_prior": scorers["text_prior"](task.person, task.cands),
+                "adapter": ad_score(task.person, task.cands),
+            }
+
+        for split in tasks:
+            weights = fit_blend({n: [v] for n, v in comps(mf_val, dpcount_val, val_scorers, val_tasks[split]).items()},
+                                [val_tasks[split]])
+            m = tasks[split].metrics(blend(weights, comps(mf_test, dpcount_test, test_scorers, tasks[split])))
+            add("hybrid", split, eps, m, weights=" ".join(f"{k}={v}" for k, v in weights.items()))
+
+    # --- throughput: one DP step (hooks + per-person clip + noise) vs one plain step, same rows
+    tput_trainer = AdapterTrainer(adapter, bank, fp, fi, n_persons, pos_per_person=pos, neg_per_person=neg,
+                                  candidate_items=fit_pool, seed=args.seed)
+    tp_rows = measure_throughput(tput_trainer, persons=32 if quick else 128)
+    rows.append({"kind": "throughput", "dataset": "movielens", "device": default_device(),
+                 "dp_persons_per_s": round(tp_rows["dp"], 2), "nonprivate_persons_per_s": round(tp_rows["nonprivate"], 2),
+                 "ratio_dp_to_nonprivate": round(tp_rows["dp"] / tp_rows["nonprivate"], 3)})
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except OSError:
+        commit = ""
+    meta = {
+        "command": "python benchmarks/adapter.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": commit, "seed": args.seed, "quick": quick, "persons": n_persons, "items": n_items,
+        "institutions": K, "rounds": rounds, "local_steps": args.local_steps, "persons_per_step": args.persons_per_step,
+        "lr": args.lr, "server_lr": args.server_lr, "clip_norm": args.clip, "pos_per_person": pos,
+        "neg_per_person": neg, "delta": DELTA, "noise_mode": "local",
+        "adapter_trainable_params": adapter.n_trainable(), "adapter_rank": acfg.rank, "adapter_top_layers": acfg.top_layers,
+        "encoder_sha256": adapter.weights_sha256, "cold_items": int(len(cold)),
+        "protocol": "1 positive vs 99 sampled unrated items of the same split (warm: warm items; cold: cold items)",
+        "blend": "per-person z-scored components, weights by grid search on a validation split of the training data",
+        "wall_s": round(time.time() - t_start, 1),
+    }
+    print(json.dumps({"meta": meta, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
