@@ -156,6 +156,17 @@ def prior_mean_update(
     return {**update, "item_bias": apply_prior_mean(update["item_bias"], gain, prior)}
 
 
+def initial_adapter_arrays(seed: int) -> dict[str, np.ndarray]:
+    """The adapter's initial LoRA + head tensors (public: the pretrained encoder's shapes and a
+    seeded LoRA initialisation); every client loads what the server sends each round."""
+    import torch
+
+    from fedrec.common.models.adapter import AdapterConfig, TextAdapter
+
+    torch.manual_seed(seed)
+    return {k: np.asarray(v, np.float32) for k, v in TextAdapter(AdapterConfig()).to_numpy().items()}
+
+
 def record_epsilon(epsilon: dict[str, float], res: RoundResult) -> None:
     """Keep each institution's latest reported ε (the ledger's total, so never decreasing)."""
     for node, m in res.metrics.items():
@@ -196,11 +207,15 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
     nodes = wait_for_nodes(grid, cfg.data.institutions)
     catalogue = agree_on_catalogue(grid, nodes)
     n_items, institution_names = catalogue.n_items, catalogue.institution_names
+    adapter = cfg.train.model == "adapter"
     dim = cfg.train.mf_dim
-    global_arrays: dict[str, np.ndarray] = {"item_bias": np.zeros(n_items, np.float32)}
-    if dim:
-        rng = np.random.default_rng(cfg.data.seed)
-        global_arrays["item_factors"] = (0.1 * rng.standard_normal((n_items, dim))).astype(np.float32)
+    if adapter:  # LoRA + head tensors of the public pretrained encoder (docs/adapter.md)
+        global_arrays = initial_adapter_arrays(cfg.data.seed)
+    else:
+        global_arrays = {"item_bias": np.zeros(n_items, np.float32)}
+        if dim:
+            rng = np.random.default_rng(cfg.data.seed)
+            global_arrays["item_factors"] = (0.1 * rng.standard_normal((n_items, dim))).astype(np.float32)
     protocol = make_sum_protocol(cfg)
     # the run's own record for the audit: its run id (the one every client charges its ledger
     # under) and, per institution, how many replies the server accepted (each one a charged release)
@@ -215,12 +230,12 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
     if cfg.privacy.noise_mode == "distributed":
         min_contributors = max(min_contributors, cfg.n_min)
     epsilon: dict[str, float] = {}
-    steps = item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
-    for node in steps.contributors:  # the count release is a charged release too
+    steps = None if adapter else item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
+    for node in (steps.contributors if steps else ()):  # the count release is a charged release too
         releases.setdefault(institution_names.get(str(node), str(node)), {"count": 0, "ledger_head": None})["count"] += 1
-    precond = steps.precond
     # a noiseless delta coordinate is a step of at most the rating range (Newton step on a
-    # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare
+    # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare (the
+    # adapter's step is lr times a clipped mean gradient plus its noise: the same range holds)
     train_range = 10.0 * cfg.train.lr * max(1, cfg.train.local_steps)
     progress = _Progress(cfg.train.rounds)
     for r in range(1, cfg.train.rounds + 1):
@@ -228,18 +243,21 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         content = RecordDict(
             {
                 "arrays": numpy_to_arrays(global_arrays),
-                "precond": numpy_to_arrays({"precond": precond}),
                 "config": ConfigRecord({"server-round": r, "secagg.clip-range": train_range}),
             }
         )
+        if steps is not None:
+            content["precond"] = numpy_to_arrays({"precond": steps.precond})
         res = protocol.run_round(
             grid, nodes, message_type="train", content=content, server_round=r, min_contributors=min_contributors
         )
         if res.total is None:
             raise RoundFailed(f"round {r}: no contribution")
-        # institutions' deltas are on the scale of a sum over persons: add them
-        update = {k: cfg.train.server_lr * res.total[k] for k in global_arrays}
-        if r == 1:
+        if adapter:  # each institution's delta is a mean-gradient step: average them
+            update = {k: cfg.train.server_lr * res.total[k] / len(res.contributors) for k in global_arrays}
+        else:  # MF deltas are on the scale of a sum over persons: add them
+            update = {k: cfg.train.server_lr * res.total[k] for k in global_arrays}
+        if r == 1 and steps is not None:
             update = prior_mean_update(update, steps, catalogue, cfg)
         global_arrays = {k: (v + update[k]).astype(np.float32) for k, v in global_arrays.items()}
         record_epsilon(epsilon, res)

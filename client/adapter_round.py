@@ -1,0 +1,107 @@
+"""The LLM adapter's releases at an institution: what the ``train`` and ``evaluate`` handlers of
+``client/app.py`` run when the run's model is ``adapter``.
+
+Privacy contract of :func:`adapter_train_reply`: one round releases the delta of the LoRA and
+head tensors only (``common/models/adapter.py``), the result of ``event.steps`` Poisson-sampled
+steps at ``event.sample_rate``, each the sum over sampled persons of their gradients clipped to
+``privacy.clip-norm`` as a whole (one person = all their rows) plus
+``N(0, (σ·C)²·noise_share)`` with σ the **charged** event's (``client/train_adapter.py``,
+``common/privacy/release.py``). The private person side (profiles from each person's history)
+never leaves. Before round 1 the whole run's plan is checked against the budget and policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.client.guard import ReleaseGuard
+from fedrec.client.train_adapter import AdapterSchedule, AdapterTrainer, ItemBank, plan_adapter_dp
+from fedrec.common.config import RunConfig
+from fedrec.common.privacy.accountant import NonPrivateEvent
+
+__all__ = ["adapter_state", "adapter_train_release", "adapter_eval_sums", "catalogue_items"]
+
+
+@dataclass
+class AdapterState:
+    trainer: AdapterTrainer
+    schedule: AdapterSchedule | None
+
+
+def catalogue_items(folder: Path, item_ids: np.ndarray):
+    """The public catalogue table in the model's dense item order (ratings folders: items.parquet
+    or .csv; data-contract folders: the study's items table)."""
+    import pandas as pd
+
+    folder = Path(folder)
+    if (folder / "study.toml").exists():
+        from fedrec.common.datasets import load_institution
+
+        items = load_institution(folder).items
+    else:
+        from fedrec.common.ratings import CATALOGUE_FILE, _either, _read_table
+
+        items = _read_table(_either(folder, CATALOGUE_FILE))
+    items = items.assign(item_id=items["item_id"].astype(str)).set_index("item_id")
+    return items.reindex(pd.Index(np.asarray(item_ids).astype(str), name="item_id")).reset_index()
+
+
+@lru_cache(maxsize=8)
+def _state(folder: str, cfg_items: tuple, n_persons: int) -> AdapterState:
+    from fedrec.client.app import _load  # the validated institution data (cached)
+    from fedrec.common.models.adapter import AdapterConfig, TextAdapter
+    from fedrec.common.models.text_prior import catalogue_texts, default_cache_dir, item_embeddings
+
+    cfg = RunConfig.from_flat(dict(cfg_items))
+    inst = _load(folder, cfg_items)
+    texts = catalogue_texts(catalogue_items(Path(folder), inst.data.item_ids))
+    emb = item_embeddings(texts, progress=False)
+    adapter = TextAdapter(AdapterConfig(), center=emb.mean(0))
+    bank = ItemBank.build(adapter, texts, emb, cache_dir=str(default_cache_dir()))
+    trainer = AdapterTrainer(adapter, bank, inst.data.train_person, inst.data.train_item, inst.data.n_persons,
+                             lr=cfg.train.lr)
+    p, t = cfg.privacy, cfg.train
+    schedule = plan_adapter_dp(epsilon=p.epsilon, delta=p.delta, n_persons=inst.data.n_persons,
+                               persons_per_step=t.persons_per_step, steps_per_round=t.local_steps, rounds=t.rounds,
+                               clip_norm=p.clip_norm, noise_mode=p.noise_mode, n_min=cfg.n_min,
+                               accountant=p.accountant)
+    return AdapterState(trainer=trainer, schedule=schedule)
+
+
+def adapter_state(folder: Path, cfg: RunConfig, n_persons: int) -> AdapterState:
+    return _state(str(folder), tuple(sorted(cfg.to_flat().items())), n_persons)
+
+
+def adapter_train_release(state: AdapterState, guard: ReleaseGuard, cfg: RunConfig, *, share: float, run_id: str,
+                          server_round: int, global_arrays: dict[str, np.ndarray]
+                          ) -> tuple[dict[str, np.ndarray], dict[str, float], object]:
+    """Policy-checked, charged round of the adapter: returns (delta, public metrics, charge).
+    The caller marks the charge released once the reply is built."""
+    sched = state.schedule
+    if sched is not None and server_round <= 1:
+        guard.check_plan(sched.run_events(), run_id=run_id)
+    event = sched.round_event() if sched is not None else NonPrivateEvent()
+    charge = guard.charge(event, run_id=run_id, round=server_round, task="train", model="adapter")
+    delta = state.trainer.train_round(global_arrays, event=charge.event if sched is not None else None,
+                                      clip_norm=cfg.privacy.clip_norm, noise_share=share,
+                                      steps=cfg.train.local_steps, persons_per_step=cfg.train.persons_per_step)
+    noise_sd = 0.0 if sched is None else sched.noise_multiplier * cfg.privacy.clip_norm * math.sqrt(share)
+    return delta, {"noise-var": noise_sd**2}, charge
+
+
+def adapter_eval_sums(state: AdapterState, global_arrays: dict[str, np.ndarray], test_person: np.ndarray,
+                      test_item: np.ndarray, negatives: np.ndarray, *, k: int) -> dict[str, float]:
+    """Held-out ranking sums of the adapter (1 positive vs the sampled negatives): a release of
+    institution data, answered only where the evaluation policy allows (simulations)."""
+    from fedrec.common.metrics import ranking_sums
+
+    if len(test_person) == 0:
+        return {}
+    cand = np.concatenate([np.asarray(test_item)[:, None], np.asarray(negatives)[test_person]], axis=1)
+    scores = state.trainer.score(np.asarray(test_person), cand, global_arrays)
+    return ranking_sums(scores[:, 0], scores[:, 1:], k)
