@@ -16,12 +16,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: the main job on the embedded default — a Flower simulation on MovieLens
-# each demo is a fresh simulated federation: its institutions' ledgers start empty (re-running
-# into the same folder would, correctly, find their ε already spent)
+## demo: the whole mission on the embedded default (simulations/demo.py) — a simulated health
+## federation of 8 institutions: MF under DP over SecAgg+, causal effects with CIs and
+## recommendations, each institution's ledger, the audit, results/demo/report.html. Each demo is
+## a fresh federation (the command replaces an earlier results/demo): its ledgers start empty.
 demo: $(STAMP)
-	rm -rf results/demo
-	$(BIN)/fedrec-sim run --dataset movielens --institutions 10 --rounds 20 --epsilon 8 --out results/demo
+	$(BIN)/fedrec-sim demo --out results/demo
 
 ## test: the whole suite (unit, integration with real Flower runs, e2e)
 test: $(STAMP)

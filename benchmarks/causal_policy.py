@@ -61,6 +61,74 @@ def one_seed(args):
     return domain, out
 
 
+#: issue 29's scenarios: (name, domain, institutions, people per institution, ε, noise mode)
+SAFE_CELLS = (("new-user: 4 x 1,000, eps 1, local", "health", 4, 1000, 1.0, "local"),
+              ("8 x 2,500, eps inf", "health", 8, 2500, math.inf, "local"),
+              ("8 x 2,500, eps 4, distributed", "health", 8, 2500, 4.0, "distributed"))
+SAFE_FIRST_SEED = 9500  # fresh: never used to choose a default
+
+
+def safe_seed(args):
+    """One federation per cell: the safe recommendations' gain over the status quo (none), the
+    forecast half-width (before) and the measured ones (after)."""
+    cell, seed = args
+    warnings.filterwarnings("ignore")
+    from fedrec.common.causal.forecast import declared_people_per_item, forecast_half_widths
+    from fedrec.server.causal_recommend import policy_values
+    from fedrec.simulations.causal_cli import estimate_inprocess, resolve_config
+    from fedrec.simulations.domains import domain_federation
+
+    name, domain, k, n, eps, mode = cell
+    insts, truth = domain_federation(domain, institutions=k, people=n * k, seed=seed, skew=0.4)
+    cfg, _ = resolve_config(insts, epsilon=eps, overrides={"noise_mode": mode})
+    items = list(truth.item_ids)
+    fc = forecast_half_widths(insts[0].study, cfg.resolved(k), items, declared_people_per_item(insts, items))
+    res = estimate_inprocess(insts, cfg, rng=np.random.default_rng([seed, 29]))
+    pv = policy_values(insts, truth, res.items, cfg.covariates, cfg.derived)
+    return name, {"seed": seed, "safe": pv["causal_safe"], "rank_all_top1": pv["causal"]["policy_value"],
+                  "forecast_half_width": next(iter(fc.half_width.values())),
+                  "measured_half_widths": [1.959963984540054 * r["se"] for r in res.items.values()]}
+
+
+def safe_main(runs: int, workers: int) -> int:
+    import subprocess
+
+    import causal_accuracy as acc
+
+    t0 = time.time()
+    jobs = [(c, SAFE_FIRST_SEED + s) for c in SAFE_CELLS for s in range(runs)]
+    results = acc.run_seeds(safe_seed, jobs, workers)
+    rows = []
+    for c in SAFE_CELLS:
+        rs = [r for name, r in results if name == c[0]]
+        gains = np.array([r["safe"]["gain"] for r in rs])
+        oracle = np.array([r["safe"]["oracle_gain"] for r in rs])
+        med = np.array([np.median(r["measured_half_widths"]) for r in rs])
+        rows.append({"cell": c[0], "runs": len(rs), "mean_gain": float(gains.mean()), "min_gain": float(gains.min()),
+                     "seeds_with_negative_gain": int((gains < 0).sum()),
+                     "mean_oracle_gain": float(oracle.mean()), "share_of_oracle_gain": float(gains.mean() / oracle.mean()),
+                     "min_share_of_oracle_gain": float(np.min(gains / oracle)),
+                     "mean_share_recommended": float(np.mean([r["safe"]["share_recommended"] for r in rs])),
+                     "mean_harmed_share": float(np.mean([r["safe"]["harmed_share"] for r in rs])),
+                     "rank_all_top1_value": float(np.mean([r["rank_all_top1"] for r in rs])),
+                     "forecast_half_width": float(np.median([r["forecast_half_width"] for r in rs])),
+                     "measured_half_width_median": float(np.median(med)),
+                     "forecast_over_measured": float(np.median([r["forecast_half_width"] for r in rs]) / np.median(med))})
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"script": "causal_policy.py --safe", "command": "python benchmarks/causal_policy.py --safe",
+            "commit": commit + " (+ uncommitted issue-29 changes)", "seeds": [SAFE_FIRST_SEED, SAFE_FIRST_SEED + runs - 1],
+            "seeds_note": "fresh: never used to choose a default", "status_quo": "none (no item)",
+            "rule": "an item only where its 95% pointwise CATE interval lies on the benefit side of 0, never an item "
+                    "whose ATE interval shows harm or whose shrunk CATE model its ATE does not back",
+            "gain": "mean true benefit over the status quo (0 for no recommendation), outcome units (kg lost)",
+            "forecast": "common/causal/forecast.py (public stand-in federation), median over seeds; measured: "
+                        "median over seeds of each run's median 95% half-width over its items",
+            "seconds": round(time.time() - t0, 1)}
+    json.dump({"meta": meta, "rows": rows}, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 federations per domain")
@@ -71,8 +139,12 @@ def main(argv=None) -> int:
     ap.add_argument("--noise-modes", default="local,distributed")
     ap.add_argument("--k", type=int, default=3, help="top-k recommendations followed (default 3)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--safe", action="store_true", help="issue 29: the safe recommendations and the CI forecast "
+                    "on the new-user scenario, 8 x 2,500 at ε = ∞ and distributed ε = 4 (health)")
     a = ap.parse_args(argv)
     runs = a.runs or (2 if a.quick else 20)
+    if a.safe:
+        return safe_main(runs, a.workers)
     domains = a.domains.split(",")
     modes = a.noise_modes.split(",")
     import causal_accuracy as acc  # a sibling script (items, designs, seed runner): its folder is on sys.path

@@ -2,7 +2,13 @@
 """Round time of plain FedAvg vs Flower's SecAgg+ vs fedrec's SecAgg+, in one simulation.
 
 Prints one JSON object ``{"meta": {...}, "rows": [...]}``; rows: clients, plain_s,
-flower_secagg_s, fedrec_secagg_s, fedrec_ratio, flower_ratio (ratios to plain, same run).
+flower_secagg_s, fedrec_secagg_s, fedrec_ratio (steady state), fedrec_ratio_amortized (the
+setup round's extra time spread over a block of ``--block`` rounds, fedrec's default 16),
+flower_ratio (ratios to plain, same run).
+
+fedrec runs with every lying-coordinator defence on (issue 28): signed key advertisements
+verified against a roster (SECP384R1 identities provisioned per simulated institution, as
+``simulations/provision.py`` does), policy floors, the consistency round and reply validation.
 
 One Flower simulation (Ray, ``client_resources num_cpus=1``) with ``max(clients)``
 SuperNodes; for each client count the three protocols take turns round by round (so load
@@ -37,6 +43,37 @@ def bench_vector(node_id: int, r: int, dim: int) -> np.ndarray:
     return np.random.default_rng([node_id % (2**32), r]).uniform(-1, 1, dim).astype(np.float32)
 
 
+POLICY_ENV = "FEDREC_BENCH_POLICY_DIR"
+
+
+def policy_mod(msg, context, call_next):
+    """run_simulation takes no run config: point each simulated node at its provisioned policy."""
+    root = os.environ.get(POLICY_ENV)
+    if root and "sim.policy-dir" not in context.run_config:
+        from flwr.app import Context
+
+        # Flower forbids editing run_config: hand the next layer a context that carries it (same state)
+        context = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                          state=context.state, run_config={**dict(context.run_config), "sim.policy-dir": root})
+    return call_next(msg, context)
+
+
+def provision(root, n: int) -> None:
+    from pathlib import Path
+
+    from fedrec.common.privacy.policy import InstitutionPolicy, write_policy
+    from fedrec.common.secagg._identity import write_identity, write_roster
+
+    root = Path(root)
+    names = [f"institution_{i:03d}" for i in range(n)]
+    keys = {nm: root / nm / "identity.pem" for nm in names}
+    roster = write_roster(root / "roster.toml", {nm: write_identity(keys[nm]) for nm in names})
+    for nm in names:
+        write_policy(root / nm / "privacy.toml", InstitutionPolicy(
+            ledger=root / nm / "ledger.db", min_round_size=2, identity_key=keys[nm], roster=roster,
+            source=root / nm / "privacy.toml"))
+
+
 def make_client_app(dim: int):
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.client import NumPyClient
@@ -51,7 +88,7 @@ def make_client_app(dim: int):
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(v)}), "metrics": MetricRecord({"n": 1})}),
                        reply_to=msg)
 
-    ours = ClientApp(mods=[secaggplus_mod])
+    ours = ClientApp(mods=[policy_mod, secaggplus_mod])
     ours.train()(handler)
     plain = ClientApp()
     plain.train()(handler)
@@ -78,7 +115,7 @@ def make_client_app(dim: int):
     return Dual()
 
 
-def run(clients: list[int], dim: int, rounds: int) -> dict:
+def run(clients: list[int], dim: int, rounds: int, block: int = 16) -> dict:
     import logging
 
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -130,7 +167,7 @@ def run(clients: list[int], dim: int, rounds: int) -> dict:
                 out["neighbours"][str(n)] = k_eff
                 plain, ours = PlainSum(), SecAggPlusSum(clip_range=1.0, neighbours=k, rounds_per_setup=rounds + 1)
                 times = {"plain": [], "flower": [], "fedrec": []}
-                stages = {"mask": [], "unmask": []}
+                stages = {"mask": [], "consistency": [], "unmask": []}
                 for _ in range(rounds):
                     r_global += 1
                     r = r_global
@@ -161,6 +198,7 @@ def run(clients: list[int], dim: int, rounds: int) -> dict:
                     times["fedrec"].append(time.perf_counter() - t)
                     stages["mask"].append(ours.stats["mask_stage_s"])
                     stages["unmask"].append(ours.stats["unmask_stage_s"])
+                    stages["consistency"].append(ours.stats["consistency_stage_s"])
                     d = out["diffs"]
                     d["fedrec"] = max(d["fedrec"], float(np.abs(res_o.total["w"] - ref).max()))
                     d["flower"] = max(d["flower"], float(np.abs(flower_sum - flower_ref).max()))
@@ -169,16 +207,22 @@ def run(clients: list[int], dim: int, rounds: int) -> dict:
                                                     float(np.abs(flower_sum - res_o.total["w"]).max()))
                     out["bound"] = max(out["bound"], n * 2 * flower_clip / flower_qrange + 1e-6 * n)
                     print(f"n={n} round {r}: " + ", ".join(f"{m} {v[-1]:.3f}s" for m, v in times.items())
-                          + f" (fedrec stages {stages['mask'][-1]:.3f}s + {stages['unmask'][-1]:.3f}s)",
+                          + f" (fedrec stages {stages['mask'][-1]:.3f}s + {stages['consistency'][-1]:.3f}s"
+                          + f" + {stages['unmask'][-1]:.3f}s)",
                           file=sys.stderr, flush=True)
                 med = {m: statistics.median(v[1:]) for m, v in times.items()}
+                # amortized: the first round pays the setup once per block of `block` rounds
+                amortized = med["fedrec"] + max(0.0, times["fedrec"][0] - med["fedrec"]) / block
                 out["rows"].append({
                     "clients": n, "plain_s": round(med["plain"], 4), "flower_secagg_s": round(med["flower"], 4),
                     "fedrec_secagg_s": round(med["fedrec"], 4),
                     "fedrec_ratio": round(med["fedrec"] / med["plain"], 3),
+                    "fedrec_ratio_amortized": round(amortized / med["plain"], 3),
+                    "fedrec_first_round_s": round(times["fedrec"][0], 4),
                     "flower_ratio": round(med["flower"] / med["plain"], 3),
                     "neighbours": k_eff, "fedrec_setup_s": round(ours.stats["setup_s"], 4),
                     "fedrec_mask_stage_s": round(statistics.median(stages["mask"][1:]), 4),
+                    "fedrec_consistency_stage_s": round(statistics.median(stages["consistency"][1:]), 4),
                     "fedrec_unmask_stage_s": round(statistics.median(stages["unmask"][1:]), 4),
                 })
         except Exception:  # noqa: BLE001 - reported in the JSON and the exit code
@@ -186,8 +230,16 @@ def run(clients: list[int], dim: int, rounds: int) -> dict:
 
             out["error"] = traceback.format_exc()
 
-    run_simulation(server_app=server, client_app=make_client_app(dim), num_supernodes=total_nodes,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fedrec-bench-policies-") as root:
+        provision(root, total_nodes)
+        os.environ[POLICY_ENV] = root
+        try:
+            run_simulation(server_app=server, client_app=make_client_app(dim), num_supernodes=total_nodes,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        finally:
+            os.environ.pop(POLICY_ENV, None)
     return out
 
 
@@ -197,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="*", default=None)
     ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None, help="rounds per protocol (first excluded)")
+    ap.add_argument("--block", type=int, default=16, help="rounds per fedrec key setup, for the amortized ratio")
     args = ap.parse_args(argv)
     clients = args.clients or ([5] if args.quick else [10, 50, 100])
     dim = args.dim or (1000 if args.quick else 100_000)
@@ -205,13 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     json_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     t0 = time.time()
-    out = run(clients, dim, rounds)
+    for var, val in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                     ("RAY_USAGE_STATS_ENABLED", "0")):
+        os.environ.setdefault(var, val)
+    out = run(clients, dim, rounds, args.block)
     import flwr
 
     result = {
         "meta": {
             "benchmark": "secagg_overhead", "dim": dim, "rounds": rounds, "steady_rounds": rounds - 1,
-            "statistic": "median of steady-state rounds", "cpus": os.cpu_count(), "flwr": flwr.__version__,
+            "statistic": "median of steady-state rounds", "block": args.block,
+            "defences": "signed adverts (SECP384R1 roster), policy floors, consistency round, reply validation",
+            "command": " ".join(["benchmarks/secagg_overhead.py", *(argv if argv is not None else sys.argv[1:])]), "cpus": os.cpu_count(), "flwr": flwr.__version__,
             "backend": "flwr simulation (ray), client_resources num_cpus=1",
             "neighbours": out["neighbours"],
             "max_abs_diff_fedrec_vs_plain": out["diffs"]["fedrec"],

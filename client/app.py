@@ -31,18 +31,18 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.common.config import RunConfig
+from fedrec.common.config import RunConfig, derive_seed
 from fedrec.common.metrics import sample_negatives
 from fedrec.common.models.mf import PersonRatings
 from fedrec.common.privacy.accountant import NonPrivateEvent
 from fedrec.common.ratings import InstitutionRatings, load_institution_ratings
 from fedrec.client.guard import Refusal, ReleaseGuard, ReleaseRequest
-from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
+from fedrec.client.node import NOISE_RECORD, is_simulated, node_guard, noise_record, private_errors, secagg_round_size
 from fedrec.client.train import DPSchedule, MFTrainer, evaluation_sums, plan_dp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["app", "institution_folder", "catalogue_fingerprint"]
+__all__ = ["app", "institution_folder", "catalogue_fingerprint", "simulation_seed"]
 
 
 def _mods() -> list:
@@ -108,9 +108,27 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def _trainer(inst: Institution, cfg: RunConfig) -> MFTrainer:
+def _trainer(inst: Institution, cfg: RunConfig, seed: int | None = None) -> MFTrainer:
     # the public, declared rating scale sets the MF global offset (never the data's mean)
-    return MFTrainer(inst.ratings, inst.data.n_items, cfg, bounds=inst.data.bounds)
+    return MFTrainer(inst.ratings, inst.data.n_items, cfg, bounds=inst.data.bounds, seed=seed)
+
+
+def simulation_seed(context: Context, cfg: RunConfig, *labels: object) -> int | None:
+    """The seed of one release's noise in a **simulation**, else None (the OS CSPRNG).
+
+    ``sim.noise-seed`` (>= 0) makes a simulation reproducible: each release gets its own seed,
+    derived from it and ``labels`` (institution, task, round). Only a simulated node (Flower
+    simulation's ``partition-id``, :func:`~fedrec.client.node.is_simulated`) honours it: a
+    deployed node ignores the knob — a coordinator who could fix an institution's noise could
+    subtract it — and draws every release's noise from the CSPRNG.
+    """
+    base = cfg.sim.noise_seed
+    if base < 0:
+        return None
+    if not is_simulated(context):
+        log.warning("ignored sim.noise-seed from the run config: a deployed node's noise comes from the OS CSPRNG")
+        return None
+    return derive_seed(base, *labels)
 
 
 def catalogue_fingerprint(item_ids: np.ndarray, features: np.ndarray | None = None) -> tuple[int, str]:
@@ -161,7 +179,8 @@ def counts(msg: Message, context: Context) -> Message:
     event = sched.count_event() if sched is not None else NonPrivateEvent()
 
     def compute(charge):
-        counts = _trainer(inst, cfg).item_counts(charge.event if sched is not None else None, noise_share=share)
+        seed = simulation_seed(context, cfg, inst.data.name, "item-counts", 0)
+        counts = _trainer(inst, cfg, seed).item_counts(charge.event if sched is not None else None, noise_share=share)
         # public: the variance of the count noise (the server denoises counts with it)
         return {"counts": counts}, {"count-noise-var": 0.0 if sched is None else sched.count_noise_std(share) ** 2}
 
@@ -175,12 +194,15 @@ def train(msg: Message, context: Context) -> Message:
     cfg, inst = _institution(context)
     guard, share = _authorized(msg, context, cfg, inst)
     global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    if cfg.train.model == "adapter":
+        return _adapter_train(msg, context, cfg, inst, guard, share, global_arrays)
     precond = msg.content["precond"]["precond"].numpy()
     sched = inst.schedule
     event = sched.round_event() if sched is not None else NonPrivateEvent()
 
     def compute(charge):
-        delta = _trainer(inst, cfg).train_round(
+        seed = simulation_seed(context, cfg, inst.data.name, "train", int(msg.content["config"]["server-round"]))
+        delta = _trainer(inst, cfg, seed).train_round(
             global_arrays, precond, event=charge.event if sched is not None else None, noise_share=share)
         return delta, {}
 
@@ -234,10 +256,43 @@ def evaluate(msg: Message, context: Context) -> Message:
     if "partition-id" not in context.node_config and context.node_config.get("metrics-release") != "simulation":
         raise Refusal("policy", "this institution releases no non-DP metrics (node config metrics-release != "
                                 "simulation)")
+    if cfg.train.model == "adapter":
+        return _adapter_evaluate(msg, context, cfg, inst)
     trainer = _trainer(inst, cfg)
     trainer.refit({k: v.numpy() for k, v in msg.content["arrays"].items()})
     d = inst.data
     sums = evaluation_sums(trainer, d.test_person, d.test_item, d.test_rating, inst.negatives, bounds=d.bounds, k=cfg.eval.k)
+    return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+
+
+def _adapter_train(msg: Message, context: Context, cfg: RunConfig, inst: Institution, guard: ReleaseGuard,
+                   share: float, global_arrays: dict[str, np.ndarray]) -> Message:
+    """One adapter round (client/adapter_round.py): charged, noised with the charged event,
+    only LoRA + head deltas in the reply, public accounting metrics."""
+    from fedrec.client.adapter_round import adapter_state, adapter_train_release
+
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
+    state = adapter_state(institution_folder(context, cfg), cfg, inst.data.n_persons)
+    delta, metrics, charge = adapter_train_release(state, guard, cfg, share=share, run_id=str(context.run_id),
+                                                   server_round=server_round, global_arrays=global_arrays)
+    eps_prv, eps_rdp = guard.spent(delta=cfg.privacy.delta)
+    metrics.update({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": cfg.privacy.delta})
+    content = RecordDict({"arrays": ArrayRecord({k: _array(v) for k, v in delta.items()}),
+                          "metrics": MetricRecord(metrics)})
+    if cfg.privacy.noise_mode == "distributed" and state.schedule is not None:
+        content[NOISE_RECORD] = noise_record(cfg.n_min)
+    reply = Message(content, reply_to=msg)
+    guard.released(charge)
+    return reply
+
+
+def _adapter_evaluate(msg: Message, context: Context, cfg: RunConfig, inst: Institution) -> Message:
+    from fedrec.client.adapter_round import adapter_eval_sums, adapter_state
+
+    state = adapter_state(institution_folder(context, cfg), cfg, inst.data.n_persons)
+    d = inst.data
+    sums = adapter_eval_sums(state, {k: v.numpy() for k, v in msg.content["arrays"].items()}, d.test_person,
+                             d.test_item, inst.negatives, k=cfg.eval.k)
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.app import app
+from fedrec.client.app import app, simulation_seed
 from fedrec.client.guard import Refusal, ReleaseRequest
 from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
 from fedrec.client.statistics import design_columns, release, step_contributions
@@ -139,7 +139,9 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
                           model="causal")
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
                                 covariates=ccfg.covariates, derived=ccfg.derived, cache=_ROWS)
-    sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share)
+    seed = simulation_seed(context, cfg, data.name, f"causal-{step}", server_round)  # None: OS CSPRNG
+    sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share,
+                   generator=None if seed is None else np.random.default_rng(seed))
     eps_prv, eps_rdp = guard.spent(delta=ccfg.delta)
     nstd = release_std(charge.event, noise_share=share) if sigma > 0 else 0.0
     metrics = MetricRecord({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": ccfg.delta,

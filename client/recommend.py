@@ -94,8 +94,8 @@ def _estimator(rows: dict) -> str:
     return next((str(r.get("estimator")) for r in rows.values() if isinstance(r, dict) and "estimator" in r), "?")
 
 
-def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Sequence[str] | None = None
-                    ) -> pd.DataFrame:
+def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Sequence[str] | None = None,
+                    status_quo: str = "none", rank_all: bool = False) -> pd.DataFrame:
     """Each person's top-``k`` items by estimated benefit: columns ``person_id``, ``rank``
     (1 = best), ``item_id``, ``estimated_effect`` (CATE, outcome units) and
     ``estimated_benefit`` (the same, negated when the study's outcome is better lower), and,
@@ -104,7 +104,19 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
     and ``cate_shrinkage`` (the item's, from causal.json: at >= ``CATE_SHRINKAGE_CAVEAT`` the
     DP ridge's bias makes that CI under-cover).
 
+    Safe by default (issue 29): a person gets an item only where its effect's 95% interval lies
+    on the benefit side of the status quo (``status_quo``: ``none`` = no item, ``current`` = what
+    the person takes now: an item already taken is not recommended again), never an item whose
+    ATE interval shows harm or whose shrunk CATE model is not backed by its ATE
+    (:func:`fedrec.common.causal.recommend.item_blocks`); estimated effects are cut to the range
+    the outcome bounds allow. A person with no such item gets one row with an empty ``item_id``
+    and the ``reason``. ``rank_all``: the plain top-``k`` by estimated benefit (no abstention).
+
     Post-processing of released coefficients on this institution's own covariates: no budget."""
+    from fedrec.common.causal.recommend import (benefit_intervals, check_status_quo, effect_limit, item_blocks,
+                                                safe_top_k)
+
+    check_status_quo(status_quo)
     from fedrec.client.statistics import raw_design  # the design columns the estimate used
 
     if k < 1:
@@ -124,6 +136,45 @@ def recommendations(causal_json: Path, folder: Path, *, k: int = 3, items: Seque
     covs = None if raw_covs is None else _checked_covs(causal_json, raw_covs, models)
     order = list(models)
     x, names = scaled_design(x_raw, cols)
+    if not rank_all:
+        if covs is None:
+            raise FedrecInputError(f"{causal_json}: no cate_cov (the CATE models' covariances), so no interval to "
+                                   "decide on; fix: rerun `fedrec-sim causal`, or pass --rank-all for the plain ranking")
+        better = data.study.outcome_better
+        sign = 1.0 if better == "higher" else -1.0
+        ben, half = benefit_intervals(x, names, models, covs, order, better, limit=effect_limit(data.study.outcome_bounds))
+        rows = json.loads(Path(causal_json).read_text())["items"]
+        blocks = item_blocks(rows, order, better, shrinkage)
+        taken = None
+        if status_quo == "current":
+            inter = data.interactions[data.interactions["exposed"] == 1]
+            pos = {p: i for i, p in enumerate(data.people["person_id"].astype(str))}
+            taken = np.zeros(ben.shape, dtype=bool)
+            col = {it: j for j, it in enumerate(order)}
+            for p, it in zip(inter["person_id"].astype(str), inter["item_id"].astype(str)):
+                if it in col and p in pos:
+                    taken[pos[p], col[it]] = True
+        picks, reasons = safe_top_k(ben, half, order, k, blocks=blocks, taken=taken)
+        people = data.people["person_id"].astype(str).to_numpy()
+        out = []
+        for i, pid in enumerate(people):
+            chosen = [j for j in picks[i] if j >= 0]
+            if not chosen:
+                out.append({"person_id": pid, "rank": 1, "item_id": "", "estimated_effect": np.nan,
+                            "estimated_benefit": np.nan, "effect_ci_low": np.nan, "effect_ci_high": np.nan,
+                            "reason": reasons[i]})
+            for r, j in enumerate(chosen, start=1):
+                eff = sign * ben[i, j]
+                out.append({"person_id": pid, "rank": r, "item_id": order[j], "estimated_effect": eff,
+                            "estimated_benefit": ben[i, j], "effect_ci_low": eff - half[i, j],
+                            "effect_ci_high": eff + half[i, j], "reason": ""})
+        table = pd.DataFrame(out)
+        if shrinkage and set(shrinkage) >= set(order):
+            table["cate_shrinkage"] = table["item_id"].map(shrinkage).astype(float)
+        table.attrs["cate_shrinkage"] = shrinkage
+        table.attrs["blocks"] = blocks
+        table.attrs["status_quo"] = status_quo
+        return table
     benefit = design_benefit(x, names, models, order, data.study.outcome_better)
     sign = 1.0 if data.study.outcome_better == "higher" else -1.0
     best = top_k(benefit, k)
@@ -157,9 +208,9 @@ def _reorder(cov: np.ndarray, keys: list[str], names: list[str]) -> np.ndarray:
 
 
 def run_recommend(causal_json: Path, folder: Path, *, k: int, items: Sequence[str] | None, out: Path | None,
-                  console: Console) -> int:
+                  console: Console, status_quo: str = "none", rank_all: bool = False) -> int:
     """CLI body: write the recommendations CSV atomically and print how often each item comes first."""
-    recs = recommendations(causal_json, folder, k=k, items=items)
+    recs = recommendations(causal_json, folder, k=k, items=items, status_quo=status_quo, rank_all=rank_all)
     out = Path(out) if out else Path(f"recommendations-{Path(folder).name}.csv")
     if out.is_dir():
         raise FedrecInputError(f"--out {out}: is a folder; fix: give a file name, e.g. {out / 'recommendations.csv'}")
@@ -173,8 +224,15 @@ def run_recommend(causal_json: Path, folder: Path, *, k: int, items: Sequence[st
         table.add_column(col, justify="left" if col == "item" else "right")
     for it in first["item_id"].value_counts().index:  # most often first, first
         grp = first[first["item_id"] == it]
-        table.add_row(str(it), str(len(grp)), f"{len(grp) / max(len(first), 1):.1%}", f"{grp['estimated_effect'].mean():.4g}")
+        table.add_row(str(it) or "no recommendation", str(len(grp)), f"{len(grp) / max(len(first), 1):.1%}",
+                      f"{grp['estimated_effect'].mean():.4g}" if str(it) else "-")
     console.print(table)
+    if "reason" in recs:
+        none = first[first["item_id"] == ""]
+        for why, grp in none.groupby("reason"):
+            console.print(f"no recommendation for {len(grp)} people: {why}", markup=False)
+        for it, why in recs.attrs.get("blocks", {}).items():
+            console.print(f"{it} is recommended to no one: {why}", markup=False)
     caveat = shrinkage_caveat(recs.attrs.get("cate_shrinkage", {}))
     if caveat and "effect_ci_low" in recs:
         console.print(caveat, markup=False)

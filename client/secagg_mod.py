@@ -17,7 +17,17 @@ Messages from ``server/secagg_workflow.py`` carry a ConfigRecord named ``"fedrec
   runs, calls the handler, and replaces the reply's ``"arrays"`` (the handler's already
   noised contribution) by one quantized, masked uint vector; ``"metrics"`` pass unchanged. A
   ``"refusal"`` reply passes unchanged (the server counts the node as dropped).
-* ``unmask``: the mod opens the share ciphertexts the server forwards and returns the shares.
+* ``consistency``: the node signs (Ed25519 session key) the survivor set of the slot it just
+  masked, once per slot, after checking it against its floors and its own view of the graph.
+* ``unmask``: the mod opens the share ciphertexts the server forwards and returns the shares,
+  only for the survivor set it signed and only with a quorum of matching survivor signatures.
+
+**Identity and floors (issue 28).** Key advertisements are signed with the institution's
+long-term SECP384R1 key and verified against the federation roster, both named by the
+institution's policy (``identity-key``, ``roster`` in ``privacy.toml``; see
+:func:`node_policy_file`). A node without them answers every setup with the refusal code
+``secagg`` (the detail stays in its log): it never falls back to unsigned keys. The policy's
+``min-round-size`` is the node's floor on the active set, the survivor set and the committee.
 
 Protocol secrets (X25519 private keys, pairwise seeds, self-mask seeds) live in
 ``context.state`` under the same name; they never appear in a reply.
@@ -44,7 +54,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from functools import lru_cache
+from pathlib import Path
+
 from fedrec.common.secagg import ClientState, SecAggClient, SecAggError
+from fedrec.common.secagg._identity import Identity, IdentityError
 
 NOISE_RECORD = "fedrec.noise"  #: the handler's distributed-noise floor (client/node.py)
 
@@ -81,9 +95,71 @@ def _error(msg: Message, reason: str) -> Message:
     return Message(RecordDict({SECAGG_RECORD: ConfigRecord({"error": reason})}), reply_to=msg)
 
 
+def node_policy_file(context: Context) -> Path | None:
+    """The institution policy this node obeys (as client/node.py finds it): a deployed node's
+    node config ``policy`` or ``<data-dir>/privacy.toml``; a simulated node's
+    ``<sim.policy-dir>/<the partition-id-th institution folder, in name order>/privacy.toml``."""
+    from fedrec.common.privacy.policy import POLICY_FILE
+
+    node = context.node_config
+    if not ("partition-id" in node and "num-partitions" in node):
+        if "policy" in node:
+            return Path(str(node["policy"]))
+        return Path(str(node["data-dir"])) / POLICY_FILE if "data-dir" in node else None
+    root = str(context.run_config.get("sim.policy-dir", "") or "")
+    if not root or not Path(root).is_dir():
+        return None
+    folders = sorted(p for p in Path(root).iterdir() if (p / POLICY_FILE).is_file())
+    pid = int(node["partition-id"])
+    return folders[pid] / POLICY_FILE if pid < len(folders) else None
+
+
+@lru_cache(maxsize=16)
+def _roster(path: str, mtime: float):
+    from fedrec.common.secagg._identity import load_roster
+
+    return load_roster(path)
+
+
+@lru_cache(maxsize=4096)
+def _identity_from(policy_file: str, mtime: float) -> tuple[Identity | None, int, str]:
+    """Cached per (file, mtime): a simulation process plays many nodes, a deployed one just one."""
+    from fedrec.common.errors import FedrecInputError
+    from fedrec.common.privacy.policy import load_policy
+
+    try:
+        pol = load_policy(policy_file)
+    except FedrecInputError as err:
+        return None, 0, str(err)
+    key, roster = getattr(pol, "identity_key", None), getattr(pol, "roster", None)
+    if key is None or roster is None:
+        return None, pol.min_round_size, (f"{policy_file}: no identity-key / roster: secure aggregation needs the "
+                                          "institution's signing key and the federation roster")
+    try:
+        return Identity.load(key, _roster(str(roster), Path(roster).stat().st_mtime)), pol.min_round_size, ""
+    except OSError as err:
+        return None, pol.min_round_size, f"{roster}: cannot read the roster ({type(err).__name__})"
+    except IdentityError as err:
+        return None, pol.min_round_size, str(err)
+
+
+def node_identity(context: Context) -> tuple[Identity | None, int, str]:
+    """(identity or None, the policy's min-round-size, why there is no identity)."""
+    path = node_policy_file(context)
+    if path is None:
+        return None, 0, "no institution policy found for this node (node config policy / data-dir)"
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None, 0, f"{path}: no institution policy here"
+    return _identity_from(str(path), mtime)
+
+
 def _load(context: Context) -> SecAggClient:
     rec = context.state.config_records.get(_STATE)
-    return SecAggClient(ClientState.from_dict(dict(rec.items())) if rec is not None else None)
+    identity, min_set, _ = node_identity(context)
+    return SecAggClient(ClientState.from_dict(dict(rec.items())) if rec is not None else None,
+                        identity=identity, min_set=min_set)
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -97,6 +173,9 @@ def secaggplus_mod(msg: Message, context: Context, call_next: ClientAppCallable)
         return _plain(msg, context, call_next)
     stage = str(rec.get("stage", ""))
     client = _load(context)
+    if stage == "setup-keys" and client.identity is None:
+        log.warning("secagg refused: %s", node_identity(context)[2])
+        return Message(RecordDict({"refusal": ConfigRecord({"code": "secagg"})}), reply_to=msg)
     if client.is_mask_stage(rec):
         return _mask(msg, context, call_next, client, rec)
     try:

@@ -57,7 +57,7 @@ from fedrec.common.causal.estimators import (
     sigmoid,
     vech,
 )
-from fedrec.common.causal.design import base_columns, derived_specs, design_columns_of
+from fedrec.common.causal.design import base_columns, derived_specs, design_columns_of, raw_design  # noqa: F401 (re-export)
 from fedrec.common.datasets import InstitutionData
 from fedrec.common.privacy.accountant import GaussianEvent
 from fedrec.common.privacy.gaussian import clip_rows
@@ -128,21 +128,6 @@ def design_columns(data: InstitutionData, covariates: Sequence[str] | None = Non
     Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
     """
     return design_columns_of(data.study, covariates, derived)
-
-
-def raw_design(data: InstitutionData, covariates: Sequence[str] | None = None, derived: Sequence[str] = ()
-               ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
-    """Every person's raw design values (people order) and the columns with public bounds."""
-    base = base_columns(data.study, covariates)
-    names = [c[0] for c in data.study.design_columns()]
-    idx = [names.index(c[0]) for c in base]
-    full = data.covariate_matrix()
-    cov = full[:, idx] if len(idx) else np.zeros((len(data.people), 0))
-    extra = [derived_values(feature, [data.people[c].to_numpy(float) for c in feature.covariates], bounds)
-             for feature, bounds in derived_specs(data.study, derived)]
-    if extra:
-        cov = np.column_stack([cov] + extra)
-    return cov, design_columns(data, covariates, derived)
 
 
 def _item_interactions(data: InstitutionData, item: str) -> tuple[pd.DataFrame, np.ndarray]:

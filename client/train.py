@@ -156,7 +156,8 @@ class MFTrainer:
             raise ValueError(f"the MF global offset must be a finite public constant, got {global_bias}")
         self.item_side = ItemSide(n_items, cfg.train.mf_dim, global_bias=offset)
         self.user = UserSide.zeros(ratings.n_persons, cfg.train.mf_dim)
-        # DP noise must be unpredictable to the server: seed from the OS unless a test pins it.
+        # DP noise must be unpredictable to the server: seed from the OS unless a test or a
+        # simulation pins it (client/app.py simulation_seed: simulated nodes only).
         self.noise_generator = torch.Generator().manual_seed(
             secrets.randbits(63) if seed is None else seed
         )

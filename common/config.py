@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "RunConfig", "DEFAULTS", "pyproject_defaults"]
+__all__ = ["ConfigError", "RunConfig", "DEFAULTS", "pyproject_defaults", "derive_seed"]
 
 
 class ConfigError(ValueError):
@@ -97,6 +97,21 @@ class SimConfig:
     #: simulations only: the folder where the harness wrote each simulated institution's
     #: ``<institution>/privacy.toml`` (and the ledger it names). A deployed node ignores it.
     policy_dir: str = ""
+    #: simulations only: the seed of every release's DP noise and Poisson sampling, so that the
+    #: same command gives the same numbers (``fedrec-sim run --seed`` sets it); -1 = fresh noise
+    #: from the OS CSPRNG. A simulated node derives one seed per institution, task and round from
+    #: it (:func:`derive_seed`); a deployed node ignores it and stays on the CSPRNG.
+    noise_seed: int = -1
+
+
+def derive_seed(base: int, *labels: object) -> int:
+    """A 63-bit seed from ``base`` and ``labels`` (e.g. institution, task, round): SHA-256 of
+    both, so different releases get unrelated streams. For simulations only (see
+    ``sim.noise-seed``): a seed anyone can recompute is no protection in deployment."""
+    import hashlib
+
+    text = "\x1f".join([str(int(base))] + [str(label) for label in labels])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 @dataclass(frozen=True)
@@ -199,13 +214,15 @@ class RunConfig:
             raise ConfigError("item-prior-mean must be 'metadata' or 'zero'")
         if t.mf_dim < 0:
             raise ConfigError("train.mf-dim must be >= 0")
-        if t.model != "mf":
-            raise ConfigError("model must be 'mf' (the LLM adapter is not yet wired into the Flower apps; "
-                              "see docs/adapter.md)")
+        if t.model not in ("mf", "adapter"):
+            raise ConfigError("model must be 'mf' or 'adapter' (the LoRA text adapter, docs/adapter.md)")
         if self.eval.metrics_release not in ("simulation", "off"):
             raise ConfigError("eval.metrics-release must be 'simulation' or 'off'")
-        if not (0 <= self.secagg.max_dropout_fraction < 1):
-            raise ConfigError("secagg.max-dropout-fraction must lie in [0, 1)")
+        if self.sim.noise_seed < -1:
+            raise ConfigError("sim.noise-seed must be >= 0, or -1 for fresh noise from the OS")
+        if not (0 <= self.secagg.max_dropout_fraction < 0.5):
+            raise ConfigError("secagg.max-dropout-fraction must lie in [0, 0.5): unmasking needs a strict majority "
+                              "of the share holders, and each node signs the tolerance into its keys")
 
     @property
     def dp_enabled(self) -> bool:

@@ -70,11 +70,15 @@ class SecAggPlusSum:
 
     def __init__(self, *, clip_range: float, noise_std: float | None = None, neighbours: int | None = None,
                  noise_mode: str = "local", n_min: int = 0, rounds_per_setup: int = 16,
-                 committee: int | None = None, spare_holders: int = 2, setup_timeout: float = 300.0):
+                 committee: int | None = None, spare_holders: int = 2, setup_timeout: float = 300.0,
+                 max_dropout: float = 0.3):
         if noise_mode not in ("local", "distributed"):
             raise ValueError("noise_mode must be 'local' or 'distributed'")
         if rounds_per_setup < 1:
             raise ValueError("rounds_per_setup must be >= 1")
+        if not 0 <= max_dropout < 0.5:
+            raise ValueError("max_dropout must lie in [0, 0.5): unmasking needs a strict majority")
+        self.max_dropout = float(max_dropout)
         self.clip_range = float(clip_range)
         self.noise_std = noise_std
         self.neighbours = neighbours
@@ -88,7 +92,9 @@ class SecAggPlusSum:
         #: number of setups, seconds of the last setup and of the last round's two stages,
         #: clamped coordinates in the last round
         self.stats: dict[str, float] = {"setups": 0, "setup_s": 0.0, "mask_stage_s": 0.0,
-                                        "unmask_stage_s": 0.0, "clamped": 0}
+                                        "consistency_stage_s": 0.0, "unmask_stage_s": 0.0, "clamped": 0}
+        #: node id -> why its last reply was not used (validation, refusal, protocol error)
+        self.rejected: dict[int, str] = {}
 
     @classmethod
     def from_config(cls, cfg, *, clip_range: float | None = None, noise_std: float | None = None,
@@ -102,6 +108,7 @@ class SecAggPlusSum:
         if clip_range is None:
             clip_range = 2.0 * cfg.train.lr * cfg.privacy.clip_norm * cfg.train.local_steps
         kwargs.setdefault("neighbours", cfg.secagg.neighbours)
+        kwargs.setdefault("max_dropout", cfg.secagg.max_dropout_fraction)
         return cls(clip_range=clip_range, noise_std=noise_std, noise_mode=cfg.privacy.noise_mode,
                    n_min=cfg.n_min if cfg.privacy.noise_mode == "distributed" else 0, **kwargs)
 
@@ -116,6 +123,8 @@ class SecAggPlusSum:
         participants = [n for n in nodes if n in sess.nodes and sess.nodes[n] in sess.members]
         not_set_up = sorted(set(nodes) - set(participants))
         quant = self._quantization(content, len(participants))
+        dim = self._dim(content)
+        self.rejected = {}
         slot, mrec = sess.mask_record(participants, quant, server_round)
         out = RecordDict()
         for key, record in content.items():
@@ -147,11 +156,12 @@ class SecAggPlusSum:
                 if srec is not None and "error" in srec:  # lost or stale protocol state: re-key it
                     sess.members.discard(sess.nodes[node])
                 continue
-            y = c.array_records["arrays"]["masked"].numpy()
-            if y.dtype.itemsize * 8 != quant.bits or int(srec["slot"]) != slot:
-                log.warning("round %s: node %s sent a vector for another slot/modulus", server_round, node)
+            why = self._invalid(c, srec, slot, quant, dim)
+            if why is not None:
+                self.rejected[node] = why
+                log.warning("round %s: node %s dropped: invalid masked reply (%s)", server_round, node, why)
                 continue
-            masked[node] = y
+            masked[node] = c.array_records["arrays"]["masked"].numpy()
             layout[node] = (list(srec["names"]), json.loads(str(srec["shapes"])))
             metrics[node] = reply_metrics(m)
         if masked:  # every contribution must have the same layout, else it cannot be summed
@@ -171,19 +181,42 @@ class SecAggPlusSum:
         except SecAggError as err:
             raise RoundFailed(f"round {server_round}: {err}") from err
 
-        # unmask: share holders open shares of survivors' self seeds and dropouts' slot keys.
-        # Ask a quorum first (threshold + spare), the other holders only if too few answer.
+        # consistency: every surviving share holder signs the survivor set it was told; holders
+        # reveal shares only for a set a quorum of holders signed (two views cannot both get one)
         try:
             holders = sess.holders_among(survivors)
         except SecAggError as err:
             raise RoundFailed(f"round {server_round}: secure aggregation could not unmask: {err}") from err
+        t_cons = time.monotonic()
+        signatures: dict[int, bytes] = {}
+        crecs = sess.consistency_records(slot, survivors, holders=holders)
+        cmsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
+                 for n, r in crecs.items()]
+        for m in grid.send_and_receive(cmsgs, timeout=timeout):
+            node = m.metadata.src_node_id
+            srec = None if m.has_error() else m.content.config_records.get(SECAGG_RECORD)
+            if srec is None or "sig" not in srec or int(srec.get("slot", -1)) != slot:
+                why = m.error.reason if m.has_error() else (None if srec is None else srec.get("error"))
+                log.warning("round %s: holder %s did not sign the survivor set: %s", server_round, node, why)
+                continue
+            signatures[node] = bytes(srec["sig"])
+        self.stats["consistency_stage_s"] = time.monotonic() - t_cons
+        sess.signatures[slot] = signatures
+        quorum_sigs = sess.signature_quorum()
+        if len(signatures) < quorum_sigs:
+            raise RoundFailed(f"round {server_round}: secure aggregation could not unmask: {len(signatures)} "
+                              f"share holders signed the survivor set, {quorum_sigs} needed")
+        holders = [n for n in holders if n in signatures]  # the ones that signed are alive and agree
+
+        # unmask: share holders open shares of survivors' self seeds and dropouts' slot keys.
+        # Ask a quorum first (threshold + spare), the other holders only if too few answer.
         quorum = min(len(holders), sess.threshold + self.spare_holders)
         share_replies: dict[int, ConfigRecord] = {}
         t_unmask = time.monotonic()
         for batch in (holders[:quorum], holders[quorum:]):
             if not batch or len(share_replies) >= sess.threshold:
                 break
-            urecs = sess.unmask_records(slot, survivors, dropped_now, holders=batch)
+            urecs = sess.unmask_records(slot, survivors, dropped_now, holders=batch, signatures=signatures)
             umsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n,
                              message_type=message_type) for n, r in urecs.items()]
             for m in grid.send_and_receive(umsgs, timeout=timeout):
@@ -229,6 +262,46 @@ class SecAggPlusSum:
                 f"round {server_round}: {len(survivors)} of {len(nodes)} nodes contributed, {min_contributors} "
                 f"needed (dropped {dropped}, refused {refusals})")
 
+    @staticmethod
+    def _dim(content: RecordDict) -> tuple[list[str], int] | None:
+        """The arrays the round sent and their total size (None when it sent none). A reply that
+        names the same arrays (a model delta: MF, the adapter) must have that size; a reply of
+        other arrays (causal sums) is checked for the layout all contributors share instead."""
+        if "arrays" not in content.array_records:
+            return None
+        arrays = content.array_records["arrays"]
+        return sorted(arrays.keys()), sum(int(np.prod(a.shape)) for a in arrays.values())
+
+    @staticmethod
+    def _invalid(c: RecordDict, srec, slot: int, quant, dim: tuple[list[str], int] | None) -> str | None:
+        """Why a masked reply cannot be summed (None: it can): record layout, slot, dtype and
+        modulus, length. A bad reply is one dropout, never a silent wrong sum."""
+        arrays = c.array_records["arrays"]
+        if list(arrays.keys()) != ["masked"]:
+            return f"array record holds {list(arrays.keys())}, expected ['masked']"
+        for key in ("names", "shapes", "slot"):
+            if key not in srec:
+                return f"secagg record lacks {key!r}"
+        try:
+            if int(srec["slot"]) != slot:
+                return f"masked for slot {srec['slot']}, this round is slot {slot}"
+            names, shapes = list(srec["names"]), json.loads(str(srec["shapes"]))
+            if (len(names) != len(shapes) or len(set(names)) != len(names)
+                    or not all(isinstance(sh, list) and all(isinstance(d, int) and d >= 0 for d in sh) for sh in shapes)):
+                return "malformed array layout"
+            size = sum(int(np.prod(sh)) if sh else 1 for sh in shapes)
+            y = arrays["masked"].numpy()
+        except (ValueError, TypeError, KeyError) as err:
+            return f"unreadable reply ({type(err).__name__})"
+        want = np.dtype("<u4") if quant.bits == 32 else np.dtype("<u8")
+        if y.dtype != want:
+            return f"dtype {y.dtype}, the modulus 2^{quant.bits} needs {want}"
+        if y.ndim != 1 or y.size != size + 1:
+            return f"{y.size} values in shape {y.shape}, the layout needs {size} + 1"
+        if dim is not None and sorted(names) == dim[0] and size != dim[1]:
+            return f"layout of {size} values, the round's arrays have {dim[1]}"
+        return None
+
     def _quantization(self, content: RecordDict, n: int):
         clip, std = self.clip_range, self.noise_std
         cfg = content.config_records.get("config")
@@ -244,7 +317,7 @@ class SecAggPlusSum:
     def _setup(self, grid: Grid, nodes: list[int], message_type: str, min_contributors: int) -> None:
         t0 = time.monotonic()
         sess = ServerSession.create(nodes, slots=self.rounds_per_setup, degree=self.neighbours,
-                                    committee=self.committee)
+                                    committee=self.committee, max_dropout=self.max_dropout)
         degree = sess.degree
         self._session = None
         recs = sess.setup_keys_records()
@@ -254,6 +327,8 @@ class SecAggPlusSum:
                               f"{max(min_contributors, 2)} needed (missing {sorted(set(nodes) - set(ok1))})")
         try:
             recs2 = sess.keys_received(ok1)
+            for node, why in sess.rejected.items():
+                log.warning("secagg key advertisement: node %s dropped: %s", node, why)
             ok2 = self._stage(grid, recs2, message_type, "share distribution")
             if len(ok2) < max(min_contributors, 2):
                 raise RoundFailed(f"secagg setup: {len(ok2)} of {len(nodes)} nodes distributed shares, "
@@ -278,7 +353,10 @@ class SecAggPlusSum:
                 continue
             srec = m.content.config_records.get(SECAGG_RECORD)
             if srec is None or "error" in srec:
-                log.warning("secagg %s: node %s refused: %s", what, node, None if srec is None else srec.get("error"))
+                refusal = m.content.config_records.get("refusal")
+                why = srec.get("error") if srec is not None else (
+                    f"refusal code {refusal.get('code', refusal.get('reason'))}" if refusal is not None else "no reply")
+                log.warning("secagg %s: node %s refused: %s", what, node, why)
                 continue
             ok[node] = srec
         return ok

@@ -44,26 +44,35 @@ def study_info(institutions: Sequence[InstitutionData], cfg: CausalConfig):
 
 
 def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, items: Sequence[str],
-                   *, rng: np.random.Generator | None = None, cache: dict | None = None):
+                   *, rng: np.random.Generator | None = None, cache: dict | None = None, secagg: bool = False):
     """A transport for :func:`fedrec.server.causal.run_protocol`: each institution computes its
-    release with client/statistics.py (clip + noise), the sums are added in numpy."""
-    from fedrec.client.statistics import release, release_bound, step_contributions
+    release with client/statistics.py (clip + noise), the sums are added in numpy.
+
+    ``secagg``: quantise each institution's release on the grid the Flower run asks SecAgg+ for
+    (:func:`fedrec.server.causal.secagg_sizing`), add the integers modulo 2^bits and dequantise,
+    as the SecAgg+ round does (the masks cancel and are left out)."""
+    from fedrec.client.statistics import design_columns, release, release_bound, step_contributions
     from fedrec.common.privacy.accountant import GaussianEvent
     from fedrec.common.privacy.release import noise_share
 
     cache = {} if cache is None else cache
     # in-process there are no dropouts: automatic n_min (0) is every institution
     share = noise_share(cfg.noise_mode, cfg.n_min or len(institutions))
+    p = len(design_columns(institutions[0], cfg.covariates, cfg.derived)) + 1
 
     def send(step: str, arrays: dict, config: dict):
         kind = step.split(":")[0]
         sigma = float(config["noise-multiplier"])
-        totals: dict[str, np.ndarray] = {}
+        parts: list[dict[str, np.ndarray]] = []
         for d in institutions:
             blocks = step_contributions(kind, d, items, arrays, estimator=cfg.estimator, trim=cfg.trim,
                                         covariates=cfg.covariates, derived=cfg.derived, cache=cache)
             event = GaussianEvent(noise_multiplier=sigma, sensitivity=release_bound(blocks)) if sigma > 0 else None
-            sums = release(blocks, event=event, noise_share=share, generator=rng)
+            parts.append(release(blocks, event=event, noise_share=share, generator=rng))
+        if secagg:
+            return _secagg_sum(parts, cfg, step, p, arrays, items, sigma), len(institutions), {}
+        totals: dict[str, np.ndarray] = {}
+        for sums in parts:
             for k, v in sums.items():
                 totals[k] = totals[k] + v if k in totals else v.copy()
         return totals, len(institutions), {}
@@ -71,15 +80,45 @@ def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, i
     return send
 
 
+def _secagg_sum(parts: list[dict[str, np.ndarray]], cfg: CausalConfig, step: str, p: int, arrays: dict,
+                items: Sequence[str], sigma: float) -> dict[str, np.ndarray]:
+    """The sum SecAgg+ unmasks: each part quantised on the Flower run's grid, added mod 2^bits."""
+    from fedrec.common.causal.estimators import release_sensitivity
+    from fedrec.common.secagg import ServerSession
+    from fedrec.common.secagg._quantize import quantize
+    from fedrec.server.causal import secagg_sizing
+
+    keys = list(parts[0])
+    sizes = [parts[0][k].size for k in keys]
+    size = sum(sizes)
+    sens = release_sensitivity(step, p, arrays, len(items), items)
+    req = secagg_sizing(cfg, sens, sigma, len(parts))
+    q = ServerSession.quantization(clip_range=req["secagg.clip-range"], noise_std=req["secagg.noise-std"],
+                                   n_clients=len(parts), dim=size)
+    total = None
+    for part in parts:
+        y = quantize(np.concatenate([np.ravel(part[k]) for k in keys]), q)
+        total = y if total is None else total + y  # unsigned: wraps modulo 2^bits like the masks
+    flat, _ = ServerSession.dequantize(total, len(parts), q)
+    out, pos = {}, 0
+    for k, n in zip(keys, sizes):
+        out[k] = flat[pos:pos + n].reshape(parts[0][k].shape)
+        pos += n
+    return out
+
+
 def estimate_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig, *,
-                       rng: np.random.Generator | None = None, plan=None, cache: dict | None = None):
-    """The protocol with sums added in numpy (same client and server code as the Flower run)."""
+                       rng: np.random.Generator | None = None, plan=None, cache: dict | None = None,
+                       secagg: bool = False):
+    """The protocol with sums added in numpy (same client and server code as the Flower run;
+    ``secagg``: on SecAgg+'s quantisation grid, :func:`inprocess_send`)."""
     from fedrec.server.causal import run_protocol
 
     cfg = cfg.resolved(len(institutions))  # in-process: no dropouts
     info = study_info(institutions, cfg)
     items = list(cfg.items) or info.items
-    return run_protocol(inprocess_send(institutions, cfg, items, rng=rng, cache=cache), info, cfg, plan=plan)
+    return run_protocol(inprocess_send(institutions, cfg, items, rng=rng, cache=cache, secagg=secagg), info, cfg,
+                        plan=plan)
 
 
 # --------------------------------------------------------------------------- validation
@@ -212,7 +251,7 @@ def _typed(text: str, key: str, value: str, default: object) -> object:
 def causal_command(data: Path, item: str | None, epsilon: float, estimator: str, compare_pooled: bool,
                    out: Path | None, seed: int, console, *, plain: bool = False,
                    causal_overrides: dict | None = None, settings: Sequence[str] = (),
-                   non_private: bool = False) -> int:
+                   non_private: bool = False, force: bool = False, status_quo: str = "none") -> int:
     """Run federated causal estimation on the institution folders under ``data``.
 
     The nuisance design is the study's (``study.toml [causal]``) unless ``causal_overrides``
@@ -236,6 +275,20 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     from fedrec.simulations.provision import check_unused_out, provision_institutions
 
     check_unused_out(out)  # a used folder's ledgers would be charged twice: refused, nothing spent
+    from fedrec.common.causal.recommend import check_status_quo
+
+    check_status_quo(status_quo)
+    # know before spending: the CI half-width this run will have, from public quantities only
+    from fedrec.common.causal.forecast import (answerable, declared_people_per_item, forecast_half_widths,
+                                               refusal_message)
+
+    fc = forecast_half_widths(institutions[0].study, ccfg.resolved(len(institutions)), items,
+                              declared_people_per_item(institutions, items))
+    unit = institutions[0].study.outcome_unit or ""
+    console.print(f"forecast before any budget is spent: 95% CI about ±{max(fc.half_width.values()):.3g} {unit} per item "
+                  f"(largest possible effect ±{fc.limit:.3g}; docs/causal.md, Know before spending)", markup=False)
+    if not answerable(fc) and not force:
+        raise FedrecInputError(refusal_message(fc, unit))
     policy_dir = provision_institutions(names, out, epsilon=ccfg.epsilon, delta=ccfg.delta,
                                         allow_non_private=non_private)
     raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain, policy_dir=policy_dir)
@@ -244,6 +297,7 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     # per-institution ε: the ledgers (one per institution folder name) are the source of truth
     report["epsilon_per_institution"] = _ledger_epsilon(out / "ledgers", names, ccfg)
     report["epsilon_requested"] = epsilon if math.isfinite(epsilon) else "inf"
+    report["forecast"] = {**fc.to_json(), "forced": bool(force and not answerable(fc))}
     report["delta"] = ccfg.delta
     report["nuisance_design"] = {"covariates": None if ccfg.covariates is None else list(ccfg.covariates),
                                  "derived": list(ccfg.derived), "source": design_source}
@@ -258,7 +312,7 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
             from fedrec.server.causal_recommend import policy_values
 
             report["recommendations"] = policy_values(institutions, truth, report["items"], ccfg.covariates,
-                                                     ccfg.derived)
+                                                     ccfg.derived, status_quo=status_quo)
     write_json(out / "causal.json", report)
     _print_table(console, report, items)
     d = report["nuisance_design"]
@@ -314,12 +368,13 @@ def _print_table(console, report: dict, items: list[str]) -> None:
 
     tab = Table(title=f"{report['config'].get('causal.estimator', '')} ATE per item "
                       f"(ε per institution {report['epsilon_requested']})")
-    for col in ("item", "ATE", "SE", "95% CI", "true ATE", "pooled ATE (non-private)"):
+    for col in ("item", "ATE", "SE", "95% CI", "verdict", "true ATE", "pooled ATE (non-private)"):
         tab.add_column(col)
     for it in items:
         r = report["items"][it]
         pooled = report.get("pooled", {}).get(it)
-        tab.add_row(it, f"{r['ate']:.4g}", f"{r['se']:.3g}", f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]",
+        verdict = r.get("verdict", "-") + (" (cut to the possible range)" if r.get("cut_to_possible_range") else "")
+        tab.add_row(it, f"{r['ate']:.4g}", f"{r['se']:.3g}", f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]", verdict,
                     f"{r['true_ate']:.4g}" if "true_ate" in r else "-",
                     f"{pooled['ate']:.4g} ± {1.96 * pooled['se']:.3g}" if pooled else "-")
     console.print(tab)
@@ -338,6 +393,12 @@ def _print_table(console, report: dict, items: list[str]) -> None:
         console.print(caveat, markup=False)
     if "recommendations" in report:
         rec = report["recommendations"]
+        safe = rec.get("causal_safe")
+        if safe:
+            share = safe["share_of_oracle_gain"]
+            console.print(f"following the recommendations (status quo: {safe['status_quo']}): {safe['share_recommended']:.0%} "
+                          f"of people get one, mean true gain {safe['gain']:.4g} vs the oracle's {safe['oracle_gain']:.4g}"
+                          + (f" ({share:.0%})" if share is not None else ""), markup=False)
         for key, what in (("policy_value", "top-1"), ("policy_value_top_k", f"top-{rec['k']} total")):
             console.print(f"policy value (mean true benefit, {what}): "
                           + ", ".join(f"{name} {rec[name][key]:.4g}" for name in ("causal", "engagement", "oracle", "random")))

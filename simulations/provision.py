@@ -6,6 +6,8 @@ Layout under the run's results folder ``OUT``::
 
     OUT/policies/<institution>/privacy.toml   # what the run config's sim.policy-dir points to
     OUT/ledgers/<institution>.db              # the ledger each policy names
+    OUT/identities/<institution>.pem          # its SecAgg+ signing key (SECP384R1)
+    OUT/identities/roster.toml                # the federation roster every policy names
 
 The simulated institutions accept the run they are provisioned for — their cap and per-run
 ceiling are the run's ε (plus the accountant's rounding) — and nothing more: a second run into
@@ -31,7 +33,7 @@ RUN_EPSILON_SLACK = 1.02
 def check_unused_out(out: Path) -> None:
     """Refuse a results folder that already holds a run (its ledgers would be charged twice)."""
     out = Path(out)
-    used = [p for p in ("policies", "ledgers", "metrics.json", "causal.json", "causal_raw.json") if (out / p).exists()]
+    used = [p for p in ("policies", "ledgers", "identities", "metrics.json", "causal.json", "causal_raw.json") if (out / p).exists()]
     if used:
         raise FedrecInputError(f"--out {out}: already holds a run ({', '.join(used)}); nothing was charged; "
                                "fix: give a new --out folder (each simulated run accounts in its own ledgers)")
@@ -55,11 +57,17 @@ def provision_institutions(names: Sequence[str], out: Path, *, epsilon: float, d
     else:
         cap = 1.0  # never reached: a non-private release is not budgeted, and after it ε is ∞
     policy_dir = out / "policies"
+    from fedrec.common.secagg._identity import write_identity, write_roster
+
+    ids = out / "identities"
+    keys = {name: ids / f"{name}.pem" for name in names}
+    roster = write_roster(ids / "roster.toml", {name: write_identity(keys[name]) for name in names})
     for name in names:
         ledger = out / "ledgers" / f"{name}.db"
         policy = InstitutionPolicy(ledger=ledger, epsilon_cap=cap, delta_cap=delta, max_run_epsilon=cap,
                                    noise_modes=("local", "distributed"), min_round_size=2,
-                                   allow_non_private=not math.isfinite(epsilon), source=policy_dir / name / POLICY_FILE)
+                                   allow_non_private=not math.isfinite(epsilon), identity_key=keys[name], roster=roster,
+                                   source=policy_dir / name / POLICY_FILE)
         ledger.parent.mkdir(parents=True, exist_ok=True)
         PrivacyLedger.initialize(ledger, institution=name, epsilon_cap=cap, delta_cap=delta)
         write_policy(policy_dir / name / POLICY_FILE, policy)

@@ -103,6 +103,15 @@ def launch_flower(overrides: dict[str, Any], work: Path, *, num_supernodes: int,
     The one place that touches Flower's private ``_run_simulation``: it builds the same ``Run``
     the deprecated public wrapper builds, plus our ``override_config``.
     """
+    # a privacy product does not call home: Flower's telemetry/update check, Ray's usage stats
+    for var, off in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                     ("RAY_USAGE_STATS_ENABLED", "0")):
+        os.environ.setdefault(var, off)
+    import sys as _sys
+
+    _telemetry = _sys.modules.get("flwr.supercore.telemetry")  # read its switch at import, maybe already done
+    if _telemetry is not None and os.environ["FLWR_TELEMETRY_ENABLED"] == "0":
+        _telemetry.FLWR_TELEMETRY_ENABLED = "0"
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -198,27 +207,88 @@ def validate_data_dir(root: Path, institutions: int) -> None:
             load_institution_ratings(folder)
 
 
+#: what each plotted metric is, with its unit (panel title, y label)
+METRIC_LABELS = {
+    "rmse": ("RMSE on held-out engagement/ratings", "RMSE (rating units, lower is better)"),
+    "mae": ("MAE on held-out engagement/ratings", "MAE (rating units, lower is better)"),
+    "ndcg10": ("NDCG@10 (1 held-out item vs sampled negatives)", "NDCG@10 (0-1, higher is better)"),
+    "hr10": ("HR@10 (1 held-out item vs sampled negatives)", "HR@10 (0-1, higher is better)"),
+}
+
+
+def plotted_metrics(rounds: list[dict]) -> list[str]:
+    """The metrics worth a panel: present in every round and not constant at 1.0 (HR@10 is 1.0
+    whenever the catalogue has no more items than k, e.g. the domains' 8 items: meaningless)."""
+    keys = [k for k in METRIC_LABELS if rounds and all(k in r for r in rounds)]
+    return [k for k in keys if not (k.startswith("hr") and all(abs(r[k] - 1.0) < 1e-12 for r in rounds))]
+
+
+def epsilon_groups(history: dict) -> list[tuple[str, list[float]]]:
+    """Per-institution ε curves, identical curves merged into one labelled line
+    (``"all 10 institutions"``, or the names that share it)."""
+    rows = history.get("rounds", [])
+    names = history.get("institutions", {})
+    nodes = sorted({n for r in rows for n in r.get("epsilon", {})}, key=lambda n: names.get(str(n), str(n)))
+    curves: dict[tuple, list[str]] = {}
+    for node in nodes:
+        curve = tuple(round(float(r.get("epsilon", {}).get(node, float("nan"))), 9) for r in rows)
+        curves.setdefault(curve, []).append(names.get(str(node), str(node)))
+    out = []
+    for curve, members in curves.items():
+        if len(curves) == 1:
+            label = f"all {len(members)} institutions" if len(members) > 1 else members[0]
+        elif len(members) > 3:
+            label = f"{len(members)} institutions ({members[0]}, ...)"
+        else:
+            label = ", ".join(members)
+        out.append((label, list(curve)))
+    return out
+
+
 def plot_metrics(history: dict, path: Path) -> None:
+    """metrics.png: one panel per meaningful metric against the round, and ε spent per
+    institution with the run's budget cap; titles, labelled axes with units, legends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in history["rounds"]]
-    keys = [k for k in ("rmse", "mae", "ndcg10", "hr10") if all(k in r for r in history["rounds"])]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2))
-    axes = list(axes) if len(keys) else [axes]
+    rows = history["rounds"]
+    cfg = history.get("config", {})
+    rounds = [r["round"] for r in rows]
+    keys = plotted_metrics(rows)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.4 * (len(keys) + 1), 3.8), squeeze=False)
+    axes = list(axes[0])
     for ax, key in zip(axes, keys):
-        ax.plot(rounds, [r[key] for r in history["rounds"]], marker="o")
-        ax.set_title(key)
-        ax.set_xlabel("round")
+        title, ylabel = METRIC_LABELS[key]
+        ax.plot(rounds, [r[key] for r in rows], marker="o", label="federated model (all institutions)")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("federated round")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.legend(fontsize=7)
     ax = axes[-1]
-    eps_rows = [r["epsilon"] for r in history["rounds"]]
-    if eps_rows and eps_rows[-1]:
-        for node in eps_rows[-1]:
-            ax.plot(rounds, [float(e.get(node, 0)) for e in eps_rows], alpha=0.6)
-    ax.set_title("ε spent per institution")
-    ax.set_xlabel("round")
+    eps_target = float(cfg.get("privacy.epsilon", float("nan")))
+    delta = cfg.get("privacy.delta", "")
+    if math.isfinite(eps_target):
+        for label, curve in epsilon_groups(history):
+            ax.plot(rounds, curve, marker=".", label=label)
+        ax.axhline(eps_target, color="crimson", linestyle="--", label=f"budget cap ε = {eps_target:g} (each institution)")
+        ax.set_ylim(0, eps_target * 1.15)
+        ax.legend(fontsize=7, loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "non-private run (ε = ∞):\nno privacy budget spent or capped", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_title(f"privacy budget spent per institution (δ = {delta})", fontsize=9)
+    ax.set_xlabel("federated round")
+    ax.set_ylabel("ε spent, cumulative (PRV accountant)", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for a in axes:
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    dataset = cfg.get("dataset", "")
+    mode = cfg.get("privacy.noise-mode", "") if math.isfinite(eps_target) else "no DP"
+    fig.suptitle(f"fedrec simulation: {dataset}, {cfg.get('institutions', '?')} institutions, "
+                 f"ε = {eps_target:g}, {mode} noise", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -227,8 +297,10 @@ def plot_metrics(history: dict, path: Path) -> None:
 def run_from_cli(*, dataset: str, data: Path | None, institutions: int, rounds: int, epsilon: float, seed: int,
                  out: Path | None, overrides: list[str], plain: bool, quiet: bool, console: Console,
                  non_private: bool = False) -> int:
+    # simulation: --seed fixes the partitions, the splits AND every release's DP noise (the
+    # nodes are simulated, so they honour sim.noise-seed; a deployed node never does)
     flat: dict[str, Any] = {"dataset": dataset, "institutions": institutions, "rounds": rounds,
-                            "privacy.epsilon": epsilon, "seed": seed}
+                            "privacy.epsilon": epsilon, "seed": seed, "sim.noise-seed": seed}
     if data is not None:
         flat["data-dir"] = str(data)
     if plain:

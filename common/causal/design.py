@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from fedrec.common.causal.estimators import DerivedFeature, derived_bounds, parse_derived
+import numpy as np
+
+from fedrec.common.causal.estimators import DerivedFeature, derived_bounds, derived_values, parse_derived
 from fedrec.common.errors import FedrecInputError
 
 if TYPE_CHECKING:  # the schema module imports this one lazily (no import cycle at run time)
+    from fedrec.common.datasets import InstitutionData
     from fedrec.common.schema import Study
 
-__all__ = ["base_columns", "derived_specs", "design_columns_of"]
+__all__ = ["base_columns", "derived_specs", "design_columns_of", "raw_design"]
 
 
 def base_columns(study: "Study", covariates: Sequence[str] | None,
@@ -83,3 +86,19 @@ def design_columns_of(study: "Study", covariates: Sequence[str] | None = None, d
     for feature, bounds in derived_specs(study, derived, where_derived):
         cols.append((feature.name, *derived_bounds(feature, bounds)))
     return cols
+
+
+def raw_design(data: "InstitutionData", covariates: Sequence[str] | None = None, derived: Sequence[str] = ()
+               ) -> tuple[np.ndarray, list[tuple[str, float, float]]]:
+    """Every person's raw design values (people order) and the columns with public bounds
+    (an institution's own data: used to apply released CATE models and by the client's encoding)."""
+    base = base_columns(data.study, covariates)
+    names = [c[0] for c in data.study.design_columns()]
+    idx = [names.index(c[0]) for c in base]
+    full = data.covariate_matrix()
+    cov = full[:, idx] if len(idx) else np.zeros((len(data.people), 0))
+    extra = [derived_values(feature, [data.people[c].to_numpy(float) for c in feature.covariates], bounds)
+             for feature, bounds in derived_specs(data.study, derived)]
+    if extra:
+        cov = np.column_stack([cov] + extra)
+    return cov, design_columns_of(data.study, covariates, derived)

@@ -13,6 +13,8 @@ writes (``fedrec-client init``); a run config may ask for something stricter, ne
     noise-modes = ["local"]           # accepted noise modes; "distributed" must be opted into
     min-round-size = 3                # distributed noise: smallest round / survivor set accepted
     allow-non-private = false         # ε = ∞ releases; only ever true in a simulation
+    identity-key = "identity.pem"     # optional: the institution's SECP384R1 private key (SecAgg+ signing)
+    roster = "roster.toml"            # optional: the federation's public keys ([members] name = "ecdsa-...")
 
 Why a file and not Flower's node config: the node config is a flat string map given on the
 SuperNode command line; the policy has lists, a ledger path relative to the institution's own
@@ -48,6 +50,10 @@ class InstitutionPolicy:
     noise_modes: tuple[str, ...] = ("local",)
     min_round_size: int = 3
     allow_non_private: bool = False
+    #: secure aggregation (issue 28): the institution's long-term SECP384R1 private key and the
+    #: federation roster its key advertisements are verified against (both or neither)
+    identity_key: Path | None = None
+    roster: Path | None = None
     #: the file this policy was read from (for messages)
     source: Path = field(default=Path(POLICY_FILE), compare=False)
 
@@ -64,6 +70,9 @@ class InstitutionPolicy:
         if bad or not self.noise_modes:
             raise FedrecInputError(f"{where}: noise-modes {list(self.noise_modes)} must be a non-empty subset of "
                                    f"{list(NOISE_MODES)}")
+        if (self.identity_key is None) != (self.roster is None):
+            raise FedrecInputError(f"{where}: identity-key and roster go together (secure aggregation signs with "
+                                   "the one and verifies against the other); give both or neither")
         if self.min_round_size < 2:
             raise FedrecInputError(f"{where}: min-round-size must be >= 2 (a round of one is one institution's "
                                    "update in the clear)")
@@ -87,12 +96,24 @@ class InstitutionPolicy:
             f"noise-modes = [{modes}]\n"
             f"min-round-size = {self.min_round_size}\n"
             f"allow-non-private = {'true' if self.allow_non_private else 'false'}\n"
+            + "".join(f'{key} = "{self._rel(p, relative_to)}"\n'
+                      for key, p in (("identity-key", self.identity_key), ("roster", self.roster)) if p is not None)
         )
+
+    @staticmethod
+    def _rel(p: Path, relative_to: Path | None) -> str:
+        if relative_to is not None:
+            try:
+                p = Path(os.path.relpath(p, relative_to))
+            except ValueError:
+                pass
+        return p.as_posix()
 
 
 _KEYS = {
     "ledger": str, "epsilon-cap": float, "delta-cap": float, "max-run-epsilon": float,
     "noise-modes": list, "min-round-size": int, "allow-non-private": bool,
+    "identity-key": str, "roster": str,
 }
 
 
@@ -132,6 +153,10 @@ def load_policy(path: str | os.PathLike[str]) -> InstitutionPolicy:
     ledger = Path(values.pop("ledger"))
     if not ledger.is_absolute():
         ledger = (path.parent / ledger).resolve()
+    for key in ("identity_key", "roster"):
+        if key in values:
+            p = Path(values[key])
+            values[key] = p if p.is_absolute() else (path.parent / p).resolve()
     if "noise_modes" in values:
         values["noise_modes"] = tuple(str(m) for m in values["noise_modes"])
     return InstitutionPolicy(ledger=ledger, source=path, **values)

@@ -1,7 +1,8 @@
 """SecAgg+ (Bonawitz et al. 2017, sparse graph of Bell et al. 2020) for fedrec.
 
 Like ``cryptography``'s ``hazmat`` layer, the protocol's primitives live in private modules
-(``_shamir``, ``_keys``, ``_masking``, ``_quantize``, ``_graph``) and are not an API. The two
+(``_shamir``, ``_keys``, ``_masking``, ``_quantize``, ``_graph``, ``_identity``, ``_wire``) and are
+not an API. The two
 safe entries are:
 
 * :class:`SecAggClient` — a node's protocol state machine (used by ``client/secagg_mod.py``);

@@ -12,19 +12,25 @@ construction.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
-from fedrec.common.secagg import _keys, _masking, _quantize, _shamir
+from fedrec.common.secagg import _graph, _identity, _keys, _masking, _quantize, _shamir, _wire
 from fedrec.common.secagg._errors import SecAggProtocolError
 
 STAGE_SETUP_KEYS = "setup-keys"
 STAGE_SETUP_SHARES = "setup-shares"
 STAGE_MASK = "mask"
+STAGE_CONSISTENCY = "consistency"
 STAGE_UNMASK = "unmask"
+#: a coordinator may declare at most this fraction dropped (unmasking needs a strict majority)
+MAX_DROPOUT_PERMILLE = 499
+#: the smallest sparse degree a node accepts (0 = complete graph)
+MIN_DEGREE = 4
 
 
 @dataclass
@@ -50,6 +56,22 @@ class ClientState:
     #: per slot, the fewest survivors this node's input may be unmasked with (distributed
     #: noise: its n_min; 0 where it set none)
     floors: list[int] = field(default_factory=list)
+    # ---- lying-coordinator defences (issue 28)
+    name: str = ""  #: this institution's name in the roster
+    advert: bytes = b""  #: the advertisement this node signed for the session
+    e_sk: bytes = b""  #: Ed25519 session signing key (signs consistency messages)
+    max_dropout: int = 0  #: accepted dropout tolerance, per mille (< 500)
+    min_set: int = 0  #: the policy's floor on every set (active, survivors, committee)
+    members: list[int] = field(default_factory=list)  #: indices with a verified advertisement
+    e_pks: bytes = b""  #: members' Ed25519 keys, one per member (members order)
+    degree: int = 0
+    committee_size: int = 0
+    plan_seed: bytes = b""
+    mask_slot: int = -1  #: the last slot this node masked, and the active set it was told
+    mask_active: list[int] = field(default_factory=list)
+    signed_slot: int = -1  #: the last slot whose survivor set this node signed, and that set
+    signed_survivors: list[int] = field(default_factory=list)
+    seen_sessions: list[bytes] = field(default_factory=list)  #: never key the same session twice
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in fields(self)}
@@ -83,53 +105,131 @@ def _need(cond: bool, why: str) -> None:
 class SecAggClient:
     """One node's SecAgg+ protocol state; ``state`` round-trips through :meth:`ClientState.to_dict`."""
 
-    def __init__(self, state: ClientState | None = None):
+    def __init__(self, state: ClientState | None = None, *, identity: _identity.Identity | None = None,
+                 min_set: int = 0):
+        """``identity``: this institution's long-term key and roster (required to set up a
+        session); ``min_set``: its policy's floor on the active set, the survivor set and the
+        committee (``min-round-size``)."""
         self.state = state or ClientState()
+        self.identity = identity
+        self.min_set = int(min_set)
+
+    def _graph(self) -> dict[int, list[int]]:
+        st = self.state
+        return _graph.plan(st.members, st.degree, st.committee_size, st.plan_seed)[0]
+
+    def _floor(self, slot: int) -> int:
+        st = self.state
+        nmin = st.floors[slot] if slot < len(st.floors) else 0
+        return max(2, nmin, st.min_set, self.min_set)
 
     # ------------------------------------------------------------------ setup
     def setup_keys(self, rec: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage 1: fresh key pairs for a new session (any previous session is discarded):
-        one channel key pair and one mask key pair per slot."""
+        """Stage 1: fresh key pairs for a new session (any previous session is discarded): one
+        channel key pair, one Ed25519 session signing key and one mask key pair per slot, in an
+        advertisement signed with the institution's long-term identity key.
+
+        Refuses without an identity (never advertises unsigned keys), a session id it has keyed
+        before (replay), or a dropout tolerance of half the nodes or more."""
+        if self.identity is None:
+            raise SecAggProtocolError("this node has no identity key and roster (policy identity-key / roster): "
+                                      "it never advertises unsigned keys")
         session = bytes(rec["session"])
         _need(len(session) == 16, "session id must be 16 bytes")
         slots = int(rec["slots"])
         _need(int(rec["index"]) >= 1 and 1 <= slots <= 1024, "bad index or slot count")
+        mdp = int(rec.get("max-dropout-permille", 0))
+        _need(0 <= mdp <= MAX_DROPOUT_PERMILLE, f"dropout tolerance {mdp / 1000:g} refused: unmasking needs a "
+                                                "strict majority (max-dropout-fraction < 0.5)")
+        seen = list(self.state.seen_sessions)
+        _need(session not in seen, "this session id was keyed before: replay refused")
         c_sk, c_pk = _keys.generate_keypair()
+        e_sk, e_pk = _identity.session_signing_keypair()
         pairs = [_keys.generate_keypair() for _ in range(slots)]
+        adv = _wire.Advert(session=session, index=int(rec["index"]), slots=slots, max_dropout_permille=mdp,
+                           time=int(time.time()), name=self.identity.name, c_pk=c_pk, e_pk=e_pk,
+                           s_pks=tuple(pk for _, pk in pairs))
+        blob = _wire.encode_advert(adv)
         self.state = ClientState(session=session, index=int(rec["index"]), c_sk=c_sk,
-                                 s_sks=b"".join(sk for sk, _ in pairs), slots=slots)
-        return {"c-pk": c_pk, "s-pks": [pk for _, pk in pairs]}
+                                 s_sks=b"".join(sk for sk, _ in pairs), slots=slots, name=self.identity.name,
+                                 advert=blob, e_sk=e_sk, max_dropout=mdp, min_set=self.min_set,
+                                 seen_sessions=(seen + [session])[-64:])
+        return {"advert": blob, "sig": self.identity.sign(blob)}
+
+    def _verified_adverts(self, rec: Mapping[str, Any]) -> dict[int, _wire.Advert]:
+        """Every member's advertisement, each verified against this node's own roster."""
+        st, ident = self.state, self.identity
+        _need(ident is not None, "no identity/roster to verify key advertisements against")
+        blobs, sigs = list(rec["adverts"]), list(rec["sigs"])
+        _need(len(blobs) == len(sigs), "malformed advertisement list")
+        now = time.time()
+        out: dict[int, _wire.Advert] = {}
+        names: set[str] = set()
+        for blob, sig in zip(blobs, sigs):
+            blob = bytes(blob)
+            try:
+                a = _wire.decode_advert(blob)
+            except (ValueError, UnicodeDecodeError) as err:
+                raise SecAggProtocolError(f"malformed key advertisement: {err}") from None
+            pk = ident.roster.key_of(a.name)
+            _need(pk is not None, f"advertisement from {a.name!r}, who is not in this node's roster")
+            _need(_identity.verify_identity(pk, bytes(sig), blob),
+                  f"advertisement of {a.name!r} (index {a.index}) has an invalid signature: forged keys refused")
+            _need(a.session == st.session, f"advertisement of {a.name!r} is for another session: replay refused")
+            _need(a.slots == st.slots and a.max_dropout_permille == st.max_dropout,
+                  f"advertisement of {a.name!r} was made for other session parameters")
+            _need(now - _wire.ADVERT_MAX_AGE_S <= a.time <= now + _wire.CLOCK_SKEW_S,
+                  f"advertisement of {a.name!r} is stale or from the future: replay refused")
+            _need(a.index not in out and a.name not in names, f"duplicate member {a.name!r} / index {a.index}")
+            out[a.index] = a
+            names.add(a.name)
+        _need(out.get(st.index) is not None and _wire.encode_advert(out[st.index]) == st.advert,
+              "this node's own advertisement is missing or altered")
+        return out
 
     def setup_shares(self, rec: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage 2: agree pairwise seeds with neighbours (one per slot); encrypt, for each share
-        holder, Shamir shares of each slot's mask key and self seed."""
+        """Stage 2: verify every member's signed advertisement; compute the session's neighbour
+        graph and share-holder committee from them (never take the server's word); agree
+        pairwise seeds with neighbours (one per slot); encrypt, for each share holder, Shamir
+        shares of each slot's mask key and self seed.
+
+        Refuses: an unverifiable advertisement, fewer members or holders than the policy's
+        floor, a sparse degree below :data:`MIN_DEGREE`, a threshold that is not a strict
+        majority of the committee."""
         st = self.state
         self._check_session(rec)
         _need(bool(st.s_sks), "setup already completed for this session")
-        nbrs = [int(x) for x in rec["neighbours"]]
-        s_pks = list(rec["s-pks"])
-        committee = [int(x) for x in rec["committee"]]
-        peers = [int(x) for x in rec["peers"]]
-        c_pks = list(rec["c-pks"])
-        t, R = int(rec["threshold"]), st.slots
-        _need(len(s_pks) == len(nbrs) * R and len(set(nbrs)) == len(nbrs), "inconsistent neighbour list")
-        _need(st.index not in nbrs, "a node cannot be its own neighbour")
-        _need(len(peers) == len(c_pks) and set(committee) <= set(peers) and len(set(committee)) == len(committee),
-              "inconsistent committee")
-        _need(st.index not in committee or set(peers) >= set(nbrs), "a share holder needs every channel key")
-        _need(1 <= t <= len(committee) and 2 * t > len(committee),
-              f"threshold {t} must be a majority of the {len(committee)} share holders")
+        adverts = self._verified_adverts(rec)
+        members = sorted(adverts)
+        n, R = len(members), st.slots
+        floor = max(2, st.min_set)
+        _need(n >= floor, f"{n} members in the session, below this node's floor {floor}")
+        degree, csize = int(rec["degree"]), int(rec["committee-size"])
+        _need(degree == 0 or degree >= min(n - 1, MIN_DEGREE), f"neighbour degree {degree} below {MIN_DEGREE}")
+        csize = min(csize, n)
+        _need(csize >= floor, f"a committee of {csize} share holders, below this node's floor {floor}")
+        seed = _wire.plan_seed(st.session, [_wire.encode_advert(a) for a in adverts.values()])
+        graph, committee = _graph.plan(members, degree, csize, seed)
+        t = len(committee) // 2 + 1
+        _need(int(rec.get("threshold", t)) == t, f"threshold {rec.get('threshold')} is not the strict majority "
+                                                  f"{t} of the {len(committee)} share holders")
         me = st.index
+        nbrs = graph[me]
+        peers = members if me in committee else committee
         st.neighbours, st.committee, st.threshold, st.peers = nbrs, committee, t, peers
+        st.members, st.degree, st.committee_size, st.plan_seed = members, degree, csize, seed
+        st.e_pks = b"".join(adverts[j].e_pk for j in members)
+        c_key = _keys.private_key(st.c_sk)
         chan = [
-            _keys.channel_key(st.c_sk, bytes(pk), session=st.session, a=me, b=j) if j != me
+            _keys.channel_key(c_key, adverts[j].c_pk, session=st.session, a=me, b=j) if j != me
             else _keys.hkdf(st.c_sk, salt=st.session, info=b"fedrec-secagg/self")  # own share
-            for j, pk in zip(peers, c_pks)
+            for j in peers
         ]
         st.chan_keys = b"".join(chan)
+        s_keys = [_keys.private_key(_at(st.s_sks, slot)) for slot in range(R)]
         st.pair_seeds = b"".join(
-            _keys.pair_seed(_at(st.s_sks, slot), bytes(s_pks[p * R + slot]), session=st.session, a=me, b=j, slot=slot)
-            for p, j in enumerate(nbrs) for slot in range(R)
+            _keys.pair_seed(s_keys[slot], adverts[j].s_pks[slot], session=st.session, a=me, b=j, slot=slot)
+            for j in nbrs for slot in range(R)
         )
         seeds = [secrets.token_bytes(32) for _ in range(R)]
         st.self_seeds = b"".join(seeds)
@@ -157,7 +257,16 @@ class SecAggClient:
         _need(st.threshold > 0, "setup incomplete: re-key required")
         _need(0 <= slot < st.slots, f"slot {slot} outside this session's {st.slots} slots: re-key required")
         _need(slot > st.last_slot, f"slot {slot} already used (last {st.last_slot}): refusing to reuse a mask")
-        _need(st.index in set(int(x) for x in rec["active"]), "this node is not in the round's active set")
+        active = set(int(x) for x in rec["active"])
+        _need(st.index in active, "this node is not in the round's active set")
+        if st.members:  # a signed session: floors on the active set (attack B of issue 28)
+            _need(active <= set(st.members), "the active set names nodes outside this session")
+            floor = self._floor(slot)
+            _need(len(active) >= floor, f"an active set of {len(active)}, below this node's floor {floor}")
+            live = len(set(st.neighbours) & active)
+            need = _graph.min_live_neighbours(len(st.neighbours))
+            _need(live >= need, f"only {live} of this node's {len(st.neighbours)} neighbours are active, "
+                                f"{need} needed: its pairwise masks would not hide its input")
 
     def mask(self, rec: Mapping[str, Any], vector: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Quantize ``vector`` and add the self mask and the pairwise masks of active neighbours."""
@@ -167,6 +276,7 @@ class SecAggClient:
         params = _quantize.QuantParams.from_record(rec)
         y = _quantize.quantize(vector, params, rng)
         st.last_slot = slot  # burn the slot before anything leaves
+        st.mask_slot, st.mask_active = slot, sorted(int(x) for x in rec["active"])
         _masking.add_into(y, _keys.slot_key(_at(st.self_seeds, slot), session=st.session, slot=slot, kind=b"self"), +1)
         active = set(int(x) for x in rec["active"])
         for p, j in enumerate(st.neighbours):
@@ -188,6 +298,68 @@ class SecAggClient:
         floors[slot] = max(floors[slot], int(n_min))
         st.floors = floors
 
+    # ------------------------------------------------------------ consistency
+    def _check_view(self, slot: int, survivors: set[int]) -> None:
+        """The survivor set a signed session accepts for ``slot`` (the holder's own view)."""
+        st = self.state
+        active = set(st.mask_active)
+        _need(survivors <= active, "the survivor set names nodes outside the round's active set")
+        least = self._floor(slot)
+        _need(len(survivors) >= least, f"{len(survivors)} survivors, below this node's floor {least}")
+        graph = self._graph()
+        _need(_graph.connected(survivors, graph),
+              "the survivors' neighbour graph is split: unmasking would reveal partial sums")
+        for w in sorted(survivors):
+            live = len(set(graph[w]) & survivors)
+            need = _graph.min_live_neighbours(len(graph[w]))
+            _need(live >= need, f"node {w} has {len(graph[w]) - live} of its {len(graph[w])} neighbours reported "
+                                f"dropped (tolerance {len(graph[w]) - need}): its self seed stays hidden")
+
+    def consistency(self, rec: Mapping[str, Any]) -> dict[str, Any]:
+        """As share holder: sign the active and survivor sets of the slot this node just masked,
+        once per slot, after checking them in its own view (floors, connected survivor graph,
+        enough live neighbours for every survivor). A second, different survivor set for the
+        same slot is refused, so an honest holder never vouches for two views."""
+        st = self.state
+        self._check_session(rec)
+        _need(bool(st.members) and bool(st.e_sk), "no signed session: re-key required")
+        _need(st.index in st.committee, "this node holds no shares: it is not asked to sign")
+        slot = int(rec["slot"])
+        _need(slot == st.mask_slot, f"consistency for slot {slot}, but this node last masked slot {st.mask_slot}")
+        survivors = set(int(x) for x in rec["survivors"])
+        _need(st.index in survivors, "this node contributed but is not among the survivors")
+        if st.signed_slot == slot:
+            _need(sorted(survivors) == list(st.signed_survivors),
+                  "a different survivor set for a slot already signed: refused")
+        self._check_view(slot, survivors)
+        st.signed_slot, st.signed_survivors = slot, sorted(survivors)
+        msg = _wire.consistency_message(st.session, slot, st.mask_active, survivors)
+        return {"sig": _identity.session_sign(st.e_sk, msg), "slot": slot}
+
+    def signature_quorum(self, slot: int) -> int:
+        """Matching signatures of share holders a holder needs before it reveals anything: a
+        strict majority of the committee, at least (1 - tolerance) of it, at least the floor.
+        Honest holders sign one survivor set per slot, so two different sets can both reach the
+        quorum only if at least 2·quorum - committee holders collude."""
+        st = self.state
+        c = len(st.committee)
+        by_tol = -(-(1000 - st.max_dropout) * c // 1000)
+        return min(c, max(c // 2 + 1, by_tol, self._floor(slot)))
+
+    def _check_signatures(self, rec: Mapping[str, Any], slot: int, survivors: set[int]) -> None:
+        st = self.state
+        msg = _wire.consistency_message(st.session, slot, st.mask_active, survivors)
+        pos = {j: p for p, j in enumerate(st.members)}
+        holders = set(st.committee) & survivors
+        good = set()
+        for j, sig in zip(rec.get("sig-from", []), rec.get("sig", [])):
+            j = int(j)
+            if j in holders and j in pos and _identity.session_verify(_at(st.e_pks, pos[j]), bytes(sig), msg):
+                good.add(j)
+        need = self.signature_quorum(slot)
+        _need(len(good) >= need, f"{len(good)} share holders signed this survivor set, {need} needed: "
+                                 "the coordinator may be showing different views")
+
     # ----------------------------------------------------------------- unmask
     def unmask(self, rec: Mapping[str, Any]) -> dict[str, Any]:
         """As share holder: decrypt the requested shares of one slot — self-seed shares of
@@ -201,6 +373,13 @@ class SecAggClient:
         survivors = set(int(x) for x in rec["survivors"])
         dropped = set(int(x) for x in rec["dropped"])
         _need(not survivors & dropped, "a node cannot be both survivor and dropped")
+        if st.members:  # a signed session: only the view this holder signed, vouched for by a quorum
+            _need(slot == st.signed_slot and sorted(survivors) == list(st.signed_survivors),
+                  "unmask for a survivor set this node did not sign")
+            _need(dropped == set(st.mask_active) - survivors,
+                  "the dropped set is not the active set minus the survivors")
+            self._check_view(slot, survivors)
+            self._check_signatures(rec, slot, survivors)
         floor = st.floors[slot] if slot < len(st.floors) else 0
         _need(len(survivors) >= floor,
               f"unmask with {len(survivors)} survivors, below this node's distributed-noise n_min {floor}")
@@ -243,6 +422,8 @@ class SecAggClient:
             return self.setup_keys(rec)
         if stage == STAGE_SETUP_SHARES:
             return self.setup_shares(rec)
+        if stage == STAGE_CONSISTENCY:
+            return self.consistency(rec)
         if stage == STAGE_UNMASK:
             return self.unmask(rec)
         raise SecAggProtocolError(f"unknown secagg stage {stage!r}")

@@ -71,3 +71,57 @@ def sample(indices: Sequence[int], k: int) -> list[int]:
     for _ in range(min(k, len(pool))):
         out.append(pool.pop(secrets.randbelow(len(pool))))
     return out
+
+
+# ------------------------------------------------------------------ the session plan
+class SeededDraw:
+    """Deterministic uniform draws from a 256-bit seed (SHAKE-256 stream): every participant
+    recomputes the same graph and committee from the signed advertisements (public, but not
+    the server's to choose)."""
+
+    def __init__(self, seed: bytes):
+        import hashlib
+
+        self._xof = hashlib.shake_256(seed)
+        self._pos = 0
+        self._buf = b""
+
+    def below(self, n: int) -> int:
+        if self._pos + 16 > len(self._buf):
+            self._buf = self._xof.digest(max(4096, 2 * len(self._buf)))
+        v = int.from_bytes(self._buf[self._pos:self._pos + 16], "big")  # 128 bits: bias < 2^-100
+        self._pos += 16
+        return v % n
+
+
+def plan(members: Sequence[int], degree: int, committee_size: int, seed: bytes) -> tuple[dict[int, list[int]], list[int]]:
+    """(neighbour graph, committee) of a session, a function of the members, the degree, the
+    committee size and the seed only (a Harary graph over a seeded ring order; a seeded sample)."""
+    idx = sorted(members)
+    n = len(idx)
+    draw = SeededDraw(seed)
+    if degree <= 0 or degree >= n - 1:
+        nbrs = {i: [j for j in idx if j != i] for i in idx}
+    else:
+        half = (degree + 1) // 2
+        order = idx[:]
+        for i in range(n - 1, 0, -1):
+            j = draw.below(i + 1)
+            order[i], order[j] = order[j], order[i]
+        sets: dict[int, set[int]] = {i: set() for i in idx}
+        for pos, node in enumerate(order):
+            for step in range(1, half + 1):
+                other = order[(pos + step) % n]
+                sets[node].add(other)
+                sets[other].add(node)
+        nbrs = {i: sorted(s) for i, s in sets.items()}
+    pool = idx[:]
+    committee = sorted(pool.pop(draw.below(len(pool))) for _ in range(min(committee_size, n)))
+    return nbrs, committee
+
+
+def min_live_neighbours(k: int) -> int:
+    """A survivor whose self seed is revealed keeps at least this many surviving neighbours
+    (a quarter of its k, at least 1): the server cannot strip its pairwise masks by reporting
+    its neighbours dropped, and only all of its surviving neighbours colluding can."""
+    return max(1, -(-k // 4))

@@ -39,9 +39,15 @@ def generate_keypair() -> tuple[bytes, bytes]:
     )
 
 
-def agree(private: bytes, public: bytes) -> bytes:
-    """The 32-byte X25519 shared secret."""
-    return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
+def agree(private: bytes | X25519PrivateKey, public: bytes) -> bytes:
+    """The 32-byte X25519 shared secret (``private``: raw bytes, or a loaded key to reuse)."""
+    sk = private if isinstance(private, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(private)
+    return sk.exchange(X25519PublicKey.from_public_bytes(public))
+
+
+def private_key(raw: bytes) -> X25519PrivateKey:
+    """Load a raw X25519 private key once, for many agreements."""
+    return X25519PrivateKey.from_private_bytes(raw)
 
 
 def hkdf(secret: bytes, *, salt: bytes, info: bytes, length: int = 32) -> bytes:
@@ -52,12 +58,13 @@ def _pair(a: int, b: int) -> bytes:
     return struct.pack(">II", min(a, b), max(a, b))
 
 
-def channel_key(private: bytes, public: bytes, *, session: bytes, a: int, b: int) -> bytes:
+def channel_key(private: bytes | X25519PrivateKey, public: bytes, *, session: bytes, a: int, b: int) -> bytes:
     """Symmetric AES-256-GCM key between participants ``a`` and ``b`` of ``session``."""
     return hkdf(agree(private, public), salt=session, info=b"fedrec-secagg/channel" + _pair(a, b))
 
 
-def pair_seed(private: bytes, public: bytes, *, session: bytes, a: int, b: int, slot: int) -> bytes:
+def pair_seed(private: bytes | X25519PrivateKey, public: bytes, *, session: bytes, a: int, b: int,
+              slot: int) -> bytes:
     """The full 256-bit pairwise mask secret of ``a`` and ``b`` for one slot of ``session``.
 
     ``private``/``public`` are the slot's own mask key pairs: revealing one node's slot key

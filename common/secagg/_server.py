@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedrec.common.secagg import _graph, _keys, _masking, _quantize, _shamir
-from fedrec.common.secagg._client import STAGE_MASK, STAGE_SETUP_KEYS, STAGE_SETUP_SHARES, STAGE_UNMASK
+from fedrec.common.secagg import _graph, _keys, _masking, _quantize, _shamir, _wire
+from fedrec.common.secagg._client import (MAX_DROPOUT_PERMILLE, STAGE_CONSISTENCY, STAGE_MASK, STAGE_SETUP_KEYS,
+                                          STAGE_SETUP_SHARES, STAGE_UNMASK)
 from fedrec.common.secagg._errors import SecAggError
 
 
@@ -39,6 +40,7 @@ class ServerSession:
     slots: int
     degree: int = 0  #: neighbours per node in the mask graph (0 = complete graph)
     committee_size: int = 0  #: share holders (0 = default_committee(n))
+    max_dropout_permille: int = 300  #: the dropout tolerance the nodes sign into their advertisements
     session: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     c_pks: dict[int, bytes] = field(default_factory=dict)
     s_pks: dict[int, list[bytes]] = field(default_factory=dict)  #: per slot
@@ -46,19 +48,27 @@ class ServerSession:
     committee: list[int] = field(default_factory=list)
     threshold: int = 0
     members: set[int] = field(default_factory=set)  #: indices that completed setup
+    adverts: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  #: index -> (advert, signature)
+    #: why a node's reply was not used (node id -> reason), per stage; the workflow logs them
+    rejected: dict[int, str] = field(default_factory=dict)
+    #: slot -> node id -> the survivor's signature of the slot's survivor set (consistency round)
+    signatures: dict[int, dict[int, bytes]] = field(default_factory=dict)
     next_slot: int = 0
     # (kind, sender, holder, slot) -> share ciphertext (s: slot mask key, b: slot self seed)
     _ct: dict[tuple[str, int, int, int], bytes] = field(default_factory=dict)
 
     @classmethod
     def create(cls, node_ids: Sequence[int], *, slots: int, degree: int | None,
-               committee: int | None = None) -> ServerSession:
+               committee: int | None = None, max_dropout: float = 0.3) -> ServerSession:
         """``degree``: neighbours per node; 0 = complete graph; None = automatic (see ``_graph``).
         ``committee``: share holders; None = :func:`default_committee`."""
         if degree is None:
             degree = _graph.default_degree(len(node_ids))
+        mdp = int(round(1000 * float(max_dropout)))
+        if not 0 <= mdp <= MAX_DROPOUT_PERMILLE:
+            raise SecAggError(f"max_dropout {max_dropout} must lie in [0, 0.5): unmasking needs a strict majority")
         return cls(nodes={nid: i + 1 for i, nid in enumerate(sorted(node_ids))}, slots=slots, degree=degree,
-                   committee_size=committee or 0)
+                   committee_size=committee or 0, max_dropout_permille=mdp)
 
     @staticmethod
     def quantization(*, clip_range: float, noise_std: float | None, n_clients: int, dim: int) -> _quantize.QuantParams:
@@ -75,34 +85,38 @@ class ServerSession:
 
     # ------------------------------------------------------------------ setup
     def setup_keys_records(self) -> dict[int, dict]:
-        return {nid: {"stage": STAGE_SETUP_KEYS, "session": self.session, "index": i, "slots": self.slots}
+        return {nid: {"stage": STAGE_SETUP_KEYS, "session": self.session, "index": i, "slots": self.slots,
+                      "max-dropout-permille": self.max_dropout_permille}
                 for nid, i in self.nodes.items()}
 
     def keys_received(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
-        """Public keys from the nodes that answered stage 1 -> the stage-2 record of each."""
+        """Signed advertisements from the nodes that answered stage 1 -> the stage-2 record of
+        each. A malformed advertisement is that node's dropout (reason in :attr:`rejected`); the
+        server cannot verify signatures (it holds no roster) and need not: every client does."""
+        self.rejected = {}
         for nid, rec in replies.items():
             i = self.nodes[nid]
-            c_pk, s_pks = bytes(rec["c-pk"]), [bytes(x) for x in rec["s-pks"]]
-            if len(c_pk) != 32 or len(s_pks) != self.slots or any(len(x) != 32 for x in s_pks):
-                raise SecAggError(f"node {nid} advertised malformed keys")
-            self.c_pks[i], self.s_pks[i] = c_pk, s_pks
-        alive = sorted(self.c_pks)
-        self.neighbours = _graph.harary(alive, self.degree)
+            try:
+                blob, sig = bytes(rec["advert"]), bytes(rec["sig"])
+                a = _wire.decode_advert(blob)
+            except (KeyError, TypeError, ValueError) as err:
+                self.rejected[nid] = f"malformed key advertisement ({err})"
+                continue
+            if a.session != self.session or a.index != i or a.slots != self.slots:
+                self.rejected[nid] = "advertisement for another session, index or slot count"
+                continue
+            self.adverts[i] = (blob, sig)
+            self.c_pks[i], self.s_pks[i] = a.c_pk, list(a.s_pks)
+        alive = sorted(self.adverts)
         size = min(len(alive), self.committee_size or default_committee(len(alive)))
-        self.committee = sorted(_graph.sample(alive, size))
-        self.threshold = threshold_for(size)
-        cset = set(self.committee)
-        out = {}
-        for i in alive:
-            nb = self.neighbours[i]
-            peers = alive if i in cset else self.committee  # channel keys: holders need everyone's
-            out[self.node_of[i]] = {
-                "stage": STAGE_SETUP_SHARES, "session": self.session, "index": i, "slots": self.slots,
-                "neighbours": nb, "s-pks": [pk for j in nb for pk in self.s_pks[j]],
-                "committee": self.committee, "threshold": self.threshold,
-                "peers": peers, "c-pks": [self.c_pks[j] for j in peers],
-            }
-        return out
+        seed = _wire.plan_seed(self.session, [self.adverts[i][0] for i in alive])
+        degree = self.degree if self.degree < len(alive) - 1 else 0
+        self.neighbours, self.committee = _graph.plan(alive, degree, size, seed)
+        self.threshold = threshold_for(len(self.committee))
+        common = {"stage": STAGE_SETUP_SHARES, "session": self.session, "slots": self.slots,
+                  "adverts": [self.adverts[i][0] for i in alive], "sigs": [self.adverts[i][1] for i in alive],
+                  "degree": degree, "committee-size": size, "threshold": self.threshold}
+        return {self.node_of[i]: dict(common, index=i) for i in alive}
 
     def shares_received(self, replies: Mapping[int, Mapping]) -> None:
         """Store the encrypted shares; members = nodes that completed both setup stages."""
@@ -129,6 +143,24 @@ class ServerSession:
         return self.next_slot < self.slots and all(i is not None and i in self.members for i in idx)
 
     # ------------------------------------------------------------------- mask
+    def consistency_records(self, slot: int, survivors: Sequence[int],
+                            holders: Sequence[int] | None = None) -> dict[int, dict]:
+        """Consistency round: each share holder asked (default: every surviving one) signs the
+        survivor set."""
+        s_idx = sorted(self.nodes[n] for n in survivors)
+        if holders is None:
+            cset = set(self.committee)
+            holders = [n for n in survivors if self.nodes[n] in cset]
+        return {n: {"stage": STAGE_CONSISTENCY, "session": self.session, "slot": slot, "survivors": s_idx}
+                for n in holders}
+
+    def signature_quorum(self) -> int:
+        """Matching holder signatures every holder requires (SecAggClient.signature_quorum; a
+        holder's own policy floor may raise it)."""
+        c = len(self.committee)
+        by_tol = -(-(1000 - self.max_dropout_permille) * c // 1000)
+        return min(c, max(c // 2 + 1, by_tol, 2))
+
     def mask_record(self, node_ids: Sequence[int], quant: _quantize.QuantParams, server_round: int) -> tuple[int, dict]:
         slot = self.next_slot
         self.next_slot += 1  # burned whatever happens next
@@ -146,7 +178,8 @@ class ServerSession:
         return ask
 
     def unmask_records(self, slot: int, survivors: Sequence[int], dropped: Sequence[int],
-                       holders: Sequence[int] | None = None) -> dict[int, dict]:
+                       holders: Sequence[int] | None = None,
+                       signatures: Mapping[int, bytes] | None = None) -> dict[int, dict]:
         """Per share holder asked (default: every surviving one): the ciphertexts it must open —
         self-seed shares of survivors, this slot's mask-key shares of dropouts."""
         s_idx = sorted(self.nodes[n] for n in survivors)
@@ -154,13 +187,18 @@ class ServerSession:
         if holders is None:
             holders = self.holders_among(survivors)
         out = {}
+        if signatures is None:
+            signatures = self.signatures.get(slot, {})
+        sig_from = sorted(self.nodes[n] for n in signatures)
+        sig = [bytes(signatures[self.node_of[j]]) for j in sig_from]
         frm = s_idx + d_idx
         kind = ["b"] * len(s_idx) + ["s"] * len(d_idx)
         for nid in holders:
             v = self.nodes[nid]
             ct = [self._ct[(k, u, v, slot)] for u, k in zip(frm, kind)]
             out[nid] = {"stage": STAGE_UNMASK, "session": self.session, "slot": slot,
-                        "survivors": s_idx, "dropped": d_idx, "ct": ct, "ct-from": frm, "ct-kind": kind}
+                        "survivors": s_idx, "dropped": d_idx, "ct": ct, "ct-from": frm, "ct-kind": kind,
+                        "sig-from": sig_from, "sig": sig}
         return out
 
     def check_survivors(self, survivors: Sequence[int]) -> None:

@@ -146,6 +146,9 @@ def simulation(tmp_path_factory):
 
     cp.register_pickle_by_value(harness)
     plan = tmp_path_factory.mktemp("secagg") / "plan.json"
+    policies = tmp_path_factory.mktemp("policies")
+    harness.provision(policies, [f"inst-{i:02d}" for i in range(N)])  # partition-id i -> i-th folder
+    os.environ[harness.POLICY_DIR_ENV] = str(policies)
     os.environ[harness.FAIL_PLAN_ENV] = str(plan)
     harness.write_plan(plan, {})
     out: dict = {}
@@ -160,6 +163,7 @@ def simulation(tmp_path_factory):
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     finally:
         os.environ.pop(harness.FAIL_PLAN_ENV, None)
+        os.environ.pop(harness.POLICY_DIR_ENV, None)
     return out
 
 

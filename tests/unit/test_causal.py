@@ -403,6 +403,46 @@ def test_client_handler_refuses_bad_study_before_charging_and_charges_a_good_ste
     assert good.content.metric_records["metrics"]["epsilon"] > 0
 
 
+# --------------------------------------------------------------------------- weighted whitening
+def test_weighted_fit_rows_obey_the_row_bound(health):
+    """Whitening with weights (``whiten_weighted``): people keep their whitened features and
+    the nuisance fits' terms are multiplied by omega^2 = min(1, r^2/|z|^2). Every person's
+    weighted propensity and outcome rows, even far outside the radius, are within the bounds
+    the ledger charges for rows of norm^2 <= 1 + r^2 (before any clipping), and the bound the
+    client uses is step_bound's."""
+    from fedrec.client.statistics import whiten_rows
+    from fedrec.common.causal.estimators import Whitening, step_bound
+
+    insts, _ = health
+    rows = encode_item(insts[0], "diet_counselling")
+    p = rows.p
+    rng = np.random.default_rng(0)
+    wh = Whitening(a=np.diag(rng.uniform(2.0, 20.0, p - 1)), b=rng.normal(0, 3, p - 1),
+                   radius=math.sqrt(p - 1), weighted=True)
+    w = whiten_rows(rows, wh)
+    assert w.wt is not None and (w.wt < 1).mean() > 0.5  # most people are outside the radius
+    assert np.linalg.norm(w.x, axis=1).max() > 3 * math.sqrt(wh.r2)  # features are not clipped
+    for beta in (np.zeros(p), rng.normal(0, 2, p)):
+        c = propensity_newton_terms(w, beta)
+        assert c.bound == pytest.approx(step_bound("propensity:1", p, r2=wh.r2))
+        assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+    c = outcome_gram_terms(w)
+    assert c.bound == pytest.approx(step_bound("outcome", p, r2=wh.r2))
+    assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+    # the unweighted, clipped-feature variant obeys the same bound
+    c = outcome_gram_terms(whiten_rows(rows, Whitening(wh.a, wh.b, wh.radius, weighted=False)))
+    assert np.linalg.norm(c.terms, axis=1).max() <= c.bound + 1e-9
+
+
+# --------------------------------------------------------------------------- derived features
+@pytest.fixture(scope="module")
+def finance():
+    return domain_federation("finance", institutions=3, people=3000, seed=4, skew=0.5)
+
+
+DERIVED = ("at_min(earnings_1y_ago)", "log1p(earnings_2y_ago)", "square(age)")
+
+
 def test_derived_features_keep_the_public_scaling_and_pooled_equality(finance):
     """Derived nuisance features (``causal.derived``): bounds derived from the declared ones,
     so the scaled design still lies in [-1, 1]; at ε = inf the federation still equals the
@@ -1040,3 +1080,61 @@ def test_the_clip_rule_follows_the_noise_mode_and_the_knobs_override_it() -> Non
     flat = CausalConfig.from_flat({"causal.psi-clip-tail": "0.02", "causal.psi-clip-margin": "-1"})
     assert (flat.psi_clip_tail, flat.psi_clip_margin, flat.clip_margin) == (0.02, None, 5.0)
     assert CausalConfig.from_flat(CausalConfig().to_flat()) == CausalConfig()
+
+
+# ------------------------------------------------------------------ issue 29: acting on the answers
+def test_distributed_noise_alone_narrows_the_ci_through_the_automatic_n_min():
+    """`--noise-mode distributed` with nothing else: n_min resolves to the federation's size, so
+    each institution adds σ²/8 and the ATE's noise SD drops about sqrt(8)-fold against local noise
+    (with n_min = 1, the old default, it would not drop at all)."""
+    from fedrec.simulations.domains import domain_federation
+
+    insts, _ = domain_federation("health", institutions=8, people=600, seed=31, skew=0.4)
+    item = "smoking_cessation"
+    assert CausalConfig(noise_mode="distributed").n_min == 0 and CausalConfig().resolved(8).n_min == 8
+    se = {}
+    for mode in ("local", "distributed"):
+        cfg = CausalConfig(epsilon=2.0, items=(item,), noise_mode=mode)
+        se[mode] = estimate_inprocess(insts, cfg, rng=np.random.default_rng(5)).items[item]["noise_se"]
+    assert se["distributed"] < se["local"] / 2.0
+
+
+def test_following_the_safe_recommendations_is_never_worse_than_the_status_quo():
+    """The new-user scenario of issue 29 (health, 4 x 1,000, ε = 1, local noise, every item) on
+    fresh seeds: following the output never loses against taking no item, by the ground truth;
+    and at ε = ∞ on 8 x 2,500 it keeps >= 75% of the oracle's gain (20 fresh seeds, with ε = 4
+    distributed too: benchmarks/causal_policy.py --safe, docs/measured/causal_policy_safe.json)."""
+    from fedrec.server.causal_recommend import safe_policy_value
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.domains import domain_federation
+
+    for seed in (9101, 9102, 9103):
+        insts, truth = domain_federation("health", institutions=4, people=4000, seed=seed, skew=0.4)
+        cfg, _ = resolve_config(insts, epsilon=1.0)
+        res = estimate_inprocess(insts, cfg, rng=np.random.default_rng(seed))
+        v = safe_policy_value(insts, truth, res.items, cfg.covariates, cfg.derived)
+        assert v["gain"] >= 0.0, (seed, v)
+    insts, truth = domain_federation("health", institutions=8, people=20000, seed=9201, skew=0.4)
+    cfg, _ = resolve_config(insts, epsilon=math.inf)
+    res = estimate_inprocess(insts, cfg)
+    v = safe_policy_value(insts, truth, res.items, cfg.covariates, cfg.derived)
+    assert v["share_of_oracle_gain"] >= 0.75 and v["harmed_share"] < 0.01, v
+    cur = safe_policy_value(insts, truth, res.items, cfg.covariates, cfg.derived, status_quo="current")
+    assert cur["gain"] > 0.0 and cur["status_quo"] == "current"
+
+
+def test_ate_and_interval_are_cut_to_what_the_outcome_bounds_allow():
+    """At ε = 1, local noise, every item on 4 x 250 people the raw estimates reach far outside
+    ±(max - min); the reported ATE and CI never do, and the row says it was cut."""
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.domains import domain_federation
+
+    insts, _ = domain_federation("health", institutions=4, people=1000, seed=9301, skew=0.4)  # 4 x 250
+    cfg, _ = resolve_config(insts, epsilon=1.0)
+    res = estimate_inprocess(insts, cfg, rng=np.random.default_rng(1))
+    lo_b, hi_b = insts[0].study.outcome_bounds
+    limit = hi_b - lo_b
+    for it, row in res.items.items():
+        assert -limit <= row["ci_low"] <= row["ate"] <= row["ci_high"] <= limit, it
+    assert any(row["cut_to_possible_range"] for row in res.items.values())
+    assert all(row["uninformative"] == (row["ci_high"] - row["ci_low"] >= limit) for row in res.items.values())

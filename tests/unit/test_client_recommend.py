@@ -42,11 +42,16 @@ def study(tmp_path_factory):
 
 
 def test_recommend_ranks_each_person_by_the_released_cate(study, tmp_path):
+    """The plain ranking (``rank_all``: no abstention) is each estimator's own CATE argmax."""
+    from rich.console import Console
+
+    from fedrec.client.recommend import run_recommend
+
     root, insts, truth, res = study
     out = tmp_path / "recs.csv"
-    got = CliRunner().invoke(client_app, ["recommend", str(root / "causal.json"), str(root / "data" / insts[0].name),
-                                          "--k", "2", "--out", str(out)])
-    assert got.exit_code == 0, got.output
+    console = Console(record=True, width=200)
+    assert run_recommend(root / "causal.json", root / "data" / insts[0].name, k=2, items=None, out=out,
+                         console=console, rank_all=True) == 0
     recs = pd.read_csv(out, dtype={"person_id": str})
     people = insts[0].people["person_id"].astype(str).to_numpy()
     assert len(recs) == 2 * len(people) and list(recs["rank"][:2]) == [1, 2]
@@ -68,7 +73,7 @@ def test_recommend_ranks_each_person_by_the_released_cate(study, tmp_path):
     assert np.allclose(top["effect_ci_low"], lo[rows, pick], rtol=1e-9, atol=1e-9)
     assert np.allclose(top["effect_ci_high"], hi[rows, pick], rtol=1e-9, atol=1e-9)
     assert (top["effect_ci_high"] - top["effect_ci_low"] > 0).all()
-    assert "post-processing" in got.output
+    assert "post-processing" in console.export_text()
 
 
 def test_recommendations_agree_with_the_policy_value_grading(study):
@@ -78,7 +83,7 @@ def test_recommendations_agree_with_the_policy_value_grading(study):
     items = list(truth.item_ids)
     taken = []
     for d in insts:
-        top = recommendations(root / "causal.json", root / "data" / d.name, k=1)
+        top = recommendations(root / "causal.json", root / "data" / d.name, k=1, rank_all=True)
         taken += [truth.benefit[row[p], items.index(it)] for p, it in zip(top["person_id"], top["item_id"])]
     pv = policy_values(insts, truth, res.items)
     assert np.mean(taken) == pytest.approx(pv["causal"]["policy_value"], rel=1e-12)
@@ -145,6 +150,77 @@ def test_recommend_flags_heavily_shrunk_cate_models(study, tmp_path):
                              env={"COLUMNS": "400"})
     assert got.exit_code == 0, got.output
     assert "caveat" in got.output and item in got.output and truth.item_ids[0] not in got.output.split("caveat")[1]
-    recs = pd.read_csv(tmp_path / "b.csv")
+    recs = pd.read_csv(tmp_path / "b.csv").dropna(subset=["item_id"])  # people with a recommendation
     expected = recs["item_id"].map(lambda it: CATE_SHRINKAGE_CAVEAT + 0.05 if it == item else res.items[it]["cate_shrinkage"])
     np.testing.assert_allclose(recs["cate_shrinkage"], expected, atol=1e-12)
+
+
+# ------------------------------------------------------------------ safe by default (issue 29)
+def _qualifying(res, d, items, sign):
+    """(people, items) True where the estimator's own effect_interval lies on the benefit side."""
+    x_raw, _ = raw_design(d)
+    lo = np.column_stack([res.estimators[it].effect_interval(x_raw)[0] for it in items])
+    hi = np.column_stack([res.estimators[it].effect_interval(x_raw)[1] for it in items])
+    return (lo > 0) if sign > 0 else (hi < 0)
+
+
+def test_recommend_abstains_where_the_interval_includes_no_benefit(study):
+    """Default output: an item only where its 95% effect interval (each estimator's own
+    effect_interval, an independent path) excludes 'no better than no item'; everyone else gets
+    one row with no item and the reason; never an item whose ATE interval shows harm."""
+    from fedrec.common.causal.recommend import NO_BENEFIT, ate_verdict
+
+    root, insts, truth, res = study
+    d = insts[0]
+    items = list(truth.item_ids)
+    sign = 1.0 if d.study.outcome_better == "higher" else -1.0
+    ok = _qualifying(res, d, items, sign)
+    harmful = [it for it in items if ate_verdict(res.items[it]["ci_low"], res.items[it]["ci_high"],
+                                                 d.study.outcome_better) == "harm"]
+    for j, it in enumerate(items):
+        if it in harmful:
+            ok[:, j] = False
+    recs = recommendations(root / "causal.json", root / "data" / d.name, k=1)
+    people = d.people["person_id"].astype(str).to_numpy()
+    top = recs.set_index("person_id").loc[people]
+    has = ok.any(axis=1)
+    assert 0 < has.mean() < 1  # both outcomes occur on this data
+    assert (top["item_id"].fillna("").to_numpy() != "").tolist() == has.tolist()
+    picked = top[has]
+    cols = [items.index(it) for it in picked["item_id"]]
+    assert ok[np.flatnonzero(has), cols].all()
+    assert not set(picked["item_id"]) & set(harmful)
+    assert (top[~has]["reason"] == NO_BENEFIT).all()
+    # the interval printed beside the item is on the benefit side of 0
+    side = picked["effect_ci_low"] if sign > 0 else -picked["effect_ci_high"]
+    assert (side > 0).all()
+
+
+def test_recommend_status_quo_current_never_recommends_what_a_person_takes(study):
+    root, insts, truth, _ = study
+    d = insts[0]
+    recs = recommendations(root / "causal.json", root / "data" / d.name, k=3, status_quo="current")
+    exposed = d.interactions[d.interactions["exposed"] == 1]
+    taken = set(zip(exposed["person_id"].astype(str), exposed["item_id"].astype(str)))
+    got = recs[recs["item_id"].fillna("") != ""]
+    assert len(got) > 0 and not taken & set(zip(got["person_id"].astype(str), got["item_id"]))
+    with pytest.raises(FedrecInputError, match="--status-quo 'later'"):
+        recommendations(root / "causal.json", root / "data" / d.name, status_quo="later")
+
+
+def test_an_item_whose_ate_shows_harm_is_recommended_to_no_one(study, tmp_path):
+    """The ATE table and the CATE ranking cannot contradict silently: make one item's ATE
+    interval show harm in causal.json and it disappears from the output, with the reason."""
+    root, insts, truth, res = study
+    d = insts[0]
+    sign = 1.0 if d.study.outcome_better == "higher" else -1.0
+    recs = recommendations(root / "causal.json", root / "data" / d.name, k=1)
+    favourite = recs["item_id"].replace("", np.nan).dropna().value_counts().index[0]
+    harm = (-3.0, -1.0) if sign > 0 else (1.0, 3.0)
+    path = _rewrite(root, tmp_path / "harm.json",
+                    lambda r: r["items"][favourite].update(ci_low=harm[0], ci_high=harm[1]))
+    again = recommendations(path, root / "data" / d.name, k=1)
+    assert favourite not in set(again["item_id"])
+    assert favourite not in recs.attrs["blocks"]
+    assert again.attrs["blocks"][favourite] == "its ATE interval shows harm"
+    assert set(again.attrs["blocks"]) - {favourite} == set(recs.attrs["blocks"])

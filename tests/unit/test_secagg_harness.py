@@ -15,6 +15,48 @@ from flwr.clientapp import ClientApp
 from fedrec.client.secagg_mod import SECAGG_RECORD, secaggplus_mod
 
 FAIL_PLAN_ENV = "FEDREC_TEST_SECAGG_FAIL_PLAN"
+POLICY_DIR_ENV = "FEDREC_TEST_SECAGG_POLICY_DIR"
+
+
+def provision(root: Path, names: list[str], *, min_round_size: int = 2) -> dict[str, Path]:
+    """What an institution's IT does (policy with identity key and roster), for each name:
+    ``root/<name>/privacy.toml`` naming ``root/<name>/identity.pem`` and ``root/roster.toml``."""
+    from fedrec.common.privacy.policy import InstitutionPolicy, write_policy
+    from fedrec.common.secagg._identity import write_identity, write_roster
+
+    root = Path(root)
+    keys = {name: root / name / "identity.pem" for name in names}
+    roster = write_roster(root / "roster.toml", {name: write_identity(keys[name]) for name in names})
+    out = {}
+    for name in names:
+        pol = InstitutionPolicy(ledger=root / name / "ledger.db", min_round_size=min_round_size,
+                                noise_modes=("local", "distributed"), identity_key=keys[name], roster=roster,
+                                source=root / name / "privacy.toml")
+        out[name] = write_policy(root / name / "privacy.toml", pol)
+    return out
+
+
+def identities(n: int):
+    """In-memory identities and one shared roster for ``n`` institutions (protocol-level tests)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedrec.common.secagg._identity import Identity, Roster
+
+    keys = {f"inst-{i:03d}": ec.generate_private_key(ec.SECP384R1()) for i in range(n)}
+    roster = Roster({name: k.public_key() for name, k in keys.items()})
+    return [Identity(name=name, key=k, roster=roster) for name, k in keys.items()]
+
+
+def policy_mod(msg: Message, context: Context, call_next):
+    """Simulation only: point the node at the provisioned policies (run_simulation takes no run config)."""
+    root = os.environ.get(POLICY_DIR_ENV)
+    if root and "sim.policy-dir" not in context.run_config:
+        from flwr.app import Context
+
+        # Flower forbids editing run_config: hand the next layer a context that carries it (same state)
+        context = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                          state=context.state, run_config={**dict(context.run_config), "sim.policy-dir": root})
+    return call_next(msg, context)
 
 
 def client_vector(node_id: int, server_round: int, dim: int) -> dict[str, np.ndarray]:
@@ -43,9 +85,10 @@ def dropout_mod(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
-def make_client_app(dim: int = 64, noise=None) -> ClientApp:
-    """``noise(context) -> ndarray|None``: optional client-side noise added to the vector."""
-    app = ClientApp(mods=[dropout_mod, secaggplus_mod])
+def make_client_app(dim: int = 64, noise=None, extra_mods=()) -> ClientApp:
+    """``noise(context) -> ndarray|None``: optional client-side noise added to the vector;
+    ``extra_mods``: run just outside ``secaggplus_mod`` (they see its replies)."""
+    app = ClientApp(mods=[policy_mod, dropout_mod, *extra_mods, secaggplus_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -72,16 +115,26 @@ def make_client_app(dim: int = 64, noise=None) -> ClientApp:
 class FakeGrid:
     """In-process stand-in for Flower's Grid: calls the ClientApp per message (unit tests)."""
 
-    def __init__(self, app, n: int, node_config: dict | None = None):
+    def __init__(self, app, n: int, node_config: dict | None = None, *, identities: bool = True,
+                 min_round_size: int = 2):
+        """Each node is a deployed institution whose policy (node config ``policy``) names its
+        identity key and the roster (``identities=False``: a node without them)."""
+        import tempfile
+
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.app = app
-        self.contexts = {
-            1000 + i: Context(run_id=1, node_id=1000 + i, node_config=dict(node_config or {}),
-                              state=RecordDict(), run_config={})
-            for i in range(n)
-        }
+        self.root = Path(tempfile.mkdtemp(prefix="fedrec-secagg-test-"))
+        names = [f"inst-{1000 + i}" for i in range(n)]
+        policies = provision(self.root, names, min_round_size=min_round_size) if identities else {}
+        self.contexts = {}
+        for i in range(n):
+            cfg = dict(node_config or {})
+            if identities and "partition-id" not in cfg:
+                cfg.setdefault("policy", str(policies[names[i]]))
+            self.contexts[1000 + i] = Context(run_id=1, node_id=1000 + i, node_config=cfg, state=RecordDict(),
+                                              run_config={})
         self.silent: set[int] = set()
         self.received: list[Message] = []
         self.tamper = None  # callable(msg) -> msg

@@ -178,9 +178,10 @@ def test_honest_client_refuses_what_would_leak_an_input(plan):
         msg = Message(RecordDict({SECAGG_RECORD: ConfigRecord(rec)}), dst_node_id=target, message_type="train")
         return grid.send_and_receive([msg])[0].content.config_records[SECAGG_RECORD]
 
-    # ask for nodes[1]'s self-seed share as if it had survived: refused (its slot key was released)
+    # ask for nodes[1]'s self-seed share as if it had survived: refused (its slot key was released,
+    # and the holder signed a survivor set without it)
     rec = sess.unmask_records(0, nodes, [], holders=[target])[target]
-    assert "already released" in send(rec)["error"]
+    assert "did not sign" in send(rec)["error"]
     # both kinds of share for one node in one request: refused
     other = next(n for n in nodes if n not in (target, nodes[1]))
     both = sess.unmask_records(0, [n for n in nodes if n != other], [other], holders=[target])[target]
@@ -297,7 +298,8 @@ def test_unmask_asks_a_quorum_then_the_other_holders(plan):
     res = run(proto, grid, 2)
     assert res.contributors == nodes
     assert np.abs(flat(res.total) - expected_sum(nodes, 2)).max() < 1e-6
-    unmask_msgs = [m for m in grid.received[seen:] if m.has_error() or "arrays" not in m.content.array_records]
+    unmask_msgs = [m for m in grid.received[seen:] if m.has_error()
+                   or "shares" in m.content.config_records.get(SECAGG_RECORD, {})]
     assert len(unmask_msgs) == N  # quorum of t = 6 (3 failed), then the 4 other holders
     # without the fallback holders the round fails loudly
     sess.holders_among = lambda survivors: gone + [n for n in nodes if n not in gone][:4]
