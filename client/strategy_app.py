@@ -1,0 +1,121 @@
+"""Strategy-evaluation message handler of the fedrec ClientApp.
+
+Importing this module registers, on :data:`fedrec.client.app.app`, ``query.strategy_values``:
+one DP release of the per-person strategy-evaluation terms (client/ope_statistics.py). Like
+every causal step (client/causal_app.py ``_step``): the request is validated (items, strategy
+specs, clips: before any charge), the run's request (ε, δ, noise mode, n_min against the
+round's size) is checked against the institution's own policy, the ``GaussianEvent`` with the
+release's public L2 sensitivity (:func:`fedrec.common.causal.ope.release_bound`, from the
+number of strategies and the public second-moment weight only) is **charged** to the ledger,
+then the clipped sums are noised with the charged event's σ and the reply leaves; the charge is
+marked released. Refusals and errors reach the server as generic codes only.
+
+The message's config carries the release's request (``strategies.epsilon`` (<= 0: inf),
+``strategies.delta``, ``strategies.noise-mode``, ``strategies.n-min``: the coordinator's, bounded
+by the institution's policy like any run config) and the public choices (strategies, items,
+design, clips).
+
+client/app.py registers it with one line at its bottom::
+
+    from fedrec.client import strategy_app as _strategy_app  # noqa: E402,F401  (registers strategy handler)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from fedrec.client.app import app
+from fedrec.client.causal_app import _load, node_folder, split_config
+from fedrec.client.guard import Refusal, ReleaseRequest
+from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
+from fedrec.client.ope_statistics import check_strategies, ope_contribution
+from fedrec.client.statistics import design_columns, release
+from fedrec.common.causal.ope import ESTIMATORS, Layout, OPEConfig, release_bound
+from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
+from fedrec.common.privacy.release import release_std
+
+__all__ = ["app", "strategy_values"]
+
+_ROWS: dict = {}
+
+
+@app.query("strategy_values")
+@private_errors
+def strategy_values(msg: Message, context: Context) -> Message:
+    """Validate -> policy -> charge -> clipped sums + the charged event's noise -> reply -> released."""
+    cfg, _ = split_config(context.run_config)
+    conf = msg.content["config"]
+    try:
+        ocfg = OPEConfig.from_flat({k: conf[k] for k in conf.keys() if str(k).startswith("strategies.")})
+    except (ValueError, TypeError) as err:
+        raise Refusal("policy", f"strategy release: {err}") from None
+    sigma = float(conf["noise-multiplier"])
+    specs = json.loads(str(conf["strategies"]))
+    items = [str(i) for i in json.loads(str(conf["items"]))]
+    columns = [str(c) for c in json.loads(str(conf["columns"]))]
+    cov = json.loads(str(conf["covariates"]))
+    derived = tuple(json.loads(str(conf["derived"])))
+    clip, tau = float(conf["clip"]), float(conf["switch-tau"])
+    square_clip, k = float(conf["square-clip"]), float(conf["second-moment-weight"])
+    trim = tuple(float(v) for v in json.loads(str(conf["trim"])))
+    estimators = tuple(str(e) for e in json.loads(str(conf["estimators"]))) if "estimators" in conf else ESTIMATORS
+    arrays = {key: v.numpy().astype(np.float64) for key, v in msg.content["arrays"].items()} \
+        if "arrays" in msg.content.array_records else {}
+    server_round = int(conf.get("server-round", 0))
+    # validation before any charge
+    folder = node_folder(context, cfg)
+    data = _load(str(folder))
+    cols = [c[0] for c in design_columns(data, None if cov is None else tuple(cov), derived)]
+    if cols != columns:
+        raise FedrecInputError("the server's design columns differ from this institution's study")
+    known = set(data.items["item_id"].astype(str))
+    missing = [i for i in items if i not in known]
+    if missing:
+        raise FedrecInputError(f"items {missing} are not in this institution's catalogue")
+    try:
+        OPEConfig(clip=clip, switch_tau=tau, square_clip=square_clip, second_moment_weight=k, trim=trim,  # type: ignore[arg-type]
+                  estimators=estimators)
+        check_strategies(specs, items, columns)
+        for it in items:
+            for key in (f"beta/{it}", f"mu1/{it}", f"mu0/{it}"):
+                if key not in arrays or arrays[key].shape != (len(columns) + 1,):
+                    raise ValueError(f"public nuisance {key} missing or misshapen")
+        q = len(columns)
+        for key, shape in (("whiten/a", (q, q)), ("whiten/b", (q,)), ("whiten/radius", (1,))):
+            if "whiten/a" in arrays and (key not in arrays or arrays[key].shape != shape
+                                         or not np.all(np.isfinite(arrays[key]))):
+                raise ValueError(f"public whitening {key} missing or misshapen")
+    except ValueError as err:
+        raise Refusal("policy", f"strategy release: {err}") from None
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise Refusal("policy", f"noise multiplier {sigma} is not usable")
+    sens = release_bound(len(specs), k, Layout(estimators))  # public: the number of strategies and the public weight only
+    guard = node_guard(context, folder, data.name, accountant=ocfg.accountant)
+    share = guard.authorize(ReleaseRequest(epsilon=ocfg.epsilon, delta=ocfg.delta, noise_mode=ocfg.noise_mode,
+                                           n_min=ocfg.n_min, round_size=secagg_round_size(msg)))
+    if sigma == 0 and ocfg.dp:
+        raise Refusal("policy", "the server asked for a release without noise while the run is DP")
+    if sigma > 0 and not ocfg.dp:
+        raise Refusal("policy", "the server asked for noise in a run it declared non-private")
+    event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens) if sigma > 0 else NonPrivateEvent()
+    charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task="strategy-values",
+                          model="causal")
+    contrib = ope_contribution(data, specs, items, arrays, columns=columns, clip=clip, switch_tau=tau,
+                               square_clip=square_clip, second_moment_weight=k, trim=trim, estimators=estimators,
+                               covariates=None if cov is None else tuple(cov), derived=derived, cache=_ROWS)
+    sums = release({"strategies": contrib}, event=charge.event if sigma > 0 else None, noise_share=share)
+    eps_prv, eps_rdp = guard.spent(delta=ocfg.delta)
+    nstd = release_std(charge.event, noise_share=share) if sigma > 0 else 0.0
+    content = RecordDict({"arrays": ArrayRecord({"strategies": Array(np.ascontiguousarray(sums["strategies"]))}),
+                          "metrics": MetricRecord({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": ocfg.delta,
+                                                   "noise-var": nstd**2, "sensitivity": sens})})
+    if ocfg.noise_mode == "distributed" and sigma > 0:
+        content[NOISE_RECORD] = noise_record(ocfg.n_min)
+    reply = Message(content, reply_to=msg)
+    guard.released(charge)
+    return reply

@@ -1,0 +1,234 @@
+"""Strategy evaluation from logged data (server side): one DP release, then post-processing.
+
+After a causal run (server/causal.py) the server holds public nuisances — the whitening, each
+item's propensity and per-arm outcome models — and each item's CATE model. One more release
+evaluates K recommendation strategies at once: the server sends the nuisances and the strategy
+specs (client/ope_statistics.py), each institution releases the clipped, noised per-person
+sums (``query.strategy_values``, client/strategy_app.py), and the server turns the secure sum
+into every strategy's value by IPS, SNIPS, DM, DR and switch-DR, differences between
+strategies, all with CIs that carry the DP noise (common/causal/ope.py). Post-processing of
+the sum costs no budget; the release itself is charged at every institution like any other.
+
+Several loggers: the propensity is the causal run's pooled model, i.e. the federation's
+mixture of the institutions' logging policies given x — the "balanced" weighting of Agarwal et
+al. (2017) for several loggers, which needs no institution-specific weights. DR stays
+consistent when that pooled propensity is off but the outcome models are right.
+
+:func:`run_strategies` is transport-free like :func:`fedrec.server.causal.run_protocol`: the
+simulations add the releases in numpy (simulations/strategies.py), a Flower run sends one
+SecAgg+ round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from fedrec.common.causal.ope import Layout, OPEConfig, OPEResult, evaluate_sums, release_bound, strategy_bounds
+from fedrec.common.privacy.gaussian import summed_noise_var
+
+__all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "random_strategy",
+           "logging_strategy", "scorer_strategy", "noise_multiplier", "effective_clip", "run_strategies"]
+
+STEP = "strategies"
+MESSAGE_TYPE = "query.strategy_values"
+
+Send = Callable[[str, dict[str, np.ndarray], dict], tuple[dict[str, np.ndarray], int, dict]]
+
+
+def nuisance_arrays(result) -> dict[str, np.ndarray]:
+    """The public nuisances of a :class:`~fedrec.server.causal.CausalResult` as the arrays the
+    clients read (the causal ``influence`` step's layout): whitening, ``beta/<item>``,
+    ``mu1/<item>``, ``mu0/<item>``. Items without outcome models (ipw runs) are left out."""
+    out: dict[str, np.ndarray] = {}
+    for it, est in result.estimators.items():
+        if est.arm1 is None or est.arm0 is None or est.prop_coef is None:
+            continue
+        wh = est.whitening
+        if wh is not None and "whiten/a" not in out:
+            out["whiten/a"] = np.asarray(wh.a)
+            out["whiten/b"] = np.asarray(wh.b)
+            out["whiten/radius"] = np.array([wh.radius if math.isfinite(wh.radius) else -1.0])
+            out["whiten/weighted"] = np.array([1.0 if wh.weighted else 0.0])
+        out[f"beta/{it}"] = np.asarray(est.prop_coef, dtype=np.float64)
+        out[f"mu1/{it}"] = np.asarray(est.arm1.coef, dtype=np.float64)
+        out[f"mu0/{it}"] = np.asarray(est.arm0.coef, dtype=np.float64)
+    return out
+
+
+def rank_strategy(name: str, coef: Mapping[str, Mapping[str, float]], better: str = "higher") -> dict:
+    """Top-1 of the considered items by a public linear score on the bound-scaled design."""
+    return {"name": name, "kind": "rank", "better": better,
+            "coef": {it: {k: float(v) for k, v in c.items()} for it, c in coef.items()}}
+
+
+def benefit_strategy(item_results: Mapping[str, dict], better: str, name: str = "benefit") -> dict:
+    """Benefit ranking: each item's released CATE model (causal.json ``items.<item>.cate_coef``),
+    oriented by the study's better direction."""
+    return rank_strategy(name, {it: r["cate_coef"] for it, r in item_results.items()}, better)
+
+
+def random_strategy(name: str = "random") -> dict:
+    return {"name": name, "kind": "random"}
+
+
+def logging_strategy(name: str = "logging") -> dict:
+    return {"name": name, "kind": "logging"}
+
+
+def scorer_strategy(name: str, scorer: str) -> dict:
+    """A strategy ranked by a scorer registered at each institution (MF, adapter, hybrid hooks)."""
+    return {"name": name, "kind": "scorer", "scorer": scorer}
+
+
+@lru_cache(maxsize=64)
+def _calibrate(epsilon: float, delta: float, accountant: str) -> float:
+    from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
+
+    return calibrate_for_events(lambda s: [GaussianEvent(noise_multiplier=s)], target_epsilon=epsilon, delta=delta,
+                                accountant=accountant)
+
+
+def noise_multiplier(cfg: OPEConfig) -> float:
+    """σ of the one Gaussian release at the configured (ε, δ); 0 when ε = inf."""
+    return _calibrate(float(cfg.epsilon), float(cfg.delta), cfg.accountant) if cfg.dp else 0.0
+
+
+def effective_clip(cfg: OPEConfig) -> float:
+    """The weight clip the release uses: ``cfg.clip`` under DP (it sets the noise scale); without
+    DP no noise depends on it, so at least ``1 / trim[0]``, which no top-1 or random strategy's
+    weight exceeds (measured: education, ε = inf, λ = 8 biased benefit ranking's DR by +0.6 SE and
+    IPS by +1.9 SE; λ = 30 by none)."""
+    return cfg.clip if cfg.dp else max(cfg.clip, 1.0 / cfg.trim[0])
+
+
+def run_strategies(send: Send, *, items: Sequence[str], columns: Sequence[str], specs: Sequence[Mapping],
+                   nuisances: Mapping[str, np.ndarray], cfg: OPEConfig, scale: float,
+                   covariates: Sequence[str] | None = None, derived: Sequence[str] = ()) -> tuple[OPEResult, dict]:
+    """One strategy-evaluation release and its post-processing.
+
+    Returns the :class:`OPEResult` (every strategy x estimator, differences on demand) and the
+    release's public facts (σ, sensitivity, noise variance, contributors)."""
+    sigma = noise_multiplier(cfg)
+    clip = effective_clip(cfg)
+    sens = release_bound(len(specs), cfg.second_moment_weight, cfg.layout)
+    config = {"noise-multiplier": sigma, "strategies": json.dumps(list(specs), sort_keys=True),
+              "items": json.dumps(list(items)), "columns": json.dumps(list(columns)), "clip": clip,
+              "switch-tau": cfg.switch_tau, "square-clip": cfg.square_clip, "second-moment-weight": cfg.second_moment_weight,
+              "trim": json.dumps(list(cfg.trim)),
+              "covariates": json.dumps(None if covariates is None else list(covariates)),
+              "derived": json.dumps(list(derived)), "estimators": json.dumps(list(cfg.estimators)),
+              # the release's request (the institution's policy bounds it, like a run config's)
+              "strategies.epsilon": cfg.epsilon if cfg.dp else -1.0, "strategies.delta": cfg.delta,
+              "strategies.noise-mode": cfg.noise_mode, "strategies.n-min": cfg.n_min}
+    totals, n_contrib, _ = send(STEP, dict(nuisances), config)
+    nv = summed_noise_var(sensitivity=sens, noise_multiplier=sigma, noise_mode=cfg.noise_mode, n_min=cfg.n_min,
+                          contributors=n_contrib)
+    bounds = [strategy_bounds(s, clip, len(items)) for s in specs]  # the client's rule (common/causal/ope.py)
+    res = evaluate_sums(np.asarray(totals[STEP], dtype=np.float64), [s["name"] for s in specs], bounds,
+                        noise_var=nv, scale=scale, square_clip=cfg.square_clip, second_moment_weight=cfg.second_moment_weight,
+                        alpha=cfg.alpha, layout=cfg.layout)
+    facts = {"noise_multiplier": sigma, "sensitivity": sens, "noise_var": nv, "contributors": n_contrib,
+             "epsilon": cfg.epsilon if cfg.dp else "inf", "delta": cfg.delta, "noise_mode": cfg.noise_mode,
+             "clip": clip, "switch_tau": cfg.switch_tau}
+    return res, facts
+
+
+# --------------------------------------------------------------------------- Flower transport
+def flower_send(grid, nodes: list[int], protocol, cfg: OPEConfig, *, min_contributors: int, first_round: int = 1000,
+                timeout: float = 600.0) -> Send:
+    """A :data:`Send` running one :class:`~fedrec.server.aggregation.SumProtocol` round (SecAgg+
+    by default) of ``query.strategy_values``; the SecAgg+ quantiser is sized from the release's
+    public sensitivity and noise like the causal steps'."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedrec.common.privacy.gaussian import noise_std
+    from fedrec.server.aggregation import RoundFailed, numpy_to_arrays
+    from fedrec.server.causal import EXACT_LEVELS, cfg_max_people
+
+    counter = {"round": first_round}
+
+    def send(step: str, arrays: dict[str, np.ndarray], config: dict):
+        counter["round"] += 1
+        specs = json.loads(config["strategies"])
+        sens = release_bound(len(specs), float(config["second-moment-weight"]), Layout(tuple(json.loads(config["estimators"]))))
+        sigma = float(config["noise-multiplier"])
+        clip = float(cfg_max_people(None) * sens)
+        if sigma > 0:
+            std = float(noise_std(sensitivity=sens, noise_multiplier=sigma, noise_mode=cfg.noise_mode,
+                                  n_min=max(cfg.n_min, 1)))
+        else:  # ε = inf: the finest grid a 64-bit sum holds (server/causal.secagg_sizing)
+            std = 50.0 * clip / (min(EXACT_LEVELS, (1 << 61) // max(len(nodes), 1)) - 1000)
+        rec = {"server-round": counter["round"], **config, "secagg.clip-range": clip, "secagg.noise-std": std}
+        content = RecordDict({"config": ConfigRecord(rec),
+                              "arrays": numpy_to_arrays({k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()})})
+        res = protocol.run_round(grid, nodes, message_type=MESSAGE_TYPE, content=content, server_round=counter["round"],
+                                 min_contributors=min_contributors, timeout=timeout)
+        if res.total is None:
+            raise RoundFailed("strategy release: no contribution")
+        return {k: np.asarray(v, dtype=np.float64) for k, v in res.total.items()}, len(res.contributors), res.metrics
+
+    return send
+
+
+def _main(grid, context) -> None:
+    """Causal run (server/causal.py) then one strategy release at the causal run's ε, δ and noise
+    mode (charged again): benefit ranking, random, the logging policy. Writes ``strategies.json`` beside
+    ``causal_raw.json`` in ``results-dir``."""
+    from pathlib import Path
+
+    from fedrec.common.causal.estimators import CausalConfig, half_range
+    from fedrec.common.config import RunConfig
+    from fedrec.server.aggregation import PlainSum
+    from fedrec.server.app import reported_failure, wait_for_nodes
+    from fedrec.server.causal import estimate
+
+    flat = dict(context.run_config)
+    ccfg = CausalConfig.from_flat(flat)
+    cfg = RunConfig.from_flat({k: v for k, v in flat.items() if not k.startswith("causal.")})
+    with reported_failure(cfg.data.results_dir):
+        nodes = wait_for_nodes(grid, cfg.data.institutions)
+        ccfg = ccfg.resolved(cfg.n_min)
+        if cfg.secagg.enabled:
+            from fedrec.server.secagg_workflow import SecAggPlusSum
+
+            protocol = SecAggPlusSum.from_config(cfg, clip_range=1.0)
+        else:
+            protocol = PlainSum()
+        result = estimate(grid, nodes, protocol, ccfg)
+        study = result.config["study"]
+        specs = [benefit_strategy(result.items, study["better"]), random_strategy(), logging_strategy()]
+        # the strategy release asks for the causal run's ε, δ and noise mode again (its own charge)
+        ocfg = OPEConfig(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode,
+                         n_min=ccfg.n_min or len(nodes))
+        nuis = nuisance_arrays(result)
+        items = sorted(k[len("beta/"):] for k in nuis if k.startswith("beta/"))
+        need = max(len(nodes) if ocfg.noise_mode == "local" else ocfg.n_min, 1)
+        send = flower_send(grid, nodes, protocol, ocfg, min_contributors=need)
+        res, facts = run_strategies(send, items=items, columns=study["columns"], specs=specs, nuisances=nuis,
+                                    cfg=ocfg, scale=half_range(tuple(study["outcome_bounds"])),
+                                    covariates=ccfg.covariates, derived=ccfg.derived)
+        names = [s["name"] for s in specs]
+        report = {"values": res.to_json(), "release": facts,
+                  "differences": {f"{a}-{b}": res.difference(a, b).to_json() for a in names for b in names if a < b}}
+        if cfg.data.results_dir:
+            out = Path(cfg.data.results_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "causal_raw.json").write_text(json.dumps(result.to_json(), indent=2, default=float))
+            (out / "strategies.json").write_text(json.dumps(report, indent=2, default=float))
+
+
+def _server_app():
+    from flwr.serverapp import ServerApp
+
+    server_app = ServerApp()
+    server_app.main()(_main)
+    return server_app
+
+
+#: ``fedrec.server.strategies:app`` — the causal run followed by the strategy release
+app = _server_app()
