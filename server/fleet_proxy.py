@@ -1,0 +1,198 @@
+"""A TLS-terminating reverse proxy that forwards **only** Flower's Fleet API to a loopback SuperLink.
+
+Why it exists. In flwr 1.41 one HTTP(S) port of the SuperLink serves three APIs: Fleet
+(SuperNode <-> SuperLink, ``POST /v1/fleet/*``), Control (``/v1/control/*``: start runs,
+register SuperNodes, ...) and the Runtime/ServerAppIo API. The Control API has no account
+authentication in the open-source build, so anyone who reaches that port can register their
+own SuperNode key (defeating ``--enable-supernode-auth``) or start a run. The SuperLink
+therefore binds to 127.0.0.1 and this proxy is the only thing on the public interface.
+
+What the SuperNode speaks (read from flwr 1.41, ``flwr/supernode/fleet_http_client.py`` and
+``flwr/supercore/protobuf/client.py``): HTTP/1.1 over TLS (httpx), one unary
+``POST /v1/fleet/<method>`` per call, body and reply serialized protobuf, node authentication
+in headers (public key, signature over a timestamp) that the SuperLink verifies — nothing is
+bound to the TLS connection, so terminating TLS here and re-encrypting to the loopback
+SuperLink keeps node authentication intact. No streaming call exists on the Fleet API.
+
+The rule is an allow-list of exact paths: ``POST`` + one of :data:`FLEET_PATHS` + no query
+string; the request is forwarded to the canonical path from that list (never the raw one, so
+``/v1/fleet/../control/...``, percent-encodings or doubled slashes cannot reach anything
+else). Everything else gets 404 without touching the SuperLink. Hop-by-hop headers are dropped.
+
+Why our own and not nginx/Envoy/a PyPI proxy: the deployment must be installable from PyPI
+alone (offline hospital sites, CI from a fresh clone with only the venv), and the proxies on
+PyPI (proxy.py, mitmproxy, ...) are forward or debugging proxies with far more surface than an
+allow-list of twelve POST paths. This one is ~150 lines on uvicorn + httpx, which Flower
+itself already depends on (its SuperLink serves with uvicorn, its SuperNode calls with httpx),
+so it adds no dependency. A site that prefers nginx can use the equivalent config in
+docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+import sys
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("fedrec.fleet_proxy")
+
+__all__ = ["FLEET_METHODS", "FLEET_PATHS", "FleetProxy", "is_fleet_request", "serve", "main"]
+
+#: the Fleet API's methods in flwr 1.41 (flwr/superlink/routers/fleet/router.py)
+FLEET_METHODS = (
+    "register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat",
+    "pull-messages", "push-messages", "get-run", "get-fab", "push-object", "pull-object",
+    "confirm-message-received",
+)
+FLEET_PATHS = frozenset(f"/v1/fleet/{m}" for m in FLEET_METHODS)
+
+#: request headers never forwarded (hop-by-hop, or rewritten by the upstream client)
+_DROP_REQUEST = frozenset({
+    "host", "connection", "keep-alive", "proxy-authorization", "proxy-authenticate", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade", "content-length", "forwarded", "x-forwarded-for",
+    "x-forwarded-host", "x-forwarded-proto", "x-real-ip",
+})
+_DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "trailer",
+                            "content-length", "server", "date"})
+
+#: largest request body forwarded (Flower chunks objects far below this)
+MAX_BODY = 512 * 1024 * 1024
+
+
+def is_fleet_request(method: str, raw_path: bytes, query_string: bytes) -> str | None:
+    """The canonical Fleet path this request may be forwarded to, or None (rejected)."""
+    if method != "POST" or query_string:
+        return None
+    try:
+        path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    for allowed in FLEET_PATHS:  # return our own constant, never the request's bytes
+        if path == allowed:
+            return allowed
+    return None
+
+
+async def _reply(send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class FleetProxy:
+    """ASGI app: forward allow-listed Fleet calls to ``upstream`` (https://127.0.0.1:PORT)."""
+
+    def __init__(self, upstream: str, *, ca_cert: str | Path | None, timeout: float = 60.0,
+                 max_body: int = MAX_BODY):
+        self.upstream = upstream.rstrip("/")
+        self.verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(ca_cert))
+                                              if ca_cert else False)
+        self.timeout = timeout
+        self.max_body = max_body
+        self.client: httpx.AsyncClient | None = None
+        self.rejected = 0
+
+    def _client(self) -> httpx.AsyncClient:
+        if self.client is None:
+            self.client = httpx.AsyncClient(verify=self.verify, timeout=self.timeout,
+                                            limits=httpx.Limits(max_connections=200))
+        return self.client
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif event["type"] == "lifespan.shutdown":
+                    if self.client is not None:
+                        await self.client.aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return  # websockets etc.: closed without an answer
+        path = is_fleet_request(scope["method"], scope.get("raw_path") or scope["path"].encode(),
+                                scope.get("query_string", b""))
+        if path is None:
+            self.rejected += 1
+            log.warning("rejected %s %s from %s (not a Fleet API call)", scope["method"],
+                        scope.get("path", "?")[:200], (scope.get("client") or ("?",))[0])
+            await _reply(send, 404, b"fedrec fleet proxy: only the Fleet API is served on this port\n")
+            return
+        body = bytearray()
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                return
+            body.extend(event.get("body", b""))
+            if len(body) > self.max_body:
+                await _reply(send, 413, b"fedrec fleet proxy: request body too large\n")
+                return
+            if not event.get("more_body", False):
+                break
+        headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in _DROP_REQUEST]
+        try:
+            resp = await self._client().post(self.upstream + path, content=bytes(body), headers=headers)
+        except httpx.HTTPError as err:
+            log.warning("upstream SuperLink unreachable for %s: %s", path, type(err).__name__)
+            await _reply(send, 503, b"fedrec fleet proxy: SuperLink unavailable\n")
+            return
+        out_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()
+                       if k.lower() not in _DROP_RESPONSE]
+        content = resp.content
+        out_headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": resp.status_code, "headers": out_headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def serve(*, listen_host: str, listen_port: int, upstream: str, certfile: str, keyfile: str,
+          ca_cert: str | None, log_level: str = "warning", alive=None) -> None:
+    """Serve the proxy with TLS until interrupted (SIGINT/SIGTERM), or until ``alive()`` (polled
+    every second, e.g. "is the SuperLink still running") returns False."""
+    import threading
+
+    import uvicorn
+
+    config = uvicorn.Config(FleetProxy(upstream, ca_cert=ca_cert), host=listen_host, port=listen_port,
+                            ssl_certfile=certfile, ssl_keyfile=keyfile, log_level=log_level,
+                            access_log=False, server_header=False, date_header=False, lifespan="on",
+                            proxy_headers=False, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    if alive is not None:
+        def watch() -> None:
+            while not server.should_exit:
+                if not alive():
+                    log.error("the SuperLink exited: stopping the Fleet API proxy")
+                    server.should_exit = True
+                    return
+                threading.Event().wait(1.0)
+
+        threading.Thread(target=watch, name="superlink-watch", daemon=True).start()
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fedrec.server.fleet_proxy",
+        description="TLS reverse proxy forwarding only Flower's Fleet API (POST /v1/fleet/<method>) to a "
+                    "SuperLink on loopback. `fedrec-server start` runs it for you.")
+    p.add_argument("--listen", required=True, help="public HOST:PORT to serve on (TLS)")
+    p.add_argument("--upstream", required=True, help="the SuperLink, e.g. https://127.0.0.1:9093")
+    p.add_argument("--cert", required=True, help="server certificate (PEM) presented to SuperNodes")
+    p.add_argument("--key", required=True, help="its private key (PEM)")
+    p.add_argument("--ca-cert", help="CA that signed the SuperLink's certificate (upstream TLS)")
+    a = p.parse_args(argv)
+    host, _, port = a.listen.rpartition(":")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet-proxy %(message)s")
+    serve(listen_host=host.strip("[]"), listen_port=int(port), upstream=a.upstream, certfile=a.cert,
+          keyfile=a.key, ca_cert=a.ca_cert)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

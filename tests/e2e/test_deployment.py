@@ -1,0 +1,205 @@
+"""Deployment end to end with real processes on 127.0.0.1 (issue 31).
+
+One federation (conftest.py): `fedrec-server start` (SuperLink on loopback with TLS, node
+authentication and a database, behind the Fleet-only proxy), three MovieLens institutions each
+`fedrec-client init`-ed and `keygen`-ed, registered with `fedrec-server register`, and joined
+with `fedrec-client start`. The tests run in file order on it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+
+import pytest
+
+from e2e_harness import BIN, N_INSTITUTIONS, cli, env, free_port, run_bounded, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def raw_request(port: int, method: str, path: str, *, ca=None, body: bytes = b"") -> str:
+    """Send one request with exactly this request line; return the status line ('' if none)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if ca is not None:
+        sock = ssl.create_default_context(cafile=str(ca)).wrap_socket(sock, server_hostname="127.0.0.1")
+    try:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/protobuf\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.split(b"\r\n", 1)[0].decode("latin-1")
+    except (ConnectionError, ssl.SSLError, socket.timeout):
+        return ""
+    finally:
+        sock.close()
+
+
+def test_control_api_is_not_reachable_through_the_public_port(federation):
+    ca = federation.certs / "ca.crt"
+    before = {n["node-id"] for n in federation.nodes_online()}
+    # the Control API exists on the loopback SuperLink (so a 404 below is the proxy's doing) ...
+    direct = raw_request(federation.superlink_port, "POST", "/v1/control/list-nodes", ca=ca)
+    assert direct and " 404 " not in direct, direct
+    # ... and nothing but allow-listed Fleet calls passes the public port
+    for method, path in [("POST", "/v1/control/list-nodes"), ("POST", "/v1/control/register-node"),
+                         ("POST", "/v1/control/start-run"), ("POST", "/v1/fleet/../control/list-nodes"),
+                         ("POST", "/v1/fleet/%2e%2e/control/list-nodes"), ("POST", "//v1/control/list-nodes"),
+                         ("POST", "/v1/fleet/get-run?x=1"), ("GET", "/v1/fleet/get-run"), ("POST", "/v1/fleet/"),
+                         ("POST", "/v1/fleetx/get-run"), ("GET", "/docs"), ("GET", "/openapi.json")]:
+        status = raw_request(federation.public_port, method, path, ca=ca)
+        assert status.startswith("HTTP/1.1 404"), (method, path, status)
+    # a Fleet call is forwarded (the SuperLink answers it: an empty get-run is not a proxy 404)
+    fleet = raw_request(federation.public_port, "POST", "/v1/fleet/get-run", ca=ca)
+    assert fleet and " 404 " not in fleet, fleet
+    assert {n["node-id"] for n in federation.nodes_online()} == before
+
+
+def test_plaintext_client_is_rejected(federation):
+    status = raw_request(federation.public_port, "POST", "/v1/fleet/get-run")
+    assert not status.startswith("HTTP/1.1 2"), status
+    # a SuperNode that speaks plaintext HTTP gets nowhere and exits
+    home = federation.root / "home-insecure"
+    code, out = run_bounded([str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                             f"127.0.0.1:{federation.public_port}", "--port", str(free_port()), "--max-retries",
+                             "1", "--max-wait-time", "20"],
+                            home=home, log=federation.root / "logs" / "insecure.log", timeout=60)
+    assert code != 0, out[-2000:]
+
+
+def test_unregistered_supernode_is_rejected(federation):
+    outsider = federation.root / "keys" / "outsider"
+    cli("fedrec-client", "keygen", str(outsider), cwd=federation.root, home=federation.root / "home-cli")
+    home = federation.root / "home-outsider"
+    t0 = time.monotonic()
+    code, out = run_bounded([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{federation.public_port}",
+                             "--root-certificates", str(federation.certs / "ca.crt"), "--auth-supernode-private-key",
+                             str(outsider / "identity.key"), "--port", str(free_port()), "--node-config",
+                             f'data-dir="{federation.institutions[0]}"'],
+                            home=home, log=federation.root / "logs" / "outsider.log", timeout=60)
+    # Flower reports exit code 305 (SUPERNODE_CONNECTION_ERROR) in its log; the process status is non-zero
+    assert code != 0 and "Exit Code: 305" in out, (code, out[-2000:])
+    assert time.monotonic() - t0 < 60
+    assert len(federation.nodes_online()) == N_INSTITUTIONS
+
+
+@pytest.mark.timeout(600)
+def test_two_rounds_of_mf_training_over_secagg(federation):
+    from fedrec.client.budget import budget_summary
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.common.privacy.policy import load_policy
+
+    results = federation.root / "run-train"
+    t0 = time.monotonic()
+    res = cli("fedrec-server", "run", "train", "--institutions", str(N_INSTITUTIONS), "--rounds", "2", "--epsilon",
+              "2", "--results", str(results), "--state-dir", str(federation.state), "--timeout", "480",
+              cwd=federation.root, home=federation.root / "home-cli", timeout=500, check=False)
+    elapsed = time.monotonic() - t0
+    assert res.returncode == 0, (res.stdout, res.stderr, [n.tail(60) for n in federation.nodes])
+    metrics = json.loads((results / "metrics.json").read_text())
+    config = json.loads((results / "config.json").read_text())
+    assert len(metrics["rounds"]) == 2
+    assert config["secagg.enabled"] is True and config["privacy.epsilon"] == 2.0
+    run_id = str(config["run-id"])
+    for folder in federation.institutions:
+        ledger = PrivacyLedger(load_policy(folder / "privacy.toml").ledger)
+        rows = ledger.rows(run_id=run_id)
+        assert rows, f"{folder.name}: nothing charged for run {run_id}"
+        assert all(r.status == "released" for r in rows), [(r.task, r.round, r.status) for r in rows]
+        assert {r.round for r in rows if r.task == "train"} == {1, 2}
+        assert not ledger.verify_chain()
+        spent = budget_summary(ledger)["spent_prv"]
+        assert 0 < spent <= 2.0 + 1e-6, spent
+        assert metrics["releases"][folder.name]["count"] >= 2
+    out = cli("fedrec-client", "budget", "--ledger", str(federation.institutions[0] / "privacy-ledger.db"),
+              cwd=federation.root, home=federation.root / "home-cli")
+    assert "remaining" in out.stdout.lower()
+    print(f"2 rounds of MF over SecAgg+ on 3 SuperNodes: {elapsed:.1f} s")
+
+
+@pytest.mark.timeout(600)
+def test_a_supernode_killed_mid_run_drops_out_and_its_ledger_stays_consistent(federation):
+    """Institution 2's SuperNode is SIGKILLed after it charged its first training round: the run
+    completes with the other two (SecAgg+ dropout), and institution 2's ledger verifies, records
+    what it charged, and `fedrec-client start` accepts it again."""
+    import subprocess
+
+    from fedrec.client.budget import budget_summary
+    from fedrec.common.privacy.ledger import PrivacyLedger
+
+    victim = 2
+    results = federation.root / "run-kill"
+    log = federation.root / "logs" / "run-kill.log"
+    with open(log, "wb") as f:
+        run = subprocess.Popen([str(BIN / "fedrec-server"), "run", "train", "--institutions", str(N_INSTITUTIONS),
+                                "--rounds", "2", "--epsilon", "1", "--set", "secagg.max-dropout-fraction=0.34",
+                                "--results", str(results), "--state-dir", str(federation.state), "--timeout", "480"],
+                               cwd=federation.root, env=env(federation.root / "home-cli"), stdout=f,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_id = str(wait_for(lambda: (results / "config.json").exists()
+                              and json.loads((results / "config.json").read_text())["run-id"], 120, "the run"))
+        ledger = PrivacyLedger(federation.institutions[victim] / "privacy-ledger.db")
+        wait_for(lambda: any(r.task == "train" for r in ledger.rows(run_id=run_id)) or run.poll() is not None,
+                 300, "institution 2 to charge its first training round", poll=0.2)
+        federation.nodes[victim].stop(grace=0)  # SIGTERM then SIGKILL at once: a crash, as far as the run knows
+        code = run.wait(timeout=480)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.wait()
+    out = log.read_text(errors="replace")
+    assert code == 0, out[-3000:]
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert len(metrics["rounds"]) == 2
+    # the victim's ledger: intact chain, every row of this run charged (maybe never released), counted as spent
+    rows = ledger.rows(run_id=run_id)
+    assert rows and not ledger.verify_chain()
+    assert all(r.status in ("charged", "released") for r in rows)
+    summary = budget_summary(ledger)
+    assert summary["spent_prv"] > 0 and summary["remaining"] < 10
+    for k in range(N_INSTITUTIONS):
+        if k != victim:
+            others = PrivacyLedger(federation.institutions[k] / "privacy-ledger.db").rows(run_id=run_id)
+            assert {r.round for r in others if r.task == "train"} == {1, 2}
+            assert all(r.status == "released" for r in others)
+    # it restarts on the same ledger and rejoins
+    federation.nodes[victim] = federation.start_node(victim)
+    wait_for(lambda: sum(n["status"] == "online" for n in federation.nodes_online()) == N_INSTITUTIONS
+             or not federation.nodes[victim].alive(), 120, "the restarted SuperNode online")
+    assert federation.nodes[victim].alive(), federation.nodes[victim].tail()
+
+
+def test_superlink_restart_keeps_registrations(federation):
+    before = {n["node-id"] for n in federation.nodes_online()}
+    assert len(before) == N_INSTITUTIONS
+    federation.server.stop()
+    assert federation.server.popen.returncode is not None
+    t0 = time.monotonic()
+    federation.start_server()
+    # the same registered nodes, from the database; the running SuperNodes reconnect by themselves
+    nodes = wait_for(lambda: [n for n in federation.nodes_online() if n["status"] == "online"]
+                     if sum(n["status"] == "online" for n in federation.nodes_online()) == N_INSTITUTIONS else None,
+                     90, "the SuperNodes to reconnect")
+    assert {n["node-id"] for n in nodes} == before
+    assert all(n.alive() for n in federation.nodes)
+    print(f"SuperNodes back online {time.monotonic() - t0:.1f} s after the SuperLink restart")
+
+
+def test_an_institution_leaves_the_federation(federation):
+    node_id = federation.nodes_online()[-1]["node-id"]
+    res = cli("fedrec-server", "unregister", str(node_id), "--state-dir", str(federation.state),
+              cwd=federation.root, home=federation.root / "home-cli")
+    assert f"unregistered node {node_id}" in res.stdout
+    listed = cli("fedrec-server", "nodes", "--state-dir", str(federation.state), cwd=federation.root,
+                 home=federation.root / "home-cli").stdout
+    remaining = [ln.split()[0] for ln in listed.splitlines() if ln.strip() and ln.split()[0].isdigit()]
+    active = [n for n in federation.nodes_online() if n.get("deleted-at") in (None, "", "N/A")]
+    assert str(node_id) not in {str(n["node-id"]) for n in active}, (listed, active)
+    assert len(remaining) >= N_INSTITUTIONS - 1
