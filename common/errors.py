@@ -32,5 +32,8 @@ def run_cli(app) -> None:
     try:
         app()
     except (FedrecInputError, BudgetExceeded, RunFailed) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escaped: a message may quote "[privacy]" or "[members]", which rich would eat as markup
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
