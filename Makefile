@@ -1,5 +1,7 @@
 # fedrec — all set-up on a fresh machine happens through these targets.
 PY ?= python3
+# a privacy product does not call home: Flower and Ray telemetry off for everything make starts
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
