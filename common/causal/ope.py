@@ -228,33 +228,6 @@ def n_squares(n_strategies: int, layout: Layout = Layout()) -> int:
     return layout.n_squares(n_strategies)
 
 
-#: default multiple of the weight clip per strategy kind: the logging policy exposes several
-#: items per person with weights ``e/(1-e)`` on the unexposed ones, so λ binds for it far more
-#: often than for a top-1 strategy (measured: health, ε = inf, λ = 8: DR bias -3 SE; 4λ: none).
-#: A larger clip only raises that strategy's own noise (each component is normalized by its bound).
-CLIP_FACTOR = {"logging": 4.0}
-
-
-def strategy_clip(spec: Mapping, clip: float) -> float:
-    """The weight clip of one strategy: ``clip`` x the spec's public ``clip-factor`` (default
-    :data:`CLIP_FACTOR` by kind, else 1). ValueError for a factor that is not positive and finite."""
-    factor = float(spec.get("clip-factor", CLIP_FACTOR.get(str(spec.get("kind")), 1.0)))
-    if not (factor > 0 and math.isfinite(factor)):
-        raise ValueError(f"strategy {spec.get('name')!r}: clip-factor must be positive and finite, got {factor}")
-    return clip * factor
-
-
-def strategy_exposure_bound(spec: Mapping, n_items: int) -> float:
-    """Public bound on a person's ``Σ_j p_j`` under ``spec``: the number of items for the
-    logging policy (it may expose every considered item), 1 for top-1 and random strategies."""
-    return float(n_items) if spec.get("kind") == "logging" else 1.0
-
-
-def strategy_bounds(spec: Mapping, clip: float, n_items: int) -> np.ndarray:
-    """:func:`component_bounds` of one strategy (its own clip and exposure bound)."""
-    return component_bounds(strategy_clip(spec, clip), strategy_exposure_bound(spec, n_items))
-
-
 def release_dim(n_strategies: int, layout: Layout = Layout()) -> int:
     """``d = 1 + 8K`` (every estimator) for K strategies: length of ``z̃``."""
     return layout.dim(n_strategies)
