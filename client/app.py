@@ -304,4 +304,3 @@ def _array(v: np.ndarray):
 
 # causal-estimation handlers (query.causal-*) register on this same ClientApp
 from fedrec.client import causal_app as _causal_app  # noqa: E402,F401
-from fedrec.client import strategy_app as _strategy_app  # noqa: E402,F401  (registers the strategy-value handler)

@@ -197,3 +197,8 @@ def causal_jacobian(msg: Message, context: Context) -> Message:
 @private_errors
 def causal_influence(msg: Message, context: Context) -> Message:
     return _step(msg, context, "influence")
+
+
+# the strategy-value handler (issue 32) builds on this module's loaders: registered here, once
+# this module is complete, so that whichever of app / causal_app loads first, no import is circular
+from fedrec.client import strategy_app as _strategy_app  # noqa: E402,F401
