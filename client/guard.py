@@ -165,34 +165,22 @@ class ReleaseGuard:
 
     def check_plan(self, events: Sequence[Event], *, run_id: str) -> None:
         """Refuse (``budget``) a whole planned run that would not fit, before its first charge."""
-        cap = self.cap
-        if cap is None:
-            raise Refusal("ledger", f"{self.ledger.path}: the ledger has no cap")
-        rows = self.ledger.rows()
-        history = [r.event for r in rows]
         planned = list(events)
         if any(isinstance(e, NonPrivateEvent) for e in planned):
             return  # authorize() already allowed it; a non-private run is not budgeted
-        after = epsilon_for(history + planned, delta=cap.delta, accountant=self.accountant)
-        if not (after <= cap.epsilon):
-            before = epsilon_for(history, delta=cap.delta, accountant=self.accountant)
-            raise Refusal("budget", f"institution {self.institution!r}: the run's plan ({len(planned)} releases) "
-                                    f"would raise spent ε from {before:.3f} to {after:.3f} at δ={cap.delta:g}, above "
-                                    f"the cap ε={cap.epsilon:g}; nothing was charged")
-        if self.policy is not None:
-            run = [r.event for r in rows if r.run_id == str(run_id)] + planned
-            run_eps = epsilon_for(run, delta=cap.delta, accountant=self.accountant)
-            if not (run_eps <= self.policy.max_run_epsilon * (1 + 1e-9)):
-                raise Refusal("policy", f"institution {self.institution!r}: the run's plan spends ε = {run_eps:.3f}, "
-                                        f"above max-run-epsilon = {self.policy.max_run_epsilon:g}")
+        self._fits(planned, run_id=str(run_id), what=f"the run's plan ({len(planned)} releases)",
+                   outcome="nothing was charged")
 
     def charge(self, event: Event, *, run_id: str, round: int, task: str, model: str) -> Charge:
-        """Check the caps and commit a ``charged`` row; raises :class:`Refusal` (nothing written)."""
+        """Check the caps and commit a ``charged`` row; raises :class:`Refusal` (nothing written).
+
+        The stricter of the policy's and the ledger's cap and the policy's per-run ceiling are
+        checked here; the ledger's own cap is checked again inside its write transaction."""
         non_private = isinstance(event, NonPrivateEvent)
         if non_private and not self.non_private_allowed:
             raise Refusal("policy", f"institution {self.institution!r}: a non-private release is not allowed")
-        if not non_private:
-            self._check_stricter_caps(event, run_id=str(run_id))
+        if not non_private and self.policy is not None:
+            self._fits([event], run_id=str(run_id), what=describe_event(event), outcome="nothing was computed")
         try:
             row_id = self.ledger.charge(event, run_id=str(run_id), round=int(round), task=task, model=model,
                                         accountant=self.accountant, allow_non_private=non_private)
@@ -203,24 +191,28 @@ class ReleaseGuard:
         log.debug("charged ledger row %d for %s/%s run %s round %d", row_id, task, model, run_id, round)
         return Charge(id=row_id, event=event, run_id=str(run_id), round=int(round), task=task, model=model)
 
-    def _check_stricter_caps(self, event: Event, *, run_id: str) -> None:
-        """The policy's cap (when stricter than the ledger's) and its per-run ceiling. The ledger's
-        own cap is checked again inside its write transaction."""
-        pol = self.policy
-        if pol is None:
-            return
+    def _fits(self, new: list[Event], *, run_id: str, what: str, outcome: str) -> None:
+        """Refuse ``new`` events unless, composed with the whole ledger, they stay within the cap
+        (``budget``) and, composed with this run's rows, within the policy's max-run-epsilon
+        (``policy``). One read of the ledger's rows serves both checks."""
         cap = self.cap
-        assert cap is not None
+        if cap is None:
+            raise Refusal("ledger", f"{self.ledger.path}: the ledger has no cap")
         rows = self.ledger.rows()
-        total = epsilon_for([r.event for r in rows] + [event], delta=cap.delta, accountant=self.accountant)
-        if not (total <= cap.epsilon):
-            raise Refusal("budget", f"institution {self.institution!r}: refused ({describe_event(event)}): spent ε "
-                                    f"would reach {total:.3f}, above the cap ε={cap.epsilon:g}; nothing was computed")
-        run = [r.event for r in rows if r.run_id == run_id] + [event]
-        run_eps = epsilon_for(run, delta=cap.delta, accountant=self.accountant)
-        if not (run_eps <= pol.max_run_epsilon * (1 + 1e-9)):
-            raise Refusal("policy", f"institution {self.institution!r}: run {run_id} would spend ε = {run_eps:.3f}, "
-                                    f"above max-run-epsilon = {pol.max_run_epsilon:g}; nothing was computed")
+        history = [r.event for r in rows]
+        after = epsilon_for(history + new, delta=cap.delta, accountant=self.accountant)
+        if not (after <= cap.epsilon):
+            before = epsilon_for(history, delta=cap.delta, accountant=self.accountant)
+            raise Refusal("budget", f"institution {self.institution!r}: {what} would raise spent ε from "
+                                    f"{before:.3f} to {after:.3f} at δ={cap.delta:g}, above the cap "
+                                    f"ε={cap.epsilon:g}; {outcome}")
+        if self.policy is not None:
+            run = [r.event for r in rows if r.run_id == run_id] + new
+            run_eps = epsilon_for(run, delta=cap.delta, accountant=self.accountant)
+            if not (run_eps <= self.policy.max_run_epsilon * (1 + 1e-9)):
+                raise Refusal("policy", f"institution {self.institution!r}: {what} in run {run_id} would spend "
+                                        f"ε = {run_eps:.3f}, above max-run-epsilon = "
+                                        f"{self.policy.max_run_epsilon:g}; {outcome}")
 
     def released(self, charge: Charge) -> None:
         """Mark the charged row released (after the release left)."""

@@ -254,7 +254,7 @@ def causal_msg(step: str = "propensity", *, sigma: float = 5.0, active: list[int
 
 
 def causal_ctx(folder: Path, **causal) -> Context:
-    from fedrec.common.causal.estimators import CausalConfig
+    from fedrec.common.causal.config import CausalConfig
 
     ccfg = CausalConfig(items=("walking_group",), **causal)
     flat = {**BASE.to_flat(), **ccfg.to_flat()}
@@ -306,3 +306,48 @@ def test_a_holder_never_unmasks_distributed_noise_below_its_n_min():
     assert client.unmask({**request, "survivors": [1, 2, 3], "dropped": [4]})["shares"] == []
     # slots without distributed noise keep no floor
     assert client.unmask({**request, "slot": 1})["shares"] == []
+
+
+def _guard_with_caps(tmp_path: Path, *, ledger_cap: float, policy_cap: float, max_run: float):
+    from fedrec.client.guard import ReleaseGuard
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.common.privacy.policy import InstitutionPolicy
+
+    ledger = PrivacyLedger.initialize(tmp_path / "ledger.sqlite", institution="inst", epsilon_cap=ledger_cap,
+                                      delta_cap=1e-5)
+    policy = InstitutionPolicy(ledger=tmp_path / "ledger.sqlite", epsilon_cap=policy_cap, max_run_epsilon=max_run)
+    return ReleaseGuard(ledger, institution="inst", policy=policy)
+
+
+def test_the_policy_cap_binds_when_stricter_than_the_ledger_cap(tmp_path):
+    """The ledger alone (cap 10) would accept this release; the institution's policy (cap 1) must not:
+    refused with code budget, nothing written, before and at charge time alike."""
+    from fedrec.client.guard import Refusal
+    from fedrec.common.privacy.accountant import GaussianEvent, epsilon_for
+
+    guard = _guard_with_caps(tmp_path, ledger_cap=10.0, policy_cap=1.0, max_run=1.0)
+    event = GaussianEvent(noise_multiplier=1.0)  # ε ≈ 4.4 at δ = 1e-5: within 10, above 1
+    assert 1.0 < epsilon_for([event], delta=1e-5, accountant="prv") < 10.0
+    with pytest.raises(Refusal) as err:
+        guard.charge(event, run_id="r1", round=1, task="train", model="mf")
+    assert err.value.code == "budget" and "above the cap ε=1" in err.value.detail
+    with pytest.raises(Refusal) as err:
+        guard.check_plan([event], run_id="r1")
+    assert err.value.code == "budget"
+    assert guard.ledger.rows() == []
+
+
+def test_a_run_cannot_pass_max_run_epsilon_one_charge_at_a_time(tmp_path):
+    """Each charge fits the cap, but the run's rows together pass max-run-epsilon: the second
+    charge of the run is refused (policy); a charge of another run still fits."""
+    from fedrec.client.guard import Refusal
+    from fedrec.common.privacy.accountant import GaussianEvent
+
+    guard = _guard_with_caps(tmp_path, ledger_cap=50.0, policy_cap=50.0, max_run=5.0)
+    event = GaussianEvent(noise_multiplier=1.0)  # ε ≈ 4.4: one fits in 5, two do not
+    guard.charge(event, run_id="r1", round=1, task="train", model="mf")
+    with pytest.raises(Refusal) as err:
+        guard.charge(event, run_id="r1", round=2, task="train", model="mf")
+    assert err.value.code == "policy" and "max-run-epsilon" in err.value.detail
+    guard.charge(event, run_id="r2", round=1, task="train", model="mf")
+    assert [r.run_id for r in guard.ledger.rows()] == ["r1", "r2"]
