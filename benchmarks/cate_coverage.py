@@ -65,7 +65,7 @@ def truth_model(domain: str, item: str, institutions: int, people: int, points: 
     from dataclasses import replace
 
     from fedrec.client.statistics import people_design
-    from fedrec.common.causal.estimators import plan_budget
+    from fedrec.common.causal.config import plan_budget
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation
 
@@ -82,7 +82,7 @@ def one_seed(args):
     warnings.filterwarnings("ignore")
     from dataclasses import replace
 
-    from fedrec.common.causal.estimators import plan_budget
+    from fedrec.common.causal.config import plan_budget
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import causal_accuracy as acc  # a sibling script (items, designs, seed runner): its folder is on sys.path
 
-    from fedrec.common.causal.estimators import CausalConfig
+    from fedrec.common.causal.config import CausalConfig
 
     runs, inst, people, eps = (3, 2, 600, (1.0, 8.0)) if a.quick else (a.runs, 8, a.people, EPSILONS)
     truth_people = 2_000 if a.quick else a.truth_people

@@ -59,7 +59,8 @@ def oracle_estimate(institutions, truth, item: str) -> float:
     import statsmodels.api as sm
 
     from fedrec.client.statistics import encode_item
-    from fedrec.common.causal.estimators import aipw_terms, half_range
+    from fedrec.common.causal.influence import aipw_terms
+    from fedrec.common.causal.scaling import half_range
 
     j = list(truth.item_ids).index(item)
     where = {p: i for i, p in enumerate(truth.person_ids)}
@@ -134,7 +135,7 @@ def one_seed(args):
     warnings.filterwarnings("ignore")
     from dataclasses import replace
 
-    from fedrec.common.causal.estimators import plan_budget
+    from fedrec.common.causal.config import plan_budget
     from fedrec.simulations.causal_cli import estimate_inprocess, pooled_estimate
     from fedrec.simulations.domains import domain_federation
 
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
                     help="processes (default: CPU cores - 1)")
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                     help="a causal tuning knob for every run (repeatable), as in `fedrec-sim causal --set`, "
-                         "e.g. --set outcome-anchor=pooled; the knobs are in docs/causal.md (Tuning knobs)")
+                         "e.g. --set expert.psi-noise-ratio=0.3; the knobs are in docs/causal.md (Expert knobs)")
     a = ap.parse_args(argv)
     runs = a.runs or (4 if a.quick else 200)
     try:
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     from dataclasses import replace
 
-    from fedrec.common.causal.estimators import CausalConfig, plan_budget
+    from fedrec.common.causal.config import CausalConfig, plan_budget
     from fedrec.common.errors import FedrecInputError
     from fedrec.simulations.causal_cli import parse_settings
 
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
                          "(not through Flower/SecAgg+)",
             "peer": "pooled non-private AIPW (statsmodels Logit + per-arm OLS on the union)",
             "se": "sampling + DP noise of the influence sums + DP noise of the nuisance fits (delta method, "
-                  "common/causal/estimators.py cross_fit_variance)",
+                  "common/causal/influence.py cross_fit_variance)",
             "seconds": round(time.time() - t0, 1)}
     json.dump({"meta": meta, "rows": rows}, sys.stdout)
     sys.stdout.write("\n")

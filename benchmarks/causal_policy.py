@@ -40,7 +40,7 @@ RECOMMENDERS = ("causal", "engagement", "oracle", "random")
 def one_seed(args):
     domain, seed, institutions, people, epsilons, modes, nuisance, k = args
     warnings.filterwarnings("ignore")
-    from fedrec.common.causal.estimators import CausalConfig, plan_budget
+    from fedrec.common.causal.config import CausalConfig, plan_budget
     from fedrec.server.causal_recommend import policy_values
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation

@@ -33,30 +33,16 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-from fedrec.common.causal.estimators import (
-    INFLUENCE_WEIGHTS,
-    TRIM,
-    Whitening,
-    derived_values,
-    design,
-    moments_bound,
-    moments_carry_arms,
-    influence_bound,
-    influence_clip,
-    influence_jacobian,
-    influence_relative_weights,
-    influence_terms,
-    jacobian_bound,
-    influence_weights,
-    outcome_bound,
-    outcome_map,
-    propensity_bound,
+from fedrec.common.causal.derived import derived_values
+from fedrec.common.causal.influence import influence_terms
+from fedrec.common.causal.linalg import vech
+from fedrec.common.causal.scaling import TRIM, design, scale_covariates, scale_outcome, sigmoid
+from fedrec.common.causal.sensitivity import (
+    INFLUENCE_WEIGHTS, moments_bound, moments_carry_arms, influence_bound, influence_clip,
+    influence_relative_weights, influence_weights, outcome_bound, outcome_map, propensity_bound,
     release_weight,
-    scale_covariates,
-    scale_outcome,
-    sigmoid,
-    vech,
 )
+from fedrec.common.causal.whitening import Whitening
 from fedrec.common.causal.design import base_columns, derived_specs, design_columns_of, raw_design  # noqa: F401 (re-export)
 from fedrec.common.datasets import InstitutionData
 from fedrec.common.privacy.accountant import GaussianEvent
@@ -77,7 +63,6 @@ __all__ = [
     "outcome_gram_terms",
     "influence_sum_terms",
     "influence_scale_terms",
-    "influence_jacobian_terms",
     "release",
     "clipped_sum",
     "release_bound",
@@ -123,7 +108,7 @@ def design_columns(data: InstitutionData, covariates: Sequence[str] | None = Non
                    derived: Sequence[str] = ()) -> list[tuple[str, float, float]]:
     """The study's design columns (name, lower, upper) restricted to ``covariates``, then one
     column per ``derived`` feature (its canonical name, e.g. ``ratio(weight_kg,height_cm,2)``,
-    bounds from the declared ones: :func:`~fedrec.common.causal.estimators.derived_bounds`).
+    bounds from the declared ones: :func:`~fedrec.common.causal.derived.derived_bounds`).
 
     Raises :class:`FedrecInputError` naming an unknown covariate (checked before any charge).
     """
@@ -224,7 +209,7 @@ def histogram_rows(values: np.ndarray, edges: np.ndarray) -> Contribution:
 
 def outcome_range_terms(rows: ItemRows, edges: np.ndarray) -> Contribution:
     """Per person a one-hot row: which bin of the public signed grid ``edges``
-    (:func:`~fedrec.common.causal.estimators.outcome_grid`) the scaled outcome falls in.
+    (:func:`~fedrec.common.causal.clipping.outcome_grid`) the scaled outcome falls in.
 
     Sum: a histogram of the outcome; the server picks from its tails the interval the outcome
     models are fitted on. L2 bound per person: 1 (one count in one bin), so one person moves
@@ -283,25 +268,6 @@ def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, 
     """
     return histogram_rows(np.abs(influence_terms(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
                                                  coef1=coef1, coef0=coef0, trim=trim)), edges)
-
-
-def influence_jacobian_terms(rows: ItemRows, *, estimator: str, k: float, prop_coef: np.ndarray | None,
-                             coef1: np.ndarray | None, coef0: np.ndarray | None,
-                             trim: tuple[float, float] = TRIM) -> Contribution:
-    """Per person the derivative of psi with respect to the nuisance coefficients at the fitted
-    nuisances (:func:`~fedrec.common.causal.estimators.influence_jacobian`: ``[d beta, d coef1,
-    d coef0]`` for aipw, ``d beta`` for ipw).
-
-    Sum: the Jacobian J the server needs to turn the public covariance of the nuisances' DP
-    noise into ATE variance (``J Cov J' / N^2``). Privacy contract: each person's row is
-    clipped to the public L2 bound :func:`~fedrec.common.causal.estimators.jacobian_bound`
-    ``k * sqrt(r2)`` (``k`` from the run config, r2 the public bound on ``||w||^2``) by
-    :func:`release`, so one person moves the released sum by at most that bound per item
-    whatever their data; the release is charged as one Gaussian step like the others.
-    """
-    jac = influence_jacobian(rows.x, rows.t, rows.y, estimator=estimator, prop_coef=prop_coef,
-                             coef1=coef1, coef0=coef0, trim=trim)
-    return Contribution(jac, jacobian_bound(rows.row_norm2, k))
 
 
 # --------------------------------------------------------------------------- release
@@ -387,10 +353,6 @@ def step_contributions(kind: str, data: InstitutionData, items: Sequence[str], a
             blocks[it] = influence_scale_terms(rows, estimator=estimator, edges=np.asarray(arrays["edges"]),
                                                prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
                                                coef0=arrays.get(f"mu0/{it}"), trim=trim)
-        elif kind == "jacobian":
-            blocks[it] = influence_jacobian_terms(rows, estimator=estimator, k=float(arrays["jacobian-k"][0]),
-                                                  prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),
-                                                  coef0=arrays.get(f"mu0/{it}"), trim=trim)
         elif kind == "influence":
             blocks[it] = influence_sum_terms(rows, estimator=estimator, clip=influence_clip(arrays, it),
                                              prop_coef=arrays.get(f"beta/{it}"), coef1=arrays.get(f"mu1/{it}"),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from fedrec.common.causal.estimators import DerivedFeature, derived_bounds, derived_values, parse_derived
+from fedrec.common.causal.derived import DerivedFeature, derived_bounds, derived_values, parse_derived
 from fedrec.common.errors import FedrecInputError
 
 if TYPE_CHECKING:  # the schema module imports this one lazily (no import cycle at run time)

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedrec.common.causal.estimators import design, scale_covariates
+from fedrec.common.causal.scaling import design, scale_covariates
 
 __all__ = ["CATE_SHRINKAGE_CAVEAT", "STATUS_QUO", "NO_BENEFIT", "BLOCKED", "ate_verdict", "benefit_intervals",
            "benefit_scores", "check_status_quo", "design_benefit", "effect_limit", "item_blocks", "safe_top_k",

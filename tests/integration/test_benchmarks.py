@@ -52,16 +52,16 @@ def test_causal_accuracy_quick():
 
 def test_causal_accuracy_takes_tuning_knobs():
     out = _run("causal_accuracy.py", "--runs", "1", "--domains", "finance", "--noise-modes", "distributed",
-               "--workers", "1", "--set", "outcome-anchor=pooled", "--epsilons", "1.5")
-    assert out["meta"]["settings"] == {"causal.outcome-anchor": "pooled"}
+               "--workers", "1", "--set", "expert.psi-noise-ratio=0.3", "--epsilons", "1.5")
+    assert out["meta"]["settings"] == {"causal.expert.psi-noise-ratio": 0.3}
     assert [r["epsilon"] for r in out["rows"]] == [1.5]  # only the ε asked for
     for arg in ("1,x", "0"):
         bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "causal_accuracy.py"), "--quick",
                               "--epsilons", arg], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert bad.returncode == 2 and "--epsilons" in bad.stderr and not bad.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "causal_accuracy.py"), "--quick",
-                          "--set", "outcome-anchr=pooled"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "outcome-anchor" in bad.stderr and not bad.stdout
+                          "--set", "expert.psi-noise-ratoi=0.3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "psi-noise-ratio" in bad.stderr and not bad.stdout
 
 
 def test_causal_policy_quick():

@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
-from fedrec.common.causal.estimators import CausalConfig
+from fedrec.common.causal.config import CausalConfig
 from fedrec.common.datasets import InstitutionData
 from fedrec.common.schema import Covariate, Study
 from fedrec.simulations.causal_cli import estimate_inprocess

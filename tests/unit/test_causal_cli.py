@@ -63,29 +63,32 @@ def test_set_changes_a_knob_and_keeps_the_rest(health):
     from fedrec.simulations.causal_cli import resolve_config
 
     base, _ = resolve_config(health, epsilon=2.0)
-    cfg, _ = resolve_config(health, epsilon=2.0, settings=["causal.psi-noise-ratio=0.25", "share-influence=0.3",
-                                                            "newton-steps=3", "whiten-weighted=false"])
+    cfg, _ = resolve_config(health, epsilon=2.0, settings=["causal.expert.psi-noise-ratio=0.25", "expert.share-influence=0.3",
+                                                            "expert.newton-steps=3", "expert.whiten-weighted=false"])
     assert (cfg.psi_noise_ratio, cfg.share_influence, cfg.newton_steps, cfg.whiten_weighted) == (0.25, 0.3, 3, False)
     changed = {k for k, v in cfg.to_flat().items() if base.to_flat()[k] != v}
-    assert changed == {"causal.psi-noise-ratio", "causal.share-influence", "causal.newton-steps",
-                       "causal.whiten-weighted"}
+    assert changed == {"causal.expert.psi-noise-ratio", "causal.expert.share-influence", "causal.expert.newton-steps",
+                       "causal.expert.whiten-weighted"}
     assert cfg.epsilon == 2.0 and cfg.derived == base.derived  # flags and the study design survive --set
 
 
 @pytest.mark.parametrize(("setting", "expect"), [
-    ("psi-noise-ratio", "not KEY=VALUE"),
-    ("causal.psi-noise-ratoi=0.3", "did you mean causal.psi-noise-ratio?"),
+    ("expert.psi-noise-ratio", "not KEY=VALUE"),
+    ("causal.expert.psi-noise-ratoi=0.3", "did you mean causal.expert.psi-noise-ratio?"),
+    ("psi-noise-ratio=0.3", "did you mean causal.expert.psi-noise-ratio?"),  # an expert knob's old key
+    ("outcome-anchor=pooled", "unknown knob causal.outcome-anchor"),  # a removed knob
+    ("share-jacobian=0.05", "unknown knob causal.share-jacobian"),
     ("epsilon=3", "use --epsilon"),
     ("derived=[]", "use --derive"),
-    ("psi-noise-ratio=abc", "is a number"),
-    ("newton-steps=2.5", "is a whole number"),
-    ("whiten-weighted=maybe", "true or false"),
-    ("psi-noise-ratio=nan", "finite"),
-    ("psi-noise-ratio=-1", "psi_noise_ratio must be >= 0"),
-    ("trim-low=0.97", "trim must be 0 < trim-low < trim-high < 1"),
-    ("accountant=gdp", "accountant 'gdp': use one of prv, rdp"),
-    ("psi-tail=0", "psi_tail must be in (0, 1)"),
-    ("psi-clip-tail=1.5", "psi_clip_tail must be in (0, 1)"),
+    ("expert.psi-noise-ratio=abc", "is a number"),
+    ("expert.newton-steps=2.5", "is a whole number"),
+    ("expert.whiten-weighted=maybe", "true or false"),
+    ("expert.psi-noise-ratio=nan", "finite"),
+    ("expert.psi-noise-ratio=-1", "psi_noise_ratio must be >= 0"),
+    ("expert.trim-low=0.97", "trim must be 0 < trim-low < trim-high < 1"),
+    ("expert.accountant=gdp", "accountant 'gdp': use one of prv, rdp"),
+    ("expert.psi-tail=0", "psi_tail must be in (0, 1)"),
+    ("expert.psi-clip-tail=1.5", "psi_clip_tail must be in (0, 1)"),
 ])
 def test_bad_settings_are_one_line_errors(health, setting, expect):
     from fedrec.common.errors import FedrecInputError
@@ -99,20 +102,24 @@ def test_bad_settings_are_one_line_errors(health, setting, expect):
 def test_bad_set_fails_before_any_budget_is_spent(finance, tmp_path):
     out = tmp_path / "out"
     proc = _sim("causal", "--data", str(finance), "--item", "job_training", "--out", str(out),
-                "--set", "psi-tail=lots")
-    assert proc.returncode == 2 and "causal.psi-tail is a number" in proc.stdout + proc.stderr
+                "--set", "expert.psi-tail=lots")
+    assert proc.returncode == 2 and "causal.expert.psi-tail is a number" in proc.stdout + proc.stderr
     assert not out.exists()  # nothing charged, nothing written
 
 
 def test_every_knob_is_documented():
-    """docs/causal.md (Tuning knobs) lists every run-config key CausalConfig reads."""
+    """docs/causal.md lists every run-config key CausalConfig reads: the analyst's under "The
+    analyst's knobs", the expert ones (``causal.expert.<key>``) under "Expert knobs"."""
     from pathlib import Path
 
-    from fedrec.common.causal.estimators import CausalConfig
+    from fedrec.common.causal.config import CausalConfig
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "causal.md").read_text(encoding="utf-8")
-    table = doc.split("### Tuning knobs", 1)[1].split("\n## ", 1)[0]
-    missing = [k for k in CausalConfig().to_flat() if f"`{k}`" not in table]
+    analyst = doc.split("## The analyst's knobs", 1)[1].split("\n## ", 1)[0]
+    expert = doc.split("### Expert knobs", 1)[1].split("\n## ", 1)[0]
+    keys = list(CausalConfig().to_flat())
+    missing = [k for k in keys if not k.startswith("causal.expert.") and f"`{k}`" not in analyst]
+    missing += [k for k in keys if k.startswith("causal.expert.") and f"`{k[len('causal.expert.'):]}`" not in expert]
     assert not missing, f"undocumented knobs: {missing}"
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fedrec.client.cli import app as client_app
 from fedrec.client.recommend import recommendations
 from fedrec.client.statistics import raw_design
-from fedrec.common.causal.estimators import CausalConfig
+from fedrec.common.causal.config import CausalConfig
 from fedrec.common.datasets import write_ground_truth, write_institution
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.jsonio import write_json
