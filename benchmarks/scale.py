@@ -36,17 +36,97 @@ PEOPLE_PER_INSTITUTION = 50
 
 
 def one(n: int, out: Path) -> None:
-    """Child: one simulation of ``n`` institutions; metrics.json lands in ``out``."""
+    """Child: one simulation of ``n`` institutions; metrics.json lands in ``out``, the SecAgg+
+    timings (every setup and every secure sum, in order) in ``out/secagg_timing.json``. A failure
+    is one line on stderr (``error: ...``) and exit status 1, never a traceback."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     from fedrec.common.config import RunConfig
+    from fedrec.common.secagg._graph import default_degree
+    from fedrec.server.secagg_workflow import SecAggPlusSum
     from fedrec.simulations.run import run_simulation
 
+    timing: list[dict] = []
+    setup, run_round = SecAggPlusSum._setup, SecAggPlusSum.run_round
+
+    def timed_setup(self, grid, nodes, *a, **k):
+        t0 = time.monotonic()
+        try:
+            return setup(self, grid, nodes, *a, **k)
+        finally:
+            timing.append({"what": "setup", "nodes": len(nodes), "seconds": round(time.monotonic() - t0, 3)})
+            _dump(out, timing)
+
+    def timed_round(self, grid, node_ids, **k):
+        t0, before = time.monotonic(), self.stats["setups"]
+        try:
+            return run_round(self, grid, node_ids, **k)
+        finally:
+            row = {"what": "sum", "message_type": k.get("message_type"), "round": k.get("server_round"),
+                   "nodes": len(node_ids), "seconds": round(time.monotonic() - t0, 3),
+                   "with_setup": self.stats["setups"] > before}
+            row.update({key: round(float(self.stats[key]), 3) for key in
+                        ("mask_stage_s", "consistency_stage_s", "unmask_stage_s")})
+            timing.append(row)
+            _dump(out, timing)
+
+    SecAggPlusSum._setup, SecAggPlusSum.run_round = timed_setup, timed_round
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)  # a failed run is our one line, not Flower's traceback
     cfg = RunConfig().override(**{"dataset": "health", "institutions": n, "people": PEOPLE_PER_INSTITUTION * n,
                                   "rounds": 1, "seed": 0, "sim.noise-seed": 0, "privacy.epsilon": 8.0,
-                                  "eval.metrics-release": "off"})
-    run_simulation(cfg, out, quiet=True)
+                                  "eval.metrics-release": "off", "secagg.neighbours": default_degree(n)})
+    try:
+        run_simulation(cfg, out, quiet=True)
+    except Exception as err:  # noqa: BLE001 - the benchmark's row says why, in one line
+        print(f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def node_cost(n: int, slots: int = 16, sample: int = 10) -> dict:
+    """In-process CPU seconds (``time.process_time``, insensitive to other processes' load) of one
+    node's SecAgg+ setup among ``n``: stage 1 (keys, signed advertisement) and stage 2 (roll, the
+    k + committee signature checks, pair seeds, shares) for ``sample`` non-holders and 3 holders,
+    with the automatic degree; the real protocol classes, no Flower."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedrec.common.secagg import SecAggClient, ServerSession, _graph
+    from fedrec.common.secagg._identity import Identity, Roster
+
+    keys = {f"institution_{i:04d}": ec.generate_private_key(ec.SECP384R1()) for i in range(n)}
+    roster = Roster({name: k.public_key() for name, k in keys.items()})
+    nodes = list(range(1, n + 1))
+    sess = ServerSession.create(nodes, slots=slots, degree=None)
+    clients = {nd: SecAggClient(identity=Identity(name=name, key=k, roster=roster))
+               for nd, (name, k) in zip(nodes, keys.items())}
+    t0 = time.process_time()
+    adverts = {nd: clients[nd].setup_keys(r) for nd, r in sess.setup_keys_records().items()}
+    stage1 = (time.process_time() - t0) / n
+    recs = sess.keys_received(adverts)
+    holders = [sess.node_of[i] for i in sess.committee][:3]
+    others = [nd for nd in nodes if sess.nodes[nd] not in sess.committee][:sample]
+
+    def cost(group):
+        t = time.process_time()
+        for nd in group:
+            clients[nd].setup_shares(recs[nd])
+        return (time.process_time() - t) / max(1, len(group))
+
+    return {"institutions": n, "degree": _graph.default_degree(n), "committee": len(sess.committee), "slots": slots,
+            "stage1_cpu_ms_per_node": round(1e3 * stage1, 1),
+            "stage2_cpu_ms_per_non_holder": round(1e3 * cost(others), 1) if others else None,
+            "stage2_cpu_ms_per_holder": round(1e3 * cost(holders), 1),
+            "adverts_sent_to_a_non_holder": len(recs[others[0]]["adverts"]) if others else None}
+
+
+def _dump(out: Path, timing: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "secagg_timing.json").write_text(json.dumps(timing))
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def _tree_rss(pid: int) -> int:
@@ -71,7 +151,7 @@ def measure(n: int, timeout: float) -> dict:
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore", "FEDREC_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory(prefix="fedrec-scale-") as work:
         out = Path(work) / "run"
-        t0 = time.monotonic()
+        t0, load0 = time.monotonic(), _load()
         proc = subprocess.Popen([sys.executable, __file__, "--one", str(n), "--out", str(out)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         peak = [0]
@@ -105,7 +185,22 @@ def measure(n: int, timeout: float) -> dict:
             th.join()
         wall = time.monotonic() - t0
         row = {"clients": n, "sec_per_round": None, "sec_per_client_round": None,
-               "wall_s": round(wall, 1), "peak_rss_mb": round(peak[0] / 2**20, 1), "status": status}
+               "wall_s": round(wall, 1), "peak_rss_mb": round(peak[0] / 2**20, 1), "status": status,
+               "load_avg_before": load0, "load_avg_after": _load()}
+        timing_file = out / "secagg_timing.json"
+        if timing_file.exists():
+            timing = json.loads(timing_file.read_text())
+            setups = [t["seconds"] for t in timing if t["what"] == "setup"]
+            train = [t for t in timing if t["what"] == "sum" and t["message_type"] == "train"]
+            row["setup_s"] = setups[0] if setups else None
+            if train:
+                t = train[0]
+                after = t["seconds"] - (setups[-1] if t["with_setup"] and setups else 0.0)
+                row["mf_round_after_setup_s"] = round(after, 2)
+                row["mf_round_after_setup_per_client_s"] = round(after / n, 4)
+                row["mf_round_stages_s"] = {k: t[k] for k in ("mask_stage_s", "consistency_stage_s",
+                                                              "unmask_stage_s")}
+            row["secure_sums"] = timing
         metrics = out / "metrics.json"
         if metrics.exists():
             hist = json.loads(metrics.read_text())
@@ -122,11 +217,27 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="10,100", help="institution counts, comma-separated (default 10,100)")
     ap.add_argument("--quick", action="store_true", help="10 and 30 institutions (smoke run)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per size before it is a timeout row")
+    ap.add_argument("--node-cost", default=None,
+                    help="instead: CPU ms of one node's SecAgg+ setup among each of these counts (e.g. 100,1000)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one is not None:
         one(a.one, a.out)
+        return 0
+    if a.node_cost:
+        try:
+            counts = [int(x) for x in a.node_cost.split(",") if x.strip()]
+        except ValueError:
+            print(f"error: --node-cost {a.node_cost!r}: give whole numbers, e.g. 100,1000", file=sys.stderr)
+            return 2
+        if not counts or min(counts) < 3:
+            print("error: --node-cost: each count must be >= 3 institutions", file=sys.stderr)
+            return 2
+        print(json.dumps({"meta": {"benchmark": "scale --node-cost", "commit": _commit(),
+                                   "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
+                                   "clock": "time.process_time (this process's CPU)", "load_avg": _load()},
+                          "rows": [node_cost(n) for n in counts]}, indent=1))
         return 0
     try:
         sizes = [10, 30] if a.quick else [int(s) for s in a.sizes.split(",") if s.strip()]
@@ -145,10 +256,16 @@ def main(argv=None) -> int:
 
     meta = {"benchmark": "scale", "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
             "commit": _commit(), "seed": 0, "people_per_institution": PEOPLE_PER_INSTITUTION, "epsilon": 8.0,
-            "noise_mode": "local", "secagg": True, "rounds": 1, "cpus": os.cpu_count(),
+            "noise_mode": "local", "secagg": True, "secagg_neighbours": "automatic: default_degree(n) = smallest "
+            "even k >= 2 log2 n, complete graph up to 20", "rounds": 1, "cpus": os.cpu_count(),
+            "flower_noop_reference": "Flower alone, a no-op app, 1,000 clients x 2 rounds: 35 s, about 17 ms "
+                                     "per client-round (measured for the issue on this machine)",
             "python": platform.python_version(), "timeout_s": a.timeout,
             "measures": "sec_per_round = the server's timing of the one training round (SecAgg+ masked input + "
-                        "unmask, local DP-SGD included); wall_s = the whole simulation; peak_rss_mb = whole process tree"}
+                        "unmask, local DP-SGD included; it includes the SecAgg+ setup when the round ran it); "
+                        "setup_s = the SecAgg+ key setup (two stages); mf_round_after_setup_s = the MF round "
+                        "without its setup; wall_s = the whole simulation; peak_rss_mb = whole process tree; "
+                        "load_avg = os.getloadavg() before and after each size (the machine is shared)"}
     print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
@@ -156,8 +273,11 @@ def main(argv=None) -> int:
 def _commit() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "common", "client", "server",
+                                "simulations", "benchmarks"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

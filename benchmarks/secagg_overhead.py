@@ -115,7 +115,7 @@ def make_client_app(dim: int):
     return Dual()
 
 
-def run(clients: list[int], dim: int, rounds: int, block: int = 16) -> dict:
+def run(clients: list[int], dim: int, rounds: int, block: int = 16, with_flower: bool = True) -> dict:
     import logging
 
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -165,7 +165,8 @@ def run(clients: list[int], dim: int, rounds: int, block: int = 16) -> dict:
                 k = default_degree(n)
                 k_eff = (n - 1) if k == 0 else k
                 out["neighbours"][str(n)] = k_eff
-                plain, ours = PlainSum(), SecAggPlusSum(clip_range=1.0, neighbours=k, rounds_per_setup=rounds + 1)
+                plain, ours = PlainSum(), SecAggPlusSum(clip_range=1.0, neighbours=k,
+                                                     rounds_per_setup=max(block, rounds + 1))  # a real block's setup
                 times = {"plain": [], "flower": [], "fedrec": []}
                 stages = {"mask": [], "consistency": [], "unmask": []}
                 for _ in range(rounds):
@@ -178,20 +179,20 @@ def run(clients: list[int], dim: int, rounds: int, block: int = 16) -> dict:
                                             min_contributors=n)
                     times["plain"].append(time.perf_counter() - t)
                     ref = res_p.total["w"]
-                    # Flower SecAgg+ (legacy API), one round per workflow call
-                    strategy = TimedFedAvg(
-                        fraction_fit=n / total_nodes, min_fit_clients=n, min_available_clients=total_nodes,
-                        fraction_evaluate=0.0, min_evaluate_clients=0,
-                        initial_parameters=ndarrays_to_parameters([np.zeros(dim, np.float32)]),
-                        on_fit_config_fn=lambda _r, r=r: {"server-round": r},
-                    )
-                    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
-                    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-                        num_shares=k_eff + 1, reconstruction_threshold=k_eff // 2 + 2, max_weight=1.0,
-                        clipping_range=flower_clip, quantization_range=flower_qrange))(grid, legacy)
-                    times["flower"].append(strategy.t1 - strategy.t0)
-                    flower_sum = parameters_to_ndarrays(strategy.params)[0].astype(np.float64) * n
-                    flower_ref = sum(bench_vector(s, r, dim).astype(np.float64) for s in strategy.sampled)
+                    if with_flower:  # Flower SecAgg+ (legacy API), one round per workflow call
+                        strategy = TimedFedAvg(
+                            fraction_fit=n / total_nodes, min_fit_clients=n, min_available_clients=total_nodes,
+                            fraction_evaluate=0.0, min_evaluate_clients=0,
+                            initial_parameters=ndarrays_to_parameters([np.zeros(dim, np.float32)]),
+                            on_fit_config_fn=lambda _r, r=r: {"server-round": r},
+                        )
+                        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+                        DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+                            num_shares=k_eff + 1, reconstruction_threshold=k_eff // 2 + 2, max_weight=1.0,
+                            clipping_range=flower_clip, quantization_range=flower_qrange))(grid, legacy)
+                        times["flower"].append(strategy.t1 - strategy.t0)
+                        flower_sum = parameters_to_ndarrays(strategy.params)[0].astype(np.float64) * n
+                        flower_ref = sum(bench_vector(s, r, dim).astype(np.float64) for s in strategy.sampled)
                     t = time.perf_counter()
                     res_o = ours.run_round(grid, nodes, message_type="train", content=content, server_round=r,
                                            min_contributors=n)
@@ -201,25 +202,26 @@ def run(clients: list[int], dim: int, rounds: int, block: int = 16) -> dict:
                     stages["consistency"].append(ours.stats["consistency_stage_s"])
                     d = out["diffs"]
                     d["fedrec"] = max(d["fedrec"], float(np.abs(res_o.total["w"] - ref).max()))
-                    d["flower"] = max(d["flower"], float(np.abs(flower_sum - flower_ref).max()))
-                    if strategy.sampled == nodes:
+                    if with_flower:
+                        d["flower"] = max(d["flower"], float(np.abs(flower_sum - flower_ref).max()))
+                    if with_flower and strategy.sampled == nodes:
                         d["fedrec_vs_flower"] = max(d["fedrec_vs_flower"],
                                                     float(np.abs(flower_sum - res_o.total["w"]).max()))
                     out["bound"] = max(out["bound"], n * 2 * flower_clip / flower_qrange + 1e-6 * n)
-                    print(f"n={n} round {r}: " + ", ".join(f"{m} {v[-1]:.3f}s" for m, v in times.items())
+                    print(f"n={n} round {r}: " + ", ".join(f"{m} {v[-1]:.3f}s" for m, v in times.items() if v)
                           + f" (fedrec stages {stages['mask'][-1]:.3f}s + {stages['consistency'][-1]:.3f}s"
                           + f" + {stages['unmask'][-1]:.3f}s)",
                           file=sys.stderr, flush=True)
-                med = {m: statistics.median(v[1:]) for m, v in times.items()}
+                med = {m: (statistics.median(v[1:]) if v else None) for m, v in times.items()}
                 # amortized: the first round pays the setup once per block of `block` rounds
                 amortized = med["fedrec"] + max(0.0, times["fedrec"][0] - med["fedrec"]) / block
                 out["rows"].append({
-                    "clients": n, "plain_s": round(med["plain"], 4), "flower_secagg_s": round(med["flower"], 4),
+                    "clients": n, "plain_s": round(med["plain"], 4), "flower_secagg_s": round(med["flower"], 4) if with_flower else None,
                     "fedrec_secagg_s": round(med["fedrec"], 4),
                     "fedrec_ratio": round(med["fedrec"] / med["plain"], 3),
                     "fedrec_ratio_amortized": round(amortized / med["plain"], 3),
                     "fedrec_first_round_s": round(times["fedrec"][0], 4),
-                    "flower_ratio": round(med["flower"] / med["plain"], 3),
+                    "flower_ratio": round(med["flower"] / med["plain"], 3) if with_flower else None,
                     "neighbours": k_eff, "fedrec_setup_s": round(ours.stats["setup_s"], 4),
                     "fedrec_mask_stage_s": round(statistics.median(stages["mask"][1:]), 4),
                     "fedrec_consistency_stage_s": round(statistics.median(stages["consistency"][1:]), 4),
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None, help="rounds per protocol (first excluded)")
     ap.add_argument("--block", type=int, default=16, help="rounds per fedrec key setup, for the amortized ratio")
+    ap.add_argument("--no-flower", action="store_true",
+                    help="plain vs fedrec only (Flower's SecAgg+ peer is too slow at 1,000 clients)")
     args = ap.parse_args(argv)
     clients = args.clients or ([5] if args.quick else [10, 50, 100])
     dim = args.dim or (1000 if args.quick else 100_000)
@@ -257,18 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     # keep stdout for the JSON alone: Flower and Ray log to fd 1
     json_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    t0 = time.time()
+    t0, load0 = time.time(), [round(x, 2) for x in os.getloadavg()]
     for var, val in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
                      ("RAY_USAGE_STATS_ENABLED", "0")):
         os.environ.setdefault(var, val)
-    out = run(clients, dim, rounds, args.block)
+    out = run(clients, dim, rounds, args.block, with_flower=not args.no_flower)
     import flwr
 
     result = {
         "meta": {
             "benchmark": "secagg_overhead", "dim": dim, "rounds": rounds, "steady_rounds": rounds - 1,
             "statistic": "median of steady-state rounds", "block": args.block,
-            "defences": "signed adverts (SECP384R1 roster), policy floors, consistency round, reply validation",
+            "defences": "signed adverts (SECP384R1 roster; each node verifies its neighbours' and the committee's, "
+                        "shares bound to the roll hash), policy floors, consistency round, reply validation",
             "command": " ".join(["benchmarks/secagg_overhead.py", *(argv if argv is not None else sys.argv[1:])]), "cpus": os.cpu_count(), "flwr": flwr.__version__,
             "backend": "flwr simulation (ray), client_resources num_cpus=1",
             "neighbours": out["neighbours"],
@@ -278,12 +283,34 @@ def main(argv: list[str] | None = None) -> int:
             "flower_quantization_bound": out["bound"],
             "wall_s": round(time.time() - t0, 1),
             "error": out["error"],
+            "commit": _commit(),
+            "seeds": "inputs: numpy default_rng([node_id, round]) per node and round (deterministic); "
+                     "protocol randomness: secrets/os.urandom",
+            "load_avg_before": load0, "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+            "amortized_definition": "(steady median + (first round - steady median) / block) / plain median; "
+                                    "fedrec's session holds max(block, rounds + 1) slots, so the first round "
+                                    "pays a full block's setup",
         },
         "rows": out["rows"],
     }
     json_out.write(json.dumps(result) + "\n")
     json_out.flush()
     return 1 if out["error"] or not out["rows"] else 0
+
+
+def _commit() -> str:
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "common/secagg", "client",
+                                "server", "benchmarks"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + (" + uncommitted changes" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -107,11 +107,25 @@ def node_policy_file(context: Context) -> Path | None:
             return Path(str(node["policy"]))
         return Path(str(node["data-dir"])) / POLICY_FILE if "data-dir" in node else None
     root = str(context.run_config.get("sim.policy-dir", "") or "")
-    if not root or not Path(root).is_dir():
+    try:
+        mtime = Path(root).stat().st_mtime if root else None
+    except OSError:
         return None
-    folders = sorted(p for p in Path(root).iterdir() if (p / POLICY_FILE).is_file())
+    if mtime is None or not Path(root).is_dir():
+        return None
+    folders = _policy_folders(root, mtime)
     pid = int(node["partition-id"])
     return folders[pid] / POLICY_FILE if pid < len(folders) else None
+
+
+@lru_cache(maxsize=8)
+def _policy_folders(root: str, mtime: float) -> tuple[Path, ...]:
+    """The institution folders of a simulation's policy dir, in name order; cached per (dir,
+    mtime): one simulation process plays every node, and listing 1,000 folders on each message
+    made each node's work grow with n."""
+    from fedrec.common.privacy.policy import POLICY_FILE
+
+    return tuple(sorted(p for p in Path(root).iterdir() if (p / POLICY_FILE).is_file()))
 
 
 @lru_cache(maxsize=16)
@@ -162,6 +176,23 @@ def _load(context: Context) -> SecAggClient:
                         identity=identity, min_set=min_set)
 
 
+def rounding_rng(context: Context, rec) -> np.random.Generator | None:
+    """The stochastic-rounding generator of one masked contribution: None (a fresh generator
+    from the OS CSPRNG, :func:`fedrec.common.secagg._quantize.secure_rng`) on a deployed node;
+    on a *simulated* node whose run config sets ``sim.noise-seed`` >= 0, one derived from that
+    seed, the node's partition id, the round and the slot, so two simulations with the same
+    seed give the same sums. The rounding is post-processing of already noised values (no
+    privacy rests on it), but deployment keeps the CSPRNG, as for the noise itself."""
+    from fedrec.client.node import is_simulated
+    from fedrec.common.config import derive_seed
+
+    base = int(context.run_config.get("sim.noise-seed", -1))
+    if base < 0 or not is_simulated(context):
+        return None
+    return np.random.default_rng(derive_seed(base, "secagg-rounding", int(context.node_config["partition-id"]),
+                                             int(rec.get("round", 0)), int(rec["slot"])))
+
+
 def _save(context: Context, client: SecAggClient) -> None:
     context.state.config_records[_STATE] = ConfigRecord(client.state.to_dict())
 
@@ -200,7 +231,7 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable, client: 
     shapes = [list(p.shape) for p in parts]
     vec = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
     try:
-        masked = client.mask(rec, vec)
+        masked = client.mask(rec, vec, rounding_rng(context, rec))
         noise = reply.content.config_records.get(NOISE_RECORD)
         if noise is not None:  # distributed noise: never unmask below its n_min survivors
             client.set_survivor_floor(int(rec["slot"]), int(noise["n-min"]))

@@ -65,12 +65,15 @@ class SecAggPlusSum:
       committee: share holders per session (None: every node up to 32, else 32 random ones;
         majority threshold); the unmask stage asks ``threshold + spare_holders`` of them, and the
         others only if too few answer.
-      setup_timeout: seconds for each setup stage.
+      setup_timeout: seconds for each setup stage; None (default) = :meth:`stage_timeout` of the
+        node count: 300 s plus 0.5 s per node (on one machine a simulation runs the nodes one
+        after another, so a stage's wall time grows with n even though each node's work grows
+        with log n; in deployment the nodes run in parallel and answer well within it).
     """
 
     def __init__(self, *, clip_range: float, noise_std: float | None = None, neighbours: int | None = None,
                  noise_mode: str = "local", n_min: int = 0, rounds_per_setup: int = 16,
-                 committee: int | None = None, spare_holders: int = 2, setup_timeout: float = 300.0,
+                 committee: int | None = None, spare_holders: int = 2, setup_timeout: float | None = None,
                  max_dropout: float = 0.3):
         if noise_mode not in ("local", "distributed"):
             raise ValueError("noise_mode must be 'local' or 'distributed'")
@@ -87,7 +90,9 @@ class SecAggPlusSum:
         self.rounds_per_setup = int(rounds_per_setup)
         self.committee = committee
         self.spare_holders = int(spare_holders)
-        self.setup_timeout = float(setup_timeout)
+        if setup_timeout is not None and not setup_timeout > 0:
+            raise ValueError("setup_timeout must be positive seconds (or None: scaled with the node count)")
+        self.setup_timeout = None if setup_timeout is None else float(setup_timeout)
         self._session: ServerSession | None = None
         #: number of setups, seconds of the last setup and of the last round's two stages,
         #: clamped coordinates in the last round
@@ -114,8 +119,13 @@ class SecAggPlusSum:
 
     # ------------------------------------------------------------------ round
     def run_round(self, grid: Grid, node_ids: list[int], *, message_type: str, content: RecordDict,
-                  server_round: int, min_contributors: int, timeout: float = 600.0) -> RoundResult:
+                  server_round: int, min_contributors: int, timeout: float | None = None) -> RoundResult:
+        """One secure sum over ``node_ids`` (a setup first when the session cannot serve them).
+        ``timeout``: seconds each stage waits; None = 600 s plus 0.5 s per node (a simulation
+        runs the nodes' handlers one after another)."""
         nodes = sorted(int(n) for n in node_ids)
+        if timeout is None:
+            timeout = 600.0 + 0.5 * len(nodes)
         if self._session is None or not self._session.usable_for(nodes):
             self._setup(grid, nodes, message_type, min_contributors)
         sess = self._session
@@ -342,11 +352,15 @@ class SecAggPlusSum:
         log.info("secagg setup: %d/%d nodes, degree %s, %d slots, %.2f s", len(sess.members), len(nodes),
                  degree or "complete", sess.slots, self.stats["setup_s"])
 
+    def stage_timeout(self, n: int) -> float:
+        """Seconds one setup stage waits for ``n`` nodes (see ``setup_timeout``)."""
+        return self.setup_timeout if self.setup_timeout is not None else 300.0 + 0.5 * n
+
     def _stage(self, grid: Grid, recs: dict[int, dict], message_type: str, what: str) -> dict[int, ConfigRecord]:
         msgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
                 for n, r in recs.items()]
         ok = {}
-        for m in grid.send_and_receive(msgs, timeout=self.setup_timeout):
+        for m in grid.send_and_receive(msgs, timeout=self.stage_timeout(len(msgs))):
             node = m.metadata.src_node_id
             if m.has_error():
                 log.warning("secagg %s: node %s failed: %s", what, node, m.error.reason)

@@ -63,10 +63,10 @@ class ClientState:
     max_dropout: int = 0  #: accepted dropout tolerance, per mille (< 500)
     min_set: int = 0  #: the policy's floor on every set (active, survivors, committee)
     members: list[int] = field(default_factory=list)  #: indices with a verified advertisement
-    e_pks: bytes = b""  #: members' Ed25519 keys, one per member (members order)
+    e_pks: bytes = b""  #: the committee's Ed25519 keys, one per holder (committee order)
     degree: int = 0
     committee_size: int = 0
-    plan_seed: bytes = b""
+    plan_seed: bytes = b""  #: the plan hash: seed of graph and committee, bound into every share
     mask_slot: int = -1  #: the last slot this node masked, and the active set it was told
     mask_active: list[int] = field(default_factory=list)
     signed_slot: int = -1  #: the last slot whose survivor set this node signed, and that set
@@ -156,42 +156,71 @@ class SecAggClient:
                                  seen_sessions=(seen + [session])[-64:])
         return {"advert": blob, "sig": self.identity.sign(blob)}
 
-    def _verified_adverts(self, rec: Mapping[str, Any]) -> dict[int, _wire.Advert]:
-        """Every member's advertisement, each verified against this node's own roster."""
+    def _roll(self, rec: Mapping[str, Any]) -> list[tuple[int, str, bytes]]:
+        """The session roll (index, name, advertisement hash per member), checked without a
+        signature: unique indices and names, every name in this node's roster, this node's own
+        advertisement unaltered."""
         st, ident = self.state, self.identity
         _need(ident is not None, "no identity/roster to verify key advertisements against")
+        idx, names, hashes = list(rec["roll-index"]), list(rec["roll-name"]), list(rec["roll-hash"])
+        _need(len(idx) == len(names) == len(hashes), "malformed session roll")
+        roll = [(int(i), str(nm), bytes(h)) for i, nm, h in zip(idx, names, hashes)]
+        for i, nm, h in roll:
+            _need(i >= 1 and len(h) == 32, "malformed session roll")
+            _need(ident.roster.key_of(nm) is not None, f"advertisement from {nm!r}, who is not in this node's roster")
+        _need(len({i for i, _, _ in roll}) == len(roll) and len({nm for _, nm, _ in roll}) == len(roll),
+              "duplicate member in the session roll")
+        own = [(nm, h) for i, nm, h in roll if i == st.index]
+        _need(own == [(st.name, _wire.advert_hash(st.advert))], "this node's own advertisement is missing or altered")
+        return roll
+
+    def _checked_adverts(self, rec: Mapping[str, Any], roll: list[tuple[int, str, bytes]]) -> dict[int, tuple[_wire.Advert, bytes, bytes]]:
+        """The full advertisements sent to this node, each matching its roll entry and made for
+        this session and its parameters: index -> (advert, blob, signature). Signatures are
+        checked later, only for the members whose keys this node uses (:meth:`setup_shares`)."""
+        st = self.state
         blobs, sigs = list(rec["adverts"]), list(rec["sigs"])
         _need(len(blobs) == len(sigs), "malformed advertisement list")
+        entry = {i: (nm, h) for i, nm, h in roll}
         now = time.time()
-        out: dict[int, _wire.Advert] = {}
-        names: set[str] = set()
+        out: dict[int, tuple[_wire.Advert, bytes, bytes]] = {}
         for blob, sig in zip(blobs, sigs):
             blob = bytes(blob)
             try:
                 a = _wire.decode_advert(blob)
             except (ValueError, UnicodeDecodeError) as err:
                 raise SecAggProtocolError(f"malformed key advertisement: {err}") from None
-            pk = ident.roster.key_of(a.name)
-            _need(pk is not None, f"advertisement from {a.name!r}, who is not in this node's roster")
-            _need(_identity.verify_identity(pk, bytes(sig), blob),
-                  f"advertisement of {a.name!r} (index {a.index}) has an invalid signature: forged keys refused")
             _need(a.session == st.session, f"advertisement of {a.name!r} is for another session: replay refused")
             _need(a.slots == st.slots and a.max_dropout_permille == st.max_dropout,
                   f"advertisement of {a.name!r} was made for other session parameters")
             _need(now - _wire.ADVERT_MAX_AGE_S <= a.time <= now + _wire.CLOCK_SKEW_S,
                   f"advertisement of {a.name!r} is stale or from the future: replay refused")
-            _need(a.index not in out and a.name not in names, f"duplicate member {a.name!r} / index {a.index}")
-            out[a.index] = a
-            names.add(a.name)
-        _need(out.get(st.index) is not None and _wire.encode_advert(out[st.index]) == st.advert,
-              "this node's own advertisement is missing or altered")
+            _need(entry.get(a.index) == (a.name, _wire.advert_hash(blob)) and a.index not in out,
+                  f"advertisement of {a.name!r} (index {a.index}) does not match the session roll")
+            out[a.index] = (a, blob, bytes(sig))
         return out
 
+    def _verify_signature(self, a: _wire.Advert, blob: bytes, sig: bytes) -> None:
+        pk = self.identity.roster.key_of(a.name)
+        _need(pk is not None, f"advertisement from {a.name!r}, who is not in this node's roster")
+        _need(_identity.verify_identity(pk, bytes(sig), blob),
+              f"advertisement of {a.name!r} (index {a.index}) has an invalid signature: forged keys refused")
+
     def setup_shares(self, rec: Mapping[str, Any]) -> dict[str, Any]:
-        """Stage 2: verify every member's signed advertisement; compute the session's neighbour
-        graph and share-holder committee from them (never take the server's word); agree
+        """Stage 2: from the session roll (every member's index, name and advertisement hash)
+        compute the plan hash, the neighbour graph and the share-holder committee (never take
+        the server's word); verify the signed advertisements of this node's neighbours and of
+        the committee against its own roster (O(k + committee) signatures, not O(n)); agree
         pairwise seeds with neighbours (one per slot); encrypt, for each share holder, Shamir
-        shares of each slot's mask key and self seed.
+        shares of each slot's mask key and self seed, bound to the plan hash.
+
+        Why only those signatures: a node uses no other member's keys, except a share holder,
+        which uses every member's channel key to open their shares — those are bound to the
+        roll through its hash, and every share ciphertext to the plan hash (AES-GCM associated
+        data), so a member shown another roll than the holders cannot have its shares opened.
+        An unsigned entry the server invents (a "fake" member) is verified by each of its
+        honest neighbours, which then refuse the session; with no honest neighbour left it is
+        cut off from every honest survivor, and the holders refuse a split survivor graph.
 
         Refuses: an unverifiable advertisement, fewer members or holders than the policy's
         floor, a sparse degree below :data:`MIN_DEGREE`, a threshold that is not a strict
@@ -199,8 +228,9 @@ class SecAggClient:
         st = self.state
         self._check_session(rec)
         _need(bool(st.s_sks), "setup already completed for this session")
-        adverts = self._verified_adverts(rec)
-        members = sorted(adverts)
+        roll = self._roll(rec)
+        full = self._checked_adverts(rec, roll)
+        members = sorted(i for i, _, _ in roll)
         n, R = len(members), st.slots
         floor = max(2, st.min_set)
         _need(n >= floor, f"{n} members in the session, below this node's floor {floor}")
@@ -208,17 +238,25 @@ class SecAggClient:
         _need(degree == 0 or degree >= min(n - 1, MIN_DEGREE), f"neighbour degree {degree} below {MIN_DEGREE}")
         csize = min(csize, n)
         _need(csize >= floor, f"a committee of {csize} share holders, below this node's floor {floor}")
-        seed = _wire.plan_seed(st.session, [_wire.encode_advert(a) for a in adverts.values()])
+        seed = _wire.plan_seed(st.session, roll)
         graph, committee = _graph.plan(members, degree, csize, seed)
         t = len(committee) // 2 + 1
         _need(int(rec.get("threshold", t)) == t, f"threshold {rec.get('threshold')} is not the strict majority "
                                                   f"{t} of the {len(committee)} share holders")
         me = st.index
+        verify = (set(graph[me]) | set(committee)) - {me}
+        need = (set(members) if me in committee else verify) - {me}
+        missing = sorted(need - set(full))
+        _need(not missing, f"the advertisements of members {missing[:8]} are missing")
+        for j in sorted(verify):
+            self._verify_signature(*full[j])
+        adverts = {j: full[j][0] for j in need - {me}}
+        adverts[me] = _wire.decode_advert(st.advert)
         nbrs = graph[me]
         peers = members if me in committee else committee
         st.neighbours, st.committee, st.threshold, st.peers = nbrs, committee, t, peers
         st.members, st.degree, st.committee_size, st.plan_seed = members, degree, csize, seed
-        st.e_pks = b"".join(adverts[j].e_pk for j in members)
+        st.e_pks = b"".join(adverts[j].e_pk for j in committee)  # they sign consistency messages
         c_key = _keys.private_key(st.c_sk)
         chan = [
             _keys.channel_key(c_key, adverts[j].c_pk, session=st.session, a=me, b=j) if j != me
@@ -241,9 +279,9 @@ class SecAggClient:
             key = key_of[j]
             for slot in range(R):
                 ct_s.append(_keys.encrypt(key, s_shares[slot][p], _keys.associated_data(
-                    session=st.session, sender=me, receiver=j, kind="s", slot=slot)))
+                    session=st.session, sender=me, receiver=j, kind="s", slot=slot, plan=seed)))
                 ct_b.append(_keys.encrypt(key, b_shares[slot][p], _keys.associated_data(
-                    session=st.session, sender=me, receiver=j, kind="b", slot=slot)))
+                    session=st.session, sender=me, receiver=j, kind="b", slot=slot, plan=seed)))
         st.s_sks = b""  # the pairwise seeds are derived; the private mask keys are no longer needed
         st.c_sk = b""  # nor the channel key pair (channel keys are derived)
         return {"ct-s": ct_s, "ct-b": ct_b}
@@ -349,7 +387,7 @@ class SecAggClient:
     def _check_signatures(self, rec: Mapping[str, Any], slot: int, survivors: set[int]) -> None:
         st = self.state
         msg = _wire.consistency_message(st.session, slot, st.mask_active, survivors)
-        pos = {j: p for p, j in enumerate(st.members)}
+        pos = {j: p for p, j in enumerate(st.committee)}
         holders = set(st.committee) & survivors
         good = set()
         for j, sig in zip(rec.get("sig-from", []), rec.get("sig", [])):
@@ -403,7 +441,7 @@ class SecAggClient:
                   f"node {u}: a {given.get(str(u))!r} share was already released for this slot; "
                   "releasing both would reveal its input")
             share = _keys.decrypt(key_of[u], bytes(ct), _keys.associated_data(
-                session=st.session, sender=u, receiver=st.index, kind=kind, slot=slot))
+                session=st.session, sender=u, receiver=st.index, kind=kind, slot=slot, plan=st.plan_seed))
             out_share.append(share)
             out_from.append(u)
             out_kind.append(kind)

@@ -79,8 +79,12 @@ def slot_key(seed: bytes, *, session: bytes, slot: int, kind: bytes) -> bytes:
     return hkdf(seed, salt=session, info=b"fedrec-secagg/mask/" + kind + struct.pack(">Q", slot))
 
 
-def associated_data(*, session: bytes, sender: int, receiver: int, kind: str, slot: int) -> bytes:
-    return b"fedrec-secagg/share|" + session + struct.pack(">IIQ", sender, receiver, slot) + kind.encode()
+def associated_data(*, session: bytes, sender: int, receiver: int, kind: str, slot: int, plan: bytes) -> bytes:
+    """What a share ciphertext is bound to. ``plan``: the sender's plan hash (its roll of the
+    session's members, hence its graph and committee): a holder shown another roll derives another
+    plan hash and cannot open the share."""
+    return (b"fedrec-secagg/share|" + session + struct.pack(">IIQ", sender, receiver, slot) + kind.encode()
+            + b"|" + plan)
 
 
 def encrypt(key: bytes, plaintext: bytes, ad: bytes) -> bytes:

@@ -49,6 +49,7 @@ class ServerSession:
     threshold: int = 0
     members: set[int] = field(default_factory=set)  #: indices that completed setup
     adverts: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  #: index -> (advert, signature)
+    plan: bytes = b""  #: the plan hash (graph/committee seed) every share ciphertext is bound to
     #: why a node's reply was not used (node id -> reason), per stage; the workflow logs them
     rejected: dict[int, str] = field(default_factory=dict)
     #: slot -> node id -> the survivor's signature of the slot's survivor set (consistency round)
@@ -109,14 +110,25 @@ class ServerSession:
             self.c_pks[i], self.s_pks[i] = a.c_pk, list(a.s_pks)
         alive = sorted(self.adverts)
         size = min(len(alive), self.committee_size or default_committee(len(alive)))
-        seed = _wire.plan_seed(self.session, [self.adverts[i][0] for i in alive])
+        roll = [(i, _wire.decode_advert(self.adverts[i][0]).name, _wire.advert_hash(self.adverts[i][0]))
+                for i in alive]
+        self.plan = _wire.plan_seed(self.session, roll)
         degree = self.degree if self.degree < len(alive) - 1 else 0
-        self.neighbours, self.committee = _graph.plan(alive, degree, size, seed)
+        self.neighbours, self.committee = _graph.plan(alive, degree, size, self.plan)
         self.threshold = threshold_for(len(self.committee))
         common = {"stage": STAGE_SETUP_SHARES, "session": self.session, "slots": self.slots,
-                  "adverts": [self.adverts[i][0] for i in alive], "sigs": [self.adverts[i][1] for i in alive],
+                  "roll-index": [e[0] for e in roll], "roll-name": [e[1] for e in roll],
+                  "roll-hash": [e[2] for e in roll],
                   "degree": degree, "committee-size": size, "threshold": self.threshold}
-        return {self.node_of[i]: dict(common, index=i) for i in alive}
+        cset = set(self.committee)
+        out = {}
+        for i in alive:
+            # a node needs the full advertisement of its neighbours and the committee (it verifies
+            # their signatures); a share holder needs every member's channel key (hash-checked)
+            need = alive if i in cset else sorted(cset | set(self.neighbours[i]) | {i})
+            out[self.node_of[i]] = dict(common, index=i, adverts=[self.adverts[j][0] for j in need],
+                                        sigs=[self.adverts[j][1] for j in need])
+        return out
 
     def shares_received(self, replies: Mapping[int, Mapping]) -> None:
         """Store the encrypted shares; members = nodes that completed both setup stages."""

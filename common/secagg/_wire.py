@@ -1,5 +1,5 @@
-"""Signed byte layouts of SecAgg+ (private): key advertisements, the session plan's seed and
-consistency messages. Client and server build the same bytes; only clients verify them.
+"""Signed byte layouts of SecAgg+ (private): key advertisements, the session roll and plan
+hash, and consistency messages. Client and server build the same bytes; only clients verify them.
 
 Advertisement (signed with the institution's long-term SECP384R1 key)::
 
@@ -63,12 +63,21 @@ def decode_advert(blob: bytes) -> Advert:
     return Advert(session, index, slots, mdp, t, name, c_pk, e_pk, s_pks)
 
 
-def plan_seed(session: bytes, adverts: Sequence[bytes]) -> bytes:
-    """Seed of the session's graph and committee: every member's advertisement (fresh keys the
-    server did not know when it chose the session) enters it."""
-    h = hashlib.sha256(b"fedrec-secagg/plan" + session)
-    for blob in sorted(adverts):
-        h.update(hashlib.sha256(blob).digest())
+def advert_hash(blob: bytes) -> bytes:
+    """SHA-256 of one advertisement: its entry in the session roll."""
+    return hashlib.sha256(blob).digest()
+
+
+def plan_seed(session: bytes, roll: Sequence[tuple[int, str, bytes]]) -> bytes:
+    """Seed of the session's graph and committee, and the *plan hash* every share ciphertext is
+    bound to: a hash of the session id and the roll, one ``(index, name, SHA-256 of the
+    advertisement)`` entry per member (fresh keys the server did not know when it chose the
+    session). Two nodes with the same plan hash have the same members, graph, committee and
+    advertisements; a node shown another roll cannot have its shares opened by the holders."""
+    h = hashlib.sha256(b"fedrec-secagg/plan/v2" + session)
+    for index, name, digest in sorted(roll):
+        nm = name.encode()
+        h.update(struct.pack(">IH", index, len(nm)) + nm + digest)
     return h.digest()
 
 

@@ -65,7 +65,7 @@ def attacker_view(sess, slot, target, y, q, b_shares, s_shares):
         s_sk = secret(s_shares.get(w, {}))
         seed = _keys.pair_seed(s_sk, sess.s_pks[u][slot], session=sess.session, a=w, b=u, slot=slot)
         _masking.add_into(view, _keys.slot_key(seed, session=sess.session, slot=slot, kind=b"pair"),
-                          _masking.pair_sign(u, w))
+                          -_masking.pair_sign(u, w))  # remove what u added
     return view
 
 
@@ -92,6 +92,15 @@ def try_all(clients, recs, call):
         except SecAggProtocolError as err:
             refused[nd] = str(err)
     return out, refused
+
+
+def reroll(rec):
+    """What a consistent lying server sends: the session roll rebuilt from the (possibly forged)
+    advertisements in ``rec`` (with n <= 32 every node is a share holder and gets them all)."""
+    ads = sorted(((a := _wire.decode_advert(bytes(b))).index, a.name, _wire.advert_hash(bytes(b)))
+                 for b in rec["adverts"])
+    return dict(rec, **{"roll-index": [e[0] for e in ads], "roll-name": [e[1] for e in ads],
+                        "roll-hash": [e[2] for e in ads]})
 
 
 def collect(sess, replies, kind):
@@ -202,20 +211,21 @@ def test_c_substituted_holder_keys_are_refused_and_shares_stay_sealed():
         fake = _wire.encode_advert(_wire.Advert(**{**a.__dict__, "c_pk": c_pk}))
         rec["adverts"][p], rec["sigs"][p] = fake, mallory.sign(fake)
     with pytest.raises(SecAggProtocolError, match="invalid signature"):
-        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(rec)
+        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(reroll(rec))
     # the server's own key under a name it invents (a Sybil): not in the roster
     a = _wire.decode_advert(bytes(rec["adverts"][1]))
     sybil = _wire.encode_advert(_wire.Advert(**{**a.__dict__, "name": "mallory"}))
     rec2 = dict(recs[target], adverts=list(recs[target]["adverts"]) + [sybil],
                 sigs=list(recs[target]["sigs"]) + [mallory.sign(sybil)])
     with pytest.raises(SecAggProtocolError, match="not in this node's roster"):
-        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(rec2)
+        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(reroll(rec2))
     # reconstruction attempt: the target produced no ciphertext; with the honest records the
     # shares it encrypts to the holders do not open under the server's forged channel keys
     out = clients[target].setup_shares(recs[target])
     v = sess.committee[0] if sess.committee[0] != sess.nodes[target] else sess.committee[1]
     ct = out["ct-b"][sess.committee.index(v) * sess.slots]
-    ad = _keys.associated_data(session=sess.session, sender=sess.nodes[target], receiver=v, kind="b", slot=0)
+    ad = _keys.associated_data(session=sess.session, sender=sess.nodes[target], receiver=v, kind="b", slot=0,
+                               plan=sess.plan)
     guess = _keys.hkdf(_keys.agree(forged_keys[v], sess.c_pks[sess.nodes[target]]), salt=sess.session,
                        info=b"fedrec-secagg/channel" + __import__("struct").pack(">II", *sorted((v, sess.nodes[target]))))
     with pytest.raises(_keys.ShareAuthError):
@@ -233,7 +243,7 @@ def test_replayed_advertisements_and_sessions_are_refused():
     mixed = dict(recs2[target], adverts=list(recs2[target]["adverts"]), sigs=list(recs2[target]["sigs"]))
     mixed["adverts"][3], mixed["sigs"][3] = old_recs[target]["adverts"][3], old_recs[target]["sigs"][3]
     with pytest.raises(SecAggProtocolError, match="another session"):
-        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(mixed)
+        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(reroll(mixed))
     # the server reuses a session id: the node refuses to key it again
     with pytest.raises(SecAggProtocolError, match="keyed before"):
         clients[target].setup_keys(sess2.setup_keys_records()[target])
@@ -244,7 +254,7 @@ def test_replayed_advertisements_and_sessions_are_refused():
     stale = dict(recs2[target], adverts=list(recs2[target]["adverts"]), sigs=list(recs2[target]["sigs"]))
     stale["adverts"][3], stale["sigs"][3] = old, owner.sign(old)
     with pytest.raises(SecAggProtocolError, match="stale"):
-        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(stale)
+        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(reroll(stale))
     # the genuine records work
     assert len(clients[target].setup_shares(recs2[target])["ct-s"]) > 0
 

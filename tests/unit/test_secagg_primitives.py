@@ -55,17 +55,19 @@ def test_x25519_agreement_is_symmetric_and_keys_differ_by_pair():
 def test_share_ciphertexts_reject_tampering_and_replay():
     key = os.urandom(32)
     sess = os.urandom(16)
-    ad = _keys.associated_data(session=sess, sender=1, receiver=2, kind="b", slot=3)
+    plan = os.urandom(32)
+    ad = _keys.associated_data(session=sess, sender=1, receiver=2, kind="b", slot=3, plan=plan)
     ct = _keys.encrypt(key, b"share", ad)
     assert _keys.decrypt(key, ct, ad) == b"share"
     tampered = ct[:-1] + bytes([ct[-1] ^ 1])
     with pytest.raises(_keys.ShareAuthError):
         _keys.decrypt(key, tampered, ad)
     for other in (
-        _keys.associated_data(session=sess, sender=2, receiver=1, kind="b", slot=3),  # reversed
-        _keys.associated_data(session=sess, sender=1, receiver=2, kind="b", slot=4),  # other round
-        _keys.associated_data(session=sess, sender=1, receiver=2, kind="s", slot=3),  # other kind
-        _keys.associated_data(session=os.urandom(16), sender=1, receiver=2, kind="b", slot=3),  # other session
+        _keys.associated_data(session=sess, sender=2, receiver=1, kind="b", slot=3, plan=plan),  # reversed
+        _keys.associated_data(session=sess, sender=1, receiver=2, kind="b", slot=4, plan=plan),  # other round
+        _keys.associated_data(session=sess, sender=1, receiver=2, kind="s", slot=3, plan=plan),  # other kind
+        _keys.associated_data(session=os.urandom(16), sender=1, receiver=2, kind="b", slot=3, plan=plan),  # other session
+        _keys.associated_data(session=sess, sender=1, receiver=2, kind="b", slot=3, plan=os.urandom(32)),  # other roll
     ):
         with pytest.raises(_keys.ShareAuthError):
             _keys.decrypt(key, ct, other)
