@@ -1,8 +1,13 @@
 """LLM adapter vs its peers on MovieLens, warm and cold-start, in one run.
 
 Rows (ARCHITECTURE.md "Benchmarks"): ``dataset, model, split, epsilon, ndcg10, hr10`` with model
-random | popularity | category_knn | text_knn | mf | text_prior | adapter | hybrid, plus rows
-``kind=throughput, device, ratio_dp_to_nonprivate``.
+random | popularity | category_knn | text_knn | mf | text_prior | adapter | dp_popularity | hybrid,
+plus rows ``kind=throughput, device, ratio_dp_to_nonprivate`` (DP and plain steps on the same
+persons and rows, interleaved, medians). ``dp_popularity`` and ``hybrid`` rows come once per MF-side
+DP plan (:data:`HYBRID_VARIANTS`: count share 0.18 or 0.9 of the budget, local or distributed
+noise; columns ``count_share``, ``noise_mode``). Adapter rows also on the validation splits
+(``val_warm``/``val_cold``: training data only). ``--tune-lr`` trains only the adapter and prints
+validation rows; ``--no-adapter`` skips the adapter (the hybrid as the Flower app runs it).
 
 Protocol (seeded): 20% of the items with >= 5 ratings are **cold**: all their ratings are held
 out of training. Each cold rating is ranked against 99 cold items its person never rated (cold
@@ -21,7 +26,6 @@ Usage: ``python benchmarks/adapter.py [--quick]`` prints one JSON object on stdo
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -41,6 +45,7 @@ from fedrec.client.train_adapter import AdapterTrainer, ItemBank, measure_throug
 from fedrec.common.config import RunConfig  # noqa: E402
 from fedrec.common.metrics import ranking_from_scores  # noqa: E402
 from fedrec.common.models.adapter import AdapterConfig, TextAdapter, default_device  # noqa: E402
+from fedrec.common.models.hybrid import blend, dp_popularity, fit_blend  # noqa: E402
 from fedrec.common.models.mf import PersonRatings, preconditioner, score_items  # noqa: E402
 from fedrec.common.models.text_prior import (  # noqa: E402
     catalogue_texts,
@@ -53,6 +58,9 @@ from fedrec.common.models.text_prior import (  # noqa: E402
 from fedrec.common.ratings import load_movielens  # noqa: E402
 
 DELTA = 1e-5
+#: the hybrid's MF-side DP plans: (name, privacy.count-budget-share, privacy.noise-mode)
+HYBRID_VARIANTS = (("default", 0.18, "local"), ("count90", 0.9, "local"), ("distributed", 0.18, "distributed"),
+                   ("count90_distributed", 0.9, "distributed"))
 
 
 def log(msg: str) -> None:
@@ -131,10 +139,14 @@ def genre_vectors(items) -> np.ndarray:
     return g.to_numpy(np.float32)
 
 
-def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, seed):
-    """In-process federated MF (as the Flower run does it): DP counts -> public step sizes ->
-    ``rounds`` summed DP rounds. Returns (score fn, DP popularity counts)."""
-    cfg = RunConfig().override(**{"institutions": K, "seed": seed, "privacy.epsilon": epsilon, "rounds": 2})
+def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, seed, count_share=0.18,
+             noise_mode="local"):
+    """In-process federated MF (as the Flower run does it): DP counts (``count_share`` of the
+    budget, ``privacy.count-budget-share``) -> public step sizes -> ``rounds`` summed DP rounds.
+    Returns (score fn, DP popularity counts, public count noise variance of the sum)."""
+    cfg = RunConfig().override(**{"institutions": K, "seed": seed, "privacy.epsilon": epsilon, "rounds": 2,
+                                  "privacy.count-budget-share": count_share, "privacy.noise-mode": noise_mode})
+    share = 1.0 if noise_mode == "local" else 1.0 / K  # distributed: each adds σ²/K, the sum carries σ²
     trainers, maps = [], []
     for k in range(K):
         rows = owner[train_p] == k
@@ -146,12 +158,14 @@ def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, s
         sched = plan_dp(cfg, len(persons))
         trainers.append((t, sched))
         maps.append(local)
-    counts = sum(t.item_counts(None if s is None else s.count_event()) for t, s in trainers)
-    noise_var = sum(0.0 if s is None else s.noise_std(1.0) ** 2 for _, s in trainers)
+    counts = sum(t.item_counts(None if s is None else s.count_event(), noise_share=share) for t, s in trainers)
+    count_noise_var = sum(0.0 if s is None else s.count_noise_std(share) ** 2 for _, s in trainers)
+    noise_var = sum(0.0 if s is None else s.noise_std(share) ** 2 for _, s in trainers)
     precond = preconditioner(counts, cfg.train.item_reg, noise_var, cfg.train.item_prior_var)
     g = trainers[0][0].item_side.to_numpy()
     for _ in range(cfg.train.rounds):
-        deltas = [t.train_round(g, precond, event=None if s is None else s.round_event()) for t, s in trainers]
+        deltas = [t.train_round(g, precond, event=None if s is None else s.round_event(), noise_share=share)
+                  for t, s in trainers]
         g = {key: g[key] + cfg.train.server_lr * sum(d[key] for d in deltas) for key in g}
     for t, _ in trainers:
         t.refit(g)
@@ -165,7 +179,7 @@ def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, s
                                         torch.as_tensor(cands[rows])).numpy()
         return out
 
-    return score, np.asarray(counts, np.float64)
+    return score, np.asarray(counts, np.float64), count_noise_var
 
 
 def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner, n_persons, K, epsilon, *, rounds,
@@ -214,35 +228,9 @@ def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner,
 
 
 # ---------------------------------------------------------------------- hybrid
-def standardise(s: np.ndarray) -> np.ndarray:
-    """Per-row z-score: components on one scale whatever their units (ties stay ties)."""
-    s = np.asarray(s, np.float64)
-    sd = s.std(axis=1, keepdims=True)
-    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
-
-
-GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
-
-
-def fit_blend(components: dict[str, list[np.ndarray]], tasks: list[Task]) -> dict[str, float]:
-    """Blend weights maximising mean NDCG@10 over the validation tasks (grid search; the first
-    component's weight is fixed at 1 unless all others are 0, as scale is irrelevant to ranking)."""
-    names = list(components)
-    best, best_w = -1.0, None
-    for ws in itertools.product(GRID, repeat=len(names)):
-        if max(ws) == 0 or (ws[0] not in (0.0, 1.0)):
-            continue
-        total = 0.0
-        for t, task in enumerate(tasks):
-            s = sum(w * standardise(components[n][t]) for w, n in zip(ws, names) if w)
-            total += task.metrics(s)["ndcg10"]
-        if total > best + 1e-9:
-            best, best_w = total, ws
-    return dict(zip(names, best_w))
-
-
-def blend(weights: dict[str, float], comps: dict[str, np.ndarray]) -> np.ndarray:
-    return sum(w * standardise(comps[n]) for n, w in weights.items() if w)
+def fit_task_blend(components: dict[str, np.ndarray], task: Task) -> dict[str, float]:
+    """Blend weights maximising NDCG@10 on one validation task (``common/models/hybrid``)."""
+    return fit_blend({n: [v] for n, v in components.items()}, lambda s, _t: task.metrics(s)["ndcg10"])
 
 
 # ---------------------------------------------------------------------- main
@@ -264,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-layers", type=int, default=2)
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--cache-dir", default=str(default_cache_dir()))
+    ap.add_argument("--lean-eps1", action="store_true", help="at ε = 1 only the default hybrid variant")
+    ap.add_argument("--no-adapter", action="store_true", help="skip training the adapter (no adapter rows; the "
+                    "hybrid blends DP popularity, MF and the text prior, as the Flower hybrid does)")
+    ap.add_argument("--tune-lr", default="", help="comma list of adapter lrs: train only the adapter for each and "
+                    "print its validation rows (training data only; run on a seed never used for the headline)")
     args = ap.parse_args(argv)
     t_start = time.time()
     torch.manual_seed(args.seed)
@@ -368,66 +361,105 @@ def main(argv: list[str] | None = None) -> int:
     test_scorers = text_side(tp, ti)
     val_scorers["popularity"], test_scorers["popularity"] = popularity(fp, fi), popularity(tp, ti)
     rand = np.random.default_rng(args.seed + 99)
-    for split, task in tasks.items():
+    for split, task in ([] if args.tune_lr else tasks.items()):  # tuning computes no test rows
         add("random", split, None, task.metrics(rand.random(task.cands.shape)))
         for name in ("popularity", "category_knn", "text_knn", "text_prior"):
             add(name, split, None, task.metrics(test_scorers[name](task.person, task.cands)))
 
+    if args.tune_lr:  # validation only: no test rows are computed
+        for lr in [float(x) for x in args.tune_lr.split(",")]:
+            for eps in epsilons:
+                t0 = time.time()
+                ad_score, sigma = adapter_model(
+                    adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds,
+                    persons_per_step=args.persons_per_step, steps=args.local_steps, lr=lr, server_lr=args.server_lr,
+                    clip=args.clip, pos=pos, neg=neg, candidates=fit_pool, seed=args.seed, score_items_needed=needed)
+                for split, task in val_tasks.items():
+                    add("adapter", f"val_{split}", eps, task.metrics(ad_score(task.person, task.cands)), lr=lr,
+                        train_s=round(time.time() - t0, 1))
+        print(json.dumps({"meta": {"command": "python benchmarks/adapter.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                          else argv),
+                                   "seed": args.seed, "purpose": "adapter lr tuning on validation"}, "rows": rows}))
+        return 0
     for eps in epsilons:
         t0 = time.time()
-        mf_val, dpcount_val = mf_model(fp, fi, fr, owner, n_persons, n_items, K, eps, args.seed)
-        mf_test, dpcount_test = mf_model(tp, ti, tr, owner, n_persons, n_items, K, eps, args.seed)
-        log(f"mf eps={eps}: {time.time() - t0:.1f}s")
-        t0 = time.time()
         # the adapter is trained once, on the fit part (validation never enters its training)
-        ad_score, sigma = adapter_model(
+        ad_score, sigma = (None, None) if args.no_adapter else adapter_model(
             adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds, persons_per_step=args.persons_per_step,
             steps=args.local_steps, lr=args.lr, server_lr=args.server_lr, clip=args.clip, pos=pos, neg=neg,
             candidates=fit_pool, seed=args.seed, score_items_needed=needed)
         ad_s = time.time() - t0
         log(f"adapter eps={eps}: {ad_s:.1f}s, sigma={sigma}")
-        for split, task in tasks.items():
-            extra = {"rounds": rounds, "sigma": None if sigma is None else round(sigma, 4), "train_s": round(ad_s, 1)}
+        extra = {"rounds": rounds, "sigma": None if sigma is None else round(sigma, 4), "train_s": round(ad_s, 1),
+                 "lr": args.lr}
+        for split, task in (tasks.items() if ad_score is not None else ()):
             add("adapter", split, eps, task.metrics(ad_score(task.person, task.cands)), **extra)
-            add("mf", split, eps, task.metrics(mf_test(task.person, task.cands)))
+        for split, task in (val_tasks.items() if ad_score is not None else ()):  # what lr was chosen on
+            add("adapter", f"val_{split}", eps, task.metrics(ad_score(task.person, task.cands)), **extra)
 
-        def comps(mf, dpcount, scorers, task):
-            return {
-                "dp_popularity": np.log1p(np.maximum(dpcount[task.cands], 0.0)),
+        def comps(mf, counts, noise_var, scorers, task):
+            out = {
+                "dp_popularity": dp_popularity(counts, noise_var)[task.cands],
                 "mf": mf(task.person, task.cands),
                 "text_prior": scorers["text_prior"](task.person, task.cands),
-                "adapter": ad_score(task.person, task.cands),
             }
+            if ad_score is not None:
+                out["adapter"] = ad_score(task.person, task.cands)
+            return out
 
-        for split in tasks:
-            weights = fit_blend({n: [v] for n, v in comps(mf_val, dpcount_val, val_scorers, val_tasks[split]).items()},
-                                [val_tasks[split]])
-            m = tasks[split].metrics(blend(weights, comps(mf_test, dpcount_test, test_scorers, tasks[split])))
-            add("hybrid", split, eps, m, weights=" ".join(f"{k}={v}" for k, v in weights.items()))
+        # the MF side's DP plan: the default budget split (counts 18%) and a hybrid that spends 90%
+        # on the counts it mostly uses; local noise (each institution adds all of it) and distributed
+        # (SecAgg+: each adds 1/K of the variance); at ε = ∞ they coincide
+        variants = HYBRID_VARIANTS if math.isfinite(eps) else (("default", 0.18, "local"),)
+        for vname, share, mode in variants:
+            if eps == 1.0 and vname != "default" and args.lean_eps1:
+                continue
+            t0 = time.time()
+            mf_val, cnt_val, cv_val = mf_model(fp, fi, fr, owner, n_persons, n_items, K, eps, args.seed, share, mode)
+            mf_test, cnt_test, cv_test = mf_model(tp, ti, tr, owner, n_persons, n_items, K, eps, args.seed, share, mode)
+            log(f"mf eps={eps} {vname}: {time.time() - t0:.1f}s")
+            plan = {"count_share": share, "noise_mode": mode if math.isfinite(eps) else "none"}
+            for split, task in tasks.items():
+                if vname == "default":
+                    add("mf", split, eps, task.metrics(mf_test(task.person, task.cands)), **plan)
+                add("dp_popularity", split, eps, task.metrics(dp_popularity(cnt_test, cv_test)[task.cands]), **plan)
+                weights = fit_task_blend(comps(mf_val, cnt_val, cv_val, val_scorers, val_tasks[split]), val_tasks[split])
+                m = task.metrics(blend(weights, comps(mf_test, cnt_test, cv_test, test_scorers, task)))
+                add("hybrid", split, eps, m, **plan, weights=" ".join(f"{k}={v}" for k, v in weights.items()))
 
     # --- throughput: one DP step (hooks + per-person clip + noise) vs one plain step, same rows
     tput_trainer = AdapterTrainer(adapter, bank, fp, fi, n_persons, pos_per_person=pos, neg_per_person=neg,
                                   candidate_items=fit_pool, seed=args.seed)
-    tp_rows = measure_throughput(tput_trainer, persons=32 if quick else 128)
+    persons_tp = 32 if quick else 128
+    tp_rows = measure_throughput(tput_trainer, persons=persons_tp, repeats=3 if quick else 7)
     rows.append({"kind": "throughput", "dataset": "movielens", "device": default_device(),
                  "dp_persons_per_s": round(tp_rows["dp"], 2), "nonprivate_persons_per_s": round(tp_rows["nonprivate"], 2),
-                 "ratio_dp_to_nonprivate": round(tp_rows["dp"] / tp_rows["nonprivate"], 3)})
+                 "ratio_dp_to_nonprivate": round(tp_rows["dp"] / tp_rows["nonprivate"], 3),
+                 "ratio_median_of_pairs": round(tp_rows["ratio_median_of_pairs"], 3), "repeats": tp_rows["repeats"],
+                 "persons_per_step": persons_tp, "torch_threads": torch.get_num_threads(),
+                 "method": "same persons and rows, interleaved plain/DP after a warm-up, medians"})
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=root).stdout.strip()
+        if subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "client", "common", "server"],
+                          capture_output=True, text=True, cwd=root).stdout.strip():
+            commit += "+uncommitted"
     except OSError:
         commit = ""
     meta = {
         "command": "python benchmarks/adapter.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": commit, "seed": args.seed, "quick": quick, "persons": n_persons, "items": n_items,
         "institutions": K, "rounds": rounds, "local_steps": args.local_steps, "persons_per_step": args.persons_per_step,
-        "lr": args.lr, "server_lr": args.server_lr, "clip_norm": args.clip, "pos_per_person": pos,
+        "lr": args.lr, "server_lr": args.server_lr, "adapter_trained": not args.no_adapter, "clip_norm": args.clip, "pos_per_person": pos,
         "neg_per_person": neg, "delta": DELTA, "noise_mode": "local",
         "adapter_trainable_params": adapter.n_trainable(), "adapter_rank": acfg.rank, "adapter_top_layers": acfg.top_layers,
         "encoder_sha256": adapter.weights_sha256, "cold_items": int(len(cold)),
         "protocol": "1 positive vs 99 sampled unrated items of the same split (warm: warm items; cold: cold items)",
         "blend": "per-person z-scored components, weights by grid search on a validation split of the training data",
+        "hybrid_variants": [list(v) for v in HYBRID_VARIANTS], "gpu": "none lent to this task: CPU only",
+        "torch_threads": torch.get_num_threads(),
         "wall_s": round(time.time() - t_start, 1),
     }
     print(json.dumps({"meta": meta, "rows": rows}))

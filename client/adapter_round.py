@@ -24,7 +24,8 @@ from fedrec.client.train_adapter import AdapterSchedule, AdapterTrainer, ItemBan
 from fedrec.common.config import RunConfig
 from fedrec.common.privacy.accountant import NonPrivateEvent
 
-__all__ = ["adapter_state", "adapter_train_release", "adapter_eval_sums", "catalogue_items"]
+__all__ = ["adapter_state", "adapter_train_release", "adapter_eval_sums", "catalogue_items", "hybrid_components",
+           "hybrid_eval_sums"]
 
 
 @dataclass
@@ -78,10 +79,11 @@ def adapter_state(folder: Path, cfg: RunConfig, n_persons: int) -> AdapterState:
 
 
 def adapter_train_release(state: AdapterState, guard: ReleaseGuard, cfg: RunConfig, *, share: float, run_id: str,
-                          server_round: int, global_arrays: dict[str, np.ndarray]
+                          server_round: int, global_arrays: dict[str, np.ndarray], seed: int | None = None
                           ) -> tuple[dict[str, np.ndarray], dict[str, float], object]:
     """Policy-checked, charged round of the adapter: returns (delta, public metrics, charge).
-    The caller marks the charge released once the reply is built."""
+    The caller marks the charge released once the reply is built. ``seed`` fixes this round's
+    noise and sampling (simulations only: ``client.app.simulation_seed``; None = OS CSPRNG)."""
     sched = state.schedule
     if sched is not None and server_round <= 1:
         guard.check_plan(sched.run_events(), run_id=run_id)
@@ -89,7 +91,8 @@ def adapter_train_release(state: AdapterState, guard: ReleaseGuard, cfg: RunConf
     charge = guard.charge(event, run_id=run_id, round=server_round, task="train", model="adapter")
     delta = state.trainer.train_round(global_arrays, event=charge.event if sched is not None else None,
                                       clip_norm=cfg.privacy.clip_norm, noise_share=share,
-                                      steps=cfg.train.local_steps, persons_per_step=cfg.train.persons_per_step)
+                                      steps=cfg.train.local_steps, persons_per_step=cfg.train.persons_per_step,
+                                      seed=seed)
     noise_sd = 0.0 if sched is None else sched.noise_multiplier * cfg.privacy.clip_norm * math.sqrt(share)
     return delta, {"noise-var": noise_sd**2}, charge
 
@@ -104,4 +107,68 @@ def adapter_eval_sums(state: AdapterState, global_arrays: dict[str, np.ndarray],
         return {}
     cand = np.concatenate([np.asarray(test_item)[:, None], np.asarray(negatives)[test_person]], axis=1)
     scores = state.trainer.score(np.asarray(test_person), cand, global_arrays)
+    return ranking_sums(scores[:, 0], scores[:, 1:], k)
+
+
+# ---------------------------------------------------------------------- hybrid (model = hybrid)
+@lru_cache(maxsize=8)
+def _text_side(folder: str, cfg_items: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(frozen item embeddings of the public catalogue text, each person's private history
+    profile). Embeddings: public text through public weights, cached on disk; profiles: the
+    institution's own histories, never released."""
+    from fedrec.client.app import _load
+    from fedrec.common.models.text_prior import catalogue_texts, item_embeddings, person_profiles
+
+    inst = _load(folder, cfg_items)
+    emb = item_embeddings(catalogue_texts(catalogue_items(Path(folder), inst.data.item_ids)), progress=False)
+    d = inst.data
+    return emb, person_profiles(emb, d.train_person, d.train_item, d.n_persons, fallback=_people_fallback(folder, emb))
+
+
+def _people_fallback(folder: str, emb: np.ndarray) -> np.ndarray | None:
+    """Data-contract folders: the profile of a person with no training history is their own
+    covariates as text, embedded here (``text_prior.person_texts``; never released). Persons in
+    the dense order of ``common.ratings.institution_ratings_from_contract`` (sorted ids of the
+    people with an exposed row)."""
+    if not (Path(folder) / "study.toml").exists():
+        return None
+    from fedrec.common.datasets import load_institution
+    from fedrec.common.models.text_prior import person_texts, profile_fallback
+
+    data = load_institution(Path(folder))
+    ids = np.unique(data.engagement_rows()["person_id"].astype(str).to_numpy())
+    people = data.people.assign(_key=data.people["person_id"].astype(str)).set_index("_key").reindex(ids)
+    return profile_fallback(person_texts(people, data.study.covariates), emb)
+
+
+def hybrid_components(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray, count_noise_var: float,
+                      persons: np.ndarray, cands: np.ndarray) -> dict[str, np.ndarray]:
+    """The hybrid's component scores ``[len(persons), k]`` for this institution's persons:
+    DP popularity (released counts), DP MF (``mf_score(persons, cands)``), the text prior.
+    Local scoring: nothing released."""
+    from fedrec.common.models.hybrid import dp_popularity
+    from fedrec.common.models.text_prior import text_prior_scores
+
+    emb, prof = _text_side(str(folder), tuple(sorted(cfg.to_flat().items())))
+    if len(counts) != len(emb):
+        raise ValueError(f"hybrid: {len(counts)} released counts for a catalogue of {len(emb)} items")
+    return {"dp_popularity": dp_popularity(counts, count_noise_var)[cands],
+            "mf": mf_score(persons, cands),
+            "text_prior": text_prior_scores(prof, emb, persons, cands)}
+
+
+def hybrid_eval_sums(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray, count_noise_var: float,
+                     test_person: np.ndarray, test_item: np.ndarray, negatives: np.ndarray, *, k: int
+                     ) -> dict[str, float]:
+    """Held-out ranking sums of the hybrid (``common/models/hybrid.DEFAULT_WEIGHTS``; public
+    weights fixed before the run): a release of institution data, answered only where the
+    evaluation policy allows (simulations)."""
+    from fedrec.common.metrics import ranking_sums
+    from fedrec.common.models.hybrid import DEFAULT_WEIGHTS, blend
+
+    if len(test_person) == 0:
+        return {}
+    person = np.asarray(test_person)
+    cand = np.concatenate([np.asarray(test_item)[:, None], np.asarray(negatives)[person]], axis=1)
+    scores = blend(DEFAULT_WEIGHTS, hybrid_components(folder, cfg, mf_score, counts, count_noise_var, person, cand))
     return ranking_sums(scores[:, 0], scores[:, 1:], k)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -241,9 +242,10 @@ def item_embeddings(texts: Sequence[str], *, model_dir: str | Path | None = None
 
 
 def person_profiles(emb: np.ndarray, person: np.ndarray, item: np.ndarray, n_persons: int, *,
-                    center: np.ndarray | None = None) -> np.ndarray:
+                    center: np.ndarray | None = None, fallback: np.ndarray | None = None) -> np.ndarray:
     """Each person's profile: the mean embedding of the items in their history, minus ``center``
-    (default: the catalogue's mean embedding, public), L2-normalised; zeros for an empty history.
+    (default: the catalogue's mean embedding, public), L2-normalised; for an empty history the
+    row of ``fallback`` (e.g. :func:`profile_fallback` of their own text), else zeros.
 
     Privacy contract: reads the institution's own histories; the result stays at the institution
     (never released, no budget).
@@ -252,7 +254,51 @@ def person_profiles(emb: np.ndarray, person: np.ndarray, item: np.ndarray, n_per
     sums = np.zeros((n_persons, emb.shape[1]), np.float64)
     np.add.at(sums, np.asarray(person), emb[np.asarray(item)] - center)
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+    out = (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+    if fallback is not None:
+        empty = np.bincount(np.asarray(person), minlength=n_persons) == 0
+        out[empty] = np.asarray(fallback, np.float32)[empty]
+    return out
+
+
+def person_texts(people, covariates) -> list[str]:
+    """One text per person from their declared covariates, e.g. ``"age in years at baseline: 54.
+    1 = female: yes. ..."`` (the study's covariate descriptions, else the column names).
+
+    Privacy contract: the result describes the institution's people; it is generated at the
+    institution, embedded there (:func:`person_profiles`' ``fallback``) and never released.
+    """
+    out: list[str] = []
+    for _, row in people.iterrows():
+        parts = []
+        for c in covariates:
+            if c.name not in people.columns:
+                continue
+            v = row[c.name]
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            label = (c.description or c.name.replace("_", " ")).strip()
+            if c.kind == "binary":
+                value = "yes" if float(v) >= 0.5 else "no"
+            elif c.kind in ("number", "integer"):
+                value = f"{float(v):.0f}" if c.kind == "integer" or abs(float(v)) >= 100 else f"{float(v):.1f}"
+            else:
+                value = str(v)
+            parts.append(f"{label}: {value}.")
+        out.append(" ".join(parts))
+    return out
+
+
+def profile_fallback(texts: Sequence[str], emb: np.ndarray, *, encoder=None, model_dir=None, expected_sha256=None,
+                     center: np.ndarray | None = None) -> np.ndarray:
+    """Unit vectors of the people's own texts (:func:`person_texts`) minus the catalogue centre:
+    the profile of a person with no history yet. Never cached on disk (private text); stays at
+    the institution."""
+    tokenizer, model, _ = encoder if encoder is not None else load_encoder(model_dir, expected_sha256=expected_sha256)
+    e = embed_texts(list(texts), tokenizer, model, progress=False).astype(np.float64)
+    center = emb.mean(0) if center is None else center
+    e = e - center
+    return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def text_prior_scores(profiles: np.ndarray, emb: np.ndarray, persons: np.ndarray, items: np.ndarray, *,

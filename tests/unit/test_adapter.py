@@ -268,3 +268,66 @@ def test_non_private_round_learns_and_scores_locally(adapter, emb):
     after = tr.score(persons, cands, {k: g[k] + delta[k] for k in g})
     assert after.shape == (2, 2) and np.isfinite(after).all()
     assert not np.allclose(before, after)
+
+
+# ---------------------------------------------------------------------- hybrid blend
+def test_hybrid_standardise_and_blend_match_scipy_zscore():
+    from scipy.stats import zscore
+
+    from fedrec.common.models.hybrid import blend, standardise
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 7)), rng.exponential(size=(5, 7))
+    np.testing.assert_allclose(standardise(a), zscore(a, axis=1), atol=1e-12)
+    np.testing.assert_allclose(blend({"a": 1.0, "b": 0.5}, {"a": a, "b": b}),
+                               zscore(a, axis=1) + 0.5 * zscore(b, axis=1), atol=1e-12)
+    assert np.array_equal(standardise(np.ones((2, 3))), np.zeros((2, 3)))  # a constant row stays tied
+    with pytest.raises(KeyError, match="not computed"):
+        blend({"a": 1.0, "mf": 0.5}, {"a": a})
+    with pytest.raises(ValueError, match="every weight is 0"):
+        blend({"a": 0.0}, {"a": a})
+
+
+def test_hybrid_dp_popularity_subtracts_one_noise_sd():
+    from fedrec.common.models.hybrid import dp_popularity
+
+    counts = np.array([-3.0, 0.5, 2.0, 10.0])
+    np.testing.assert_allclose(dp_popularity(counts, 4.0), np.log1p([0.0, 0.0, 0.0, 8.0]))
+    np.testing.assert_allclose(dp_popularity(counts, 0.0), np.log1p([0.0, 0.5, 2.0, 10.0]))
+
+
+def test_hybrid_fit_blend_finds_the_informative_component():
+    """A component that puts the positive (column 0) first gets weight; pure noise gets none."""
+    from fedrec.common.models.hybrid import fit_blend
+
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(200, 20))
+    signal = rng.normal(size=(200, 20))
+    signal[:, 0] += 3.0
+
+    def hit_rate(s, _t):  # positive ranked first: an independent, trivially correct metric
+        return float((s.argmax(axis=1) == 0).mean())
+
+    w = fit_blend({"noise": [noise], "signal": [signal]}, hit_rate)
+    assert w["noise"] == 0.0 and w["signal"] > 0
+
+
+# ---------------------------------------------------------------------- text for simulated domains
+def test_domain_catalogue_and_people_have_text():
+    import pandas as pd
+
+    from fedrec.common.models.text_prior import catalogue_texts, person_profiles, person_texts
+    from fedrec.common.schema import Covariate
+    from fedrec.simulations.domains import get_domain
+
+    for name in ("health", "education", "finance"):
+        texts = catalogue_texts(get_domain(name).items_frame())
+        assert all(len(t.split()) >= 8 for t in texts), texts  # name, category and a description
+    people = pd.DataFrame({"age": [54, 31], "female": [1, 0], "region": ["north", None]})
+    covs = (Covariate("age", "integer", 18, 90, description="age in years"), Covariate("female", "binary"),
+            Covariate("region", "category", levels=("north", "south")))
+    assert person_texts(people, covs) == ["age in years: 54. female: yes. region: north.", "age in years: 31. female: no."]
+    emb = np.eye(3, dtype=np.float32)
+    fallback = np.full((3, 3), 0.5, np.float32)
+    prof = person_profiles(emb, np.array([0, 0]), np.array([1, 2]), 3, fallback=fallback)
+    assert np.allclose(prof[1:], 0.5) and not np.allclose(prof[0], 0.5)  # only empty histories fall back

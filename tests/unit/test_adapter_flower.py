@@ -94,3 +94,139 @@ def test_adapter_evaluation_is_ranking_sums(folder):
                                         dst_node_id=7, message_type="evaluate"), ctx)
     sums = reply.content.metric_records["metrics"]
     assert sums["n_ranked"] == 30 and 0 <= sums["ndcg_sum"] <= 30
+
+
+# ---------------------------------------------------------------------- simulation-seeded noise
+def _simulated_ctx(folder: Path, out: Path, noise_seed: int, run_id: int) -> Context:
+    """A node as Flower's simulation engine starts it (partition-id), its policy provisioned by
+    the harness under sim.policy-dir."""
+    cfg = CFG.override(**{"data-dir": str(folder.parent), "sim.policy-dir": str(out / "policies"),
+                          "sim.noise-seed": noise_seed, "institutions": 1})
+    return Context(run_id=run_id, node_id=7, node_config={"partition-id": 0, "num-partitions": 1},
+                   state=RecordDict(), run_config=cfg.to_flat())
+
+
+def test_adapter_noise_is_seeded_from_sim_noise_seed_in_a_simulation(folder, tmp_path):
+    from fedrec.simulations.provision import provision_institutions
+
+    provision_institutions([folder.name], tmp_path, epsilon=100.0, delta=CFG.privacy.delta)
+    start = initial_adapter_arrays(seed=0)
+
+    def delta(noise_seed: int, run_id: int) -> np.ndarray:
+        reply = client_app.train(train_msg(start), _simulated_ctx(folder, tmp_path, noise_seed, run_id))
+        assert "refusal" not in reply.content.config_records, dict(reply.content.config_records["refusal"])
+        return np.concatenate([reply.content.array_records["arrays"][k].numpy().ravel() for k in sorted(start)])
+
+    a, b, c = delta(11, 1), delta(11, 2), delta(12, 3)
+    assert np.array_equal(a, b)  # same seed, same round: the same release
+    assert not np.allclose(a, c)  # another seed: other noise
+
+
+# ---------------------------------------------------------------------- hybrid
+HYBRID = RunConfig().override(**{"institutions": 2, "rounds": 2, "privacy.epsilon": 4.0, "model": "hybrid",
+                                 "seed": 1, "sim.noise-seed": 1})
+
+
+def test_unknown_model_is_one_line_error():
+    from fedrec.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model = 'bert' is not built; fix: use 'mf', 'adapter'.*'hybrid'"):
+        RunConfig().override(model="bert")
+
+
+def test_hybrid_train_and_count_replies_carry_only_mf_item_tensors(tmp_path):
+    folder = _institution_folder(tmp_path, 0)  # its own ledger: the other tests' charges do not count here
+    res = CliRunner().invoke(client_cli, ["init", str(folder), "--epsilon-cap", "8"])
+    assert res.exit_code == 0, res.output
+    ctx = Context(run_id=8, node_id=7, node_config={"data-dir": str(folder)}, state=RecordDict(),
+                  run_config=HYBRID.override(**{"mf.dim": 2}).to_flat())
+    n_items = 24
+    arrays = {"item_bias": np.zeros(n_items, np.float32), "item_factors": np.full((n_items, 2), 0.1, np.float32)}
+    counts = client_app.counts(Message(RecordDict({"config": ConfigRecord({"server-round": 0})}),
+                                       dst_node_id=7, message_type="query.counts"), ctx)
+    msg = Message(RecordDict({"arrays": numpy_to_arrays(arrays),
+                              "precond": numpy_to_arrays({"precond": np.ones(n_items, np.float32)}),
+                              "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+    reply = client_app.train(msg, ctx)
+    assert set(counts.content.array_records["arrays"]) == {"counts"}
+    assert set(reply.content.array_records["arrays"]) == {"item_bias", "item_factors"}
+    for r in (counts, reply):
+        assert set(r.content.array_records) == {"arrays"}
+        for arr in r.content.array_records["arrays"].values():
+            assert arr.numpy().shape[0] == n_items  # item side only: no person-shaped tensor
+    rows = PrivacyLedger(load_policy(folder / "privacy.toml").ledger).rows(run_id="8")
+    assert [r.task for r in rows] == ["item-counts", "train"]
+
+
+def _institution_folder(root: Path, k: int) -> Path:
+    """Two small institutions on one 24-item catalogue with titles and genres."""
+    folder = root / f"institution_{k:02d}"
+    folder.mkdir(parents=True)
+    genres = ["Comedy", "Drama", "Horror|Thriller", "Animation|Children", "Documentary", "Sci-Fi|Action"]
+    pd.DataFrame({"item_id": np.arange(1, 25), "title": [f"Film number {i}" for i in range(1, 25)],
+                  "year": 1990.0 + np.arange(24) % 20, "genres": [genres[i % 6] for i in range(24)]}
+                 ).to_parquet(folder / "items.parquet", index=False)
+    rng = np.random.default_rng(k)
+    rows = [(p, int(i), 4.5) for p in range(1, 31)
+            for i in rng.choice([i for i in range(1, 25) if (i - 1) % 6 == p % 6], size=3, replace=False)]
+    df = pd.DataFrame(rows, columns=["person_id", "item_id", "rating"])
+    test = df.groupby("person_id").head(1)
+    df.drop(test.index).to_parquet(folder / "ratings_train.parquet", index=False)
+    test.to_parquet(folder / "ratings_test.parquet", index=False)
+    return folder
+
+
+@pytest.mark.slow
+def test_hybrid_flower_simulation_runs_under_dp_over_secagg(tmp_path):
+    """A real Flower simulation (Ray, SecAgg+, real ledgers): 2 institutions x 2 rounds of the
+    hybrid, ε recorded in each institution's ledger, the hybrid's NDCG reported."""
+    import sqlite3
+
+    from fedrec.client.train import plan_dp
+    from fedrec.common.privacy.accountant import epsilon_for
+    from fedrec.simulations.run import run_simulation
+
+    data = tmp_path / "data"
+    for k in range(2):
+        _institution_folder(data, k)
+    cfg = HYBRID.override(**{"data-dir": str(data)})
+    assert cfg.secagg.enabled
+    history = run_simulation(cfg, tmp_path / "out", quiet=True)
+    assert [r["round"] for r in history["rounds"]] == [1, 2]
+    final = history["rounds"][-1]
+    assert final["contributors"] == 2 and 0 <= final["ndcg10"] <= 1
+    expected = epsilon_for(plan_dp(cfg, n_persons=30).run_events(), delta=cfg.privacy.delta, accountant="prv")
+    assert len(final["epsilon"]) == 2
+    for eps in final["epsilon"].values():
+        assert eps == pytest.approx(expected, rel=1e-6) and eps <= cfg.privacy.epsilon + 1e-9
+    ledgers = sorted((tmp_path / "out" / "ledgers").glob("*.db"))
+    assert len(ledgers) == 2
+    for db in ledgers:
+        with sqlite3.connect(db) as con:
+            tables = [t for (t,) in con.execute("select name from sqlite_master where type='table'")]
+            events = next(t for t in tables if "event" in t)
+            statuses = [s for (s,) in con.execute(f"select status from {events}")]
+        assert statuses == ["released"] * (cfg.train.rounds + 1)  # the counts + one per round
+
+
+def test_hybrid_evaluation_ranks_by_the_blend_not_by_mf(folder):
+    """The hybrid's evaluate needs the server's DP counts (refused without them) and ranks by
+    the blend: the text prior separates the 6 tastes, so it beats MF's item biases alone."""
+    node = {"data-dir": str(folder), "metrics-release": "simulation"}
+    arrays = {"item_bias": np.zeros(24, np.float32)}
+
+    def evaluate(model: str, counts: np.ndarray | None):
+        ctx = Context(run_id=9, node_id=7, node_config=node, state=RecordDict(),
+                      run_config=HYBRID.override(model=model).to_flat())
+        content = RecordDict({"arrays": numpy_to_arrays(arrays), "config": ConfigRecord({"server-round": 1})})
+        if counts is not None:
+            content["hybrid"] = numpy_to_arrays({"counts": counts})
+            content["hybrid-config"] = ConfigRecord({"count-noise-var": 0.0})
+        return client_app.evaluate(Message(content, dst_node_id=7, message_type="evaluate"), ctx)
+
+    assert dict(evaluate("hybrid", None).content.config_records["refusal"]) == {"code": "data"}
+    flat = np.zeros(24, np.float32)
+    mf = evaluate("mf", None).content.metric_records["metrics"]
+    hy = evaluate("hybrid", flat).content.metric_records["metrics"]
+    assert hy["n_ranked"] == mf["n_ranked"] == 30
+    assert hy["ndcg_sum"] > mf["ndcg_sum"] + 3, (hy["ndcg_sum"], mf["ndcg_sum"])

@@ -1,0 +1,84 @@
+"""The hybrid scorer: DP item popularity + DP MF + the zero-budget text prior (+ the adapter).
+
+Each component scores a person's candidate items; per person (row) each component's scores are
+z-scored and the hybrid is their weighted sum. Components:
+
+- ``dp_popularity``: ``log1p`` of the released DP item counts after subtracting one noise sd
+  (the same soft threshold as ``item_prior``): most catalogue items have (almost) no raters,
+  and an undenoised count would call every item whose noise came out high "popular";
+- ``mf``: the DP MF score (released item side, local user side);
+- ``text_prior``: the cosine of the person's history profile with the item text (public
+  weights, public text: no budget);
+- ``adapter``: the DP LoRA adapter's score (benchmarks; not trained in a Flower hybrid run).
+
+Weights are public constants (:data:`DEFAULT_WEIGHTS`) chosen once by ``benchmarks/adapter.py``
+on a validation split of the *training* data (MovieLens, seed 0 — never a headline seed), or
+fitted by :func:`fit_blend` on such a split.
+
+Privacy contract: post-processing only. Every component is either a DP release (counts, MF
+item side), public (text, weights) or the institution's own data scored locally; the blend is
+computed where the person's data is and releases nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "GRID", "dp_popularity", "standardise", "blend", "fit_blend"]
+
+COMPONENTS = ("dp_popularity", "mf", "text_prior", "adapter")
+#: the Flower hybrid's weights: the grid search's choice on the warm validation split of MovieLens'
+#: training data, seed 0, ε = 8, the default plan (counts 18% of the budget, local noise), with
+#: the components a Flower hybrid run has (no adapter); docs/adapter.md
+DEFAULT_WEIGHTS: dict[str, float] = {"dp_popularity": 1.0, "mf": 0.25, "text_prior": 2.0}
+GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def dp_popularity(counts: np.ndarray, count_noise_var: float) -> np.ndarray:
+    """``log1p(max(counts − sd, 0))`` of the released DP counts, ``sd = √count_noise_var``
+    (public). Post-processing of a DP release."""
+    sd = float(np.sqrt(max(float(count_noise_var), 0.0)))
+    return np.log1p(np.maximum(np.asarray(counts, np.float64) - sd, 0.0))
+
+
+def standardise(s: np.ndarray) -> np.ndarray:
+    """Per-row z-score: components on one scale whatever their units (ties stay ties)."""
+    s = np.asarray(s, np.float64)
+    sd = s.std(axis=-1, keepdims=True)
+    return (s - s.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def blend(weights: Mapping[str, float], comps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Σ_c w_c · standardise(comps[c]) over the components with a non-zero weight. A weighted
+    component that is missing is an error (never silently dropped)."""
+    missing = [n for n, w in weights.items() if w and n not in comps]
+    if missing:
+        raise KeyError(f"hybrid: weighted component(s) {missing} not computed")
+    used = [(w, comps[n]) for n, w in weights.items() if w]
+    if not used:
+        raise ValueError("hybrid: every weight is 0")
+    return sum(w * standardise(s) for w, s in used)
+
+
+def fit_blend(components: Mapping[str, Sequence[np.ndarray]], metric: Callable[[np.ndarray, int], float],
+              grid: Sequence[float] = GRID) -> dict[str, float]:
+    """Weights maximising ``Σ_t metric(blend_t, t)`` over validation tasks ``t`` by grid search.
+
+    ``components[name][t]`` are the candidate scores ``[rows, 1 + negatives]`` of task ``t``.
+    The first component's weight is 0 or 1 (scale does not change a ranking). The validation
+    tasks must come from training data only (never held-out data).
+    """
+    names = list(components)
+    n_tasks = len(next(iter(components.values())))
+    z = {n: [standardise(s) for s in components[n]] for n in names}
+    best, best_w = -np.inf, None
+    for ws in itertools.product(grid, repeat=len(names)):
+        if max(ws) == 0 or ws[0] not in (0.0, 1.0):
+            continue
+        total = sum(metric(sum(w * z[n][t] for w, n in zip(ws, names) if w), t) for t in range(n_tasks))
+        if total > best + 1e-9:
+            best, best_w = total, ws
+    return dict(zip(names, best_w))
