@@ -23,6 +23,10 @@ Strategy specs (JSON-able dicts, ``name`` + ``kind``):
   the person's considered items by a public linear score on the bound-scaled design
   (``intercept`` + design columns; a causal run's ``cate_coef`` for benefit ranking, a
   public engagement model for engagement ranking); ``better = "lower"`` ranks by −score;
+* ``{"kind": "crossfit", "coef": [model_0, model_1, ...], "salt": TEXT, "better": ...}`` — a
+  cross-fitted rank strategy: a person of fold k (:func:`~fedrec.common.causal.ope.person_fold`
+  of the person id and the public salt) is ranked by ``model_k``, a model fitted **without**
+  fold k's people (benefit ranking evaluated on people its CATE model never saw);
 * ``{"kind": "random"}`` — each considered item with probability 1/m;
 * ``{"kind": "logging"}`` — the logging policy itself: the logged propensity (or the public
   model); exposure bound: the catalogue size; its weight clip is ``CLIP_FACTOR`` x λ;
@@ -40,15 +44,16 @@ import numpy as np
 
 from fedrec.client.statistics import (Contribution, design_columns, encode_item, item_arms, people_design,
                                       whitening_from_arrays)
-from fedrec.common.causal.estimators import Whitening, trimmed_propensity
-from fedrec.common.causal.ope import (Layout, normalized_release_rows, person_components, release_bound, strategy_bounds,
-                                      strategy_clip)
+from fedrec.common.causal.scaling import trimmed_propensity
+from fedrec.common.causal.whitening import Whitening
+from fedrec.common.causal.ope import (Layout, normalized_release_rows, person_components, person_fold, release_bound,
+                                      strategy_bounds, strategy_clip)
 from fedrec.common.datasets import InstitutionData
 
 __all__ = ["KINDS", "register_scorer", "check_strategies", "strategy_rows",
            "exposure_probabilities", "ope_contribution", "mediation_rows", "mediation_contribution"]
 
-KINDS = ("rank", "random", "logging", "scorer")
+KINDS = ("rank", "crossfit", "random", "logging", "scorer")
 _SCORERS: dict[str, Callable[[InstitutionData, Sequence[str]], np.ndarray]] = {}
 
 
@@ -70,16 +75,20 @@ def check_strategies(specs: Sequence[Mapping], items: Sequence[str], columns: Se
         kind = s.get("kind")
         if kind not in KINDS:
             raise ValueError(f"strategy {s.get('name')!r}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
-        if kind == "rank":
+        if kind in ("rank", "crossfit"):
             if s.get("better", "higher") not in ("higher", "lower"):
                 raise ValueError(f"strategy {s['name']!r}: better must be higher or lower")
-            coef = s.get("coef", {})
-            for it in items:
-                if it not in coef:
-                    raise ValueError(f"strategy {s['name']!r}: no score model for item {it!r}")
-                missing = [c for c in ["intercept", *columns] if c not in coef[it]]
-                if missing:
-                    raise ValueError(f"strategy {s['name']!r}, item {it!r}: coefficients missing for {missing}")
+            models = s.get("coef", []) if kind == "crossfit" else [s.get("coef", {})]
+            if kind == "crossfit" and (not isinstance(models, list) or len(models) < 2 or not str(s.get("salt", ""))):
+                raise ValueError(f"strategy {s['name']!r}: a crossfit strategy needs coef = [model per fold] (>= 2) "
+                                 "and a salt")
+            for coef in models:
+                for it in items:
+                    if it not in coef:
+                        raise ValueError(f"strategy {s['name']!r}: no score model for item {it!r}")
+                    missing = [c for c in ["intercept", *columns] if c not in coef[it]]
+                    if missing:
+                        raise ValueError(f"strategy {s['name']!r}, item {it!r}: coefficients missing for {missing}")
         strategy_clip(s, 1.0)  # a usable clip-factor
         if kind == "scorer" and str(s.get("scorer")) not in _SCORERS:
             raise ValueError(f"strategy {s['name']!r}: no scorer {s.get('scorer')!r} registered at this institution")
@@ -155,10 +164,20 @@ def exposure_probabilities(spec: Mapping, rows: Mapping[str, np.ndarray], items:
         return 1.0 / counts[person]
     if kind == "logging":
         return rows["e"].copy()
-    if kind == "rank":
+    if kind in ("rank", "crossfit"):
         names = ["intercept", *columns]
-        coef = np.column_stack([[float(spec["coef"][it][c]) for c in names] for it in items])
-        scores = rows["x"] @ coef
+
+        def linear(model: Mapping) -> np.ndarray:
+            return rows["x"] @ np.column_stack([[float(model[it][c]) for c in names] for it in items])
+
+        if kind == "rank":
+            scores = linear(spec["coef"])
+        else:  # each person ranked by the model fitted without their fold
+            assert data is not None, "a crossfit strategy needs the institution's person ids"
+            fold = person_fold(data.people["person_id"].astype(str).to_numpy(), str(spec["salt"]), len(spec["coef"]))
+            scores = np.zeros((len(rows["x"]), len(items)))
+            for k, model in enumerate(spec["coef"]):
+                scores[fold == k] = linear(model)[fold == k]
         if spec.get("better", "higher") == "lower":
             scores = -scores
     elif kind == "scorer":

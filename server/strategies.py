@@ -31,7 +31,8 @@ import numpy as np
 from fedrec.common.causal.ope import Layout, OPEConfig, OPEResult, evaluate_sums, release_bound, strategy_bounds
 from fedrec.common.privacy.gaussian import summed_noise_var
 
-__all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "random_strategy",
+__all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "crossfit_benefit_strategy",
+           "random_strategy",
            "logging_strategy", "scorer_strategy", "noise_multiplier", "effective_clip", "run_strategies"]
 
 STEP = "strategies"
@@ -70,6 +71,26 @@ def benefit_strategy(item_results: Mapping[str, dict], better: str, name: str = 
     """Benefit ranking: each item's released CATE model (causal.json ``items.<item>.cate_coef``),
     oriented by the study's better direction."""
     return rank_strategy(name, {it: r["cate_coef"] for it, r in item_results.items()}, better)
+
+
+def crossfit_benefit_strategy(fold_items: Sequence[Mapping[str, dict]], better: str, salt: str,
+                              name: str = "benefit-cf") -> dict:
+    """Cross-fitted benefit ranking: ``fold_items[k]`` are the CATE models (causal.json ``items``)
+    of a causal run on fold k's people only (:func:`~fedrec.common.causal.ope.person_fold` with
+    ``salt``); a person of fold k is ranked by a model fitted on the **other** folds (with two
+    folds: the other one), so the strategy's value is estimated on people its model never saw.
+    More than two folds: the model of fold k+1 (mod K) — still fitted without fold k."""
+    k = len(fold_items)
+    if k < 2:
+        raise ValueError("cross-fitting needs at least two folds")
+    models = []
+    for f in range(k):
+        other = fold_items[(f + 1) % k]
+        missing = [it for it, r in other.items() if "cate_coef" not in r]
+        if missing:
+            raise ValueError(f"fold {(f + 1) % k}'s causal run has no CATE model for {missing}")
+        models.append({it: {c: float(v) for c, v in r["cate_coef"].items()} for it, r in other.items()})
+    return {"name": name, "kind": "crossfit", "better": better, "salt": str(salt), "coef": models}
 
 
 def random_strategy(name: str = "random") -> dict:
@@ -181,7 +202,8 @@ def _main(grid, context) -> None:
     ``causal_raw.json`` in ``results-dir``."""
     from pathlib import Path
 
-    from fedrec.common.causal.estimators import CausalConfig, half_range
+    from fedrec.common.causal.config import CausalConfig
+    from fedrec.common.causal.scaling import half_range
     from fedrec.common.config import RunConfig
     from fedrec.server.aggregation import PlainSum
     from fedrec.server.app import reported_failure, wait_for_nodes

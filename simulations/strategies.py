@@ -82,7 +82,7 @@ def evaluate_inprocess(institutions: Sequence[InstitutionData], causal_result, s
                        rng: np.random.Generator | None = None, cache: dict | None = None) -> tuple[OPEResult, dict]:
     """Strategy values from the causal run ``causal_result``'s public nuisances (in process)."""
     from fedrec.client.statistics import design_columns
-    from fedrec.common.causal.estimators import half_range
+    from fedrec.common.causal.scaling import half_range
     from fedrec.server.strategies import nuisance_arrays, run_strategies
 
     cfg = replace(cfg, n_min=cfg.n_min or len(institutions))  # in process: no dropouts
@@ -183,13 +183,38 @@ def logging_value(institutions: Sequence[InstitutionData], truths: Sequence) -> 
 
 
 # --------------------------------------------------------------------------- one run, many runs
+def fold_subset(d: InstitutionData, salt: str, fold: int, folds: int = 2) -> InstitutionData:
+    """The institution restricted to the people of one cross-fitting fold
+    (:func:`~fedrec.common.causal.ope.person_fold`): same name (same ledger), fewer people."""
+    from fedrec.common.causal.ope import person_fold
+
+    ids = d.people["person_id"].astype(str)
+    keep = ids[person_fold(ids.to_numpy(), salt, folds) == fold]
+    return replace(d, people=d.people[ids.isin(keep)].reset_index(drop=True),
+                   interactions=d.interactions[d.interactions["person_id"].astype(str).isin(keep)].reset_index(drop=True))
+
+
+def crossfit_runs(institutions: Sequence[InstitutionData], ccfg, *, salt: str, folds: int = 2,
+                  rng: np.random.Generator | None = None) -> list[dict]:
+    """One causal run per fold on that fold's people at every institution (in process); returns
+    each run's ``items`` (CATE models). Privacy: one more causal run per person — each person is
+    in one fold only (parallel composition over the folds), so cross-fitting costs each person the
+    causal run's ε once more; an institution's ledger records each fold's run."""
+    from fedrec.simulations.causal_cli import estimate_inprocess
+
+    return [estimate_inprocess([fold_subset(d, salt, k, folds) for d in institutions], ccfg, rng=rng).items
+            for k in range(folds)]
+
+
 def one_run(domain: str, *, seed: int, epsilon: float, noise_mode: str, institutions: int = 8, people: int = 20_000,
-            logger_shift: float = 1.0, ope: OPEConfig | None = None, reference=None, engagement=None) -> dict:
+            logger_shift: float = 1.0, ope: OPEConfig | None = None, reference=None, engagement=None,
+            crossfit: bool = True) -> dict:
     """One federation: causal run + strategy release at ``epsilon`` each; rows of estimates
-    with the reference values."""
+    with the reference values. ``crossfit``: also the cross-fitted benefit ranking
+    (``benefit-cf``: two more causal runs, one per half of the people — :func:`crossfit_runs`)."""
     from fedrec.client.statistics import design_columns
-    from fedrec.server.strategies import (benefit_strategy, logging_strategy, nuisance_arrays, random_strategy,
-                                          rank_strategy)
+    from fedrec.server.strategies import (benefit_strategy, crossfit_benefit_strategy, logging_strategy,
+                                          nuisance_arrays, random_strategy, rank_strategy)
     from fedrec.simulations.causal_cli import estimate_inprocess, resolve_config
 
     insts, truths = several_loggers(domain, institutions=institutions, people=people, seed=seed,
@@ -206,6 +231,10 @@ def one_run(domain: str, *, seed: int, epsilon: float, noise_mode: str, institut
         engagement = engagement_model(domain, reference[0], covariates=cov, derived=der)
     specs = [benefit_strategy(causal.items, study.outcome_better), rank_strategy("engagement", engagement, "higher"),
              random_strategy(), logging_strategy()]
+    if crossfit:
+        salt = f"crossfit-{seed}"
+        specs.insert(1, crossfit_benefit_strategy(crossfit_runs(insts, ccfg, salt=salt, rng=np.random.default_rng([seed, 78])), study.outcome_better,
+                                                  salt))
     cfg = replace(ope or OPEConfig(), epsilon=epsilon, noise_mode=noise_mode)
     res, facts = evaluate_inprocess(insts, causal, specs, cfg, covariates=cov, derived=der, rng=rng)
     nuis = nuisance_arrays(causal)
@@ -223,10 +252,11 @@ def one_run(domain: str, *, seed: int, epsilon: float, noise_mode: str, institut
             rows.append({"strategy": s["name"], "estimator": est, "value": e.value, "se": e.se, "ci_low": lo,
                          "ci_high": hi, "truth": truth[s["name"]]})
     for est in [t for t in PAIR_TERMS if t in cfg.estimators]:
-        dif = res.difference("benefit", "engagement", est)
-        lo, hi = dif.ci
-        rows.append({"strategy": "benefit-engagement", "estimator": est, "value": dif.value, "se": dif.se,
-                     "ci_low": lo, "ci_high": hi, "truth": truth["benefit"] - truth["engagement"]})
+        for a in [s["name"] for s in specs if s["name"].startswith("benefit")]:
+            dif = res.difference(a, "engagement", est)
+            lo, hi = dif.ci
+            rows.append({"strategy": f"{a}-engagement", "estimator": est, "value": dif.value, "se": dif.se,
+                         "ci_low": lo, "ci_high": hi, "truth": truth[a] - truth["engagement"]})
     return {"domain": domain, "seed": seed, "epsilon": epsilon if math.isfinite(epsilon) else "inf",
             "noise_mode": noise_mode, "rows": rows, "release": facts}
 
@@ -261,8 +291,10 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
 
 def evaluate_strategies(domains: Sequence[str], *, seeds: Sequence[int], epsilons: Sequence[float],
                         noise_modes: Sequence[str], institutions: int = 8, people: int = 20_000,
-                        logger_shift: float = 1.0, ope: OPEConfig | None = None, progress=None) -> dict:
-    """Many runs -> ``{"meta", "runs", "rows"}`` (rows: :func:`summarize`)."""
+                        logger_shift: float = 1.0, ope: OPEConfig | None = None, progress=None,
+                        crossfit: bool = True) -> dict:
+    """Many runs -> ``{"meta", "runs", "rows"}`` (rows: :func:`summarize`); ``crossfit``: also
+    the cross-fitted benefit ranking (:func:`one_run`)."""
     if not seeds:
         raise FedrecInputError("--seeds: no seed given; fix: e.g. --seeds 5")
     runs = []
@@ -272,14 +304,17 @@ def evaluate_strategies(domains: Sequence[str], *, seeds: Sequence[int], epsilon
             for mode in (noise_modes if math.isfinite(eps) else ["local"]):
                 for seed in seeds:
                     run = one_run(dom, seed=seed, epsilon=eps, noise_mode=mode, institutions=institutions,
-                                  people=people, logger_shift=logger_shift, ope=ope, reference=ref)
+                                  people=people, logger_shift=logger_shift, ope=ope, reference=ref,
+                                  crossfit=crossfit)
                     runs.append(run)
                     if progress:
                         progress(f"{dom} ε={eps} {mode} seed {seed} done")
     meta = {"domains": list(domains), "seeds": list(seeds), "epsilons": [e if math.isfinite(e) else "inf" for e in epsilons],
             "noise_modes": list(noise_modes), "institutions": institutions, "people": people,
             "logger_shift": logger_shift, "reference": "mean true effect of the strategy over 100,000 fresh people",
-            "epsilon_note": "the causal run and the strategy release each spend ε (total per institution: both composed)"}
+            "crossfit": crossfit,
+            "epsilon_note": "the causal run and the strategy release each spend ε (total per institution: both composed); "
+                            "benefit-cf: one more causal run per person (each person is in one of two halves)"}
     return {"meta": meta, "runs": runs, "rows": summarize(runs)}
 
 
@@ -295,7 +330,7 @@ def mediation_inprocess(institutions: Sequence[InstitutionData], item: str, *, e
     chooses the adjustment covariates, else every design column."""
     from fedrec.client.ope_statistics import mediation_contribution, mediation_rows
     from fedrec.client.statistics import release
-    from fedrec.common.causal.estimators import half_range
+    from fedrec.common.causal.scaling import half_range
     from fedrec.common.causal.graph import _unvech, check_identifiable, mediation
     from fedrec.common.privacy.accountant import GaussianEvent
     from fedrec.common.privacy.gaussian import summed_noise_var

@@ -42,6 +42,7 @@ import numpy as np
 from fedrec.common.errors import FedrecInputError
 
 __all__ = ["CausalGraph", "parse_graph", "read_graph", "adjustment_set", "open_backdoor_path", "check_identifiable",
+           "check_design", "check_study_graph",
            "gram_bound", "gram_rows", "ols_from_gram", "sem_paths", "mediation", "Mediation", "e_value",
            "robustness_value"]
 
@@ -195,6 +196,39 @@ def check_identifiable(g: CausalGraph, declared: Sequence[str] = ()) -> list[str
     return sorted(z)
 
 
+def check_design(g: CausalGraph, design: Sequence[str]) -> None:
+    """Does adjusting for the run's design covariates (``design``, names as declared; columns such
+    as ``sex=male`` count as ``sex``) block every back-door path? FedrecInputError (one line)
+    naming a descendant of the treatment in the design, or the back-door path it leaves open."""
+    used = {str(c).split("=", 1)[0] for c in design} & set(g.dag.nodes)
+    bad = sorted(used & nx.descendants(g.dag, g.treatment))
+    if bad:
+        raise FedrecInputError(f"study.toml [causal.graph]: the design adjusts for {bad[0]!r}, which the graph makes "
+                               f"an effect of {g.treatment} (adjusting for it biases the effect); fix: drop it from "
+                               "[causal] covariates")
+    path = open_backdoor_path(g, used)
+    if path is not None:
+        need = ", ".join(sorted(adjustment_set(g) or ()))
+        raise FedrecInputError(f"study.toml [causal.graph]: the design's covariates leave the back-door path {path} "
+                               f"open; fix: add {need or 'the variables on it'} to [causal] covariates")
+
+
+def check_study_graph(table: Mapping | None, declared: Sequence[str], design: Sequence[str] | None = None
+                      ) -> list[str] | None:
+    """The identifiability check every causal run makes **before any budget is spent** (the
+    simulation CLI and the server's study query): None when the study declares no graph; else
+    the back-door adjustment set, or FedrecInputError (one line) naming the open back-door path
+    (:func:`check_identifiable`) or the design's flaw (:func:`check_design`). A pure function of
+    public declarations: releases nothing, charges nothing."""
+    if table is None:
+        return None
+    g = parse_graph(table, "study.toml [causal.graph]")
+    z = check_identifiable(g, declared)
+    if design is not None:
+        check_design(g, design)
+    return z
+
+
 # --------------------------------------------------------------------------- Gram -> SEM
 def gram_bound(p: int) -> float:
     """L2 bound of one row ``vech(v v')`` with ``|v_k| <= 1`` (p coordinates): ``||v||² <= p``
@@ -227,7 +261,7 @@ def ols_from_gram(gram: np.ndarray, names: Sequence[str], target: str, regressor
     """Least squares of ``target`` on ``regressors`` from the Gram ``Σ v v'`` over ``names``
     (``names[0]`` the constant 1, so ``gram[0, 0] = n``). ``cov``: OLS sampling covariance
     ``s² A⁻¹`` plus the first-order DP noise (``noise_var`` per released Gram coordinate)."""
-    from fedrec.common.causal.estimators import ridge_noise_input_cov
+    from fedrec.common.causal.nuisance import ridge_noise_input_cov
 
     idx = {n: i for i, n in enumerate(names)}
     r = [idx[x] for x in regressors]

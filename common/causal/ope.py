@@ -61,7 +61,7 @@ __all__ = ["COMPONENTS", "ESTIMATORS", "MAIN_ESTIMATOR", "OPEConfig", "component
            "release_bound", "release_dim", "n_squares", "terms_of", "SQUARE_TERMS", "PAIR_TERMS",
            "TERM_WEIGHTS", "NEEDS", "Layout", "CLIP_FACTOR", "strategy_clip", "strategy_exposure_bound", "strategy_bounds",
            "estimator_coefficients", "normalized_release_rows",
-           "StrategyEstimate", "OPEResult", "evaluate_sums"]
+           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold"]
 
 #: per-strategy components of a person's term (see module doc)
 COMPONENTS = ("a1", "w1", "a0", "w0", "p", "d", "g", "s")
@@ -164,6 +164,22 @@ def strategy_exposure_bound(spec: Mapping, n_items: int) -> float:
     """Public bound on a person's ``Σ_j p_j`` under ``spec``: the number of items for the
     logging policy (it may expose every considered item), 1 for top-1 and random strategies."""
     return float(n_items) if spec.get("kind") == "logging" else 1.0
+
+
+def person_fold(person_ids: Sequence[object], salt: str, folds: int = 2) -> np.ndarray:
+    """Each person's cross-fitting fold, ``0 .. folds-1``: SHA-256 of ``salt`` and the person id
+    (a public, seeded, process-independent split; the same at every institution and in every
+    run with the same salt). Cross-fitted strategies (kind ``crossfit``) rank a person of fold
+    k by the model fitted without fold k."""
+    import hashlib
+
+    if folds < 2:
+        raise ValueError(f"person_fold needs at least 2 folds, got {folds}")
+    out = np.empty(len(person_ids), dtype=np.int64)
+    for i, pid in enumerate(person_ids):
+        h = hashlib.sha256(f"{salt}\x1f{pid}".encode()).digest()
+        out[i] = int.from_bytes(h[:8], "big") % folds
+    return out
 
 
 def strategy_bounds(spec: Mapping, clip: float, n_items: int) -> np.ndarray:

@@ -126,7 +126,7 @@ def education_run():
 
 def test_non_private_dr_recovers_each_strategy_and_the_benefit_engagement_gap(education_run):
     rows = {(r["strategy"], r["estimator"]): r for r in education_run["rows"]}
-    for strat in ("benefit", "engagement", "random", "logging"):
+    for strat in ("benefit", "benefit-cf", "engagement", "random", "logging"):
         r = rows[(strat, "dr")]
         assert r["ci_low"] - 0.5 * r["se"] <= r["truth"] <= r["ci_high"] + 0.5 * r["se"], (strat, r)
     gap = rows[("benefit-engagement", "dr")]
@@ -154,7 +154,7 @@ def test_mediation_on_a_simulator_direct_plus_indirect_is_total_and_matches_stat
     import statsmodels.api as sm
 
     from fedrec.client.ope_statistics import mediation_rows
-    from fedrec.common.causal.estimators import half_range
+    from fedrec.common.causal.scaling import half_range
     from fedrec.common.causal.graph import parse_graph
     from fedrec.common.errors import FedrecInputError
     from fedrec.simulations.domains import domain_federation

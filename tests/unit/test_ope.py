@@ -251,3 +251,55 @@ def test_a_dr_only_release_gives_the_same_dr_with_a_smaller_sensitivity():
         only.estimate("a", "snips")
     with pytest.raises(ValueError, match="subset of"):
         Layout(("oracle",))
+
+
+def test_person_folds_are_seeded_balanced_and_independent_of_the_process():
+    from fedrec.common.causal.ope import person_fold
+
+    ids = [f"P{i:06d}" for i in range(4000)]
+    a = person_fold(ids, "crossfit-1")
+    assert np.array_equal(a, person_fold(ids, "crossfit-1"))  # same salt, same split (SHA-256, not hash())
+    assert abs(a.mean() - 0.5) < 0.03
+    b = person_fold(ids, "crossfit-2")
+    assert 0.4 < (a == b).mean() < 0.6  # another salt, another split
+    # a fixed value: the split must not change between Python processes or versions
+    assert person_fold(["P000000", "P000001", "P000002"], "s").tolist() == [
+        int.from_bytes(__import__("hashlib").sha256(f"s\x1f{p}".encode()).digest()[:8], "big") % 2
+        for p in ("P000000", "P000001", "P000002")]
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        person_fold(ids, "s", 1)
+
+
+def test_a_crossfit_strategy_ranks_each_person_by_the_model_fitted_without_their_fold():
+    """Cross-fitting (issue 32): fold k's people are ranked by the model of the other fold."""
+    from fedrec.client.ope_statistics import check_strategies, exposure_probabilities, strategy_rows
+    from fedrec.client.statistics import design_columns
+    from fedrec.common.causal.ope import person_fold
+    from fedrec.server.strategies import crossfit_benefit_strategy
+    from fedrec.simulations.domains import domain_federation
+
+    insts, _ = domain_federation("education", institutions=1, people=300, seed=4, skew=0.0)
+    d = insts[0]
+    cols = [c[0] for c in design_columns(d)]
+    items = sorted(d.items["item_id"].astype(str))
+    p = len(cols) + 1
+    arrays = {f"{k}/{it}": np.zeros(p) for it in items for k in ("beta", "mu1", "mu0")}
+    # fold 0's causal run prefers the first item, fold 1's the last one (by their intercepts)
+    first = {it: {"cate_coef": {c: float(j == 0) * -k for j, c in enumerate(["intercept", *cols])}}
+             for k, it in enumerate(items)}
+    last = {it: {"cate_coef": {c: float(j == 0) * k for j, c in enumerate(["intercept", *cols])}}
+            for k, it in enumerate(items)}
+    spec = crossfit_benefit_strategy([first, last], "higher", "salt-7")
+    check_strategies([spec], items, cols)
+    rows = strategy_rows(d, items, arrays)
+    top = exposure_probabilities(spec, rows, items, cols, d)
+    assert np.all(np.bincount(rows["person"], weights=top) == 1)
+    fold = person_fold(d.people["person_id"].astype(str).to_numpy(), "salt-7")
+    chosen = np.zeros(len(d.people), dtype=np.int64)
+    chosen[rows["person"][top == 1]] = rows["item"][top == 1]
+    for i in range(len(d.people)):
+        mine = rows["item"][rows["person"] == i]
+        # fold 0 is ranked by fold 1's model (prefers the last item) and vice versa
+        assert chosen[i] == (mine.max() if fold[i] == 0 else mine.min())
+    with pytest.raises(ValueError, match="crossfit strategy needs"):
+        check_strategies([{**spec, "coef": spec["coef"][:1]}], items, cols)

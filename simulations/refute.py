@@ -1,0 +1,98 @@
+"""Placebo-treatment and random-common-cause refutations (common/causal/refute.py), run in
+process as **charged** causal runs: every institution's release goes through its own
+:class:`~fedrec.client.guard.ReleaseGuard` — authorize (policy) -> charge (write-ahead ledger
+row, task ``refute-<kind>-<step>``) -> clipped sums + the charged event's noise -> released —
+the path a causal run's client handler takes (client/causal_app.py), with the sums added in
+numpy instead of SecAgg+. The refutation's budget is therefore visible in each institution's
+ledger, next to the causal run's.
+
+Privacy: a refutation is one more causal run on each institution's (transformed) data: it
+costs the causal run's ε again (the guard refuses it when the cap does not allow it; nothing is
+computed then). The transformation happens at the institution; only noised sums leave.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from fedrec.common.causal.config import CausalConfig
+from fedrec.common.causal.refute import RANDOM_COVARIATE, REFUTATIONS, refute_data, verdict
+from fedrec.common.datasets import InstitutionData
+
+__all__ = ["guarded_send", "guarded_estimate", "refute_inprocess"]
+
+
+def guarded_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, items: Sequence[str],
+                 guards: Mapping[str, object], *, run_id: str, task: str, rng: np.random.Generator | None = None):
+    """A transport for :func:`fedrec.server.causal.run_protocol` that charges each institution's
+    guard before computing its release (``guards``: institution name -> ReleaseGuard)."""
+    from fedrec.client.guard import ReleaseRequest
+    from fedrec.client.statistics import design_columns, release, step_contributions
+    from fedrec.common.causal.sensitivity import release_sensitivity
+    from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
+
+    request = ReleaseRequest(epsilon=cfg.epsilon, delta=cfg.delta, noise_mode=cfg.noise_mode,
+                             n_min=cfg.n_min or len(institutions), round_size=len(institutions))
+    p = len(design_columns(institutions[0], cfg.covariates, cfg.derived)) + 1
+    cache: dict = {}
+    counter = {"round": 0}
+
+    def send(step: str, arrays: dict, config: dict):
+        kind = step.split(":")[0]
+        sigma = float(config["noise-multiplier"])
+        counter["round"] += 1
+        sens = release_sensitivity(kind, p, arrays, len(items), items)  # public: before any data is read
+        total: dict[str, np.ndarray] = {}
+        for d in institutions:
+            guard = guards[d.name]
+            share = guard.authorize(request)
+            event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens) if sigma > 0 else NonPrivateEvent()
+            charge = guard.charge(event, run_id=run_id, round=counter["round"], task=f"{task}-{step}", model="causal")
+            blocks = step_contributions(kind, d, items, arrays, estimator=cfg.estimator, trim=cfg.trim,
+                                        covariates=cfg.covariates, derived=cfg.derived, cache=cache)
+            sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share, generator=rng)
+            guard.released(charge)
+            for k, v in sums.items():
+                total[k] = total[k] + v if k in total else v.copy()
+        return total, len(institutions), {}
+
+    return send
+
+
+def guarded_estimate(institutions: Sequence[InstitutionData], cfg: CausalConfig, guards: Mapping[str, object], *,
+                     run_id: str, task: str = "causal", rng: np.random.Generator | None = None):
+    """A causal run (server/causal.run_protocol) whose every release is charged to ``guards``."""
+    from fedrec.server.causal import run_protocol
+    from fedrec.simulations.causal_cli import study_info
+
+    cfg = cfg.resolved(len(institutions))
+    info = study_info(institutions, cfg)
+    items = list(cfg.items) or info.items
+    return run_protocol(guarded_send(institutions, cfg, items, guards, run_id=run_id, task=task, rng=rng), info, cfg)
+
+
+def refute_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig, kind: str, *, seed: int,
+                     guards: Mapping[str, object], original: Mapping[str, Mapping], alpha: float = 0.05,
+                     rng: np.random.Generator | None = None) -> dict:
+    """Run refutation ``kind`` (a charged causal run on each institution's transformed data, the
+    propensity refit) and compare with the ``original`` estimates (causal.json ``items``):
+    :func:`fedrec.common.causal.refute.verdict`, plus the ε each institution's ledger now shows."""
+    from fedrec.common.privacy.accountant import epsilon_for
+
+    if kind not in REFUTATIONS:
+        raise ValueError(f"unknown refutation {kind!r}; use one of {', '.join(REFUTATIONS)}")
+    data = [refute_data(kind, d, seed) for d in institutions]
+    rcfg = cfg
+    if kind == "random-common-cause" and cfg.covariates is not None:
+        rcfg = replace(cfg, covariates=tuple(cfg.covariates) + (RANDOM_COVARIATE,))
+    res = guarded_estimate(data, rcfg, guards, run_id=f"refute-{kind}-{seed}", task=f"refute-{kind}", rng=rng)
+    out = verdict(kind, original, res.items, alpha=alpha)
+    out["seed"] = seed
+    out["epsilon_per_institution"] = {
+        n: (float(epsilon_for(g.ledger.events(), delta=cfg.delta)) if math.isfinite(cfg.epsilon) else "inf")
+        for n, g in guards.items()}
+    return out

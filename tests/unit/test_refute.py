@@ -1,0 +1,181 @@
+"""Placebo-treatment and random-common-cause refutations (common/causal/refute.py,
+simulations/refute.py): charged through each institution's real guard and SQLite ledger; the
+placebo flags an unobserved common cause planted in the simulator and does not flag a clean one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedrec.common.causal.refute import placebo_data, random_common_cause_data, refute_data, verdict
+from fedrec.common.privacy.accountant import epsilon_for
+
+
+def _federation(hidden: float, seed: int = 1):
+    from fedrec.simulations.domains import domain_federation
+
+    insts, _ = domain_federation("health", institutions=4, people=4000, seed=seed, skew=0.0, hidden_confounder=hidden)
+    return insts
+
+
+def _guards(tmp_path, insts, cap: float = 100.0):
+    from fedrec.client.guard import ReleaseGuard
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.common.privacy.policy import InstitutionPolicy
+
+    out = {}
+    for d in insts:
+        path = tmp_path / f"{d.name}.db"
+        PrivacyLedger.initialize(path, institution=d.name, epsilon_cap=cap, delta_cap=1e-5)
+        pol = InstitutionPolicy(ledger=path, epsilon_cap=cap, delta_cap=1e-5, max_run_epsilon=cap,
+                                noise_modes=("local",), min_round_size=2)
+        out[d.name] = ReleaseGuard(PrivacyLedger(path), institution=d.name, policy=pol, simulated=True)
+    return out
+
+
+def _run(tmp_path, hidden: float, kinds=("placebo", "random-common-cause")):
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.refute import guarded_estimate, refute_inprocess
+
+    insts = _federation(hidden)
+    guards = _guards(tmp_path, insts)
+    ccfg, _ = resolve_config(insts, epsilon=4.0)
+    rng = np.random.default_rng(11)
+    orig = guarded_estimate(insts, ccfg, guards, run_id="causal", rng=rng)
+    spent = {n: epsilon_for(g.ledger.events(), delta=1e-5) for n, g in guards.items()}
+    out = {k: refute_inprocess(insts, ccfg, k, seed=5, guards=guards, original=orig.items, rng=rng) for k in kinds}
+    return out, guards, spent
+
+
+def test_placebo_flags_a_planted_unobserved_confounder_and_is_charged(tmp_path):
+    out, guards, before = _run(tmp_path, hidden=1.5, kinds=("placebo",))
+    pl = out["placebo"]
+    assert pl["flagged"], pl
+    assert sum(r["ci_excludes_zero"] for r in pl["items"].values()) >= 4
+    for name, g in guards.items():
+        rows = g.ledger.rows()
+        tasks = {r.task for r in rows if r.run_id == "refute-placebo-5"}
+        assert tasks and all(t.startswith("refute-placebo-") for t in tasks)
+        assert all(r.status == "released" for r in rows)
+        # the budget is visible: the refutation composed on top of the causal run
+        assert pl["epsilon_per_institution"][name] > before[name] + 1.0
+
+
+def test_refutations_do_not_flag_a_clean_simulator(tmp_path):
+    out, _, _ = _run(tmp_path, hidden=0.0)
+    assert not out["placebo"]["flagged"], out["placebo"]
+    assert not out["random-common-cause"]["flagged"], out["random-common-cause"]
+    # the placebo effects are centred on 0: their mean z is small
+    z = [r["estimate"] / r["se"] for r in out["placebo"]["items"].values()]
+    assert abs(np.mean(z)) < 1.0
+
+
+def test_a_refutation_over_the_cap_is_refused_before_anything_is_computed(tmp_path, monkeypatch):
+    from fedrec.client import statistics
+    from fedrec.client.guard import Refusal
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.refute import refute_inprocess
+
+    from fedrec.simulations.domains import domain_federation
+
+    insts, _ = domain_federation("health", institutions=2, people=400, seed=2, skew=0.0)
+    guards = _guards(tmp_path, insts, cap=0.5)
+    ccfg, _ = resolve_config(insts, epsilon=4.0)
+    called = []
+    monkeypatch.setattr(statistics, "step_contributions", lambda *a, **k: called.append(1))
+    with pytest.raises(Refusal) as err:
+        refute_inprocess(insts, ccfg, "placebo", seed=1, guards=guards, original={})
+    assert err.value.code in ("budget", "policy")
+    assert not called
+    assert all(not g.ledger.rows() for g in guards.values())
+
+
+def _small():
+    from fedrec.simulations.domains import domain_federation
+
+    return domain_federation("health", institutions=1, people=800, seed=4, skew=0.0)[0][0]
+
+
+def test_the_placebo_keeps_each_institutions_exposure_rate_and_breaks_the_link():
+    d = _small()
+    d = d.__class__(**{**d.__dict__, "interactions": d.interactions.assign(propensity=0.5)})
+    p = placebo_data(d, np.random.default_rng(3))
+    a, b = d.interactions, p.interactions
+    assert "propensity" not in b.columns  # the logged propensity is the real exposure's: refit
+    assert (a.groupby("item_id")["exposed"].sum() == b.groupby("item_id")["exposed"].sum()).all()
+    changed = (a["exposed"] != b["exposed"]).mean()
+    assert changed > 0.2  # a permutation, not the identity
+    assert b.loc[b["exposed"] == 0, "engagement"].isna().all()
+    assert b.loc[b["exposed"] == 1, "engagement"].notna().all()
+    again = refute_data("placebo", d, 9).interactions["exposed"].to_numpy()
+    assert (again == refute_data("placebo", d, 9).interactions["exposed"].to_numpy()).all()  # seeded
+
+
+def test_the_random_common_cause_is_declared_with_public_bounds():
+    d = _small()
+    r = random_common_cause_data(d, np.random.default_rng(0))
+    cov = r.study.covariate("refute_random")
+    assert (cov.lower, cov.upper) == (-3.0, 3.0)
+    v = r.people["refute_random"].to_numpy()
+    assert v.min() >= -3 and v.max() <= 3 and abs(v.mean()) < 0.1 and 0.9 < v.std() < 1.1
+    assert r.study.causal_covariates[-1] == "refute_random"
+
+
+def test_the_verdicts_on_hand_made_estimates():
+    orig = {"a": {"ate": 1.0, "se": 0.1, "ci_low": 0.8, "ci_high": 1.2},
+            "b": {"ate": -2.0, "se": 0.5, "ci_low": -3.0, "ci_high": -1.0}}
+    # Bonferroni over 2 items: z = 2.241
+    near0 = {"a": {"ate": 0.2, "se": 0.1, "ci_low": 0.0, "ci_high": 0.4},
+             "b": {"ate": 0.5, "se": 0.5, "ci_low": -0.5, "ci_high": 1.5}}
+    v = verdict("placebo", orig, near0)
+    assert not v["flagged"] and v["items"]["a"]["ci_excludes_zero"] is False
+    far = {**near0, "a": {"ate": 0.25, "se": 0.1, "ci_low": 0.05, "ci_high": 0.45}}
+    v = verdict("placebo", orig, far)
+    assert v["flagged"] and v["items"]["a"]["flag"] and not v["items"]["b"]["flag"]
+    moved = {"a": {"ate": 1.25, "se": 0.1, "ci_low": 1.05, "ci_high": 1.45}, "b": orig["b"]}
+    v = verdict("random-common-cause", orig, moved)
+    assert v["items"]["a"]["moved_beyond_ci"] and not v["flagged"]  # 0.25 < 2.241 * 0.141
+    v = verdict("random-common-cause", orig, {**moved, "a": {**moved["a"], "ate": 1.4}})
+    assert v["flagged"]
+
+
+def test_every_refutation_release_is_charged_to_the_institutions_ledger(tmp_path):
+    """Fast: two small institutions, one item. Each protocol step of the refutation is one
+    charged, then released, ledger row per institution, at the step's public sensitivity."""
+    from dataclasses import replace
+
+    from fedrec.common.privacy.accountant import GaussianEvent
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.domains import domain_federation
+    from fedrec.simulations.refute import refute_inprocess
+
+    insts, _ = domain_federation("health", institutions=2, people=600, seed=2, skew=0.0)
+    guards = _guards(tmp_path, insts)
+    ccfg, _ = resolve_config(insts, epsilon=4.0)
+    ccfg = replace(ccfg, items=(sorted(insts[0].items["item_id"].astype(str))[0],))
+    out = refute_inprocess(insts, ccfg, "placebo", seed=3, guards=guards, original={}, rng=np.random.default_rng(0))
+    counts = []
+    for name, g in guards.items():
+        rows = g.ledger.rows(run_id="refute-placebo-3")
+        counts.append(len(rows))
+        assert rows and all(r.status == "released" and r.task.startswith("refute-placebo-") for r in rows)
+        assert all(isinstance(r.event, GaussianEvent) and r.event.noise_multiplier > 0 for r in rows)
+        assert out["epsilon_per_institution"][name] == pytest.approx(epsilon_for(g.ledger.events(), delta=1e-5))
+        assert 3.0 < out["epsilon_per_institution"][name] <= 4.0 + 1e-6  # the causal run's ε, once
+    assert counts[0] == counts[1] >= 4  # every step, at every institution
+
+
+def test_the_simulators_hidden_confounder_switch():
+    """Off (0) the draw is unchanged; on, exposure rates and outcomes rise together across
+    institutions while no table carries the cause."""
+    from fedrec.simulations.domains import domain_federation
+
+    base, _ = domain_federation("health", institutions=3, people=1500, seed=6, skew=0.0)
+    off, _ = domain_federation("health", institutions=3, people=1500, seed=6, skew=0.0, hidden_confounder=0.0)
+    assert all(a.interactions.equals(b.interactions) and a.people.equals(b.people) for a, b in zip(base, off))
+    on, _ = domain_federation("health", institutions=3, people=1500, seed=6, skew=0.0, hidden_confounder=2.0)
+    rate = [d.interactions["exposed"].mean() for d in on]
+    mean_y = [d.people.merge(d.interactions.groupby("person_id")["outcome"].first().reset_index())["outcome"].mean()
+              for d in on]
+    assert rate[0] < rate[1] < rate[2] and mean_y[0] < mean_y[2]
+    assert list(on[0].people.columns) == list(base[0].people.columns)  # u is in no table
