@@ -11,25 +11,31 @@
   institution's log.
 * :func:`secagg_round_size` — the participants of this round per the secure-aggregation record
   the handler's reply will be masked under (None when the message has none).
+* :func:`charge_statistics_release` — the preamble every statistics release (causal steps,
+  strategy values) runs before it touches data: σ usable, the institution's policy accepts the
+  run's request, σ agrees with the run's declared DP, the event charged (write-ahead).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedrec.client.guard import Refusal, ReleaseGuard, open_guard
+from fedrec.client.guard import Charge, Refusal, ReleaseGuard, ReleaseRequest, open_guard
 from fedrec.common.errors import FedrecInputError
+from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
 from fedrec.common.privacy.policy import POLICY_FILE, load_policy
 
 log = logging.getLogger("fedrec.client")
 
 __all__ = ["is_simulated", "policy_path", "node_guard", "refusal_reply", "private_errors",
-           "secagg_round_size", "NOISE_RECORD"]
+           "secagg_round_size", "NOISE_RECORD", "StatisticsCharge", "charge_statistics_release"]
 
 #: reply record that tells the SecAgg+ mod the survivor floor of distributed noise
 NOISE_RECORD = "fedrec.noise"
@@ -99,3 +105,42 @@ def secagg_round_size(msg: Message) -> int | None:
 def noise_record(n_min: int) -> ConfigRecord:
     """Reply record carrying the survivor floor of distributed noise to the SecAgg+ mod."""
     return ConfigRecord({"n-min": int(n_min)})
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsCharge:
+    """What a statistics handler needs after its charge: the guard (to mark the release and read
+    ε spent), the noise share the policy accepted, and the charged ledger entry."""
+
+    guard: ReleaseGuard
+    share: float
+    charge: Charge
+
+
+def charge_statistics_release(msg: Message, context: Context, folder: Path, institution: str, *, sigma: float,
+                              sensitivity: float, request: ReleaseRequest, dp: bool, accountant: str,
+                              server_round: int, task: str, model: str = "causal") -> StatisticsCharge:
+    """Policy check and write-ahead charge of one Gaussian statistics release, before any data is read.
+
+    Privacy contract: returns only once the institution's ledger holds the release's event —
+    ``GaussianEvent(σ, sensitivity)`` with σ the server's noise multiplier and ``sensitivity``
+    the release's public L2 bound (``NonPrivateEvent`` at σ = 0, which the guard refuses
+    unless the policy allows non-private releases). The caller must noise its sums with
+    ``charge.event`` and ``share`` (common/privacy/release.py) and call
+    ``guard.released(charge)`` after the reply is built. Refused (:class:`Refusal`, nothing
+    charged): σ negative or not finite; the run's ``request`` (ε, δ, noise mode, n_min against
+    this round's SecAgg+ size) outside the institution's policy; σ = 0 in a run declared DP;
+    σ > 0 in a run declared non-private; a charge over the cap or the per-run ceiling.
+    """
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise Refusal("policy", f"noise multiplier {sigma} is not usable")
+    guard = node_guard(context, folder, institution, accountant=accountant)
+    # the round's size is read from the message's SecAgg+ record, never taken from the caller
+    share = guard.authorize(dataclasses.replace(request, round_size=secagg_round_size(msg)))
+    if sigma == 0 and dp:
+        raise Refusal("policy", "the server asked for a release without noise while the run is DP")
+    if sigma > 0 and not dp:
+        raise Refusal("policy", "the server asked for noise in a run it declared non-private")
+    event = GaussianEvent(noise_multiplier=sigma, sensitivity=sensitivity) if sigma > 0 else NonPrivateEvent()
+    charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=task, model=model)
+    return StatisticsCharge(guard=guard, share=share, charge=charge)

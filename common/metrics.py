@@ -13,8 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by the one helper that needs it, not at import
+    import torch
 
 __all__ = ["rating_sums", "ranking_sums", "finalize", "add_sums", "sample_negatives", "ranking_from_scores"]
 
@@ -94,4 +98,6 @@ def finalize(sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
+    import torch
+
     return torch.as_tensor(a)

@@ -459,7 +459,7 @@ def defaults(kind: str) -> dict[str, Any]:
     base = dict(DEFAULTS)
     base["eval.metrics-release"] = "off"  # deployed institutions release no non-DP metrics
     if kind == "causal":
-        from fedrec.common.causal.estimators import CausalConfig
+        from fedrec.common.causal.config import CausalConfig
 
         base.update(CausalConfig().to_flat())
     return base
@@ -518,8 +518,31 @@ def run(coord: Coordinator, kind: str, *, institutions: int, settings: dict[str,
     if failure.exists():
         reason = json.loads(failure.read_text()).get("reason", "?")
         raise RunFailed(f"the run failed: {reason} (log: {results / 'flwr-run.log'})")
-    out_file = results / ("metrics.json" if kind == "train" else "causal.json")
-    if res.returncode != 0 or not out_file.exists():
-        raise RunFailed(f"`flwr run` ended with code {res.returncode} and no {out_file.name}: "
+    # the ServerApp writes metrics.json (train) or causal_raw.json (causal: the coordinator has no
+    # institution data, so causal.json is the raw result plus the run's identity)
+    made = results / ("metrics.json" if kind == "train" else "causal_raw.json")
+    if res.returncode != 0 or not made.exists():
+        raise RunFailed(f"`flwr run` ended with code {res.returncode} and no {made.name}: "
                         f"{_last_line(res.stdout + chr(10) + res.stderr)} (log: {results / 'flwr-run.log'})")
-    return results, json.loads(out_file.read_text())
+    if kind == "train":
+        return results, json.loads(made.read_text())
+    run_id = started_run_id(res.stdout)
+    if not (results / "config.json").exists():  # the run id every ledger row of this run carries (audit)
+        _write_json(results / "config.json", {**config, **overrides, "run-id": run_id})
+    report = {**json.loads(made.read_text()), "run-id": run_id}
+    _write_json(results / "causal.json", report)
+    return results, report
+
+
+def started_run_id(flwr_output: str) -> str | None:
+    """The run id in ``flwr run``'s "Successfully started run N" line (None if absent)."""
+    import re
+
+    found = re.search(r"Successfully started run (\d+)", flwr_output)
+    return found.group(1) if found else None
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

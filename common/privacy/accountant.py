@@ -29,9 +29,10 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+if TYPE_CHECKING:  # opacus (and torch under it) is imported where ε is computed, not at import
+    from opacus.accountants import PRVAccountant, RDPAccountant
 
 __all__ = [
     "DPSGDEvent",
@@ -207,6 +208,8 @@ def calibrate_noise_multiplier(
     """
     if not math.isfinite(target_epsilon):
         raise ValueError("calibrate_noise_multiplier: target ε is inf, DP is off")
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -220,6 +223,10 @@ def calibrate_noise_multiplier(
 
 
 def _make(name: str) -> PRVAccountant | RDPAccountant:
+    # opacus' package __init__ imports torch and the privacy engine (~1.5-5 s); the accountants
+    # cannot be imported without it, so they are imported here, on the first ε computed
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if name == "prv":
         return PRVAccountant()
     if name == "rdp":

@@ -4,6 +4,11 @@ Every process is started here in its own process group (``start_new_session``) a
 finalizer (SIGTERM to the group, SIGKILL after a grace period), also when a test fails. Ports
 are picked free on 127.0.0.1; Flower and Ray telemetry are off; each process has its own
 ``FLWR_HOME`` under the test's temporary folder (nothing is written to ~/.flwr).
+
+Time (issue 31: the suite stays under ~4 minutes on a loaded 2-core machine): the set-up
+commands that need no Flower process (dev-certs, init, keygen, register) run in-process through
+the same Typer apps the console scripts run; every wait polls a cheap condition (a port, a
+SQLite row) often, and ``flwr supernode list`` (one Python process per call) every 1.5 s.
 """
 
 from __future__ import annotations
@@ -122,6 +127,17 @@ class Processes:
             p.stop()
 
 
+def invoke(app, *args: str) -> str:
+    """Run one of our Typer CLIs in-process (the code the console script runs, without a new
+    interpreter); its output, or AssertionError with it on a non-zero exit."""
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, list(args))
+    if res.exit_code != 0:
+        raise AssertionError(f"{' '.join(args)} -> {res.exit_code}\n{res.output}\n{res.exception!r}")
+    return res.output
+
+
 def wait_for(cond, timeout: float, what: str, poll: float = 0.3):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -175,6 +191,20 @@ class Federation:
             home=self.root / f"home-node{k}")
         return node
 
+    def wait_online(self, n: int, timeout: float, what: str) -> list[dict]:
+        """Poll ``flwr supernode list`` (a process per call: every 1.5 s) until ``n`` nodes are
+        online; fail early if one of our SuperNode processes died."""
+        def check():
+            if not all(p.alive() for p in self.nodes):
+                return "dead"
+            online = [x for x in self.nodes_online() if x["status"] == "online"]
+            return online if len(online) == n else None
+
+        found = wait_for(check, timeout, what, poll=1.5)
+        for p in self.nodes:
+            assert p.alive(), p.tail()
+        return found
+
     def nodes_online(self) -> list[dict]:
         import json
 
@@ -186,35 +216,48 @@ class Federation:
             return []
 
 
+#: the simulated study the institutions hold (the health domain of `fedrec-sim generate`): MF
+#: trains on its engagement, the causal run estimates its items' effects; ground truth beside it
+STUDY = {"domain": "health", "people": 3000, "seed": 7, "skew": 0.4}
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, request):
-    """Data for 3 MovieLens institutions (each `fedrec-client init`-ed, with an identity key
-    registered and the roster in its policy), the server running, 3 SuperNodes connected."""
-    from fedrec.simulations.movielens import write_movielens_federation
+    """3 institutions of a simulated health study in the data contract (each `fedrec-client
+    init`-ed, with an identity key registered and the roster in its policy; the simulator's
+    ground truth in data/ground_truth), the server running, 3 SuperNodes connected."""
+    from fedrec.client.cli import app as client_cli
+    from fedrec.common.datasets import GROUND_TRUTH_DIR, write_ground_truth, write_institution
+    from fedrec.server.cli import app as server_cli
+    from fedrec.simulations.domains import domain_federation
 
     root = tmp_path_factory.mktemp("e2e")
     procs = Processes(root)
     request.addfinalizer(procs.stop_all)
     t0 = time.monotonic()
-    folders = write_movielens_federation(root / "data", institutions=N_INSTITUTIONS, skew=0.5, test_fraction=0.2,
-                                         seed=0)
-    home = root / "home-cli"
-    cli("fedrec-server", "dev-certs", str(root / "certs"), cwd=root, home=home)
+    insts, truth = domain_federation(STUDY["domain"], institutions=N_INSTITUTIONS, people=STUDY["people"],
+                                     seed=STUDY["seed"], skew=STUDY["skew"])
+    folders = []
+    for d in insts:
+        write_institution(root / "data" / d.name, d)
+        folders.append(root / "data" / d.name)
+    write_ground_truth(root / "data" / GROUND_TRUTH_DIR, truth)
+    invoke(server_cli, "dev-certs", str(root / "certs"))
     keys = []
     for k, folder in enumerate(folders):
         # --min-round-size 2: with 3 institutions, the default floor of 3 survivors tolerates no dropout
-        cli("fedrec-client", "init", str(folder), "--epsilon-cap", "10", "--max-run-epsilon", "4",
-            "--min-round-size", "2", cwd=root, home=home)
-        cli("fedrec-client", "keygen", str(root / "keys" / folder.name), cwd=root, home=home)
+        invoke(client_cli, "init", str(folder), "--epsilon-cap", "10", "--max-run-epsilon", "4",
+               "--min-round-size", "2")
+        invoke(client_cli, "keygen", str(root / "keys" / folder.name))
         keys.append(root / "keys" / folder.name / "identity.key")
     fed = Federation(root=root, procs=procs, certs=root / "certs", state=root / "coordinator",
                      public_port=free_port(), superlink_port=free_port(), institutions=folders, keys=keys)
     print(f"[e2e] data, certs, policies, keys: {time.monotonic() - t0:.1f} s")
     fed.start_server()
     print(f"[e2e] server up: {time.monotonic() - t0:.1f} s")
-    for folder, key in zip(folders, keys):
-        cli("fedrec-server", "register", str(key.with_suffix(".pub")), "--name", folder.name, "--state-dir",
-            str(fed.state), cwd=root, home=home)
+    for folder, key in zip(folders, keys):  # one at a time: each adds itself to the roster file
+        invoke(server_cli, "register", str(key.with_suffix(".pub")), "--name", folder.name, "--state-dir",
+               str(fed.state))
     roster = fed.state / "roster.toml"
     for folder, key in zip(folders, keys):
         # the institution keeps its own copy of the roster (fingerprints checked out of band)
@@ -224,9 +267,6 @@ def federation(tmp_path_factory, request):
     print(f"[e2e] registered: {time.monotonic() - t0:.1f} s")
     for k in range(N_INSTITUTIONS):
         fed.nodes.append(fed.start_node(k))
-    wait_for(lambda: sum(n["status"] == "online" for n in fed.nodes_online()) == N_INSTITUTIONS
-             or not all(n.alive() for n in fed.nodes), 90, "3 SuperNodes online")
-    for n in fed.nodes:
-        assert n.alive(), n.tail()
+    fed.wait_online(N_INSTITUTIONS, 90, "3 SuperNodes online")
     print(f"federation up in {time.monotonic() - t0:.1f} s")
     yield fed

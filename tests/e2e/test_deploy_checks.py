@@ -282,3 +282,34 @@ def test_the_supernode_gets_tls_its_key_and_the_institutions_policy(site, tmp_pa
     assert flags["--auth-supernode-private-key"] == str(site["key"].resolve())
     assert flags["--node-config"] == f'data-dir="{site["data"].resolve()}" policy="{policy.resolve()}"'
     assert flags["--host"] == "127.0.0.1"
+
+
+# ------------------------------------------------------------------ registering: Flower's exit status lies
+
+def test_register_detects_a_failure_that_flwr_reports_with_exit_code_0(tmp_path):
+    """`flwr supernode register` exits 0 when it fails (here: no SuperLink on the connection's
+    port); `register` must read the JSON answer, fail with Flower's reason, and not add the
+    institution to the roster."""
+    from fedrec.common.errors import RunFailed
+    from fedrec.server.deploy import Coordinator, flower_bin, register, roster_path
+
+    _, pub, _ = keygen(tmp_path / "id")
+    certs = write_dev_certs(tmp_path / "certs")
+    coord = Coordinator(tmp_path / "state")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coord.write_connection(f"127.0.0.1:{port}", certs["ca.crt"])
+    raw = subprocess.run([flower_bin("flwr"), "supernode", "register", str(pub), "fedrec", "--name", "x", "--format",
+                          "json"], env=coord.env(), capture_output=True, text=True, timeout=120)
+    assert raw.returncode == 0 and '"success": false' in raw.stdout, (raw.returncode, raw.stdout)  # the Flower fact
+    with pytest.raises(RunFailed, match="registering .* failed: .*unavailable"):
+        register(coord, pub, name="institution_00", timeout=120)
+    assert not roster_path(coord).exists()
+
+
+def test_the_run_id_is_read_from_flwr_runs_output():
+    from fedrec.server.deploy import started_run_id
+
+    assert started_run_id("Loading project configuration...\n🎊 Successfully started run 8123456789\n") == "8123456789"
+    assert started_run_id("❌ Run failed to start") is None
