@@ -1120,8 +1120,15 @@ def _plot(path: Path, rep: dict, traces: dict[str, tuple[np.ndarray, np.ndarray]
     ax.bar(x - 0.27, claimed, 0.27, label="claimed ε (metrics.json)")
     ax.bar(x, derived, 0.27, label="re-derived ε (ledger, PRV)")
     ax.bar(x + 0.27, lb, 0.27, label="empirical ε lower bound (95%)")
+    caps = [(rep["institutions"][n]["accounting"].get("cap") or {}).get("epsilon") for n in names]
+    cap_label = "budget cap (ledger)"
+    for k, c in enumerate(caps):  # each institution's own budget cap, over its bars
+        if c is not None and math.isfinite(c):
+            ax.hlines(c, x[k] - 0.45, x[k] + 0.45, colors="black", linestyles="--", label=cap_label)
+            cap_label = None  # one legend entry
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("ε")
+    ax.set_xlabel("institution")
+    ax.set_ylabel("ε (privacy loss at the cap's δ)")
     ax.set_title("ε per institution")
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     ax = axes[1]
@@ -1134,6 +1141,7 @@ def _plot(path: Path, rep: dict, traces: dict[str, tuple[np.ndarray, np.ndarray]
             ax.hist(scores[sel] / sd, bins=80, histtype="step", density=True,
                     label=f"{'correct' if tag == 'mf_dpsgd' else 'broken (σ=0)'} – canary {lab}")
     ax.set_xlabel("canary score / std of the correct mechanism's out-scores")
+    ax.set_ylabel("density (log scale)")
     ax.set_title("DP-SGD canary scores")
     ax.set_yscale("log")
     if ax.get_legend_handles_labels()[0]:  # a run with no DP-SGD release has no traces

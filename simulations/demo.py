@@ -14,7 +14,8 @@
    files and what the numbers mean.
 
 Seeded end to end (federation, splits and — simulation only — every release's noise), so the
-numbers repeat. Runs in about 3-4 minutes on 2 cores.
+numbers repeat. About 60 CPU seconds in all (three Flower runs, each one ClientApp actor);
+4.5-5 minutes of wall time on the shared 2-core machine at load 10-17 (docs/simulate.md).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ def _step(console, text: str) -> float:
 
 def demo_command(*, out: Path, institutions: int, people: int, rounds: int, epsilon: float, seed: int, console) -> int:
     from fedrec.common.config import RunConfig
-    from fedrec.simulations.run import run_simulation
-    from fedrec.simulations.sweep import alone_metrics
 
     import warnings
 
@@ -70,31 +69,8 @@ def demo_command(*, out: Path, institutions: int, people: int, rounds: int, epsi
     base = RunConfig().override(**{"dataset": DOMAIN, "institutions": institutions, "rounds": rounds, "seed": seed,
                                    "sim.noise-seed": seed, "data-dir": str(data.resolve()),
                                    "privacy.epsilon": epsilon})
-    _step(console, f"2/5 MF under DP (ε = {epsilon:g} per institution, local noise) over SecAgg+: "
-                   f"{rounds} rounds, Flower simulation")
-    mf = run_simulation(base, out / "mf", quiet=True)
-    _step(console, "    the same federation without DP (upper reference), and each institution alone (lower)")
-    mf_np = run_simulation(base.override(**{"privacy.epsilon": math.inf}), out / "mf-nonprivate", quiet=True,
-                           allow_non_private=True)
-    alone = alone_metrics(data, base)
-
-    _step(console, f"3/5 causal effects of every programme (ε = {epsilon:g}, AIPW over SecAgg+, Flower simulation)")
-    from rich.console import Console
-
-    from fedrec.simulations.causal_cli import causal_command
-
-    quiet_console = Console(file=open(os.devnull, "w"))  # the summary below reports what matters
-    from fedrec.common.errors import RunFailed
-
-    try:
-        causal_command(data, None, epsilon, "aipw", False, out / "causal", seed, quiet_console)
-        causal = json.loads((out / "causal" / "causal.json").read_text())
-    except RunFailed as err:
-        console.print(f"[yellow]the Flower causal run failed[/] ({str(err)[:160]}); estimating in-process instead "
-                      "(the same client statistics and server code, sums added in numpy, no ledgers)", highlight=False)
-        causal = _causal_inprocess(data, epsilon, seed, institutions, people)
-        (out / "causal").mkdir(exist_ok=True)
-        (out / "causal" / "causal.json").write_text(json.dumps(causal, indent=1, default=_plain))
+    mf, mf_np, alone, causal = _flower_phases(console, base, data, out, rounds=rounds, epsilon=epsilon, seed=seed,
+                                              institutions=institutions, people=people)
     from fedrec.client.recommend import recommendations
 
     recs_path = out / "causal" / "recommendations-institution_00.csv"
@@ -104,7 +80,9 @@ def demo_command(*, out: Path, institutions: int, people: int, rounds: int, epsi
     except FedrecInputError as err:
         console.print(f"[yellow]no recommendations[/]: {err}", highlight=False)
         recs = []
+    from rich.console import Console
 
+    quiet_console = Console(file=open(os.devnull, "w"))  # the summary below reports what matters
     _step(console, "4/5 auditing the MF run from its folder (ledgers, ε re-derived, empirical audit)")
     from fedrec.server.audit import run_audit
 
@@ -126,11 +104,47 @@ def demo_command(*, out: Path, institutions: int, people: int, rounds: int, epsi
     return 0 if audit_rc == 0 else 1
 
 
+def _flower_phases(console, base, data: Path, out: Path, *, rounds: int, epsilon: float, seed: int,
+                   institutions: int, people: int) -> tuple[dict, dict, dict, dict]:
+    """Steps 2-3: MF under DP over SecAgg+, its non-private and stay-alone references, and the
+    causal run (each a Flower simulation, except the stay-alone reference: nothing released)."""
+    from rich.console import Console
+
+    from fedrec.common.errors import RunFailed
+    from fedrec.simulations.causal_cli import causal_command
+    from fedrec.simulations.run import one_actor_cpus, run_simulation
+    from fedrec.simulations.sweep import alone_metrics
+
+    cpus = one_actor_cpus()  # one ClientApp actor per run: the client work is small, its imports are not
+
+    _step(console, f"2/5 MF under DP (ε = {epsilon:g} per institution, local noise) over SecAgg+: "
+                   f"{rounds} rounds, Flower simulation")
+    mf = run_simulation(base, out / "mf", quiet=True, num_cpus_per_client=cpus)
+    _step(console, "    the same federation without DP (upper reference), and each institution alone (lower)")
+    mf_np = run_simulation(base.override(**{"privacy.epsilon": math.inf}), out / "mf-nonprivate", quiet=True,
+                           allow_non_private=True, num_cpus_per_client=cpus)
+    alone = alone_metrics(data, base)
+
+    _step(console, f"3/5 causal effects of every programme (ε = {epsilon:g}, AIPW over SecAgg+, Flower simulation)")
+    quiet_console = Console(file=open(os.devnull, "w"))  # the summary reports what matters
+    try:
+        causal_command(data, None, epsilon, "aipw", False, out / "causal", seed, quiet_console,
+                       num_cpus_per_client=cpus)
+        causal = json.loads((out / "causal" / "causal.json").read_text())
+    except RunFailed as err:
+        console.print(f"[yellow]the Flower causal run failed[/] ({str(err)[:160]}); estimating in-process instead "
+                      "(the same client statistics and server code, sums added in numpy, no ledgers)", highlight=False)
+        causal = _causal_inprocess(data, epsilon, seed, institutions, people)
+        (out / "causal").mkdir(exist_ok=True)
+        (out / "causal" / "causal.json").write_text(json.dumps(causal, indent=1, default=_plain))
+    return mf, mf_np, alone, causal
+
+
 def _causal_inprocess(data: Path, epsilon: float, seed: int, institutions: int, people: int) -> dict:
     """Fallback when the Flower causal run fails: the same estimate, in-process (seeded)."""
     import numpy as np
 
-    from fedrec.common.causal.estimators import plan_budget
+    from fedrec.common.causal.config import plan_budget
     from fedrec.common.config import derive_seed
     from fedrec.common.datasets import GROUND_TRUTH_DIR, load_federation, read_ground_truth
     from fedrec.server.causal_recommend import policy_values
@@ -218,6 +232,12 @@ def _summary(console, out: Path, mf: dict, mf_np: dict, alone: dict, causal: dic
         console.print("policy value (mean true benefit of each patient's top-1 programme, kg avoided): "
                       + ", ".join(f"{n} {rec[n]['policy_value']:.3f}" for n in ("causal", "engagement", "oracle", "random")
                                   if n in rec), highlight=False)
+    abst = _abstentions(recs)
+    if abst is not None:
+        given, none = abst
+        console.print(f"recommendations for institution_00's {given + none} patients: {given} get up to 3 programmes "
+                      f"ranked by estimated benefit; {none} get none — no programme's 95% benefit interval excludes "
+                      "'no better than no programme', so the system abstains rather than guess", highlight=False)
     eps_c = causal.get("epsilon_per_institution", {})
     finite = [float(v) for v in eps_c.values() if isinstance(v, (int, float))]
     console.print("\n[bold]What the numbers mean[/]", highlight=False)
@@ -250,6 +270,15 @@ def _summary(console, out: Path, mf: dict, mf_np: dict, alone: dict, causal: dic
     for f, what in files:
         console.print(f"  {out / f}  —  {what}", highlight=False)
     console.print(f"[bold green]demo done[/] in {seconds:.0f} s", highlight=False)
+
+
+def _abstentions(recs) -> tuple[int, int] | None:
+    """(patients with a recommendation, patients the recommender abstains for), or None."""
+    if not hasattr(recs, "columns") or "item_id" not in recs.columns:
+        return None
+    has_item = recs["item_id"].notna() & (recs["item_id"].astype(str).str.len() > 0)
+    per_person = has_item.groupby(recs["person_id"]).any()
+    return int(per_person.sum()), int((~per_person).sum())
 
 
 def recs_name(out: Path) -> str:

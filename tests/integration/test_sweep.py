@@ -1,8 +1,10 @@
 """``fedrec-sim sweep`` end to end on a tiny grid (real Flower simulations for the rec cells),
 and the reproducibility of ``fedrec-sim run --seed``.
 
-Tiny grid: health, ε ∈ {1, inf}, 1 seed, 2 institutions, 1 round, local noise -> 5 cells:
-rec (alone, ε = 1, ε = inf: two Flower runs) and causal (ε = 1, ε = inf, in-process).
+Tiny grid: health, ε ∈ {1, inf}, 1 seed, 2 institutions, 1 round, local noise, MF -> 5 cells:
+rec (alone, ε = 1, ε = inf: two Flower runs) and causal (ε = 1, ε = inf, in-process). The hybrid
+(LLM adapter) rows are tested by the adapter's own tests: an adapter Flower run per cell would
+double this file's time.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedrec.simulations.cli import app as sim_cli
 pytestmark = pytest.mark.slow
 
 TINY = ["sweep", "--domains", "health", "--epsilon", "1,inf", "--seeds", "1", "--institutions", "2", "--rounds", "1",
-        "--people", "600", "--noise-modes", "local", "--models", "mf,hybrid", "--jobs", "2", "--quiet"]
+        "--people", "600", "--noise-modes", "local", "--models", "mf", "--jobs", "2", "--quiet"]
 CELLS = 5
 
 
@@ -44,7 +46,6 @@ def tiny(tmp_path_factory):
 
 def test_tiny_sweep_writes_csv_plots_and_reports(tiny):
     out, output, _ = tiny
-    assert "hybrid" in output and "left out" in output  # one line, the sweep goes on
     with (out / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == CELLS and all(r["status"] == "ok" for r in rows), rows
