@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 ## test: the whole suite (unit, integration with real Flower runs, e2e)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

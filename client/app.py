@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -33,12 +34,15 @@ from flwr.clientapp import ClientApp
 
 from fedrec.common.config import RunConfig, derive_seed
 from fedrec.common.metrics import sample_negatives
-from fedrec.common.models.mf import PersonRatings
 from fedrec.common.privacy.accountant import NonPrivateEvent
 from fedrec.common.ratings import InstitutionRatings, load_institution_ratings
 from fedrec.client.guard import Refusal, ReleaseGuard, ReleaseRequest
 from fedrec.client.node import NOISE_RECORD, is_simulated, node_guard, noise_record, private_errors, secagg_round_size
-from fedrec.client.train import DPSchedule, MFTrainer, evaluation_sums, plan_dp
+
+if TYPE_CHECKING:  # torch and opacus load in the handlers that train, not at import (docs/deploy.md:
+    # a deployed node starts one process per message; SecAgg+ stages need neither)
+    from fedrec.client.train import DPSchedule, MFTrainer
+    from fedrec.common.models.mf import PersonRatings
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,9 @@ class Institution:
 
 @lru_cache(maxsize=64)
 def _load(folder: str, cfg_items: tuple) -> Institution:
+    from fedrec.client.train import plan_dp
+    from fedrec.common.models.mf import PersonRatings
+
     cfg = RunConfig.from_flat(dict(cfg_items))
     data = _load_ratings(Path(folder), cfg)
     ratings = PersonRatings.from_arrays(data.train_person, data.train_item, data.train_rating, data.n_persons)
@@ -109,6 +116,8 @@ def _stable_int(text: str) -> int:
 
 
 def _trainer(inst: Institution, cfg: RunConfig, seed: int | None = None) -> MFTrainer:
+    from fedrec.client.train import MFTrainer
+
     # the public, declared rating scale sets the MF global offset (never the data's mean)
     return MFTrainer(inst.ratings, inst.data.n_items, cfg, bounds=inst.data.bounds, seed=seed)
 
@@ -258,11 +267,37 @@ def evaluate(msg: Message, context: Context) -> Message:
                                 "simulation)")
     if cfg.train.model == "adapter":
         return _adapter_evaluate(msg, context, cfg, inst)
+    from fedrec.client.train import evaluation_sums
+
     trainer = _trainer(inst, cfg)
     trainer.refit({k: v.numpy() for k, v in msg.content["arrays"].items()})
     d = inst.data
     sums = evaluation_sums(trainer, d.test_person, d.test_item, d.test_rating, inst.negatives, bounds=d.bounds, k=cfg.eval.k)
+    if cfg.train.model == "hybrid":  # ranking by the hybrid (client/adapter_round.py); rating error stays MF's
+        sums.update(_hybrid_ranking_sums(msg, cfg, inst, trainer, institution_folder(context, cfg)))
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+
+
+def _hybrid_ranking_sums(msg: Message, cfg: RunConfig, inst: Institution, trainer, folder: Path) -> dict[str, float]:
+    """The hybrid's held-out ranking sums from the server's public DP counts, the refitted MF and
+    the text prior (no new release of training data: post-processing, scored locally)."""
+    import torch
+
+    from fedrec.client.adapter_round import hybrid_eval_sums
+    from fedrec.common.models.mf import score_items
+
+    if "hybrid" not in msg.content.array_records:
+        raise Refusal("data", "hybrid evaluation needs the released DP item counts from the server")
+    counts = msg.content["hybrid"]["counts"].numpy()
+    noise_var = float(msg.content["hybrid-config"]["count-noise-var"])
+
+    def mf_score(persons: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return score_items(trainer.item_side, trainer.user, torch.as_tensor(persons), torch.as_tensor(cands)).numpy()
+
+    d = inst.data
+    return hybrid_eval_sums(folder, cfg, mf_score, counts, noise_var, d.test_person, d.test_item, inst.negatives,
+                            k=cfg.eval.k)
 
 
 def _adapter_train(msg: Message, context: Context, cfg: RunConfig, inst: Institution, guard: ReleaseGuard,
@@ -273,8 +308,9 @@ def _adapter_train(msg: Message, context: Context, cfg: RunConfig, inst: Institu
 
     server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content.config_records else 0
     state = adapter_state(institution_folder(context, cfg), cfg, inst.data.n_persons)
+    seed = simulation_seed(context, cfg, inst.data.name, "adapter-train", server_round)  # None outside simulation
     delta, metrics, charge = adapter_train_release(state, guard, cfg, share=share, run_id=str(context.run_id),
-                                                   server_round=server_round, global_arrays=global_arrays)
+                                                   server_round=server_round, global_arrays=global_arrays, seed=seed)
     eps_prv, eps_rdp = guard.spent(delta=cfg.privacy.delta)
     metrics.update({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": cfg.privacy.delta})
     content = RecordDict({"arrays": ArrayRecord({k: _array(v) for k, v in delta.items()}),

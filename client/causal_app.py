@@ -6,7 +6,7 @@ Importing this module registers, on :data:`fedrec.client.app.app`:
   bounds, outcome bounds, better direction, item ids). Nothing computed on data; no charge.
 * ``query.causal_moments`` / ``query.causal_propensity`` / ``query.causal_outcome_range`` /
   ``query.causal_outcome`` / ``query.causal_scale`` /
-  ``query.causal_jacobian`` / ``query.causal_influence`` — one
+  ``query.causal_influence`` — one
   DP release each (client/statistics.py): the study is validated, the run's request (ε, δ,
   noise mode, n_min against the round's size) is checked against the institution's own policy
   (client/guard.py), the step's ``GaussianEvent`` is **charged** to the institution's ledger
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,13 +35,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedrec.client.app import app, simulation_seed
 from fedrec.client.guard import Refusal, ReleaseRequest
-from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
+from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_record, private_errors
 from fedrec.client.statistics import design_columns, release, step_contributions
-from fedrec.common.causal.estimators import CausalConfig, release_sensitivity
+from fedrec.common.causal.config import CausalConfig
+from fedrec.common.causal.sensitivity import release_sensitivity
 from fedrec.common.config import RunConfig
 from fedrec.common.datasets import InstitutionData, load_institution
 from fedrec.common.errors import FedrecInputError
-from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
 from fedrec.common.privacy.release import release_std
 from fedrec.common.schema import STUDY_FILE
 
@@ -81,9 +80,11 @@ def _load(folder: str) -> InstitutionData:
 def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
     cols = design_columns(data, ccfg.covariates, ccfg.derived)
     st = data.study
-    return json.dumps({"columns": [list(c) for c in cols], "outcome_bounds": list(st.outcome_bounds),
-                       "better": st.outcome_better,
-                       "items": sorted(data.items["item_id"].astype(str).tolist())}, sort_keys=True)
+    decl = {"columns": [list(c) for c in cols], "outcome_bounds": list(st.outcome_bounds), "better": st.outcome_better,
+            "items": sorted(data.items["item_id"].astype(str).tolist())}
+    if st.causal_graph is not None:  # public: the server checks identifiability before any step
+        decl.update(graph=st.causal_graph, declared=list(st.covariate_names))
+    return json.dumps(decl, sort_keys=True)
 
 
 @app.query("causal_study")
@@ -120,23 +121,17 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     missing = [i for i in items if i not in known]
     if missing:
         raise FedrecInputError(f"items {missing} are not in this institution's catalogue")
-    if not (sigma >= 0 and math.isfinite(sigma)):
-        raise Refusal("policy", f"noise multiplier {sigma} is not usable")
     try:  # the server's public choices (radius, clips, coordinate weights) must give a bound
         sens = release_sensitivity(kind, p, arrays, len(items), items)
     except ValueError as err:
         raise Refusal("policy", f"step {step}: {err}") from None
-    guard = node_guard(context, folder, data.name, accountant=ccfg.accountant)
-    share = guard.authorize(ReleaseRequest(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode,
-                                           n_min=ccfg.n_min, round_size=secagg_round_size(msg)))
-    if sigma == 0 and ccfg.dp:
-        raise Refusal("policy", "the server asked for a release without noise while the run is DP")
-    if sigma > 0 and not ccfg.dp:
-        raise Refusal("policy", "the server asked for noise in a run it declared non-private")
-    # the release's L2 sensitivity (public: declared bounds + the server's public choices)
-    event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens) if sigma > 0 else NonPrivateEvent()
-    charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task=f"causal-{step}",
-                          model="causal")
+    # σ usable, policy, σ vs the run's DP, then the charge of GaussianEvent(σ, sens): the release's
+    # L2 sensitivity (public: declared bounds + the server's public choices)
+    request = ReleaseRequest(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode, n_min=ccfg.n_min)
+    charged = charge_statistics_release(msg, context, folder, data.name, sigma=sigma, sensitivity=sens,
+                                        request=request, dp=ccfg.dp, accountant=ccfg.accountant,
+                                        server_round=server_round, task=f"causal-{step}")
+    guard, share, charge = charged.guard, charged.share, charged.charge
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
                                 covariates=ccfg.covariates, derived=ccfg.derived, cache=_ROWS)
     seed = simulation_seed(context, cfg, data.name, f"causal-{step}", server_round)  # None: OS CSPRNG
@@ -185,12 +180,6 @@ def causal_scale(msg: Message, context: Context) -> Message:
 @private_errors
 def causal_outcome_range(msg: Message, context: Context) -> Message:
     return _step(msg, context, "outcome-range")
-
-
-@app.query("causal_jacobian")
-@private_errors
-def causal_jacobian(msg: Message, context: Context) -> Message:
-    return _step(msg, context, "jacobian")
 
 
 @app.query("causal_influence")

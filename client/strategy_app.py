@@ -23,7 +23,6 @@ client/app.py registers it with one line at its bottom::
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -31,12 +30,11 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from fedrec.client.app import app
 from fedrec.client.causal_app import _load, node_folder, split_config
 from fedrec.client.guard import Refusal, ReleaseRequest
-from fedrec.client.node import NOISE_RECORD, node_guard, noise_record, private_errors, secagg_round_size
+from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_record, private_errors
 from fedrec.client.ope_statistics import check_strategies, ope_contribution
 from fedrec.client.statistics import design_columns, release
 from fedrec.common.causal.ope import ESTIMATORS, Layout, OPEConfig, release_bound
 from fedrec.common.errors import FedrecInputError
-from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
 from fedrec.common.privacy.release import release_std
 
 __all__ = ["app", "strategy_values"]
@@ -92,19 +90,13 @@ def strategy_values(msg: Message, context: Context) -> Message:
                 raise ValueError(f"public whitening {key} missing or misshapen")
     except ValueError as err:
         raise Refusal("policy", f"strategy release: {err}") from None
-    if not (sigma >= 0 and math.isfinite(sigma)):
-        raise Refusal("policy", f"noise multiplier {sigma} is not usable")
     sens = release_bound(len(specs), k, Layout(estimators))  # public: the number of strategies and the public weight only
-    guard = node_guard(context, folder, data.name, accountant=ocfg.accountant)
-    share = guard.authorize(ReleaseRequest(epsilon=ocfg.epsilon, delta=ocfg.delta, noise_mode=ocfg.noise_mode,
-                                           n_min=ocfg.n_min, round_size=secagg_round_size(msg)))
-    if sigma == 0 and ocfg.dp:
-        raise Refusal("policy", "the server asked for a release without noise while the run is DP")
-    if sigma > 0 and not ocfg.dp:
-        raise Refusal("policy", "the server asked for noise in a run it declared non-private")
-    event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens) if sigma > 0 else NonPrivateEvent()
-    charge = guard.charge(event, run_id=str(context.run_id), round=server_round, task="strategy-values",
-                          model="causal")
+    # σ usable, policy, σ vs the run's DP, then the charge of GaussianEvent(σ, sens) (client/node.py)
+    charged = charge_statistics_release(
+        msg, context, folder, data.name, sigma=sigma, sensitivity=sens,
+        request=ReleaseRequest(epsilon=ocfg.epsilon, delta=ocfg.delta, noise_mode=ocfg.noise_mode, n_min=ocfg.n_min),
+        dp=ocfg.dp, accountant=ocfg.accountant, server_round=server_round, task="strategy-values")
+    guard, share, charge = charged.guard, charged.share, charged.charge
     contrib = ope_contribution(data, specs, items, arrays, columns=columns, clip=clip, switch_tau=tau,
                                square_clip=square_clip, second_moment_weight=k, trim=trim, estimators=estimators,
                                covariates=None if cov is None else tuple(cov), derived=derived, cache=_ROWS)

@@ -214,8 +214,9 @@ class RunConfig:
             raise ConfigError("item-prior-mean must be 'metadata' or 'zero'")
         if t.mf_dim < 0:
             raise ConfigError("train.mf-dim must be >= 0")
-        if t.model not in ("mf", "adapter"):
-            raise ConfigError("model must be 'mf' or 'adapter' (the LoRA text adapter, docs/adapter.md)")
+        if t.model not in ("mf", "adapter", "hybrid"):
+            raise ConfigError(f"model = {t.model!r} is not built; fix: use 'mf', 'adapter' (the LoRA text adapter) "
+                              "or 'hybrid' (DP popularity + DP MF + text prior; docs/adapter.md)")
         if self.eval.metrics_release not in ("simulation", "off"):
             raise ConfigError("eval.metrics-release must be 'simulation' or 'off'")
         if self.sim.noise_seed < -1:

@@ -142,6 +142,10 @@ class Study:
     #: (body-mass index), with explicit public bounds where needed. Public, like the bounds.
     causal_covariates: Optional[tuple[str, ...]] = None
     causal_derived: tuple[str, ...] = ()
+    #: the declared causal graph (``[causal.graph]``, or ``[graph]``; optional): the table
+    #: normalized to treatment, outcome, mediators, latent, edges. Public; identifiability is
+    #: checked before any budget is spent (common/causal/graph.py, docs/strategies.md)
+    causal_graph: Optional[dict] = field(default=None, hash=False)
 
     @property
     def covariate_names(self) -> tuple[str, ...]:
@@ -207,6 +211,13 @@ class Study:
                 lines.append("covariates = [" + ", ".join(_toml_str(v) for v in self.causal_covariates) + "]")
             if self.causal_derived:
                 lines.append("derived = [" + ", ".join(_toml_str(v) for v in self.causal_derived) + "]")
+        if self.causal_graph is not None:
+            g = self.causal_graph
+            lines += ["", "[causal.graph]", f"treatment = {_toml_str(g.get('treatment', 'exposed'))}",
+                      f"outcome = {_toml_str(g.get('outcome', 'outcome'))}"]
+            for key in ("mediators", "latent", "edges"):
+                if g.get(key):
+                    lines.append(f"{key} = [" + ", ".join(_toml_str(v) for v in g[key]) + "]")
         return "\n".join(lines) + "\n"
 
 
@@ -322,6 +333,7 @@ def _parse_study(text: str) -> Study:
                                   'write levels = ["a", "b", ...]')
             covariates.append(Covariate(name, "category", 0.0, 1.0, tuple(levels), desc))
     causal_covariates, causal_derived = _causal_table(doc.get("causal", {}))
+    causal_graph = _graph_table(doc)
     study = Study(
         domain=domain,
         covariates=tuple(covariates),
@@ -336,6 +348,7 @@ def _parse_study(text: str) -> Study:
         contract=int(contract),
         causal_covariates=causal_covariates,
         causal_derived=causal_derived,
+        causal_graph=causal_graph,
     )
     if causal_covariates is not None or causal_derived:
         from fedrec.common.causal.design import design_columns_of  # lazy: design imports this module
@@ -355,7 +368,7 @@ def _causal_table(table: object) -> tuple[Optional[tuple[str, ...]], tuple[str, 
     against the declared covariates by the caller)."""
     if not isinstance(table, dict):
         raise _StudyError("causal", "is not a table", "write [causal] with covariates = [...] and/or derived = [...]")
-    unknown = sorted(set(table) - {"covariates", "derived"})
+    unknown = sorted(set(table) - {"covariates", "derived", "graph"})
     if unknown:
         raise _StudyError(f"causal.{unknown[0]}", "is not a [causal] key", "use covariates = [...] or derived = [...]")
     lists = {}
@@ -370,6 +383,31 @@ def _causal_table(table: object) -> tuple[Optional[tuple[str, ...]], tuple[str, 
         raise _StudyError("causal.covariates", "is empty and nothing is derived",
                           "name at least one covariate or derived feature, or drop the key (all covariates)")
     return lists.get("covariates"), lists.get("derived", ())
+
+
+def _graph_table(doc: dict) -> Optional[dict]:
+    """``[causal.graph]`` (or a top-level ``[graph]``): parsed by common/causal/graph.py (edges,
+    acyclicity, roles), returned normalized; a problem is one line naming the key."""
+    causal = doc.get("causal", {})
+    tables = [(k, t) for k, t in (("graph", doc.get("graph")),
+                                  ("causal.graph", causal.get("graph") if isinstance(causal, dict) else None))
+              if t is not None]
+    if not tables:
+        return None
+    if len(tables) > 1:
+        raise _StudyError("graph", "declared twice ([graph] and [causal.graph])", "keep one of the two tables")
+    key, table = tables[0]
+    from fedrec.common.causal.graph import parse_graph  # lazy: networkx only for studies with a graph
+
+    try:
+        g = parse_graph(table, where=key)
+    except FedrecInputError as err:  # "KEY: message; fix: fix" -> a study.toml problem at KEY
+        where, _, rest = str(err).partition(": ")
+        message, _, fix = rest.rpartition("; fix: ")
+        raise _StudyError(where, message or rest, fix or "see docs/strategies.md (A declared causal graph)") from None
+    return {"treatment": g.treatment, "outcome": g.outcome, "mediators": list(g.mediators),
+            "latent": sorted(g.latent),
+            "edges": [" -> ".join(part.strip() for part in str(e).partition("->")[::2]) for e in table["edges"]]}
 
 
 def read_study(path: Path) -> Study:
@@ -910,9 +948,20 @@ def _check_interactions(t: _Table, study: Study, people: Optional[pd.DataFrame],
         cols["outcome"] = pd.Series(vals, dtype="float64")
     if "timestamp" in f.columns:
         cols["timestamp"] = _check_timestamps(rep, f["timestamp"])
+    if "propensity" in f.columns:  # optional: the institution's logger's P(exposed = 1 | person) per row
+        raw = _text(f["propensity"])
+        vals, missing, bad = _to_number(f["propensity"])
+        fix = ("write the probability the institution's recommender gave this exposure, in (0, 1] "
+               "(or drop the column: the causal run's pooled propensity is used)")
+        rep.rows("propensity", missing, lambda i: "value is empty", fix)
+        rep.rows("propensity", bad, lambda i: f"{_fmt(raw.iat[i])!r} is not a number", fix)
+        wrong = np.isfinite(vals) & ((vals <= 0) | (vals > 1))
+        rep.rows("propensity", wrong, lambda i: f"{_fmt(vals[i])} is outside (0, 1]", fix)
+        cols["propensity"] = pd.Series(vals, dtype="float64")
     if not ok:
         return None
-    return pd.DataFrame(cols)[list(REQUIRED_COLUMNS["interactions"])]
+    keep = list(REQUIRED_COLUMNS["interactions"]) + (["propensity"] if "propensity" in cols else [])
+    return pd.DataFrame(cols)[keep]
 
 
 def _check_timestamps(rep: _Reporter, s: pd.Series) -> pd.Series:

@@ -26,7 +26,6 @@ from fedrec.common.jsonio import write_json
 from fedrec.common.config import RunConfig
 from fedrec.common.metrics import add_sums, finalize
 from fedrec.common.models.item_prior import apply_prior_mean, fit_prior_mean
-from fedrec.common.models.mf import preconditioner
 from fedrec.server.aggregation import (
     PlainSum,
     RoundFailed,
@@ -94,7 +93,8 @@ class ItemStepSizes:
 def agree_on_catalogue(grid: Grid, nodes: list[int]) -> Catalogue:
     """The public catalogue every institution must hold (same ids, order and metadata)."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.catalogue") for n in nodes]
-    replies = list(grid.send_and_receive(msgs, timeout=300))
+    # the simulation engine serves the nodes one after another: the wait grows with their number
+    replies = list(grid.send_and_receive(msgs, timeout=300 + 0.5 * len(nodes)))
     ok, _, failed = split_replies(replies)
     if failed or len(ok) < len(nodes):
         raise RoundFailed(f"catalogue query failed at nodes {sorted(set(nodes) - set(ok))}")
@@ -131,6 +131,8 @@ def item_step_sizes(
     count_noise_var = sum(m.get("count-noise-var", 0.0) for m in res.metrics.values())
     record_epsilon(epsilon, res)
     counts = res.total["counts"]
+    from fedrec.common.models.mf import preconditioner  # torch: imported when a training run needs it
+
     return ItemStepSizes(
         precond=preconditioner(counts, cfg.train.item_reg, noise_var, cfg.train.item_prior_var),
         counts=counts, noise_var=noise_var, count_noise_var=count_noise_var,
@@ -167,6 +169,12 @@ def initial_adapter_arrays(seed: int) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in TextAdapter(AdapterConfig()).to_numpy().items()}
 
 
+def count_releases(releases: dict[str, dict], institution_names: dict[str, str], nodes) -> None:
+    """One more accepted (charged) release for each of ``nodes`` in the run's audit record."""
+    for node in nodes:
+        releases.setdefault(institution_names.get(str(node), str(node)), {"count": 0, "ledger_head": None})["count"] += 1
+
+
 def record_epsilon(epsilon: dict[str, float], res: RoundResult) -> None:
     """Keep each institution's latest reported ε (the ledger's total, so never decreasing)."""
     for node, m in res.metrics.items():
@@ -174,9 +182,15 @@ def record_epsilon(epsilon: dict[str, float], res: RoundResult) -> None:
             epsilon[str(node)] = m["epsilon"]
 
 
-def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], server_round: int) -> dict[str, float]:
-    """Held-out metrics summed over institutions (simulation only; see eval.metrics-release)."""
+def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], server_round: int,
+                   steps: ItemStepSizes | None = None, hybrid: bool = False) -> dict[str, float]:
+    """Held-out metrics summed over institutions (simulation only; see eval.metrics-release).
+    A hybrid run also sends the public DP item counts and their noise variance (its popularity
+    component: post-processing of a DP release)."""
     content = RecordDict({"arrays": numpy_to_arrays(arrays), "config": ConfigRecord({"server-round": server_round})})
+    if hybrid and steps is not None:
+        content["hybrid"] = numpy_to_arrays({"counts": np.asarray(steps.counts, np.float32)})
+        content["hybrid-config"] = ConfigRecord({"count-noise-var": float(steps.count_noise_var)})
     msgs = [Message(content, dst_node_id=n, message_type="evaluate") for n in nodes]
     ok, _, _ = split_replies(grid.send_and_receive(msgs, timeout=600))
     return finalize(add_sums(reply_metrics(m) for m in ok.values()))
@@ -231,8 +245,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         min_contributors = max(min_contributors, cfg.n_min)
     epsilon: dict[str, float] = {}
     steps = None if adapter else item_step_sizes(grid, nodes, protocol, cfg, min_contributors, epsilon)
-    for node in (steps.contributors if steps else ()):  # the count release is a charged release too
-        releases.setdefault(institution_names.get(str(node), str(node)), {"count": 0, "ledger_head": None})["count"] += 1
+    count_releases(releases, institution_names, steps.contributors if steps else ())  # a charged release too
     # a noiseless delta coordinate is a step of at most the rating range (Newton step on a
     # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare (the
     # adapter's step is lr times a clipped mean gradient plus its noise: the same range holds)
@@ -261,9 +274,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
             update = prior_mean_update(update, steps, catalogue, cfg)
         global_arrays = {k: (v + update[k]).astype(np.float32) for k, v in global_arrays.items()}
         record_epsilon(epsilon, res)
-        for node in res.contributors:
-            releases.setdefault(institution_names.get(str(node), str(node)), {"count": 0, "ledger_head": None})[
-                "count"] += 1
+        count_releases(releases, institution_names, res.contributors)
         row: dict = {
             "round": r,
             "contributors": len(res.contributors),
@@ -273,7 +284,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
             "seconds": time.monotonic() - t0,
         }
         if simulate:
-            row.update(evaluate_round(grid, nodes, global_arrays, r))
+            row.update(evaluate_round(grid, nodes, global_arrays, r, steps, hybrid=cfg.train.model == "hybrid"))
         history["rounds"].append(row)
         if results_dir:
             write_json(results_dir / "metrics.json", history)

@@ -18,7 +18,6 @@ One run estimates, for each requested item, the effect of ``exposed`` on the out
    (CATE = their difference) with their DP residual variances.
 3. ``scale`` — a DP histogram of |psi| per item on a public grid; the server picks each item's
    psi clip.
-3b. ``jacobian`` (optional, ``share_jacobian > 0``) — DP sums of d psi / d nuisance.
 4. ``influence`` — the server sends the nuisances and the clips; institutions release DP sums
    of ``[1, psi, psi^2]`` (weighted, psi over its item's clip); the server forms ATE, SE (with the DP noise variance of
    these sums and of the nuisance fits, the latter tracked through the Newton steps and the
@@ -42,38 +41,22 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedrec.common.causal.estimators import (
-    INFLUENCE_WEIGHTS,
-    PSI_SQUARE_GRID,
-    BudgetPlan,
-    CausalConfig,
-    FederatedCausalEstimator,
-    arm_from_mapped,
-    auto_gram_weight,
-    outcome_grid,
-    outcome_range_from_histogram,
-    half_range,
-    lda_start,
-    newton_update,
-    plan_budget,
-    psi_worst_case,
-    clip_from_histogram,
-    noise_limited_clip,
-    influence_weights,
-    influence_bound,
-    histogram_sum_squares,
-    psi_square_weight,
-    newton_noise_cov,
-    cross_fit_variance,
-    weighted_gram_scale,
-    nuisance_variance,
-    psi_grid,
-    release_sensitivity,
-    ridge_fit,
-    pooled_anchor_fits,
-    vech_len,
-    whitening_from_moments,
+from fedrec.common.causal.clipping import (
+    PSI_SQUARE_GRID, auto_gram_weight, outcome_grid, outcome_range_from_histogram, clip_from_histogram,
+    noise_limited_clip, histogram_sum_squares, psi_square_weight, psi_grid,
 )
+from fedrec.common.causal.config import BudgetPlan, CausalConfig, plan_budget
+from fedrec.common.causal.estimator import FederatedCausalEstimator
+from fedrec.common.causal.influence import cross_fit_variance, weighted_gram_scale
+from fedrec.common.causal.linalg import vech_len
+from fedrec.common.causal.nuisance import (
+    arm_from_mapped, lda_start, newton_update, newton_noise_cov, ridge_fit,
+)
+from fedrec.common.causal.scaling import half_range
+from fedrec.common.causal.sensitivity import (
+    INFLUENCE_WEIGHTS, psi_worst_case, influence_weights, influence_bound, release_sensitivity,
+)
+from fedrec.common.causal.whitening import whitening_from_moments
 from fedrec.common.causal.recommend import ate_verdict, effect_limit
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.gaussian import noise_std, summed_noise_var
@@ -85,7 +68,7 @@ __all__ = ["CausalResult", "StudyInfo", "run_protocol", "estimate", "app", "MESS
 
 #: message type of each step (client handlers: client/causal_app.py)
 MESSAGE_TYPES = {"study": "query.causal_study", "moments": "query.causal_moments", "propensity": "query.causal_propensity",
-                 "scale": "query.causal_scale", "jacobian": "query.causal_jacobian",
+                 "scale": "query.causal_scale",
                  "outcome-range": "query.causal_outcome_range",
                  "outcome": "query.causal_outcome", "influence": "query.causal_influence"}
 
@@ -312,10 +295,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             blks = [totals[it][a * m:(a + 1) * m] for a in (0, 1)]
             parts = ([b[:vech_len(p)] / gw for b in blks], [b[vech_len(p):vech_len(p) + p] for b in blks],
                      [float(b[-1]) for b in blks])
-            if cfg.outcome_anchor == "pooled":
-                fits = list(pooled_anchor_fits(*parts, **fit_kw))
-            else:
-                fits = [ridge_fit(g, xy, yy, **fit_kw) for g, xy, yy in zip(*parts)]
+            fits = [ridge_fit(g, xy, yy, **fit_kw) for g, xy, yy in zip(*parts)]
             arms[it] = (arm_from_mapped(fits[0], *ymap[it]), arm_from_mapped(fits[1], *ymap[it]))
     # 3. influence terms (aipw/ipw): first each item's psi clip, then the clipped sums
     clips: dict[str, float] = {}
@@ -340,19 +320,6 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             totals, n, metrics = send("scale", {**nuis, "edges": edges}, {"noise-multiplier": sigma})
             record("scale", n, metrics)
             clips, rel = _clip_and_weights(cfg, plan, totals, edges, items, contributors=n)
-        # optional: sums of d psi / d theta for the first-order nuisance-noise terms
-        jac: dict[str, float] = {}
-        if "jacobian" in plan.sigma:
-            sigma = plan.sigma["jacobian"]
-            arrays = {**nuis, "jacobian-k": np.array([cfg.jacobian_k])}
-            totals, n, metrics = send("jacobian", arrays, {"noise-multiplier": sigma})
-            record("jacobian", n, metrics)
-            jnv = _noise_var(cfg, sigma, release_sensitivity("jacobian", p, arrays, j), n)
-            for it in items:
-                covs = [beta_cov[it]]
-                if it in arms:  # each ridge fit already carries its noise covariance
-                    covs += [arms[it][1].noise_cov, arms[it][0].noise_cov]
-                jac[it] = (totals[it], covs, jnv)
         # one release, one bound (the clips do not enter it: each item sends psi / its clip)
         arrays = {**nuis, **{f"clip/{it}": np.array([clips[it]]) for it in items}, "influence-weights": np.array(rel)}
         sigma = plan.sigma["influence"]
@@ -377,13 +344,7 @@ def run_protocol(send: Send, study: StudyInfo, cfg: CausalConfig, *, plan: Budge
             if a1 is not None and cfg.dp:
                 ks = weighted_gram_scale(moments_sum, p, wh, sums["n"], float(np.trace(a1.gram) + np.trace(a0.gram)))
                 cross = cross_fit_variance(beta_cov[it], a1, a0, sums["n"], k_scale=ks)
-            if it in jac:  # first-order terms from the released Jacobian (plug-in at the noisy fit
-                # counts the interaction twice: remove it once)
-                jt, covs, jnv = jac[it]
-                noise["nuisance"] = max(nuisance_variance(jt, covs, sums["n"], jac_noise_var=jnv, floor=False)
-                                        - cross, 0.0)
-                est.extra["nuisance"] = {"jacobian": jt, "covs": covs, "jacobian_noise_var": jnv}
-            elif cfg.nuisance_variance:
+            if cfg.nuisance_variance:
                 noise["nuisance"] = cross
             est.fit(prop_coef=beta[it], arm1=a1, arm0=a0, sums=sums, noise=noise)
             est.extra["psi_clip"] = clips[it]
@@ -447,6 +408,10 @@ def query_study(grid: Grid, nodes: list[int], cfg: CausalConfig, *, timeout: flo
     if unknown:
         raise FedrecInputError(f"item(s) {unknown} are not in the catalogue ({', '.join(info.items)}); "
                                "fix: give an item_id from items.csv")
+    if d.get("graph") is not None:  # declared graph: not identifiable -> refused before any budget is spent
+        from fedrec.common.causal.graph import check_study_graph
+
+        check_study_graph(d["graph"], d["declared"], design=[c[0] for c in info.columns])
     return info
 
 
@@ -503,7 +468,7 @@ def secagg_sizing(cfg: CausalConfig, sens: float, sigma: float, n_clients: int) 
     gives ``L`` ~ min(2^52, 2^61 / n) levels, a step of ``c / L`` (2e-10 of a person's bound at a
     million people) and the 64-bit modulus. Nothing is noised by it: clients take their noise from
     the charged event, never from this key (client/statistics.py). The quantiser deserves an
-    explicit ``exact`` option for this (docs/causal.md, "Exact at ε = ∞").
+    explicit ``exact`` option for this (docs/causal.md, "Guarantees you can act on").
     """
     clip = float(cfg_max_people(cfg) * sens)
     if sigma > 0:

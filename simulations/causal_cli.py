@@ -24,7 +24,9 @@ from typing import Sequence
 import numpy as np
 
 from fedrec.common.jsonio import write_json
-from fedrec.common.causal.estimators import CausalConfig, ate_from_sums, half_range, influence_terms
+from fedrec.common.causal.config import CausalConfig
+from fedrec.common.causal.influence import ate_from_sums, influence_terms
+from fedrec.common.causal.scaling import half_range
 from fedrec.common.causal.recommend import shrinkage_caveat
 from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_federation, read_ground_truth
 from fedrec.common.errors import FedrecInputError
@@ -83,7 +85,7 @@ def inprocess_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, i
 def _secagg_sum(parts: list[dict[str, np.ndarray]], cfg: CausalConfig, step: str, p: int, arrays: dict,
                 items: Sequence[str], sigma: float) -> dict[str, np.ndarray]:
     """The sum SecAgg+ unmasks: each part quantised on the Flower run's grid, added mod 2^bits."""
-    from fedrec.common.causal.estimators import release_sensitivity
+    from fedrec.common.causal.sensitivity import release_sensitivity
     from fedrec.common.secagg import ServerSession
     from fedrec.common.secagg._quantize import quantize
     from fedrec.server.causal import secagg_sizing
@@ -217,7 +219,7 @@ def parse_settings(settings: Sequence[str]) -> dict[str, object]:
         key, sep, value = str(text).partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key or not value:
-            raise FedrecInputError(f"--set {text!r}: not KEY=VALUE; fix: e.g. --set causal.psi-noise-ratio=0.3")
+            raise FedrecInputError(f"--set {text!r}: not KEY=VALUE; fix: e.g. --set causal.expert.psi-noise-ratio=0.3")
         key = key if key.startswith("causal.") else f"causal.{key}"
         if key in _FLAGGED:
             raise FedrecInputError(f"--set {text!r}: {key} has its own flag; fix: use {_FLAGGED[key]}")
@@ -225,7 +227,7 @@ def parse_settings(settings: Sequence[str]) -> dict[str, object]:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f"did you mean {near[0]}? " if near else ""
             raise FedrecInputError(f"--set {text!r}: unknown knob {key}; fix: {hint}the knobs are listed in "
-                                   "docs/causal.md (Tuning knobs)")
+                                   "docs/causal.md (Expert knobs)")
         out[key] = _typed(text, key, value, known[key])
     return out
 
@@ -251,7 +253,8 @@ def _typed(text: str, key: str, value: str, default: object) -> object:
 def causal_command(data: Path, item: str | None, epsilon: float, estimator: str, compare_pooled: bool,
                    out: Path | None, seed: int, console, *, plain: bool = False,
                    causal_overrides: dict | None = None, settings: Sequence[str] = (),
-                   non_private: bool = False, force: bool = False, status_quo: str = "none") -> int:
+                   non_private: bool = False, force: bool = False, status_quo: str = "none",
+                   num_cpus_per_client: float = 1.0) -> int:
     """Run federated causal estimation on the institution folders under ``data``.
 
     The nuisance design is the study's (``study.toml [causal]``) unless ``causal_overrides``
@@ -267,7 +270,14 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     ccfg, design_source = resolve_config(institutions, estimator=estimator, epsilon=epsilon, item=item,
                                          overrides=causal_overrides, settings=settings)
     items = validate_study(institutions, ccfg)
-    from fedrec.common.causal.estimators import plan_budget
+    # the declared graph (study.toml [causal.graph]): not identifiable -> refused naming the open
+    # back-door path, before any ledger exists (issue 32)
+    from fedrec.common.causal.graph import check_study_graph
+
+    study0 = institutions[0].study
+    graph_adjust = check_study_graph(study0.causal_graph, study0.covariate_names,
+                                     design=ccfg.covariates if ccfg.covariates is not None else study0.covariate_names)
+    from fedrec.common.causal.config import plan_budget
 
     plan_budget(ccfg)  # fails loudly before anything runs
     out = Path(out) if out else Path("results") / f"causal-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -291,7 +301,8 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
         raise FedrecInputError(refusal_message(fc, unit))
     policy_dir = provision_institutions(names, out, epsilon=ccfg.epsilon, delta=ccfg.delta,
                                         allow_non_private=non_private)
-    raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain, policy_dir=policy_dir)
+    raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain, policy_dir=policy_dir,
+                      num_cpus_per_client=num_cpus_per_client)
     report = dict(raw)
     report["institutions"] = names
     # per-institution ε: the ledgers (one per institution folder name) are the source of truth
@@ -299,6 +310,8 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     report["epsilon_requested"] = epsilon if math.isfinite(epsilon) else "inf"
     report["forecast"] = {**fc.to_json(), "forced": bool(force and not answerable(fc))}
     report["delta"] = ccfg.delta
+    if graph_adjust is not None:
+        report["graph"] = {"adjustment_set": graph_adjust, "declared": study0.causal_graph}
     report["nuisance_design"] = {"covariates": None if ccfg.covariates is None else list(ccfg.covariates),
                                  "derived": list(ccfg.derived), "source": design_source}
     if compare_pooled:
@@ -338,12 +351,14 @@ def _ledger_epsilon(folder: Path, names: list[str], ccfg: CausalConfig) -> dict[
 
 
 def _run_flower(data: Path, ccfg: CausalConfig, n_inst: int, out: Path, *, seed: int, plain: bool,
-                policy_dir: Path) -> dict:
+                policy_dir: Path, num_cpus_per_client: float = 1.0) -> dict:
     from fedrec.common.config import RunConfig
     from fedrec.common.errors import RunFailed
     from fedrec.simulations.run import launch_flower
 
-    cfg = RunConfig().override(**{"institutions": n_inst, "seed": seed, "data-dir": str(Path(data).resolve()),
+    # simulation: --seed also fixes every release's DP noise (sim.noise-seed; a deployed node ignores it)
+    cfg = RunConfig().override(**{"institutions": n_inst, "seed": seed, "sim.noise-seed": seed,
+                                  "data-dir": str(Path(data).resolve()),
                                   "results-dir": str(out.resolve()), "sim.policy-dir": str(policy_dir),
                                   "privacy.delta": ccfg.delta, "secagg.enabled": not plain})
     work = Path(tempfile.mkdtemp(prefix="fedrec-causal-"))
@@ -351,7 +366,7 @@ def _run_flower(data: Path, ccfg: CausalConfig, n_inst: int, out: Path, *, seed:
         causal_flat = ccfg.to_flat()
         launch_flower({**cfg.to_flat(), **causal_flat}, work, num_supernodes=n_inst,
                       server_app="fedrec.server.causal:app", client_app="fedrec.client.causal_app:app",
-                      extra_config=causal_flat, quiet=True)
+                      extra_config=causal_flat, quiet=True, num_cpus_per_client=num_cpus_per_client)
         raw = out / "causal_raw.json"
         failure = out / "failure.json"
         if failure.exists():

@@ -29,6 +29,17 @@ def _epsilon(value: str) -> float:
     return eps
 
 
+RAY_ADDRESS_HELP = ("Attach the simulations to an existing Ray cluster, HOST:PORT (what `ray start --head` prints); "
+                    "default 'local': Flower starts a Ray on this machine. Checked before anything runs.")
+
+
+def _ray_address(value: str) -> None:
+    """Check --ray-address and make it the cluster every simulation of this command attaches to."""
+    from fedrec.simulations.ray_cluster import use_ray_address
+
+    use_ray_address(value)
+
+
 @app.command("run")
 def run_cmd(
     dataset: str = typer.Option("movielens", "--dataset", help="movielens, or a domain: health | education | finance."),
@@ -43,6 +54,7 @@ def run_cmd(
     plain: bool = typer.Option(False, "--plain-aggregation", help="Sum updates in the clear (tests/benchmarks only: the server sees each update)."),
     non_private: bool = typer.Option(False, "--non-private", help="Required with --epsilon inf: a run without differential privacy (simulations only; its ledgers record ε = ∞)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+    ray_address: str = typer.Option("local", "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Run one federated training simulation on Flower's simulation engine.
 
@@ -51,6 +63,7 @@ def run_cmd(
     """
     from fedrec.simulations.run import run_from_cli
 
+    _ray_address(ray_address)
     raise typer.Exit(
         run_from_cli(
             dataset=domain or dataset,
@@ -92,7 +105,9 @@ def causal_cmd(
     estimator: str = typer.Option("aipw", "--estimator", help="aipw | ipw | ra"),
     compare_pooled: bool = typer.Option(False, "--compare-pooled", help="Also compute the non-private pooled estimate (statsmodels)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder for causal.json."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed for every release's DP noise: the same command gives the same "
+                             "numbers. Simulation only: a deployed institution ignores it and draws its noise from "
+                             "the OS CSPRNG."),
     derive: Optional[list[str]] = typer.Option(
         None, "--derive",
         help="Extra nuisance-model feature op(covariate), op one of log1p, log, square, at_min, at_max, "
@@ -106,8 +121,8 @@ def causal_cmd(
              "--covariates or --derive replaces the study's declared design."),
     set_: list[str] = typer.Option(
         [], "--set",
-        help="A tuning knob, KEY=VALUE (repeatable), e.g. --set causal.psi-noise-ratio=0.3 or "
-             "--set share-influence=0.35; the knobs and their defaults are in docs/causal.md (Tuning knobs)."),
+        help="An expert knob, KEY=VALUE (repeatable), e.g. --set causal.expert.psi-noise-ratio=0.3 or "
+             "--set expert.share-influence=0.35; the knobs and their defaults are in docs/causal.md (Expert knobs)."),
     noise_mode: str = typer.Option(
         "local", "--noise-mode",
         help="local: each institution adds the full noise (holds even if secure aggregation broke); "
@@ -119,12 +134,14 @@ def causal_cmd(
                                "anything is spent) says the run cannot answer."),
     status_quo: str = typer.Option("none", "--status-quo", help="What recommendations must beat: none (no item) "
                                    "or current (what each person takes now)."),
+    ray_address: str = typer.Option("local", "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Estimate ATE/CATE with 95% CIs from DP, securely aggregated statistics (Flower simulation)."""
     from fedrec.simulations.causal_cli import causal_command
 
     if noise_mode not in ("local", "distributed"):
         raise typer.BadParameter("use local or distributed", param_hint="--noise-mode")
+    _ray_address(ray_address)
     overrides: dict = {"noise_mode": noise_mode}
     if derive is not None:
         overrides["derived"] = tuple(derive)
@@ -140,7 +157,7 @@ def sweep_cmd(
     domains: str = typer.Option("health,education,finance", "--domains", help="Comma-separated: health, education, finance."),
     epsilon: str = typer.Option("0.5,1,2,4,8,inf", "--epsilon", help="ε per institution for the whole run, comma-separated; 'inf' adds the non-private reference."),
     seeds: int = typer.Option(5, "--seeds", help="Seeds 0..N-1; seed s fixes the federation, the splits and the DP noise (simulation only)."),
-    models: str = typer.Option("mf", "--models", help="mf, hybrid (hybrid: skipped with a note until the LLM adapter is wired into the Flower apps)."),
+    models: str = typer.Option("mf", "--models", help="mf, hybrid (hybrid: DP popularity + DP MF + the zero-budget text prior, docs/adapter.md)."),
     tasks: str = typer.Option("rec,causal", "--tasks", help="rec (MF over Flower + SecAgg+), causal (AIPW protocol in-process)."),
     noise_modes: str = typer.Option("local,distributed", "--noise-modes", help="local, distributed."),
     institutions: int = typer.Option(8, "--institutions", "-k", help="Simulated institutions per federation."),
@@ -149,6 +166,7 @@ def sweep_cmd(
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Cells run in parallel (default: the CPU cores); each rec cell is its own Flower simulation."),
     out: Path = typer.Option(..., "--out", help="Results folder; re-running the same command into it skips finished cells."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    ray_address: str = typer.Option("local", "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Privacy-budget sweep: the grid of domains x ε x noise modes x seeds, as a report.
 
@@ -162,6 +180,7 @@ def sweep_cmd(
 
     from fedrec.simulations.sweep import sweep_command
 
+    _ray_address(ray_address)
     command = (f"fedrec-sim sweep --domains {domains} --epsilon {epsilon} --seeds {seeds} --models {models} "
                f"--tasks {tasks} --noise-modes {noise_modes} --institutions {institutions} --rounds {rounds} "
                f"--people {people} --out {shlex.quote(str(out))}")
@@ -178,6 +197,7 @@ def demo_cmd(
     rounds: int = typer.Option(5, "--rounds", "-r", help="Federated MF rounds."),
     epsilon: str = typer.Option("4", "--epsilon", help="ε per institution for each of the two runs (MF, causal)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the federation, splits and DP noise (simulation only)."),
+    ray_address: str = typer.Option("local", "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """The whole mission on a simulated health federation, in a few minutes.
 
@@ -187,6 +207,7 @@ def demo_cmd(
     """
     from fedrec.simulations.demo import demo_command
 
+    _ray_address(ray_address)
     raise typer.Exit(demo_command(out=out, institutions=institutions, people=people, rounds=rounds,
                                   epsilon=_epsilon(epsilon), seed=seed, console=console))
 
@@ -207,6 +228,8 @@ def evaluate_strategies_cmd(
     estimators: str = typer.Option("all", "--estimators", help="Estimators the release carries: all (ips, snips, dm, "
                                    "dr, switch-dr: for comparison) or a comma-separated subset, e.g. dr (about half "
                                    "the noise on DR at the same ε)."),
+    crossfit: bool = typer.Option(True, "--crossfit/--no-crossfit", help="Also the cross-fitted benefit ranking "
+                                  "(benefit-cf: two more causal runs, one per half of the people; docs/strategies.md)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON to write ({meta, runs, rows}); default: print rows."),
 ) -> None:
     """Off-policy values of recommendation strategies (benefit-ranked, engagement-ranked, random,
@@ -237,7 +260,8 @@ def evaluate_strategies_cmd(
                                "clip (e.g. 8) and estimators from ips, snips, dm, dr, switch-dr") from None
     res = evaluate_strategies(doms, seeds=list(range(first_seed, first_seed + seeds)), epsilons=eps,
                               noise_modes=modes, institutions=institutions, people=people,
-                              logger_shift=logger_shift, ope=ope, progress=lambda m: console.print(m, markup=False))
+                              logger_shift=logger_shift, ope=ope, crossfit=crossfit,
+                              progress=lambda m: console.print(m, markup=False))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(_json.dumps(res, indent=1, default=str))

@@ -50,7 +50,7 @@ from fedrec.common.errors import FedrecInputError
 __all__ = ["SweepSpec", "Cell", "plan_cells", "run_sweep", "CSV_COLUMNS", "sweep_command"]
 
 DOMAINS = ("health", "education", "finance")
-MODELS_AVAILABLE = ("mf",)
+MODELS_AVAILABLE = ("mf", "hybrid")
 MODELS_KNOWN = ("mf", "hybrid")
 TASKS = ("rec", "causal")
 NOISE_MODES = ("local", "distributed")
@@ -197,18 +197,19 @@ def rec_config(cell: Cell, spec: dict):
 
     flat = {"dataset": cell.domain, "institutions": spec["institutions"], "rounds": spec["rounds"],
             "people": spec["people"], "partition-skew": spec["skew"], "seed": cell.seed,
-            "sim.noise-seed": cell.seed, "privacy.epsilon": cell.epsilon}
+            "sim.noise-seed": cell.seed, "privacy.epsilon": cell.epsilon, "model": cell.model}
     if cell.noise_mode in NOISE_MODES:
         flat["privacy.noise-mode"] = cell.noise_mode
     return RunConfig().override(**flat)
 
 
 def _rec_cell(cell: Cell, spec: dict, run_dir: Path) -> dict:
-    from fedrec.simulations.run import run_simulation
+    from fedrec.simulations.run import one_actor_cpus, run_simulation
 
     if run_dir.exists():  # an interrupted attempt: its ledgers belong to a run that never finished
         shutil.rmtree(run_dir)
-    hist = run_simulation(rec_config(cell, spec), run_dir, quiet=True, allow_non_private=math.isinf(cell.epsilon))
+    hist = run_simulation(rec_config(cell, spec), run_dir, quiet=True, allow_non_private=math.isinf(cell.epsilon),
+                          num_cpus_per_client=one_actor_cpus())  # one actor per cell: cells run side by side
     last = hist["rounds"][-1]
     eps = last.get("epsilon") or {}
     finite = [float(v) for v in eps.values() if math.isfinite(float(v))]
@@ -249,7 +250,7 @@ def _alone_cell(cell: Cell, spec: dict) -> dict:
 
 
 def causal_config(cell: Cell, spec: dict):
-    from fedrec.common.causal.estimators import CausalConfig
+    from fedrec.common.causal.config import CausalConfig
     from fedrec.simulations.domains import get_domain
 
     study = get_domain(cell.domain).study()
@@ -279,7 +280,7 @@ def causal_summary(institutions, truth, cfg, result_items: dict) -> dict:
 def _causal_cell(cell: Cell, spec: dict) -> dict:
     import numpy as np
 
-    from fedrec.common.causal.estimators import plan_budget
+    from fedrec.common.causal.config import plan_budget
     from fedrec.common.config import derive_seed
     from fedrec.simulations.causal_cli import estimate_inprocess
     from fedrec.simulations.domains import domain_federation
@@ -477,10 +478,18 @@ def sweep_command(*, domains: str, epsilons: str, seeds: int, models: str, tasks
         raise FedrecInputError("--rounds must be >= 1 and --people at least 10 per institution")
     if jobs is not None and jobs < 1:
         raise FedrecInputError("--jobs must be >= 1")
+    from fedrec.simulations.ray_cluster import RAY_ADDRESS_ENV
+
+    if os.environ.get(RAY_ADDRESS_ENV):
+        # Flower sizes each run's actor pool to the whole cluster: two runs at once would wait on
+        # each other's actors, so on a cluster the cells run one after the other, each using all of it
+        if jobs is not None and jobs > 1:
+            raise FedrecInputError(f"--jobs {jobs} with --ray-address: each cell's Flower run uses the whole cluster; "
+                                   "fix: leave --jobs out (cells run one at a time on the cluster)")
+        jobs = 1
     missing = [m for m in spec.models if m not in MODELS_AVAILABLE]
     if missing and "rec" in spec.tasks:
-        note = (f"--models {','.join(missing)}: not available yet (the LLM adapter/hybrid is not wired into the "
-                "Flower apps, issue 30); its rows are left out")
+        note = f"--models {','.join(missing)}: not available; its rows are left out"
         spec.notes.append(note)
         console.print(f"[yellow]note[/]: {note}", highlight=False)
         if not [m for m in spec.models if m in MODELS_AVAILABLE] and spec.tasks == ("rec",):

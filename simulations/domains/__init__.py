@@ -33,10 +33,12 @@ def get_domain(name: str) -> Domain:
 
 
 def domain_federation(domain: str, *, institutions: int, people: int, seed: int, skew: float,
-                      policy: str = "confounded") -> tuple[list[InstitutionData], GroundTruth]:
+                      policy: str = "confounded", hidden_confounder: float = 0.0
+                      ) -> tuple[list[InstitutionData], GroundTruth]:
     """Generate a simulated federation in memory (no files): one :class:`InstitutionData` per
     institution, exactly as :func:`fedrec.common.datasets.load_federation` would read them
-    back from ``fedrec-sim generate``'s output, and the :class:`GroundTruth`."""
+    back from ``fedrec-sim generate``'s output, and the :class:`GroundTruth`. ``hidden_confounder``:
+    an unobserved institution-level common cause (:func:`~fedrec.simulations.domains.base.simulate`)."""
     sim = simulate(get_domain(domain), institutions=institutions, people=people, seed=seed, skew=skew,
-                   policy=policy)
+                   policy=policy, hidden_confounder=hidden_confounder)
     return sim.institutions, sim.truth

@@ -192,10 +192,16 @@ def _expected_rating(mean: np.ndarray, sd: float, lo: float, hi: float) -> np.nd
 
 
 def simulate(domain: Domain, *, institutions: int, people: int, seed: int, skew: float,
-             policy: str = "confounded", progress: Callable[[str], None] | None = None) -> Simulation:
+             policy: str = "confounded", progress: Callable[[str], None] | None = None,
+             hidden_confounder: float = 0.0) -> Simulation:
     """Draw a federation of ``institutions`` holding ``people`` in all, deterministically from
     ``seed``. ``skew`` in [0, 1] sets how much institutions differ in size and case-mix;
-    ``policy`` is ``"confounded"`` (exposure depends on covariates) or ``"randomized"``."""
+    ``policy`` is ``"confounded"`` (exposure depends on covariates) or ``"randomized"``.
+
+    ``hidden_confounder`` (default 0: off, the draw is unchanged) plants an **unobserved common
+    cause**: institution k gets ``u_k`` evenly spaced in [-1, 1], which shifts every item's
+    logging logit by ``hidden_confounder * u_k`` and the outcome by ``hidden_confounder * u_k *
+    noise_sd``; u is in no table, so no adjustment set removes it (the refutations' test bed)."""
     if policy not in POLICIES:
         raise FedrecInputError(f"--policy {policy!r}: unknown logging policy; fix: use one of {', '.join(POLICIES)}")
     if not 0.0 <= skew <= 1.0:
@@ -232,6 +238,11 @@ def simulate(domain: Domain, *, institutions: int, people: int, seed: int, skew:
         prop = np.clip(expit(np.column_stack([it.policy(f, n) for it in domain.items])), P_MIN, 1 - P_MIN)
     else:
         prop = np.full((n, J), RANDOMIZED_P)
+    u_hidden = np.zeros(n)
+    if hidden_confounder:
+        u_hidden = (np.linspace(-1.0, 1.0, institutions) if institutions > 1 else np.zeros(1))[inst]
+        logit = np.log(prop / (1 - prop)) + hidden_confounder * u_hidden[:, None]
+        prop = np.clip(expit(logit), P_MIN, 1 - P_MIN)
     lo_e, hi_e = domain.engagement_bounds
     rating_sd = float(np.hypot(RATING_PERSON_SD, RATING_NOISE_SD))
     expected = _expected_rating(appeal, rating_sd, lo_e, hi_e)
@@ -252,6 +263,8 @@ def simulate(domain: Domain, *, institutions: int, people: int, seed: int, skew:
     received = np.zeros(n)
     np.add.at(received, rows_person, exposed * tau[rows_person, rows_item])
     y = domain.baseline(f, n) + received + domain.noise_sd * rng_out.standard_normal(n)
+    if hidden_confounder:
+        y = y + hidden_confounder * domain.noise_sd * u_hidden
     y = np.round(np.clip(y, *domain.outcome_bounds), 2)
     days = rng_out.integers(0, 365, size=n * m).astype("timedelta64[D]")
     seconds = rng_out.integers(8 * 3600, 18 * 3600, size=n * m).astype("timedelta64[s]")
