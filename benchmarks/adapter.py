@@ -155,7 +155,7 @@ def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, s
         local[persons] = np.arange(len(persons))
         pr = PersonRatings.from_arrays(local[train_p[rows]], train_i[rows], train_r[rows], len(persons))
         t = MFTrainer(pr, n_items, cfg, seed=seed + 17 * k)
-        sched = plan_dp(cfg, len(persons))
+        sched = plan_dp(cfg)
         trainers.append((t, sched))
         maps.append(local)
     counts = sum(t.item_counts(None if s is None else s.count_event(), noise_share=share) for t, s in trainers)
@@ -183,7 +183,7 @@ def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, s
 
 
 def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner, n_persons, K, epsilon, *, rounds,
-                  persons_per_step, steps, lr, server_lr, clip, pos, neg, candidates, seed, score_items_needed):
+                  sample_rate, steps, lr, server_lr, clip, pos, neg, candidates, seed, score_items_needed):
     """In-process federated DP adapter; returns the score fn (each institution scores its own)."""
     init = adapter.to_numpy()
     trainers, maps = [], []
@@ -194,8 +194,7 @@ def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner,
         rows = owner[train_p] == k
         t = AdapterTrainer(adapter, bank, local[train_p[rows]], train_i[rows], len(persons), lr=lr,
                            pos_per_person=pos, neg_per_person=neg, candidate_items=candidates, seed=seed + 31 * k)
-        sched = plan_adapter_dp(epsilon=epsilon, delta=DELTA, n_persons=len(persons),
-                                persons_per_step=int(round(persons_per_step * len(persons) / n_persons)),
+        sched = plan_adapter_dp(epsilon=epsilon, delta=DELTA, sample_rate=sample_rate,
                                 steps_per_round=steps, rounds=rounds, clip_norm=clip)
         trainers.append((t, sched))
         maps.append(local)
@@ -204,7 +203,9 @@ def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner,
 
     for _ in tqdm(range(rounds), desc=f"adapter rounds eps={epsilon}", file=sys.stderr, leave=False):
         deltas = [t.train_round(g, event=None if s is None else s.round_event(),
-                                clip_norm=clip, steps=steps, persons_per_step=int(round(persons_per_step / K)))
+                                clip_norm=clip, steps=steps, sample_rate=sample_rate,
+                                # public step denominator: the design's mean persons per institution
+                                step_persons=n_persons / K)
                   for t, s in trainers]
         g = {key: g[key] + server_lr * np.mean([d[key] for d in deltas], axis=0) for key in g}
     adapter.load_numpy(g)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--institutions", type=int, default=10)
     ap.add_argument("--epsilons", default="8,inf", help="comma list of per-institution ε (inf = non-private)")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--persons-per-step", type=int, default=0, help="expected persons per step, all institutions (0 = all)")
+    ap.add_argument("--sample-rate", type=float, default=1.0, help="public Poisson sampling rate of each DP-SGD step (1 = all)")
     ap.add_argument("--local-steps", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--server-lr", type=float, default=1.0)
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.time()
                 ad_score, sigma = adapter_model(
                     adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds,
-                    persons_per_step=args.persons_per_step, steps=args.local_steps, lr=lr, server_lr=args.server_lr,
+                    sample_rate=args.sample_rate, steps=args.local_steps, lr=lr, server_lr=args.server_lr,
                     clip=args.clip, pos=pos, neg=neg, candidates=fit_pool, seed=args.seed, score_items_needed=needed)
                 for split, task in val_tasks.items():
                     add("adapter", f"val_{split}", eps, task.metrics(ad_score(task.person, task.cands)), lr=lr,
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         # the adapter is trained once, on the fit part (validation never enters its training)
         ad_score, sigma = (None, None) if args.no_adapter else adapter_model(
-            adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds, persons_per_step=args.persons_per_step,
+            adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds, sample_rate=args.sample_rate,
             steps=args.local_steps, lr=args.lr, server_lr=args.server_lr, clip=args.clip, pos=pos, neg=neg,
             candidates=fit_pool, seed=args.seed, score_items_needed=needed)
         ad_s = time.time() - t0
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": "python benchmarks/adapter.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": commit, "seed": args.seed, "quick": quick, "persons": n_persons, "items": n_items,
-        "institutions": K, "rounds": rounds, "local_steps": args.local_steps, "persons_per_step": args.persons_per_step,
+        "institutions": K, "rounds": rounds, "local_steps": args.local_steps, "sample_rate": args.sample_rate,
         "lr": args.lr, "server_lr": args.server_lr, "adapter_trained": not args.no_adapter, "clip_norm": args.clip, "pos_per_person": pos,
         "neg_per_person": neg, "delta": DELTA, "noise_mode": "local",
         "adapter_trainable_params": adapter.n_trainable(), "adapter_rank": acfg.rank, "adapter_top_layers": acfg.top_layers,

@@ -67,8 +67,8 @@ def _state(folder: str, cfg_items: tuple, n_persons: int) -> AdapterState:
     trainer = AdapterTrainer(adapter, bank, inst.data.train_person, inst.data.train_item, inst.data.n_persons,
                              lr=cfg.train.lr)
     p, t = cfg.privacy, cfg.train
-    schedule = plan_adapter_dp(epsilon=p.epsilon, delta=p.delta, n_persons=inst.data.n_persons,
-                               persons_per_step=t.persons_per_step, steps_per_round=t.local_steps, rounds=t.rounds,
+    schedule = plan_adapter_dp(epsilon=p.epsilon, delta=p.delta, sample_rate=t.sample_rate,
+                               steps_per_round=t.local_steps, rounds=t.rounds,
                                clip_norm=p.clip_norm, noise_mode=p.noise_mode, n_min=cfg.n_min,
                                accountant=p.accountant)
     return AdapterState(trainer=trainer, schedule=schedule)
@@ -91,7 +91,8 @@ def adapter_train_release(state: AdapterState, guard: ReleaseGuard, cfg: RunConf
     charge = guard.charge(event, run_id=run_id, round=server_round, task="train", model="adapter")
     delta = state.trainer.train_round(global_arrays, event=charge.event if sched is not None else None,
                                       clip_norm=cfg.privacy.clip_norm, noise_share=share,
-                                      steps=cfg.train.local_steps, persons_per_step=cfg.train.persons_per_step,
+                                      step_persons=cfg.train.step_persons, steps=cfg.train.local_steps,
+                                      sample_rate=cfg.train.sample_rate,
                                       seed=seed)
     noise_sd = 0.0 if sched is None else sched.noise_multiplier * cfg.privacy.clip_norm * math.sqrt(share)
     return delta, {"noise-var": noise_sd**2}, charge

@@ -90,7 +90,7 @@ def _load(folder: str, cfg_items: tuple) -> Institution:
     negatives = sample_negatives(
         data.rated_by_person(), data.n_items, cfg.eval.negatives, seed=cfg.data.seed + _stable_int(data.name)
     )
-    return Institution(data=data, ratings=ratings, negatives=negatives, schedule=plan_dp(cfg, data.n_persons))
+    return Institution(data=data, ratings=ratings, negatives=negatives, schedule=plan_dp(cfg))
 
 
 def _load_ratings(folder: Path, cfg: RunConfig) -> InstitutionRatings:

@@ -96,13 +96,16 @@ class DPSchedule:
         return [self.count_event()] + [self.round_event()] * self.rounds
 
 
-def plan_dp(cfg: RunConfig, n_persons: int) -> DPSchedule | None:
+def plan_dp(cfg: RunConfig) -> DPSchedule | None:
     """Calibrate σ so that the whole run (count release + rounds × local steps) spends
-    ``privacy.epsilon``. Returns None when DP is off (ε = inf)."""
+    ``privacy.epsilon``. Returns None when DP is off (ε = inf).
+
+    Privacy contract: a function of the public run config only — σ, the sample rate and the
+    events charged never depend on the institution's data or its number of persons."""
     if not cfg.dp_enabled:
         return None
     t, p = cfg.train, cfg.privacy
-    q = 1.0 if t.persons_per_step <= 0 else min(1.0, t.persons_per_step / n_persons)
+    q = float(t.sample_rate)  # public: never a function of the institution's person count
     if p.noise_mode == "distributed" and t.local_steps != 1:
         raise ConfigError(
             "privacy.noise-mode=distributed needs local-steps=1: a second local step would "

@@ -13,7 +13,8 @@ their history, scored against their leave-one-out profile) and ``neg_per_person`
 summed per person and each person's sum clipped to ``C``
 (:func:`fedrec.common.models.adapter.person_clipped_sum`), and Gaussian noise ``σ·C·√share`` is
 added once per step (:func:`fedrec.common.models.adapter.privatize`). The step is plain SGD,
-``θ ← θ − lr · noised_sum / B`` with the public expected batch ``B = q · n``, so the round's
+``θ ← θ − lr · noised_sum / B`` with the public fixed denominator ``B = q · step_persons`` (run
+config ``step-persons``; never the institution's own count ``n``, which is private), so the round's
 delta is linear in the noise (what distributed noise needs; a server-side optimiser is
 post-processing).
 
@@ -70,22 +71,24 @@ class AdapterSchedule:
         return [self.round_event()] * self.rounds
 
 
-def plan_adapter_dp(*, epsilon: float, delta: float, n_persons: int, persons_per_step: int, steps_per_round: int,
+def plan_adapter_dp(*, epsilon: float, delta: float, sample_rate: float, steps_per_round: int,
                     rounds: int, clip_norm: float, noise_mode: str = "local", n_min: int = 1,
                     accountant: str = "prv") -> AdapterSchedule | None:
-    """σ such that ``rounds × steps_per_round`` subsampled Gaussian steps spend ``epsilon``.
+    """σ such that ``rounds × steps_per_round`` Poisson-subsampled Gaussian steps at the public
+    ``sample_rate`` (1 = every person in every step) spend ``epsilon``.
 
-    ``persons_per_step <= 0`` means every person in every step (q = 1). Returns None for
-    ε = inf (non-private: simulations only). Distributed noise needs one local step per round.
+    Privacy contract: nothing here reads the institution's data — σ, the sample rate and the
+    events charged are functions of public run-config values only. Returns None for ε = inf
+    (non-private: simulations only). Distributed noise needs one local step per round.
     """
     if not math.isfinite(epsilon):
         return None
-    if n_persons < 1:
-        raise ValueError("the adapter needs at least one person to train on")
+    if not (0 < sample_rate <= 1):
+        raise ValueError(f"sample rate {sample_rate} must lie in (0, 1]")
     if noise_mode == "distributed" and steps_per_round != 1:
         raise ValueError("distributed noise needs steps_per_round=1: a second local step builds on an update "
                          "carrying only σ²/n_min of the noise")
-    q = 1.0 if persons_per_step <= 0 else min(1.0, persons_per_step / n_persons)
+    q = float(sample_rate)
 
     def events(s: float) -> list[DPSGDEvent]:
         return [DPSGDEvent(noise_multiplier=s, sample_rate=q, steps=steps_per_round)] * rounds
@@ -226,18 +229,23 @@ class AdapterTrainer:
 
     # ------------------------------------------------------------------ release
     def train_round(self, global_arrays: dict[str, np.ndarray], *, event: DPSGDEvent | None, clip_norm: float,
-                    noise_share: float = 1.0, steps: int = 1, persons_per_step: int = 0,
+                    step_persons: float, noise_share: float = 1.0, steps: int = 1, sample_rate: float = 1.0,
                     seed: int | None = None) -> dict[str, np.ndarray]:
         """This round's local steps from the global LoRA + head tensors; returns the delta of the
         released tensors (nothing else: diagnostics stay in ``self.last_stats``, local).
 
         ``event`` is the **charged** round event (``AdapterSchedule.round_event()``): its σ,
         sample rate and step count drive the noise, the Poisson sampling and the number of steps
-        (``steps``/``persons_per_step`` are then ignored). Each step releases the sum over
+        (``steps``/``sample_rate`` are then ignored). Each step releases the sum over
         sampled persons of their gradients clipped to ``clip_norm`` (one person = all their
-        rows) plus ``N(0, (σ·clip_norm)²·noise_share)`` per coordinate. ``event=None`` is the
-        non-private path (ε = ∞; only where the institution's policy allows it): ``steps``
-        plain steps on ``persons_per_step`` persons each (0 = all).
+        rows) plus ``N(0, (σ·clip_norm)²·noise_share)`` per coordinate, moved by
+        ``lr / (q · step_persons)``: a **public** fixed denominator (the fixed-denominator
+        estimator of DP-FedAvg, McMahan et al. 2018). Dividing by the institution's own number
+        of persons instead would scale the whole noised sum by a private count — under
+        add/remove-one-person neighbours that is not post-processing, and one person could move
+        the release by about twice the charged sensitivity. ``event=None`` is the non-private
+        path (ε = ∞; only where the institution's policy allows it): ``steps`` plain steps at
+        ``sample_rate``.
 
         ``seed`` (simulations only) re-seeds this round's noise and Poisson sampling so that a
         same-seed simulation repeats exactly; None keeps the trainer's generators (OS-seeded
@@ -253,11 +261,13 @@ class AdapterTrainer:
         start = {k: v.copy() for k, v in global_arrays.items()}
         params = self.adapter.released_parameters()
         n = self.n_persons
+        if not (step_persons > 0 and math.isfinite(step_persons)):
+            raise ValueError(f"step_persons must be a positive public constant, got {step_persons}")
         if event is not None:
             q, n_steps = event.sample_rate, event.steps
         else:
-            q, n_steps = (1.0 if persons_per_step <= 0 else min(1.0, persons_per_step / n)), steps
-        expected = max(1.0, q * n)  # public: the expected batch size
+            q, n_steps = float(sample_rate), steps
+        denominator = q * float(step_persons)  # public: never a function of n
         stats = {"clipped_fraction": 0.0, "rows": 0.0, "persons": 0.0}
         for _ in range(n_steps):
             persons = np.flatnonzero(self.sample_rng.random(n) < q) if q < 1 else np.arange(n)
@@ -270,7 +280,7 @@ class AdapterTrainer:
             else:
                 noised = self.gradient_sum(persons).numpy()
             stats["persons"] += len(persons)
-            step = unflatten(-self.lr * noised / expected, start)
+            step = unflatten(-self.lr * noised / denominator, start)
             with torch.no_grad():
                 for name, p in params.items():
                     p.add_(torch.as_tensor(step[name], dtype=p.dtype, device=p.device))

@@ -51,8 +51,17 @@ class TrainConfig:
     model: str = "mf"
     #: DP-SGD steps each institution takes per round.
     local_steps: int = 1
-    #: expected persons per DP-SGD step (Poisson sampling rate = this / persons).
-    persons_per_step: int = 0  # 0 = every person in every step (sample rate 1)
+    #: Poisson sampling rate of each DP-SGD step: each person joins a step with this probability
+    #: (1 = every person in every step). A public constant: the charged event, the noise and
+    #: the step's scaling never depend on how many persons an institution holds.
+    sample_rate: float = 1.0
+    #: the adapter's public fixed step denominator: a DP-SGD step moves by lr × (clipped sum +
+    #: noise) / (sample-rate × step-persons). Set it near an institution's typical number of
+    #: persons (within a factor of ~10: SecAgg+ clips each coordinate of a delta to ±10·lr, so an
+    #: institution far larger than this has its steps clipped); it is never read from the data
+    #: (dividing by the private count would break the charged sensitivity under add/remove-one-
+    #: person neighbours).
+    step_persons: float = 100.0
     lr: float = 1.0
     #: dimension of released item factors (0 = item biases only).
     mf_dim: int = 0
@@ -149,6 +158,8 @@ class RunConfig:
         Unknown keys are an error (a typo would otherwise silently keep a default).
         """
         known = _flat_keys()
+        for key in sorted(set(flat) & set(REMOVED_KEYS)):
+            raise ConfigError(f"{key}: {REMOVED_KEYS[key]}")
         unknown = sorted(set(flat) - set(known))
         if unknown:
             raise ConfigError(
@@ -210,6 +221,12 @@ class RunConfig:
             raise ConfigError("test-fraction must lie in (0, 1)")
         if t.rounds < 1 or t.local_steps < 1:
             raise ConfigError("rounds and train.local-steps must be >= 1")
+        if not (t.step_persons > 0 and math.isfinite(t.step_persons)):
+            raise ConfigError("step-persons must be a positive number, e.g. 100 (the adapter's public step "
+                              "denominator, near an institution's typical number of persons)")
+        if not (0 < t.sample_rate <= 1):
+            raise ConfigError("sample-rate must lie in (0, 1], e.g. 0.1 (each person joins a DP-SGD step with "
+                              "this probability; 1 = every person in every step)")
         if t.item_prior_mean not in ("metadata", "zero"):
             raise ConfigError("item-prior-mean must be 'metadata' or 'zero'")
         if t.mf_dim < 0:
@@ -240,6 +257,14 @@ class RunConfig:
 # Sections whose keys live at the top level of [tool.flwr.app.config] (no prefix).
 _TOP_LEVEL_SECTIONS = {"data", "train"}
 _TOP_LEVEL_RENAMES = {("train", "model"): "model"}
+
+
+#: run-config keys that existed once; a config that still sets one is refused, never ignored
+REMOVED_KEYS = {
+    "persons-per-step": "removed: the sampling rate it implied (persons per step / the institution's persons) "
+                        "depended on a private count; fix: set sample-rate, the public per-person probability "
+                        "of joining a step (e.g. 0.1)",
+}
 
 
 def _flat_keys() -> dict[str, tuple[str, str, type]]:

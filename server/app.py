@@ -248,7 +248,8 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
     count_releases(releases, institution_names, steps.contributors if steps else ())  # a charged release too
     # a noiseless delta coordinate is a step of at most the rating range (Newton step on a
     # mean residual), times lr/q; 10 covers any 0.5-5 or 1-5 scale with room to spare (the
-    # adapter's step is lr times a clipped mean gradient plus its noise: the same range holds)
+    # adapter's step is lr times a clipped gradient sum plus its noise over a public denominator:
+    # the same range holds)
     train_range = 10.0 * cfg.train.lr * max(1, cfg.train.local_steps)
     progress = _Progress(cfg.train.rounds)
     for r in range(1, cfg.train.rounds + 1):
@@ -266,7 +267,7 @@ def run_training(grid: Grid, cfg: RunConfig) -> dict:
         )
         if res.total is None:
             raise RoundFailed(f"round {r}: no contribution")
-        if adapter:  # each institution's delta is a mean-gradient step: average them
+        if adapter:  # each institution's delta is a step over the public denominator: average them
             update = {k: cfg.train.server_lr * res.total[k] / len(res.contributors) for k in global_arrays}
         else:  # MF deltas are on the scale of a sum over persons: add them
             update = {k: cfg.train.server_lr * res.total[k] for k in global_arrays}

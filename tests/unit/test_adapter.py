@@ -222,15 +222,14 @@ def test_flatten_roundtrip():
 
 # ---------------------------------------------------------------------- the client trainer
 def test_plan_adapter_dp_spends_the_budget_and_refuses_distributed_multistep():
-    s = plan_adapter_dp(epsilon=8.0, delta=1e-5, n_persons=60, persons_per_step=20, steps_per_round=2, rounds=3,
-                        clip_norm=1.0)
+    s = plan_adapter_dp(epsilon=8.0, delta=1e-5, sample_rate=1 / 3, steps_per_round=2, rounds=3, clip_norm=1.0)
     eps = epsilon_for(s.run_events(), delta=1e-5)
     assert 7.8 <= eps <= 8.0
-    assert s.round_event().sample_rate == pytest.approx(20 / 60)
-    assert plan_adapter_dp(epsilon=math.inf, delta=1e-5, n_persons=60, persons_per_step=0, steps_per_round=1,
+    assert s.round_event().sample_rate == pytest.approx(1 / 3)
+    assert plan_adapter_dp(epsilon=math.inf, delta=1e-5, sample_rate=1.0, steps_per_round=1,
                            rounds=1, clip_norm=1.0) is None
     with pytest.raises(ValueError, match="distributed"):
-        plan_adapter_dp(epsilon=8.0, delta=1e-5, n_persons=60, persons_per_step=0, steps_per_round=2, rounds=1,
+        plan_adapter_dp(epsilon=8.0, delta=1e-5, sample_rate=1.0, steps_per_round=2, rounds=1,
                         clip_norm=1.0, noise_mode="distributed", n_min=2)
 
 
@@ -244,18 +243,17 @@ def _trainer(adapter, emb, seed=3):
 def test_dp_round_releases_only_noised_lora_and_head(adapter, emb):
     tr = _trainer(adapter, emb)
     g0 = adapter.to_numpy()
-    sched = plan_adapter_dp(epsilon=8.0, delta=1e-5, n_persons=3, persons_per_step=0, steps_per_round=1, rounds=2,
-                            clip_norm=1.0)
-    delta = tr.train_round(g0, event=sched.round_event(), clip_norm=1.0)
+    sched = plan_adapter_dp(epsilon=8.0, delta=1e-5, sample_rate=1.0, steps_per_round=1, rounds=2, clip_norm=1.0)
+    delta = tr.train_round(g0, event=sched.round_event(), clip_norm=1.0, step_persons=3)
     assert set(delta) == set(adapter.released_parameters())
     vec = np.concatenate([delta[k].ravel() for k in sorted(delta)])
     assert np.isfinite(vec).all()
-    # the noise dominates: every coordinate moved (LoRA A included), at about lr·σ·C/B per coordinate
+    # the noise dominates: every coordinate moved (LoRA A included), at about lr·σ·C/(q·step_persons)
     assert (vec != 0).mean() > 0.99
     expected_sd = sched.noise_multiplier * 1.0 / 3
     assert 0.8 < vec.std() / expected_sd < 1.25
     with pytest.raises(TypeError, match="DPSGDEvent"):
-        tr.train_round(g0, event=object(), clip_norm=1.0)
+        tr.train_round(g0, event=object(), clip_norm=1.0, step_persons=3)
 
 
 def test_non_private_round_learns_and_scores_locally(adapter, emb):
@@ -263,7 +261,7 @@ def test_non_private_round_learns_and_scores_locally(adapter, emb):
     g = adapter.to_numpy()
     persons, cands = np.array([0, 1]), np.array([[3, 0], [3, 0]])
     before = tr.score(persons, cands, g)
-    delta = tr.train_round(g, event=None, clip_norm=1.0, steps=3)
+    delta = tr.train_round(g, event=None, clip_norm=1.0, steps=3, step_persons=3)
     assert any(np.abs(v).max() > 0 for v in delta.values())
     after = tr.score(persons, cands, {k: g[k] + delta[k] for k in g})
     assert after.shape == (2, 2) and np.isfinite(after).all()
@@ -331,3 +329,25 @@ def test_domain_catalogue_and_people_have_text():
     fallback = np.full((3, 3), 0.5, np.float32)
     prof = person_profiles(emb, np.array([0, 0]), np.array([1, 2]), 3, fallback=fallback)
     assert np.allclose(prof[1:], 0.5) and not np.allclose(prof[0], 0.5)  # only empty histories fall back
+
+
+def test_the_released_step_does_not_scale_with_the_private_person_count(adapter, emb):
+    """Add/remove-one-person neighbours: an institution with one more person whose clipped
+    gradient is zero (no rows) must release exactly the same step under the same noise draw.
+    Dividing the noised sum by the institution's own count (a private number) would scale the
+    whole release by 3/4 here — beyond the charged sensitivity, and revealing the count."""
+    bank = ItemBank.build(adapter, TEXTS, emb, dtype=torch.float32, progress=False)
+    person = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    item = np.array([3, 6, 1, 0, 4, 7, 2, 5])
+    sched = plan_adapter_dp(epsilon=8.0, delta=1e-5, sample_rate=1.0, steps_per_round=1, rounds=2, clip_norm=1.0)
+    g0 = adapter.to_numpy()
+    released = []
+    for n_persons in (3, 4):  # person 3 has no rows: its clipped gradient is zero
+        tr = AdapterTrainer(adapter, bank, person, item, n_persons, lr=1.0, pos_per_person=1, neg_per_person=1, seed=3)
+        released.append(tr.train_round(g0, event=sched.round_event(), clip_norm=1.0, step_persons=3, seed=11))
+        adapter.load_numpy(g0)
+    for k in released[0]:
+        np.testing.assert_allclose(released[1][k], released[0][k], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="step_persons"):
+        AdapterTrainer(adapter, bank, person, item, 3, lr=1.0, seed=3).train_round(
+            g0, event=sched.round_event(), clip_norm=1.0, step_persons=0.0)

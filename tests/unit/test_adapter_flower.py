@@ -76,8 +76,10 @@ def test_adapter_round_is_charged_and_releases_only_lora_and_head_with_the_charg
     assert [r.model for r in rows] == ["adapter", "adapter"] and {r.task for r in rows} == {"train"}
     sigma = rows[0].event.noise_multiplier
     # both replies started from the same weights and data: their difference is noise only,
-    # N(0, 2 (lr σ C / expected batch)^2) per coordinate with the whole institution each step
-    expected = 30.0
+    # N(0, 2 (lr σ C / (q · step-persons))^2) per coordinate: the public step denominator, not the
+    # institution's 30 persons (tests/unit/test_adapter.py: the step never scales with the count)
+    expected = CFG.train.sample_rate * CFG.train.step_persons
+    assert expected != 30.0
     diff = np.concatenate([(a.content.array_records["arrays"][k].numpy().astype(np.float64)
                             - b.content.array_records["arrays"][k].numpy()).ravel() for k in sorted(start)])
     charged_sd = CFG.train.lr * sigma * CFG.privacy.clip_norm / expected
@@ -195,7 +197,7 @@ def test_hybrid_flower_simulation_runs_under_dp_over_secagg(tmp_path):
     assert [r["round"] for r in history["rounds"]] == [1, 2]
     final = history["rounds"][-1]
     assert final["contributors"] == 2 and 0 <= final["ndcg10"] <= 1
-    expected = epsilon_for(plan_dp(cfg, n_persons=30).run_events(), delta=cfg.privacy.delta, accountant="prv")
+    expected = epsilon_for(plan_dp(cfg).run_events(), delta=cfg.privacy.delta, accountant="prv")
     assert len(final["epsilon"]) == 2
     for eps in final["epsilon"].values():
         assert eps == pytest.approx(expected, rel=1e-6) and eps <= cfg.privacy.epsilon + 1e-9

@@ -128,7 +128,7 @@ def test_distributed_noise_is_audited_as_a_sum():
 RUN_ID = "777"
 
 
-def build_run_folder(run_dir: Path, *, epsilon: float = 3.0, rounds: int = 5, persons=(400, 800), persons_per_step=100,
+def build_run_folder(run_dir: Path, *, epsilon: float = 3.0, rounds: int = 5, persons=(400, 800), sample_rate=0.2,
                      by_node: bool = False, run_id: str = RUN_ID, cap: float = 20.0) -> Path:
     """A results folder as the ServerApp writes it: config.json (with the run id), metrics.json
     with per-round ε per institution (as claimed by each guard) and the releases the server
@@ -136,13 +136,13 @@ def build_run_folder(run_dir: Path, *, epsilon: float = 3.0, rounds: int = 5, pe
     opened, as the handlers do)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig().override(**{
-        "privacy.epsilon": epsilon, "rounds": rounds, "persons-per-step": persons_per_step,
+        "privacy.epsilon": epsilon, "rounds": rounds, "sample-rate": sample_rate,
         "institutions": len(persons),
     })
     (run_dir / "config.json").write_text(json.dumps({**cfg.to_flat(), "run-id": run_id}))
     guards = []
     for i, n in enumerate(persons):
-        q = min(1.0, persons_per_step / n) if persons_per_step else 1.0
+        q = sample_rate  # public: the same at every institution, whatever its size
         sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=cfg.privacy.delta, sample_rate=q, steps=rounds,
                                            accountant="rdp")  # fast; the claims below are PRV
         name = f"institution_{i:02d}"

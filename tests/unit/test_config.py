@@ -31,3 +31,17 @@ def test_flower_style_flat_config_round_trips_and_parses_inf():
 def test_bad_knobs_fail_with_the_knob_named(key, value, match):
     with pytest.raises(ConfigError, match=match):
         RunConfig().override(**{key: value})
+
+
+def test_the_sampling_rate_is_a_public_knob_and_the_old_count_based_one_is_refused():
+    from fedrec.client.train import plan_dp
+
+    with pytest.raises(ConfigError, match="persons-per-step: removed.*fix: set sample-rate"):
+        RunConfig.from_flat({"persons-per-step": 20})
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="sample-rate must lie in"):
+            RunConfig().override(**{"sample-rate": bad})
+    with pytest.raises(ConfigError, match="step-persons"):
+        RunConfig().override(**{"step-persons": 0.0})
+    sched = plan_dp(RunConfig().override(**{"privacy.epsilon": 4.0, "sample-rate": 0.25}))
+    assert sched.sample_rate == 0.25 and sched.run_events()[1].sample_rate == 0.25

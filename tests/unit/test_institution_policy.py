@@ -226,7 +226,7 @@ def test_reported_noise_and_the_ledger_match_what_the_handler_adds(node, mode):
     n = diff.size  # thousands of coordinates: the std is known to ~1/sqrt(2n)
     assert measured_sd == pytest.approx(charged_sd, rel=5 / math.sqrt(2 * n)), (measured_sd, charged_sd)
     assert a.content.metric_records["metrics"]["noise-var"] == pytest.approx(charged_sd**2)
-    sched = plan_dp(BASE.override(**{"privacy.epsilon": 2.0}), n_persons=10)
+    sched = plan_dp(BASE.override(**{"privacy.epsilon": 2.0}))
     assert sigma == pytest.approx(sched.noise_multiplier)
 
 

@@ -117,8 +117,8 @@ def test_item_counts_have_sensitivity_one():
 
 
 def test_run_is_calibrated_as_a_whole_and_composes_without_reset():
-    cfg = RunConfig().override(**{"privacy.epsilon": 4.0, "rounds": 5, "persons-per-step": 20, "local-steps": 3})
-    sched = plan_dp(cfg, n_persons=100)
+    cfg = RunConfig().override(**{"privacy.epsilon": 4.0, "rounds": 5, "sample-rate": 0.2, "local-steps": 3})
+    sched = plan_dp(cfg)
     assert sched is not None and sched.sample_rate == pytest.approx(0.2)
     events = sched.run_events()
     eps = epsilon_for(events, delta=cfg.privacy.delta, accountant="prv")
@@ -133,19 +133,19 @@ def test_run_is_calibrated_as_a_whole_and_composes_without_reset():
 
 
 def test_dp_off_and_distributed_mode_plans():
-    assert plan_dp(RunConfig().override(**{"privacy.epsilon": float("inf")}), 50) is None
+    assert plan_dp(RunConfig().override(**{"privacy.epsilon": float("inf")})) is None
     cfg = RunConfig().override(**{"privacy.noise-mode": "distributed", "privacy.n-min": 4, "institutions": 10})
-    s = plan_dp(cfg, 50)
+    s = plan_dp(cfg)
     share = noise_share(cfg.privacy.noise_mode, cfg.n_min)
     assert s.noise_std(share) == pytest.approx(s.noise_multiplier * s.clip_norm / 2)
     with pytest.raises(ConfigError, match="local-steps=1"):
-        plan_dp(cfg.override(**{"local-steps": 2}), 50)
+        plan_dp(cfg.override(**{"local-steps": 2}))
 
 
 def test_count_release_takes_its_budget_share_and_the_run_composes_to_epsilon():
     for rounds in (2, 20):
         cfg = RunConfig().override(**{"privacy.epsilon": 8.0, "rounds": rounds, "privacy.count-budget-share": 0.2})
-        s = plan_dp(cfg, 60)
+        s = plan_dp(cfg)
         eps = epsilon_for(s.run_events(), delta=cfg.privacy.delta, accountant="prv")
         assert 7.9 <= eps <= 8.0 + 1e-6
         # full batch: the counts' share of 1/σ_eff² is exactly the configured share
@@ -153,12 +153,12 @@ def test_count_release_takes_its_budget_share_and_the_run_composes_to_epsilon():
         inv_total = inv_count + rounds / s.noise_multiplier**2
         assert inv_count / inv_total == pytest.approx(0.2)
     # a fixed share keeps the counts' noise fixed as rounds grow (a fixed σ multiple would not)
-    two = plan_dp(RunConfig().override(**{"rounds": 2}), 60).count_event().noise_multiplier
-    twenty = plan_dp(RunConfig().override(**{"rounds": 20}), 60).count_event().noise_multiplier
+    two = plan_dp(RunConfig().override(**{"rounds": 2})).count_event().noise_multiplier
+    twenty = plan_dp(RunConfig().override(**{"rounds": 20})).count_event().noise_multiplier
     assert twenty == pytest.approx(two, rel=1e-9)
     # a smaller share moves budget from the counts to the training steps
-    small = plan_dp(RunConfig().override(**{"privacy.count-budget-share": 0.05}), 60)
-    assert small.noise_multiplier < plan_dp(RunConfig(), 60).noise_multiplier
+    small = plan_dp(RunConfig().override(**{"privacy.count-budget-share": 0.05}))
+    assert small.noise_multiplier < plan_dp(RunConfig()).noise_multiplier
 
 
 # ----------------------------------------------------- sensitivity correct by construction
