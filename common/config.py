@@ -128,8 +128,9 @@ class SecAggConfig:
     enabled: bool = True
     #: fraction of clients that may drop out with the round still completing.
     max_dropout_fraction: float = 0.3
-    #: neighbours per client in the sparse SecAgg+ graph (0 = complete graph).
-    neighbours: int = 0
+    #: neighbours per client in the SecAgg+ graph: -1 = automatic (an O(log n) degree, Bell et al.;
+    #: the complete graph up to 20 clients), 0 = complete graph, k = k neighbours.
+    neighbours: int = -1
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,8 @@ class RunConfig:
             raise ConfigError("eval.metrics-release must be 'simulation' or 'off'")
         if self.sim.noise_seed < -1:
             raise ConfigError("sim.noise-seed must be >= 0, or -1 for fresh noise from the OS")
+        if self.secagg.neighbours < -1:
+            raise ConfigError("secagg.neighbours must be -1 (automatic), 0 (complete graph) or a number of neighbours")
         if not (0 <= self.secagg.max_dropout_fraction < 0.5):
             raise ConfigError("secagg.max-dropout-fraction must lie in [0, 0.5): unmasking needs a strict majority "
                               "of the share holders, and each node signs the tolerance into its keys")

@@ -112,7 +112,8 @@ class SecAggPlusSum:
         """
         if clip_range is None:
             clip_range = 2.0 * cfg.train.lr * cfg.privacy.clip_norm * cfg.train.local_steps
-        kwargs.setdefault("neighbours", cfg.secagg.neighbours)
+        # -1 = automatic: ServerSession.create picks the O(log n) degree for the round's nodes
+        kwargs.setdefault("neighbours", None if cfg.secagg.neighbours < 0 else cfg.secagg.neighbours)
         kwargs.setdefault("max_dropout", cfg.secagg.max_dropout_fraction)
         return cls(clip_range=clip_range, noise_std=noise_std, noise_mode=cfg.privacy.noise_mode,
                    n_min=cfg.n_min if cfg.privacy.noise_mode == "distributed" else 0, **kwargs)

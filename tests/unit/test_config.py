@@ -45,3 +45,17 @@ def test_the_sampling_rate_is_a_public_knob_and_the_old_count_based_one_is_refus
         RunConfig().override(**{"step-persons": 0.0})
     sched = plan_dp(RunConfig().override(**{"privacy.epsilon": 4.0, "sample-rate": 0.25}))
     assert sched.sample_rate == 0.25 and sched.run_events()[1].sample_rate == 0.25
+
+
+def test_secagg_graph_degree_is_logarithmic_by_default():
+    """Each node's SecAgg+ work grows with log n by default (issue 33): -1 = automatic degree."""
+    from fedrec.common.secagg._server import ServerSession
+    from fedrec.server.secagg_workflow import SecAggPlusSum
+
+    assert RunConfig().secagg.neighbours == -1
+    assert SecAggPlusSum.from_config(RunConfig()).neighbours is None
+    assert SecAggPlusSum.from_config(RunConfig().override(**{"secagg.neighbours": 0})).neighbours == 0
+    assert ServerSession.create(list(range(1, 101)), slots=1, degree=None).degree == 14  # 2·log2(100) → 14
+    assert ServerSession.create(list(range(1, 11)), slots=1, degree=None).degree == 0  # complete up to 20
+    with pytest.raises(ConfigError, match="secagg.neighbours"):
+        RunConfig().override(**{"secagg.neighbours": -2})
