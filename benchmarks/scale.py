@@ -212,6 +212,19 @@ def measure(n: int, timeout: float) -> dict:
         return row
 
 
+def _institution_counts(text: str, flag: str) -> list[int] | None:
+    """Comma-separated institution counts (each >= 3); None after printing a one-line error."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        print(f"error: {flag} {text!r}: give whole numbers, e.g. 10,100,1000", file=sys.stderr)
+        return None
+    if not counts or min(counts) < 3:
+        print(f"error: {flag}: each count must be >= 3 institutions", file=sys.stderr)
+        return None
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10,100", help="institution counts, comma-separated (default 10,100)")
@@ -226,26 +239,16 @@ def main(argv=None) -> int:
         one(a.one, a.out)
         return 0
     if a.node_cost:
-        try:
-            counts = [int(x) for x in a.node_cost.split(",") if x.strip()]
-        except ValueError:
-            print(f"error: --node-cost {a.node_cost!r}: give whole numbers, e.g. 100,1000", file=sys.stderr)
-            return 2
-        if not counts or min(counts) < 3:
-            print("error: --node-cost: each count must be >= 3 institutions", file=sys.stderr)
+        counts = _institution_counts(a.node_cost, "--node-cost")
+        if counts is None:
             return 2
         print(json.dumps({"meta": {"benchmark": "scale --node-cost", "commit": _commit(),
                                    "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
                                    "clock": "time.process_time (this process's CPU)", "load_avg": _load()},
                           "rows": [node_cost(n) for n in counts]}, indent=1))
         return 0
-    try:
-        sizes = [10, 30] if a.quick else [int(s) for s in a.sizes.split(",") if s.strip()]
-    except ValueError:
-        print(f"error: --sizes {a.sizes!r}: give whole numbers, e.g. 10,100,1000", file=sys.stderr)
-        return 2
-    if not sizes or min(sizes) < 3:
-        print("error: --sizes: each size must be >= 3 institutions", file=sys.stderr)
+    sizes = [10, 30] if a.quick else _institution_counts(a.sizes, "--sizes")
+    if sizes is None:
         return 2
     rows = []
     for n in sizes:
