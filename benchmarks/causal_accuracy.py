@@ -116,20 +116,6 @@ def cell_runs(results: list, domain: str, mode: str, eps: float) -> list:
     return [r for dom, out in results if dom == domain for r in out if r["epsilon"] == eps and r["noise_mode"] == mode]
 
 
-def parse_epsilons(text: str) -> tuple[float, ...]:
-    """``"2.5,3,inf"`` -> (2.5, 3.0, inf); every ε must be positive (one-line error otherwise)."""
-    out = []
-    for part in text.split(","):
-        try:
-            eps = float(part)
-        except ValueError:
-            raise ValueError(f"--epsilons: {part!r} is not a number (use e.g. 0.5,1,inf)") from None
-        if not eps > 0:
-            raise ValueError(f"--epsilons: {part!r} must be positive (inf for no DP)")
-        out.append(eps)
-    return tuple(out)
-
-
 def one_seed(args):
     domain, seed, institutions, people, epsilons, modes, nuisance, knobs, all_items = args
     warnings.filterwarnings("ignore")
@@ -186,8 +172,10 @@ def main(argv=None) -> int:
                          "e.g. --set expert.psi-noise-ratio=0.3; the knobs are in docs/causal.md (Expert knobs)")
     a = ap.parse_args(argv)
     runs = a.runs or (4 if a.quick else 200)
+    from fedrec.simulations.sweep import parse_epsilons
+
     try:
-        epsilons = parse_epsilons(a.epsilons) if a.epsilons else EPSILONS
+        epsilons = parse_epsilons(a.epsilons, "--epsilons") if a.epsilons else EPSILONS
     except ValueError as exc:
         ap.error(str(exc))
     domains = a.domains.split(",")

@@ -110,15 +110,17 @@ def parse_list(text: str, flag: str, allowed: tuple[str, ...] | None = None) -> 
     return tuple(dict.fromkeys(items))
 
 
-def parse_epsilons(text: str) -> tuple[float, ...]:
+def parse_epsilons(text: str, flag: str = "--epsilon") -> tuple[float, ...]:
+    """``"0.5,1,inf"`` -> (0.5, 1.0, inf), sorted and deduplicated; every ε must be > 0 (one-line
+    FedrecInputError naming ``flag`` otherwise). The one ε-list parser of the CLIs and benchmarks."""
     out = []
-    for part in parse_list(text, "--epsilon"):
+    for part in parse_list(text, flag):
         try:
             eps = float(part)
         except ValueError:
-            raise FedrecInputError(f"--epsilon: {part!r} is not a number; fix: e.g. --epsilon 0.5,1,2,4,8,inf") from None
+            raise FedrecInputError(f"{flag}: {part!r} is not a number; fix: e.g. {flag} 0.5,1,2,4,8,inf") from None
         if not eps > 0:
-            raise FedrecInputError(f"--epsilon: {part!r} must be > 0 ('inf' = the non-private reference)")
+            raise FedrecInputError(f"{flag}: {part!r} must be > 0 ('inf' = the non-private reference)")
         out.append(eps)
     return tuple(sorted(set(out)))
 

@@ -26,13 +26,22 @@ separate interpreter before each run, and a pytest plugin (``-p _fedrec_mutation
 checks it again inside every test session, failing it otherwise. Flower's Ray workers inherit
 the environment.
 
-Usage: run_mutants.py [--list] [--only ID[,ID]] [--jobs N] [--json PATH] [--keep]
+Speed: starting pytest costs ~5 s of imports (numpy, torch, opacus, flwr, statsmodels...) and
+each of ~60 mutants needs a fresh interpreter (a mutated ``fedrec`` must be imported anew). When
+the runner's interpreter is the one that runs the tests, each pytest run is forked from a
+``multiprocessing`` fork server that imported those third-party modules once (``PRELOAD``; never
+``fedrec``, which each child imports from its scratch copy, as the guard plugin checks). A
+preloaded module that fails to import is skipped; ``--no-fork`` runs every test session in a
+fresh ``python -m pytest`` as before.
+
+Usage: run_mutants.py [--list] [--only ID[,ID]] [--jobs N] [--json PATH] [--keep] [--no-fork]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -52,6 +61,9 @@ SKIP_TOP = {".venv", "results", ".git", "build", "runs", "scratch"}  # never cop
 GUARD_PLUGIN = "_fedrec_mutation_guard"
 ROOT_ENV = "FEDREC_MUTATION_ROOT"
 DEFAULT_TIMEOUT = 300.0
+#: third-party modules the fork server imports once (never fedrec: the children import their copy)
+PRELOAD = ("numpy", "scipy.stats", "scipy.optimize", "pandas", "torch", "opacus", "cryptography.hazmat.primitives.asymmetric.ec",
+           "statsmodels.api", "networkx", "flwr.serverapp", "flwr.clientapp", "pytest", "_pytest.python")
 _OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)")
 
 GUARD_SOURCE = '''"""pytest plugin of the mutation runner: the code under test must be the scratch copy."""
@@ -235,6 +247,54 @@ def run_pytest(python: str, root: Path, tests: Sequence[str], timeout: float) ->
     return r.returncode, r.stdout + r.stderr
 
 
+def _forked_pytest(root: str, tests: list[str], log: str) -> None:
+    """Child of the fork server: become ``python -m pytest ...`` run in ``root``, output to ``log``."""
+    env = scratch_env(Path(root))
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(root)
+    sys.path[:0] = [root, str(Path(root) / "_pkg")]  # as `python -m pytest` with PYTHONPATH=_pkg
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    import pytest
+    code = pytest.main(["-q", "-rA", "--no-header", "-p", "no:cacheprovider", "-p", GUARD_PLUGIN,
+                        "-o", "addopts=", *tests])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code))
+
+
+_FORK_CTX: multiprocessing.context.BaseContext | None = None
+
+
+def fork_context() -> multiprocessing.context.BaseContext:
+    """The fork server, started (and its modules preloaded) on first use."""
+    global _FORK_CTX
+    if _FORK_CTX is None:
+        ctx = multiprocessing.get_context("forkserver")
+        # the fork server imports these once (an ImportError only costs speed); "__main__" is
+        # this runner, so that each child finds _forked_pytest without re-importing it
+        ctx.set_forkserver_preload(["__main__", *PRELOAD])
+        _FORK_CTX = ctx
+    return _FORK_CTX
+
+
+def run_pytest_forked(root: Path, tests: Sequence[str], timeout: float) -> tuple[int | None, str]:
+    """:func:`run_pytest` through the fork server (same outcome; ~5 s less per run)."""
+    log = root / "_pytest_output.log"
+    proc = fork_context().Process(target=_forked_pytest, args=(str(root), list(tests), str(log)))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return None, log.read_text(errors="replace") if log.exists() else ""
+    return proc.exitcode, log.read_text(errors="replace") if log.exists() else ""
+
+
 def per_test(output: str, tests: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
     """Outcomes of each named test's cases (a parametrized name covers its cases) and the
     collection errors (ERROR lines without a test)."""
@@ -276,17 +336,21 @@ def judge(code: int | None, output: str, tests: Sequence[str], require: str, bas
 
 
 def run_one(python: str, parent: Path, files: Sequence[str], pdirs: dict[str, str], name: str,
-            edits: Sequence[Edit], tests: Sequence[str], require: str, timeout: float, keep: bool) -> Outcome:
+            edits: Sequence[Edit], tests: Sequence[str], require: str, timeout: float, keep: bool,
+            fork: bool = False) -> Outcome:
     t0 = time.monotonic()
     root = make_scratch(parent, re.sub(r"[^A-Za-z0-9_-]", "_", name), files, pdirs)
     try:
         why = apply_edits(root, edits)
         if why is not None:
             return Outcome("stale", detail=why)
-        why = check_importable(python, root, pdirs)
-        if why is not None:
-            return Outcome("invalid", detail=why)
-        code, output = run_pytest(python, root, tests, timeout)
+        if fork:  # the guard plugin checks, inside the session, that fedrec is the scratch copy
+            code, output = run_pytest_forked(root, tests, timeout)
+        else:
+            why = check_importable(python, root, pdirs)
+            if why is not None:
+                return Outcome("invalid", detail=why)
+            code, output = run_pytest(python, root, tests, timeout)
         out = judge(code, output, tests, require, baseline=not edits)
     finally:
         if not keep:
@@ -310,6 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per pytest run")
     ap.add_argument("--python", default=default_python(), help="interpreter that runs the tests (default: the venv's)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copies (printed)")
+    ap.add_argument("--no-fork", action="store_true",
+                    help="start every pytest run as a fresh interpreter (default: fork them from a preloaded server "
+                         "when --python is this interpreter)")
     args = ap.parse_args(argv)
 
     mutants = load_mutants()
@@ -331,12 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     pdirs = package_dirs()
     parent = Path(tempfile.mkdtemp(prefix="fedrec-mutants-"))
     union = list(dict.fromkeys(t for m in mutants for t in m.kills))
+    fork = not args.no_fork and Path(args.python).absolute() == Path(sys.executable).absolute()
+    if fork:
+        fork_context()
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         base_f = pool.submit(run_one, args.python, parent, files, pdirs, "baseline", (), union, "all",
-                             args.timeout, args.keep)
+                             args.timeout, args.keep, fork)
         futs = {m.id: pool.submit(run_one, args.python, parent, files, pdirs, m.id, m.edits, m.kills, m.require,
-                                  args.timeout, args.keep) for m in mutants}
+                                  args.timeout, args.keep, fork) for m in mutants}
         baseline = base_f.result()
         results = {k: f.result() for k, f in futs.items()}
     wall = round(time.monotonic() - t0, 1)
@@ -354,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     killed = sum(r.status == "killed" for r in results.values())
     ok = baseline.status == "passed" and killed == len(mutants)
     summary = {
-        "ok": ok, "killed": killed, "total": len(mutants), "wall_seconds": wall, "jobs": args.jobs,
+        "ok": ok, "killed": killed, "total": len(mutants), "wall_seconds": wall, "jobs": args.jobs, "forked": fork,
         "baseline": {"tests": union, **asdict(baseline)},
         "mutants": [{"id": m.id, "files": sorted({e.file for e in m.edits}), "kills": list(m.kills),
                      **asdict(results[m.id])} for m in mutants],

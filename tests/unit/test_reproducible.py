@@ -131,14 +131,9 @@ def test_a_deployed_node_ignores_the_noise_seed(federation, tmp_path, caplog):
 
 
 @pytest.fixture(scope="module")
-def causal_federation(tmp_path_factory) -> Path:
-    from fedrec.common.datasets import write_institution
-    from fedrec.simulations.domains import domain_federation
-
-    root = tmp_path_factory.mktemp("health")
-    insts, _ = domain_federation("health", institutions=1, people=400, seed=2, skew=0.0)
-    write_institution(root / insts[0].name, insts[0])
-    return root
+def causal_federation(simulated_institution) -> Path:
+    """The data-dir of a one-institution health federation (its one folder inside)."""
+    return simulated_institution("health", people=400, seed=2).parent
 
 
 def causal_reply(root: Path, ctx: Context) -> np.ndarray:

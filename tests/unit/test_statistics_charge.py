@@ -28,12 +28,11 @@ def _task_identity(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    from fedrec.common.datasets import write_institution
-    from fedrec.simulations.domains import domain_federation
+def site(simulated_institution, tmp_path_factory) -> Path:
+    import shutil
 
-    insts, _ = domain_federation("health", institutions=1, people=300, seed=5, skew=0.0)
-    folder = write_institution(tmp_path_factory.mktemp("site") / insts[0].name, insts[0])
+    folder = tmp_path_factory.mktemp("site") / "institution"
+    shutil.copytree(simulated_institution("health", people=300, seed=5), folder)  # init writes into it
     res = CliRunner().invoke(client_cli, ["init", str(folder), "--epsilon-cap", "4", "--max-run-epsilon", "2"])
     assert res.exit_code == 0, res.output
     return folder
