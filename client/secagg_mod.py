@@ -22,14 +22,15 @@ Messages from ``server/secagg_workflow.py`` carry a ConfigRecord named ``"fedrec
 * ``unmask``: the mod opens the share ciphertexts the server forwards and returns the shares,
   only for the survivor set it signed and only with a quorum of matching survivor signatures.
 
-**Identity and floors (issue 28).** Key advertisements are signed with the institution's
-long-term SECP384R1 key and verified against the federation roster, both named by the
-institution's policy (``identity-key``, ``roster`` in ``privacy.toml``; see
+**Identity and floors (issue 28).** Key advertisements are signed with an Ed25519 run key that
+the institution's long-term SECP384R1 key certifies (once a day; peers verify each certificate
+once per run against the federation roster and keep its digest in ``context.state``), both the
+key and the roster named by the institution's policy (``identity-key``, ``roster`` in ``privacy.toml``; see
 :func:`node_policy_file`). A node without them answers every setup with the refusal code
 ``secagg`` (the detail stays in its log): it never falls back to unsigned keys. The policy's
 ``min-round-size`` is the node's floor on the active set, the survivor set and the committee.
 
-Protocol secrets (X25519 private keys, pairwise seeds, self-mask seeds) live in
+Protocol secrets (X25519 private keys, pairwise seeds, self-mask seeds, the run key) live in
 ``context.state`` under the same name; they never appear in a reply.
 
 **Plain mode.** A message *without* the SecAgg record would send the contribution in the

@@ -167,12 +167,13 @@ class SecAggPlusSum:
                 if srec is not None and "error" in srec:  # lost or stale protocol state: re-key it
                     sess.members.discard(sess.nodes[node])
                 continue
-            why = self._invalid(c, srec, slot, quant, dim)
+            checked: list[np.ndarray] = []
+            why = self._invalid(c, srec, slot, quant, dim, checked)
             if why is not None:
                 self.rejected[node] = why
                 log.warning("round %s: node %s dropped: invalid masked reply (%s)", server_round, node, why)
                 continue
-            masked[node] = c.array_records["arrays"]["masked"].numpy()
+            masked[node] = checked[0]  # deserialized once, by the validation
             layout[node] = (list(srec["names"]), json.loads(str(srec["shapes"])))
             metrics[node] = reply_metrics(m)
         if masked:  # every contribution must have the same layout, else it cannot be summed
@@ -192,55 +193,43 @@ class SecAggPlusSum:
         except SecAggError as err:
             raise RoundFailed(f"round {server_round}: {err}") from err
 
-        # consistency: every surviving share holder signs the survivor set it was told; holders
-        # reveal shares only for a set a quorum of holders signed (two views cannot both get one)
+        # consistency: surviving share holders sign the survivor set they were told; holders
+        # reveal shares only for a set a quorum of holders signed (two views cannot both get one).
+        # A quorum (plus spares) is asked first, the other holders only when too few sign, or when
+        # holders refuse to unmask for want of signatures (a holder's own floor, e.g. its
+        # distributed-noise n_min, can raise its quorum above the server's estimate).
         try:
             holders = sess.holders_among(survivors)
         except SecAggError as err:
             raise RoundFailed(f"round {server_round}: secure aggregation could not unmask: {err}") from err
+        quorum_sigs = sess.signature_quorum()
         t_cons = time.monotonic()
         signatures: dict[int, bytes] = {}
-        crecs = sess.consistency_records(slot, survivors, holders=holders)
-        cmsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
-                 for n, r in crecs.items()]
-        for m in grid.send_and_receive(cmsgs, timeout=timeout):
-            node = m.metadata.src_node_id
-            srec = None if m.has_error() else m.content.config_records.get(SECAGG_RECORD)
-            if srec is None or "sig" not in srec or int(srec.get("slot", -1)) != slot:
-                why = m.error.reason if m.has_error() else (None if srec is None else srec.get("error"))
-                log.warning("round %s: holder %s did not sign the survivor set: %s", server_round, node, why)
-                continue
-            signatures[node] = bytes(srec["sig"])
+        asked = holders[:max(quorum_sigs, min(self.n_min, len(holders))) + self.spare_holders]
+        self._sign(grid, sess, slot, survivors, asked, signatures, message_type, timeout, server_round)
+        if len(signatures) < quorum_sigs and len(asked) < len(holders):
+            self._sign(grid, sess, slot, survivors, holders[len(asked):], signatures, message_type, timeout,
+                       server_round)
+            asked = holders
         self.stats["consistency_stage_s"] = time.monotonic() - t_cons
         sess.signatures[slot] = signatures
-        quorum_sigs = sess.signature_quorum()
         if len(signatures) < quorum_sigs:
             raise RoundFailed(f"round {server_round}: secure aggregation could not unmask: {len(signatures)} "
                               f"share holders signed the survivor set, {quorum_sigs} needed")
-        holders = [n for n in holders if n in signatures]  # the ones that signed are alive and agree
 
         # unmask: share holders open shares of survivors' self seeds and dropouts' slot keys.
         # Ask a quorum first (threshold + spare), the other holders only if too few answer.
-        quorum = min(len(holders), sess.threshold + self.spare_holders)
         share_replies: dict[int, ConfigRecord] = {}
+        failed: set[int] = set()  # holders that failed (not refused) in unmasking: never asked again
         t_unmask = time.monotonic()
-        for batch in (holders[:quorum], holders[quorum:]):
-            if not batch or len(share_replies) >= sess.threshold:
-                break
-            urecs = sess.unmask_records(slot, survivors, dropped_now, holders=batch, signatures=signatures)
-            umsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n,
-                             message_type=message_type) for n, r in urecs.items()]
-            for m in grid.send_and_receive(umsgs, timeout=timeout):
-                node = m.metadata.src_node_id
-                if m.has_error():
-                    log.warning("round %s: node %s failed in unmasking: %s", server_round, node, m.error.reason)
-                    continue
-                srec = m.content.config_records.get(SECAGG_RECORD)
-                if srec is None or "error" in srec:
-                    log.warning("round %s: node %s refused to unmask: %s", server_round, node,
-                                None if srec is None else srec.get("error"))
-                    continue
-                share_replies[node] = srec
+        self._open(grid, sess, slot, survivors, dropped_now, [n for n in holders if n in signatures], signatures,
+                   share_replies, failed, message_type, timeout, server_round)
+        if len(share_replies) < sess.threshold and len(asked) < len(holders):
+            self._sign(grid, sess, slot, survivors, holders[len(asked):], signatures, message_type, timeout,
+                       server_round)
+            self._open(grid, sess, slot, survivors, dropped_now,
+                       [n for n in holders if n in signatures and n not in share_replies and n not in failed],
+                       signatures, share_replies, failed, message_type, timeout, server_round)
         self.stats["unmask_stage_s"] = time.monotonic() - t_unmask
         try:
             total_int = sess.unmask(slot, masked, dropped_now, share_replies)
@@ -262,6 +251,49 @@ class SecAggPlusSum:
         return RoundResult(total=total, contributors=survivors, dropped=dropped, metrics=metrics, refusals=refusals)
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _sign(grid: Grid, sess: ServerSession, slot: int, survivors: list[int], holders: list[int],
+              signatures: dict[int, bytes], message_type: str, timeout: float, server_round: int) -> None:
+        """Consistency round with ``holders``: their signatures of the survivor set go into ``signatures``."""
+        if not holders:
+            return
+        crecs = sess.consistency_records(slot, survivors, holders=holders)
+        cmsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
+                 for n, r in crecs.items()]
+        for m in grid.send_and_receive(cmsgs, timeout=timeout):
+            node = m.metadata.src_node_id
+            srec = None if m.has_error() else m.content.config_records.get(SECAGG_RECORD)
+            if srec is None or "sig" not in srec or int(srec.get("slot", -1)) != slot:
+                why = m.error.reason if m.has_error() else (None if srec is None else srec.get("error"))
+                log.warning("round %s: holder %s did not sign the survivor set: %s", server_round, node, why)
+                continue
+            signatures[node] = bytes(srec["sig"])
+
+    def _open(self, grid: Grid, sess: ServerSession, slot: int, survivors: list[int], dropped: list[int],
+              holders: list[int], signatures: dict[int, bytes], share_replies: dict[int, ConfigRecord],
+              failed: set[int], message_type: str, timeout: float, server_round: int) -> None:
+        """Unmask requests to ``holders`` that signed: ``threshold + spare_holders`` of them first,
+        the others only if too few answer; their share replies go into ``share_replies``."""
+        quorum = min(len(holders), max(0, sess.threshold - len(share_replies)) + self.spare_holders)
+        for batch in (holders[:quorum], holders[quorum:]):
+            if not batch or len(share_replies) >= sess.threshold:
+                break
+            urecs = sess.unmask_records(slot, survivors, dropped, holders=batch, signatures=signatures)
+            umsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n,
+                             message_type=message_type) for n, r in urecs.items()]
+            for m in grid.send_and_receive(umsgs, timeout=timeout):
+                node = m.metadata.src_node_id
+                if m.has_error():
+                    log.warning("round %s: node %s failed in unmasking: %s", server_round, node, m.error.reason)
+                    failed.add(node)
+                    continue
+                srec = m.content.config_records.get(SECAGG_RECORD)
+                if srec is None or "error" in srec:
+                    log.warning("round %s: node %s refused to unmask: %s", server_round, node,
+                                None if srec is None else srec.get("error"))
+                    continue
+                share_replies[node] = srec
+
     def _check_enough(self, server_round, survivors, nodes, min_contributors, refusals, dropped) -> None:
         if self.noise_mode == "distributed" and len(survivors) < self.n_min:
             raise RoundFailed(
@@ -284,9 +316,11 @@ class SecAggPlusSum:
         return sorted(arrays.keys()), sum(int(np.prod(a.shape)) for a in arrays.values())
 
     @staticmethod
-    def _invalid(c: RecordDict, srec, slot: int, quant, dim: tuple[list[str], int] | None) -> str | None:
+    def _invalid(c: RecordDict, srec, slot: int, quant, dim: tuple[list[str], int] | None,
+                 checked: list[np.ndarray] | None = None) -> str | None:
         """Why a masked reply cannot be summed (None: it can): record layout, slot, dtype and
-        modulus, length. A bad reply is one dropout, never a silent wrong sum."""
+        modulus, length. A bad reply is one dropout, never a silent wrong sum. A valid reply's
+        masked vector is appended to ``checked``."""
         arrays = c.array_records["arrays"]
         if list(arrays.keys()) != ["masked"]:
             return f"array record holds {list(arrays.keys())}, expected ['masked']"
@@ -311,6 +345,8 @@ class SecAggPlusSum:
             return f"{y.size} values in shape {y.shape}, the layout needs {size} + 1"
         if dim is not None and sorted(names) == dim[0] and size != dim[1]:
             return f"layout of {size} values, the round's arrays have {dim[1]}"
+        if checked is not None:
+            checked.append(y)
         return None
 
     def _quantization(self, content: RecordDict, n: int):

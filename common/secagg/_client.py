@@ -11,10 +11,12 @@ construction.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -72,9 +74,28 @@ class ClientState:
     signed_slot: int = -1  #: the last slot whose survivor set this node signed, and that set
     signed_survivors: list[int] = field(default_factory=list)
     seen_sessions: list[bytes] = field(default_factory=list)  #: never key the same session twice
+    # ---- the identity cache (kept across sessions): this node's run key and its certificate,
+    # and the digests of the peers' certificates it verified (see _identity)
+    run_sk: bytes = b""  #: Ed25519 run key: signs this node's advertisements
+    run_cert: bytes = b""  #: (name, run key, validity), signed with the identity key
+    run_cert_sig: bytes = b""
+    run_owner: bytes = b""  #: SHA-256 of the identity key line that signed run_cert
+    verified: bytes = b""  #: 32-byte digests of verified peer certificates (newest last)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in fields(self)}
+        """Flat values for a Flower ConfigRecord; lists of indices are packed into bytes (a
+        ConfigRecord type-checks every list element, and the state is saved after every message)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in _INDEX_LISTS:
+                v = np.asarray(v, dtype="<i8").tobytes()
+            elif f.name == "seen_sessions":
+                v = b"".join(v)
+            elif f.name == "released":
+                v = ",".join(v)
+            out[f.name] = list(v) if isinstance(v, list) else v
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ClientState:
@@ -82,8 +103,22 @@ class ClientState:
         for k in (f.name for f in fields(cls)):
             if k in d:
                 v = d[k]
+                if k in _INDEX_LISTS and isinstance(v, bytes):
+                    v = np.frombuffer(v, dtype="<i8").tolist()
+                elif k == "seen_sessions" and isinstance(v, bytes):
+                    v = [v[i:i + 16] for i in range(0, len(v), 16)]
+                elif k == "released" and isinstance(v, str):
+                    v = v.split(",") if v else []
                 setattr(st, k, list(v) if isinstance(getattr(st, k), list) else v)
         return st
+
+
+#: verified certificate digests a node keeps (the federation's members, with room for renewals)
+_VERIFIED_MAX = 4096
+
+#: ClientState fields that are lists of integers (packed as little-endian int64 bytes)
+_INDEX_LISTS = frozenset({"committee", "neighbours", "peers", "floors", "members", "mask_active",
+                          "signed_survivors"})
 
 
 def _at(blob: bytes, i: int) -> bytes:
@@ -95,6 +130,13 @@ def _erase(blob: bytes, idx) -> bytes:
     for i in idx:
         b[32 * i: 32 * (i + 1)] = bytes(32)
     return bytes(b)
+
+
+@lru_cache(maxsize=64)
+def _session_graph(members: tuple[int, ...], degree: int, committee_size: int, seed: bytes) -> dict[int, list[int]]:
+    """The session's neighbour graph (read-only), recomputed from the plan hash once per process
+    and session rather than at each consistency and unmask request."""
+    return _graph.plan(members, degree, committee_size, seed)[0]
 
 
 def _need(cond: bool, why: str) -> None:
@@ -116,7 +158,7 @@ class SecAggClient:
 
     def _graph(self) -> dict[int, list[int]]:
         st = self.state
-        return _graph.plan(st.members, st.degree, st.committee_size, st.plan_seed)[0]
+        return _session_graph(tuple(st.members), st.degree, st.committee_size, st.plan_seed)
 
     def _floor(self, slot: int) -> int:
         st = self.state
@@ -143,6 +185,8 @@ class SecAggClient:
                                                 "strict majority (max-dropout-fraction < 0.5)")
         seen = list(self.state.seen_sessions)
         _need(session not in seen, "this session id was keyed before: replay refused")
+        old = self.state
+        run_sk, cert, cert_sig, owner = self._run_key(old)
         c_sk, c_pk = _keys.generate_keypair()
         e_sk, e_pk = _identity.session_signing_keypair()
         pairs = [_keys.generate_keypair() for _ in range(slots)]
@@ -153,8 +197,27 @@ class SecAggClient:
         self.state = ClientState(session=session, index=int(rec["index"]), c_sk=c_sk,
                                  s_sks=b"".join(sk for sk, _ in pairs), slots=slots, name=self.identity.name,
                                  advert=blob, e_sk=e_sk, max_dropout=mdp, min_set=self.min_set,
-                                 seen_sessions=(seen + [session])[-64:])
-        return {"advert": blob, "sig": self.identity.sign(blob)}
+                                 seen_sessions=(seen + [session])[-64:], run_sk=run_sk, run_cert=cert,
+                                 run_cert_sig=cert_sig, run_owner=owner, verified=old.verified)
+        return {"advert": blob, "sig": _identity.session_sign(run_sk, blob), "cert": cert, "cert-sig": cert_sig}
+
+    def _run_key(self, old: ClientState) -> tuple[bytes, bytes, bytes, bytes]:
+        """(run key, certificate, its signature, owner digest): the cached ones while they are
+        this identity's and valid for at least RUN_CERT_RENEW_S more, else a fresh run key
+        certified with the identity key (one P-384 signature per day, not per session)."""
+        ident = self.identity
+        owner = hashlib.sha256(_identity.public_openssh(ident.key.public_key()).encode()).digest()
+        now = int(time.time())
+        if old.run_sk and old.run_owner == owner:
+            try:
+                name, _, nb, na = _identity.decode_run_cert(old.run_cert)
+            except (ValueError, UnicodeDecodeError):
+                name, nb, na = "", 0, 0
+            if name == ident.name and nb <= now and now + _identity.RUN_CERT_RENEW_S <= na:
+                return old.run_sk, old.run_cert, old.run_cert_sig, owner
+        run_sk, run_pk = _identity.session_signing_keypair()
+        cert = _identity.encode_run_cert(ident.name, run_pk, now - _wire.CLOCK_SKEW_S, now + _identity.RUN_CERT_TTL_S)
+        return run_sk, cert, ident.sign(cert), owner
 
     def _roll(self, rec: Mapping[str, Any]) -> list[tuple[int, str, bytes]]:
         """The session roll (index, name, advertisement hash per member), checked without a
@@ -180,11 +243,12 @@ class SecAggClient:
         checked later, only for the members whose keys this node uses (:meth:`setup_shares`)."""
         st = self.state
         blobs, sigs = list(rec["adverts"]), list(rec["sigs"])
-        _need(len(blobs) == len(sigs), "malformed advertisement list")
+        certs, cert_sigs = list(rec.get("certs", [])), list(rec.get("cert-sigs", []))
+        _need(len(blobs) == len(sigs) == len(certs) == len(cert_sigs), "malformed advertisement list")
         entry = {i: (nm, h) for i, nm, h in roll}
         now = time.time()
-        out: dict[int, tuple[_wire.Advert, bytes, bytes]] = {}
-        for blob, sig in zip(blobs, sigs):
+        out: dict[int, tuple[_wire.Advert, bytes, bytes, bytes, bytes]] = {}
+        for blob, sig, cert, cert_sig in zip(blobs, sigs, certs, cert_sigs):
             blob = bytes(blob)
             try:
                 a = _wire.decode_advert(blob)
@@ -197,13 +261,33 @@ class SecAggClient:
                   f"advertisement of {a.name!r} is stale or from the future: replay refused")
             _need(entry.get(a.index) == (a.name, _wire.advert_hash(blob)) and a.index not in out,
                   f"advertisement of {a.name!r} (index {a.index}) does not match the session roll")
-            out[a.index] = (a, blob, bytes(sig))
+            out[a.index] = (a, blob, bytes(sig), bytes(cert), bytes(cert_sig))
         return out
 
-    def _verify_signature(self, a: _wire.Advert, blob: bytes, sig: bytes) -> None:
-        pk = self.identity.roster.key_of(a.name)
-        _need(pk is not None, f"advertisement from {a.name!r}, who is not in this node's roster")
-        _need(_identity.verify_identity(pk, bytes(sig), blob),
+    def _verify_signature(self, a: _wire.Advert, blob: bytes, sig: bytes, cert: bytes, cert_sig: bytes,
+                          known: set[bytes]) -> None:
+        """The advertisement is signed by the run key that ``a.name``'s identity key (in this
+        node's roster) certified, and was made inside the certificate's validity. A certificate
+        verified before (same roster key, same bytes) is not verified again."""
+        roster = self.identity.roster
+        pk, line = roster.key_of(a.name), roster.line_of(a.name)
+        _need(pk is not None and line is not None, f"advertisement from {a.name!r}, who is not in this node's roster")
+        try:
+            name, run_pk, nb, na = _identity.decode_run_cert(cert)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise SecAggProtocolError(f"run-key certificate of {a.name!r} is malformed: {err}") from None
+        now = time.time()
+        _need(name == a.name, f"advertisement of {a.name!r} comes with {name!r}'s run-key certificate")
+        _need(nb - _wire.CLOCK_SKEW_S <= now <= na and nb <= a.time <= na,
+              f"run-key certificate of {a.name!r} is expired or not yet valid")
+        st = self.state
+        digest = _identity.cert_digest(line, cert, cert_sig)
+        if digest not in known:
+            _need(_identity.verify_identity(pk, bytes(cert_sig), cert),
+                  f"run-key certificate of {a.name!r} has an invalid signature: forged keys refused")
+            st.verified = (st.verified + digest)[-32 * _VERIFIED_MAX:]
+            known.add(digest)
+        _need(_identity.session_verify(run_pk, bytes(sig), blob),
               f"advertisement of {a.name!r} (index {a.index}) has an invalid signature: forged keys refused")
 
     def setup_shares(self, rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -248,8 +332,9 @@ class SecAggClient:
         need = (set(members) if me in committee else verify) - {me}
         missing = sorted(need - set(full))
         _need(not missing, f"the advertisements of members {missing[:8]} are missing")
+        known = {st.verified[i:i + 32] for i in range(0, len(st.verified), 32)}  # certificates verified before
         for j in sorted(verify):
-            self._verify_signature(*full[j])
+            self._verify_signature(*full[j], known)
         adverts = {j: full[j][0] for j in need - {me}}
         adverts[me] = _wire.decode_advert(st.advert)
         nbrs = graph[me]
@@ -276,7 +361,7 @@ class SecAggClient:
         key_of = dict(zip(peers, chan))
         ct_s, ct_b = [], []
         for p, j in enumerate(committee):
-            key = key_of[j]
+            key = _keys.aead(key_of[j])  # one AES-GCM context per holder, 2 x slots encryptions
             for slot in range(R):
                 ct_s.append(_keys.encrypt(key, s_shares[slot][p], _keys.associated_data(
                     session=st.session, sender=me, receiver=j, kind="s", slot=slot, plan=seed)))
@@ -390,11 +475,14 @@ class SecAggClient:
         pos = {j: p for p, j in enumerate(st.committee)}
         holders = set(st.committee) & survivors
         good = set()
-        for j, sig in zip(rec.get("sig-from", []), rec.get("sig", [])):
-            j = int(j)
-            if j in holders and j in pos and _identity.session_verify(_at(st.e_pks, pos[j]), bytes(sig), msg):
-                good.add(j)
         need = self.signature_quorum(slot)
+        for j, sig in zip(rec.get("sig-from", []), rec.get("sig", [])):
+            if len(good) >= need:
+                break  # the quorum is met: the remaining signatures cannot change the decision
+            j = int(j)
+            if j in holders and j in pos and j not in good and _identity.session_verify(
+                    _at(st.e_pks, pos[j]), bytes(sig), msg):
+                good.add(j)
         _need(len(good) >= need, f"{len(good)} share holders signed this survivor set, {need} needed: "
                                  "the coordinator may be showing different views")
 

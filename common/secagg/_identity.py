@@ -11,15 +11,26 @@ honest client accepts.
   key pair is both the node's transport identity and its SecAgg+ signing identity;
 * roster: TOML ``[members] <institution> = "ecdsa-sha2-nistp384 AAAA..."``, distributed to every
   institution out of band (with the federation's CA certificate);
+* run keys (the identity cache): a node signs, once per day at most, a **run-key certificate**
+  with its SECP384R1 key — ``(name, Ed25519 run key, validity)`` — and signs each session's key
+  advertisement with that Ed25519 run key. A peer verifies the certificate against its own
+  roster once (it keeps the digest of each certificate it verified, bound to the roster key it
+  verified it with) and every advertisement with the run key (Ed25519, ~5x cheaper than P-384):
+  the P-384 work of a setup is paid in a node's first session with each peer, not in every
+  re-key. A server cannot make a certificate (no institution's key), and a certificate alone
+  signs nothing for a session: the advertisement's own signature binds the session;
 * per-session signing keys: Ed25519, advertised inside the signed advertisement; they sign the
   per-round consistency messages (sub-millisecond, where P-384 would cost ~0.5 ms per verify).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -99,11 +110,24 @@ class Roster:
         return self.members.get(name)
 
     def name_of(self, pk: ec.EllipticCurvePublicKey) -> str | None:
-        want = public_openssh(pk)
+        return self._by_key.get(public_openssh(pk))
+
+    def line_of(self, name: str) -> str | None:
+        """The member's public key as its OpenSSH line (cached), or None."""
+        return self._lines.get(name)
+
+    @cached_property
+    def _lines(self) -> dict[str, str]:
+        return {name: public_openssh(key) for name, key in self.members.items()}
+
+    @cached_property
+    def _by_key(self) -> dict[str, str]:
+        """OpenSSH public key line -> name, built once (a simulation process loads many
+        identities against one roster: a linear scan per load made setup grow with n²)."""
+        out: dict[str, str] = {}
         for name, key in self.members.items():
-            if public_openssh(key) == want:
-                return name
-        return None
+            out.setdefault(public_openssh(key), name)  # the first name listed, as a scan would find
+        return out
 
 
 def load_roster(path: str | os.PathLike[str]) -> Roster:
@@ -162,6 +186,44 @@ def verify_identity(pk: ec.EllipticCurvePublicKey, signature: bytes, data: bytes
         return True
     except (InvalidSignature, ValueError):
         return False
+
+
+# ------------------------------------------------------------------ run-key certificates
+RUN_CERT_MAGIC = b"fedrec-secagg/run-key/v1"
+#: a run-key certificate is valid this long; a node issues a new one when less than
+#: RUN_CERT_RENEW_S of it is left (so every advertisement it signs stays inside the validity)
+RUN_CERT_TTL_S = 24 * 3600
+RUN_CERT_RENEW_S = 2 * 3600
+_CERT_HEAD = struct.Struct(">QQH")
+
+
+def encode_run_cert(name: str, run_pk: bytes, not_before: int, not_after: int) -> bytes:
+    """``magic | not-before u64 | not-after u64 | name length u16 | name | Ed25519 run key (32)``."""
+    nm = name.encode()
+    if len(run_pk) != 32:
+        raise ValueError("a run key is a raw 32-byte Ed25519 public key")
+    return RUN_CERT_MAGIC + _CERT_HEAD.pack(int(not_before), int(not_after), len(nm)) + nm + run_pk
+
+
+def decode_run_cert(blob: bytes) -> tuple[str, bytes, int, int]:
+    """(name, run key, not-before, not-after); ``ValueError`` on anything malformed."""
+    m = len(RUN_CERT_MAGIC)
+    if blob[:m] != RUN_CERT_MAGIC or len(blob) < m + _CERT_HEAD.size:
+        raise ValueError("not a fedrec SecAgg+ run-key certificate")
+    nb, na, nlen = _CERT_HEAD.unpack_from(blob, m)
+    pos = m + _CERT_HEAD.size
+    if len(blob) != pos + nlen + 32:
+        raise ValueError("run-key certificate has the wrong length")
+    return blob[pos:pos + nlen].decode(), blob[pos + nlen:], nb, na
+
+
+def cert_digest(roster_line: str, cert: bytes, cert_sig: bytes) -> bytes:
+    """What a verifier remembers of a certificate it verified: bound to the roster key it was
+    verified with (a rotated or removed key invalidates it) and to the exact signature."""
+    h = hashlib.sha256(b"fedrec-secagg/verified-cert/v1")
+    for part in (roster_line.encode(), cert, cert_sig):
+        h.update(struct.pack(">I", len(part)) + part)
+    return h.digest()
 
 
 # ------------------------------------------------------------------ per-session Ed25519

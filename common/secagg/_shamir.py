@@ -28,13 +28,27 @@ def split(secret: bytes, xs: Sequence[int], threshold: int) -> list[bytes]:
         raise ShamirError(f"threshold {threshold} must lie in [1, {len(xs)}]")
     if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
         raise ShamirError("share points must be distinct and non-zero")
-    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coeffs = [int.from_bytes(secret, "big")] + _uniform(threshold - 1)
+    top = coeffs[::-1]
     out = []
     for x in xs:
         acc = 0
-        for c in reversed(coeffs):  # Horner
-            acc = (acc * x + c) % PRIME
-        out.append(acc.to_bytes(SHARE_BYTES, "big"))
+        for c in top:  # Horner over the integers (x is a small index), one reduction at the end
+            acc = acc * x + c
+        out.append((acc % PRIME).to_bytes(SHARE_BYTES, "big"))
+    return out
+
+
+def _uniform(k: int) -> list[int]:
+    """``k`` independent uniform elements of GF(PRIME) from one CSPRNG read: 521-bit draws,
+    the single value 2^521 - 1 (= PRIME, outside the field) rejected and redrawn."""
+    raw = secrets.token_bytes(SHARE_BYTES * k)
+    out = []
+    for i in range(k):
+        v = int.from_bytes(raw[SHARE_BYTES * i: SHARE_BYTES * (i + 1)], "big") & PRIME  # PRIME = 2^521 - 1
+        while v >= PRIME:
+            v = secrets.randbelow(PRIME)
+        out.append(v)
     return out
 
 

@@ -1,7 +1,8 @@
 """Signed byte layouts of SecAgg+ (private): key advertisements, the session roll and plan
 hash, and consistency messages. Client and server build the same bytes; only clients verify them.
 
-Advertisement (signed with the institution's long-term SECP384R1 key)::
+Advertisement (signed with the institution's Ed25519 run key, which its long-term SECP384R1 key
+certifies: ``_identity``'s run-key certificate travels next to it)::
 
     b"fedrec-secagg/advert/v1" | session (16) | index u32 | slots u32 | max-dropout (u16, per
     mille) | time u64 (unix s) | name length u16 | name (utf-8) | c-pk (32) | e-pk (32) |

@@ -232,6 +232,94 @@ def test_c_substituted_holder_keys_are_refused_and_shares_stay_sealed():
         _keys.decrypt(guess, bytes(ct), ad)
 
 
+def _forge_under(rec, p, name, run_key_of_server, cert_signer, *, not_after=None):
+    """The server's own keys in position ``p`` of ``rec``: a fresh channel key, signed with the
+    server's run key, certified for ``name`` by ``cert_signer`` (an identity the server holds)."""
+    import time
+
+    a = _wire.decode_advert(bytes(rec["adverts"][p]))
+    c_sk, c_pk = _keys.generate_keypair()
+    fake = _wire.encode_advert(_wire.Advert(**{**a.__dict__, "c_pk": c_pk}))
+    sk, pk = run_key_of_server
+    now = int(time.time())
+    cert = _identity.encode_run_cert(name, pk, now - 60, not_after or now + 3600)
+    for key, value in (("adverts", fake), ("sigs", _identity.session_sign(sk, fake)), ("certs", cert),
+                       ("cert-sigs", cert_signer.sign(cert))):
+        rec[key] = list(rec[key])
+        rec[key][p] = value
+    return rec
+
+
+def test_c_a_run_key_certificate_the_server_makes_is_refused():
+    """The server certifies a run key of its own under a member's name (signed with a key it
+    holds, not the member's): every advertisement it signs with that run key is refused."""
+    nodes, sess, clients, ids, keys = _setup_records()
+    recs = sess.keys_received(keys)
+    target = nodes[0]
+    mallory, server_run_key = identities(1)[0], _identity.session_signing_keypair()
+    rec = dict(recs[target])
+    for p, blob in enumerate(rec["adverts"]):
+        a = _wire.decode_advert(bytes(blob))
+        if a.index != sess.nodes[target]:
+            rec = _forge_under(rec, p, a.name, server_run_key, mallory)
+    with pytest.raises(SecAggProtocolError, match="certificate .* invalid signature"):
+        SecAggClient(clients[target].state, identity=ids[0]).setup_shares(reroll(rec))
+
+
+def test_the_identity_cache_verifies_each_certificate_once_and_stays_bound():
+    """A re-key verifies no P-384 signature (every certificate was verified in the first
+    session); a certificate for another name, an expired one, or a cached one whose roster key
+    changed is refused."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    nodes, sess, clients, ids, keys = _setup_records()
+    target = nodes[0]
+    first = sess.keys_received(keys)
+    calls: list[int] = []
+    real = _identity.verify_identity
+    _identity.verify_identity = lambda *a: calls.append(1) or real(*a)
+    try:
+        clients[target].setup_shares(first[target])
+        assert len(calls) == len(nodes) - 1  # complete graph: every peer's certificate, once
+        sess2 = ServerSession.create(nodes, slots=2, degree=0)
+        keys2 = {nd: clients[nd].setup_keys(r) for nd, r in sess2.setup_keys_records().items()}
+        assert all(keys2[nd]["cert"] == keys[nd]["cert"] for nd in nodes)  # one run key per day
+        recs2 = sess2.keys_received(keys2)
+        calls.clear()
+        probe = SecAggClient(clients[target].state.__class__.from_dict(clients[target].state.to_dict()),
+                             identity=ids[0])
+        probe.setup_shares(recs2[target])
+        assert calls == []  # the re-key verified Ed25519 advertisements only
+    finally:
+        _identity.verify_identity = real
+    p = next(p for p, b in enumerate(recs2[target]["adverts"]) if _wire.decode_advert(bytes(b)).index == 2)
+    member = ids[[sess2.nodes[nd] for nd in nodes].index(2)]
+    # the member's genuine certificate and run key, but the advertisement names another member
+    swapped = dict(recs2[target])
+    for key in ("certs", "cert-sigs"):
+        swapped[key] = list(swapped[key])
+    q = next(q for q, b in enumerate(recs2[target]["adverts"]) if _wire.decode_advert(bytes(b)).index == 3)
+    swapped["certs"][p], swapped["cert-sigs"][p] = swapped["certs"][q], swapped["cert-sigs"][q]
+    client = lambda: SecAggClient(clients[target].state.__class__.from_dict(clients[target].state.to_dict()),  # noqa: E731
+                                  identity=ids[0])
+    with pytest.raises(SecAggProtocolError, match="run-key certificate"):
+        client().setup_shares(swapped)
+    # an expired certificate, genuinely signed by the member
+    expired = _forge_under(dict(recs2[target]), p, member.name, _identity.session_signing_keypair(), member,
+                           not_after=int(__import__("time").time()) - 1)
+    with pytest.raises(SecAggProtocolError, match="expired"):
+        client().setup_shares(reroll(expired))
+    # the roster now lists another key for the member: its cached certificate is verified again, and fails
+    from fedrec.common.secagg._identity import Identity, Roster
+
+    members = dict(ids[0].roster.members)
+    members[member.name] = ec.generate_private_key(ec.SECP384R1()).public_key()
+    rotated = Identity(name=ids[0].name, key=ids[0].key, roster=Roster(members))
+    with pytest.raises(SecAggProtocolError, match="certificate .* invalid signature"):
+        SecAggClient(clients[target].state.__class__.from_dict(clients[target].state.to_dict()),
+                     identity=rotated).setup_shares(recs2[target])
+
+
 def test_replayed_advertisements_and_sessions_are_refused():
     nodes, sess, clients, ids, keys = _setup_records()
     old_recs = sess.keys_received(keys)
@@ -250,9 +338,9 @@ def test_replayed_advertisements_and_sessions_are_refused():
     # an advertisement re-signed by its genuine owner but hours old: stale
     a = _wire.decode_advert(bytes(recs2[target]["adverts"][3]))
     old = _wire.encode_advert(_wire.Advert(**{**a.__dict__, "time": a.time - 2 * _wire.ADVERT_MAX_AGE_S}))
-    owner = next(i for i in ids if i.name == a.name)
+    owner = clients[sess2.node_of[a.index]]  # signs with its own (certified) run key
     stale = dict(recs2[target], adverts=list(recs2[target]["adverts"]), sigs=list(recs2[target]["sigs"]))
-    stale["adverts"][3], stale["sigs"][3] = old, owner.sign(old)
+    stale["adverts"][3], stale["sigs"][3] = old, _identity.session_sign(owner.state.run_sk, old)
     with pytest.raises(SecAggProtocolError, match="stale"):
         SecAggClient(clients[target].state, identity=ids[0]).setup_shares(reroll(stale))
     # the genuine records work

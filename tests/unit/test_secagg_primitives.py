@@ -159,3 +159,30 @@ def test_harary_graph_is_regular_symmetric_and_k_connected():
     # cutting the ring twice by k/2 consecutive nodes disconnects it: the check sees it
     ring = {i: sorted({(i + s - 1) % 12 + 1 for s in (-1, 1)}) for i in range(1, 13)}
     assert not _graph.connected([1, 2, 3, 7, 8, 9], ring)
+
+
+def test_hkdf_is_rfc5869_as_cryptography_computes_it():
+    """_keys.hkdf computes HKDF-SHA256 with hmac (speed); cryptography's HKDF is the reference,
+    and RFC 5869's test case 1 pins both."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    ikm, salt, info = bytes([0x0B] * 22), bytes(range(13)), bytes(range(0xF0, 0xFA))
+    okm = bytes.fromhex("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865")
+    assert _keys.hkdf(ikm, salt=salt, info=info, length=42) == okm  # RFC 5869, A.1 (> 32 bytes)
+    assert _keys.hkdf(ikm, salt=salt, info=info, length=32) == okm[:32]
+    for salt in (b"", os.urandom(16)):
+        for length in (16, 32):
+            secret, info = os.urandom(32), os.urandom(40)
+            want = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None, info=info).derive(secret)
+            assert _keys.hkdf(secret, salt=salt, info=info, length=length) == want
+
+
+def test_shamir_coefficients_are_field_elements(monkeypatch):
+    """The bulk coefficient draw masks to 521 bits and redraws the one value outside the field."""
+    monkeypatch.setattr(_shamir.secrets, "token_bytes", lambda n: b"\xff" * n)  # every draw = 2^521 - 1
+    coeffs = _shamir._uniform(3)
+    assert all(0 <= c < _shamir.PRIME for c in coeffs) and len(coeffs) == 3
+    secret = os.urandom(32)
+    xs = [3, 7, 11]
+    assert _shamir.combine(dict(zip(xs, _shamir.split(secret, xs, 3))), 3) == secret

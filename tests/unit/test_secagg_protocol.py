@@ -300,11 +300,52 @@ def test_unmask_asks_a_quorum_then_the_other_holders(plan):
     assert np.abs(flat(res.total) - expected_sum(nodes, 2)).max() < 1e-6
     unmask_msgs = [m for m in grid.received[seen:] if m.has_error()
                    or "shares" in m.content.config_records.get(SECAGG_RECORD, {})]
-    assert len(unmask_msgs) == N  # quorum of t = 6 (3 failed), then the 4 other holders
+    # the signature quorum (7 of 10) signs first; of those, t = 6 are asked to unmask (3 fail), then
+    # the 7th; then the 3 holders not yet asked sign, and the 2 still missing are asked to unmask
+    assert len(unmask_msgs) == 6 + 1 + 2
+    signers = [m for m in grid.received[seen:] if not m.has_error()
+               and "sig" in m.content.config_records.get(SECAGG_RECORD, {})]
+    assert len(signers) == N
     # without the fallback holders the round fails loudly
     sess.holders_among = lambda survivors: gone + [n for n in nodes if n not in gone][:4]
     with pytest.raises(RoundFailed, match="self-seed shares"):
         run(proto, grid, 3)
+
+
+def _stage_msgs(grid, seen, key):
+    return [m for m in grid.received[seen:] if not m.has_error() and key in m.content.config_records.get(
+        SECAGG_RECORD, {})]
+
+
+def test_consistency_asks_a_signature_quorum_first(plan):
+    grid = FakeGrid(make_client_app(), N)
+    proto = SecAggPlusSum(clip_range=1.0)  # committee 10, quorum ceil(0.7 * 10) = 7, 2 spares
+    nodes = sorted(grid.get_node_ids())
+    run(proto, grid, 1)
+    seen = len(grid.received)
+    res = run(proto, grid, 2)
+    assert res.contributors == nodes
+    assert np.abs(flat(res.total) - expected_sum(nodes, 2)).max() < 1e-6
+    assert len(_stage_msgs(grid, seen, "sig")) == 7 + 2
+    assert len(_stage_msgs(grid, seen, "shares")) == proto._session.threshold + 2
+
+
+def test_holders_with_a_higher_floor_get_the_other_holders_signatures(plan):
+    """Each holder's policy floor (min-round-size 10 = the committee) raises its signature quorum
+    to 10, above the server's estimate (7): the first unmask requests are refused, the remaining
+    holders are asked to sign, and the unmask is retried; the sum is right."""
+    grid = FakeGrid(make_client_app(), N, min_round_size=N)
+    proto = SecAggPlusSum(clip_range=1.0)
+    nodes = sorted(grid.get_node_ids())
+    run(proto, grid, 1, min_contributors=N)
+    seen = len(grid.received)
+    res = run(proto, grid, 2, min_contributors=N)
+    assert res.contributors == nodes
+    assert np.abs(flat(res.total) - expected_sum(nodes, 2)).max() < 1e-6
+    assert len(_stage_msgs(grid, seen, "sig")) == N
+    refused = [m for m in grid.received[seen:] if not m.has_error()
+               and "share holders signed" in str(m.content.config_records.get(SECAGG_RECORD, {}).get("error", ""))]
+    assert len(refused) == 7 + 2  # every holder of the first consistency batch refused once
 
 
 def test_a_node_that_lost_its_state_is_dropped_then_re_keyed(plan):

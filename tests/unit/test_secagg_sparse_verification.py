@@ -69,7 +69,7 @@ def test_a_forged_member_is_refused_by_its_neighbours_and_cannot_join_the_surviv
         a = _wire.decode_advert(blob)
         c_sk, c_pk = _keys.generate_keypair()
         fake = _wire.encode_advert(_wire.Advert(**{**a.__dict__, "c_pk": c_pk}))
-        forged = {**keys, victim: {"advert": fake, "sig": mallory.sign(fake)}}
+        forged = {**keys, victim: {**keys[victim], "advert": fake, "sig": mallory.sign(fake)}}
         recs = sess.keys_received(forged)
         v = sess.nodes[victim]
         if v not in sess.committee and not set(sess.neighbours[v]) & set(sess.committee):
@@ -116,7 +116,8 @@ def test_a_node_shown_another_roll_has_its_shares_sealed():
             rec_t[key] = [rec_t[key][p] for p in keep]
         rec_t["threshold"] = (n - 1) // 2 + 1  # consistent with the target's smaller committee
         ads = [p for p, b in enumerate(rec_t["adverts"]) if _wire.decode_advert(bytes(b)).index != m]
-        rec_t["adverts"], rec_t["sigs"] = [rec_t["adverts"][p] for p in ads], [rec_t["sigs"][p] for p in ads]
+        for key in ("adverts", "sigs", "certs", "cert-sigs"):
+            rec_t[key] = [rec_t[key][p] for p in ads]
         probe = SecAggClient(clients[target].state.__class__.from_dict(clients[target].state.to_dict()),
                              identity=clients[target].identity)
         try:
