@@ -74,13 +74,20 @@ def one(n: int, out: Path) -> None:
 
     SecAggPlusSum._setup, SecAggPlusSum.run_round = timed_setup, timed_round
     logging.getLogger("flwr").setLevel(logging.CRITICAL)  # a failed run is our one line, not Flower's traceback
+    # the server's per-node warnings (a node dropped or refused, and why): the row counts them
+    out.mkdir(parents=True, exist_ok=True)
+    server_log = logging.FileHandler(out / "server_warnings.log")
+    server_log.setLevel(logging.WARNING)
+    logging.getLogger("fedrec").addHandler(server_log)
     cfg = RunConfig().override(**{"dataset": "health", "institutions": n, "people": PEOPLE_PER_INSTITUTION * n,
                                   "rounds": 1, "seed": 0, "sim.noise-seed": 0, "privacy.epsilon": 8.0,
                                   "eval.metrics-release": "off", "secagg.neighbours": default_degree(n)})
     try:
         run_simulation(cfg, out, quiet=True)
     except Exception as err:  # noqa: BLE001 - the benchmark's row says why, in one line
-        print(f"error: {type(err).__name__}: {' '.join(str(err).split())[:300]}", file=sys.stderr, flush=True)
+        text = " ".join(str(err).split())
+        (out / "error.txt").write_text(f"{type(err).__name__}: {text}\n")  # whole: the row summarises it
+        print(f"error: {type(err).__name__}: {text[:300]}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
@@ -118,6 +125,102 @@ def node_cost(n: int, slots: int = 16, sample: int = 10) -> dict:
             "stage2_cpu_ms_per_non_holder": round(1e3 * cost(others), 1) if others else None,
             "stage2_cpu_ms_per_holder": round(1e3 * cost(holders), 1),
             "adverts_sent_to_a_non_holder": len(recs[others[0]]["adverts"]) if others else None}
+
+
+def handler_cost(n: int, calls: int = 2) -> dict:
+    """In-process wall ms of the real MF ``train`` handler (client/app.py: guard, SQLite ledger
+    charge and release, Opacus DP-SGD; no Flower, no SecAgg+ masking) for ``n`` simulated health
+    institutions, two ways in one process on the same data, alternating, ``calls`` passes each:
+
+    * ``cached`` — as a simulation now runs it: the institution's data and DP plan cached per
+      process (client/app.py ``_load``, client/train.py ``plan_dp``);
+    * ``uncached`` — both caches emptied before every message: what each message cost when the
+      institution cache held 64 entries and a round cycled through more institutions than that
+      (every message reloaded the folder and recalibrated σ).
+
+    Also the share of the cached handler's time spent in SQLite (the ledger's transactions)."""
+    import cProfile
+    import pstats
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import numpy as np
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client import app as client_app
+    from fedrec.client import train as client_train
+    from fedrec.common.config import RunConfig
+    from fedrec.server.aggregation import numpy_to_arrays
+    from fedrec.simulations.provision import provision_institutions
+    from fedrec.simulations.run import prepare_data
+
+    import torch
+
+    torch.set_num_threads(1)  # as in a simulation's actor (Ray gives each one CPU)
+    for attr in ("_run_id", "_task_id", "_node_id"):  # Messages need a task identity outside a run
+        setattr(TaskIdentity, attr, 1)
+    with tempfile.TemporaryDirectory(prefix="fedrec-handler-") as work_dir:
+        work = Path(work_dir)
+        cfg = RunConfig().override(**{"dataset": "health", "institutions": n, "people": PEOPLE_PER_INSTITUTION * n,
+                                      "rounds": 2 * calls + 1, "seed": 0, "sim.noise-seed": 0,
+                                      "privacy.epsilon": 8.0, "eval.metrics-release": "off"})
+        root = prepare_data(cfg, work)
+        names = [f"institution_{k:02d}" for k in range(n)]
+        policies = provision_institutions(names, work / "out", epsilon=8.0, delta=cfg.privacy.delta)
+        flat = cfg.override(**{"data-dir": str(root.resolve()), "sim.policy-dir": str(policies)}).to_flat()
+
+        def ctx(k: int) -> Context:
+            return Context(run_id=1, node_id=k + 1, node_config={"partition-id": k, "num-partitions": n},
+                           state=RecordDict(), run_config=dict(flat))
+
+        for k in range(n):  # the run's item-count release (and its plan check) first, as in a run
+            client_app.counts(Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=k + 1,
+                                      message_type="query.counts"), ctx(k))
+        n_items = client_app._institution(ctx(0))[1].data.n_items
+        dim = cfg.train.mf_dim
+
+        def train(k: int, rnd: int) -> None:
+            msg = Message(RecordDict({
+                "arrays": numpy_to_arrays({"item_bias": np.zeros(n_items, np.float32),
+                                           "item_factors": np.zeros((n_items, dim), np.float32)}),
+                "precond": numpy_to_arrays({"precond": np.full(n_items, 0.1, np.float32)}),
+                "config": ConfigRecord({"server-round": rnd})}), dst_node_id=k + 1, message_type="train")
+            reply = client_app.train(msg, ctx(k))
+            if "refusal" in reply.content.config_records:
+                raise RuntimeError(f"institution {k} refused: {reply.content.config_records['refusal']['code']}")
+
+        ms: dict[str, list[float]] = {"cached": [], "uncached": []}
+        prof = cProfile.Profile()
+        rnd = 0
+        for _ in range(calls):
+            for mode in ("uncached", "cached"):
+                rnd += 1
+                if mode == "cached":  # the uncached pass emptied the caches: fill them (untimed)
+                    for k in range(n):
+                        client_app._institution(ctx(k))
+                for k in range(n):
+                    if mode == "uncached":
+                        client_app._load.cache_clear()
+                        client_train._calibrated_schedule.cache_clear()
+                    t0 = time.perf_counter()
+                    if mode == "cached":
+                        prof.enable()
+                    train(k, rnd)
+                    if mode == "cached":
+                        prof.disable()
+                    ms[mode].append(1e3 * (time.perf_counter() - t0))
+        stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+        total = sum(v[2] for v in stats.values())  # every function's own time
+        sqlite = sum(v[2] for (f, _, name), v in stats.items() if "sqlite3" in name)
+
+    def med(xs: list[float]) -> float:
+        return round(sorted(xs)[len(xs) // 2], 1)
+
+    return {"institutions": n, "messages_each": len(ms["cached"]),
+            "cached_ms_median": med(ms["cached"]), "uncached_ms_median": med(ms["uncached"]),
+            "speedup_median": round(med(ms["uncached"]) / med(ms["cached"]), 2),
+            "cached_sqlite_share": round(sqlite / total, 3) if total else None}
 
 
 def _dump(out: Path, timing: list[dict]) -> None:
@@ -201,6 +304,7 @@ def measure(n: int, timeout: float) -> dict:
                 row["mf_round_stages_s"] = {k: t[k] for k in ("mask_stage_s", "consistency_stage_s",
                                                               "unmask_stage_s")}
             row["secure_sums"] = timing
+        row.update(_why_nodes_dropped(out))
         metrics = out / "metrics.json"
         if metrics.exists():
             hist = json.loads(metrics.read_text())
@@ -210,6 +314,30 @@ def measure(n: int, timeout: float) -> dict:
                 row["sec_per_client_round"] = round(float(r["seconds"]) / n, 4)
                 row["contributors"] = r.get("contributors")
         return row
+
+
+def _why_nodes_dropped(out: Path) -> dict:
+    """``{"node_warnings": {reason: count}, "refusal_codes": {code: count}}`` from the server's
+    warnings and a failed run's error text (empty when every node contributed)."""
+    import re
+    from collections import Counter
+
+    found: dict = {}
+    log_file = out / "server_warnings.log"
+    if log_file.exists():
+        def reason(line: str) -> str:  # one node's reason, without its ids, at most 160 characters
+            line = re.sub(r"\[[\d, ]*\]", "[...]", re.sub(r"node \d+", "node N", re.sub(r"round \d+: ", "", line)))
+            return line[:160] + ("..." if len(line) > 160 else "")
+
+        reasons = Counter(reason(line.strip()) for line in log_file.read_text().splitlines() if line.strip())
+        if reasons:
+            found["node_warnings"] = dict(reasons.most_common(8))
+    err_file = out / "error.txt"
+    if err_file.exists():
+        m = re.search(r"refused (\{.*?\})", err_file.read_text())
+        if m:
+            found["refusal_codes"] = dict(Counter(re.findall(r"'([a-z-]+)'", m.group(1))))
+    return found
 
 
 def _institution_counts(text: str, flag: str) -> list[int] | None:
@@ -232,6 +360,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per size before it is a timeout row")
     ap.add_argument("--node-cost", default=None,
                     help="instead: CPU ms of one node's SecAgg+ setup among each of these counts (e.g. 100,1000)")
+    ap.add_argument("--handler-cost", default=None,
+                    help="instead: in-process ms of one MF train handler call, cached vs uncached, for each "
+                         "of these institution counts (e.g. 20)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -246,6 +377,16 @@ def main(argv=None) -> int:
                                    "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
                                    "clock": "time.process_time (this process's CPU)", "load_avg": _load()},
                           "rows": [node_cost(n) for n in counts]}, indent=1))
+        return 0
+    if a.handler_cost:
+        counts = _institution_counts(a.handler_cost, "--handler-cost")
+        if counts is None:
+            return 2
+        print(json.dumps({"meta": {"benchmark": "scale --handler-cost", "commit": _commit(),
+                                   "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
+                                   "clock": "time.perf_counter (wall: includes fsync waits)", "seed": 0,
+                                   "load_avg_before": _load()},
+                          "rows": [handler_cost(n) for n in counts], "load_avg_after": _load()}, indent=1))
         return 0
     sizes = [10, 30] if a.quick else _institution_counts(a.sizes, "--sizes")
     if sizes is None:

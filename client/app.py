@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,8 +80,17 @@ class Institution:
     schedule: DPSchedule | None
 
 
-@lru_cache(maxsize=64)
 def _load(folder: str, cfg_items: tuple) -> Institution:
+    """The institution's loaded data and DP plan, cached per process on the folder, the run
+    config and the folder's files (:func:`_folder_signature`): a changed, added or removed
+    file, or a changed config, is a new key and reloads — never a stale entry. A deployed
+    node's process holds only its own institution; in simulation one process plays every
+    institution, so this cache holds all of theirs (the simulation harness owns that data)."""
+    return _load_cached(folder, cfg_items, _folder_signature(Path(folder)))
+
+
+@lru_cache(maxsize=2048)  # a simulation's every institution (one process plays them all; docs/simulate.md)
+def _load_cached(folder: str, cfg_items: tuple, files: tuple) -> Institution:
     from fedrec.client.train import plan_dp
     from fedrec.common.models.mf import PersonRatings
 
@@ -109,6 +119,29 @@ def _institution(context: Context) -> tuple[RunConfig, Institution]:
     cfg = RunConfig.from_flower(context.run_config)
     folder = institution_folder(context, cfg)
     return cfg, _load(str(folder), tuple(sorted(cfg.to_flat().items())))
+
+
+#: what the loaders read in an institution folder: its tables (CSV or Parquet) and study.toml
+_DATA_SUFFIXES = (".csv", ".parquet")
+_STUDY_FILE = "study.toml"
+
+
+def _folder_signature(folder: Path) -> tuple:
+    """(name, size, mtime_ns, inode) of every data file in the institution folder (the tables
+    and study.toml the loaders read): the cache key's part that changes whenever the data does.
+    The node's own files there (privacy.toml, the ledger and its -wal/-shm, keys) are left out:
+    the ledger changes with every release, and would otherwise make every message a new entry.
+    ``()`` for a missing folder (the loader then raises its own one-line error)."""
+    try:
+        with os.scandir(folder) as it:
+            stats = [(e.name, e.stat()) for e in it
+                     if e.name == _STUDY_FILE or e.name.lower().endswith(_DATA_SUFFIXES)]
+    except OSError:
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
+
+
+_load.cache_clear = _load_cached.cache_clear  # type: ignore[attr-defined]  # tests reset the cache
 
 
 def _stable_int(text: str) -> int:
