@@ -245,7 +245,7 @@ def open_guard(policy: InstitutionPolicy, *, institution: str, accountant: str =
         raise Refusal("policy", f"{policy.source}: allow-non-private is for simulations only; a deployed "
                                 "institution cannot release without differential privacy")
     try:
-        ledger = PrivacyLedger(policy.ledger)
+        ledger = PrivacyLedger(policy.ledger, durable=not simulated)  # a simulation's ledgers are scratch files
     except FedrecInputError as err:
         raise Refusal("ledger", f"{err} (policy {policy.source}); fix: `fedrec-client init`") from None
     cap = ledger.cap()

@@ -351,3 +351,21 @@ def test_a_run_cannot_pass_max_run_epsilon_one_charge_at_a_time(tmp_path):
     assert err.value.code == "policy" and "max-run-epsilon" in err.value.detail
     guard.charge(event, run_id="r2", round=1, task="train", model="mf")
     assert [r.run_id for r in guard.ledger.rows()] == ["r1", "r2"]
+
+
+def test_a_deployed_nodes_ledger_commits_durably_and_only_a_simulated_one_skips_fsync(node):
+    """A deployed node's guard commits every charge with fsync (synchronous=FULL: the charge
+    survives the machine losing power before the release is marked); only a simulated node's
+    guard, whose ledgers are scratch files, commits without (synchronous=OFF). Read back from
+    the connection the guard's ledger really opens."""
+    from fedrec.client.guard import open_guard
+
+    def synchronous(guard) -> int:
+        with guard.ledger._connect() as con:
+            return int(con.execute("PRAGMA synchronous").fetchone()[0])
+
+    policy = load_policy(node / "privacy.toml")
+    deployed = open_guard(policy, institution=PrivacyLedger(policy.ledger).institution, simulated=False)
+    assert synchronous(deployed) == 2  # FULL
+    simulated = open_guard(policy, institution=deployed.institution, simulated=True)
+    assert synchronous(simulated) == 0  # OFF
