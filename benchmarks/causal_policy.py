@@ -73,7 +73,7 @@ def safe_seed(args):
     forecast half-width (before) and the measured ones (after)."""
     cell, seed = args
     warnings.filterwarnings("ignore")
-    from fedrec.common.causal.forecast import declared_people_per_item, forecast_half_widths
+    from fedrec.simulations.forecast import declared_people_per_item, forecast_half_widths
     from fedrec.server.causal_recommend import policy_values
     from fedrec.simulations.causal_cli import estimate_inprocess, resolve_config
     from fedrec.simulations.domains import domain_federation
@@ -121,7 +121,7 @@ def safe_main(runs: int, workers: int) -> int:
             "rule": "an item only where its 95% pointwise CATE interval lies on the benefit side of 0, never an item "
                     "whose ATE interval shows harm or whose shrunk CATE model its ATE does not back",
             "gain": "mean true benefit over the status quo (0 for no recommendation), outcome units (kg lost)",
-            "forecast": "common/causal/forecast.py (public stand-in federation), median over seeds; measured: "
+            "forecast": "simulations/forecast.py (public stand-in federation), median over seeds; measured: "
                         "median over seeds of each run's median 95% half-width over its items",
             "seconds": round(time.time() - t0, 1)}
     json.dump({"meta": meta, "rows": rows}, sys.stdout, indent=1)

@@ -4,7 +4,8 @@
 Each seed draws one federation with several loggers (simulations/strategies.several_loggers: 8
 institutions x 2,500 people), runs the causal protocol (nuisances, CATE models), two more
 causal runs on the halves of the people (cross-fitted benefit ranking ``benefit-cf``), and one
-strategy release; each estimate (IPS, SNIPS, DM, DR, switch-DR) is graded against the
+strategy release (``--estimators``: DR alone, the default release, or ``all`` for IPS, SNIPS,
+DM and switch-DR beside it); each estimate is graded against the
 strategy's mean true effect over 100,000 fresh people (the expected result of a randomized A/B
 test; the logging strategy on the federation's own people). Peers in the same run: the A/B
 reference (bias, coverage) and the non-private estimate of the same federation
@@ -12,7 +13,8 @@ reference (bias, coverage) and the non-private estimate of the same federation
 
 Rows (:func:`fedrec.simulations.strategies.summarize`): ``kind=policy_value, domain, epsilon,
 noise_mode, strategy, estimator, runs, truth, bias, bias_se_units, rmse, coverage, ci_width,
-ci_width_ratio, sign_correct``; ``benefit-engagement`` / ``benefit-cf-engagement`` are the
+ci_width_ratio, sign_correct`` (coverage and sign with binomial SEs: ``coverage_se``,
+``sign_correct_se``); ``benefit-engagement`` / ``benefit-cf-engagement`` are the
 paired differences (sign_correct: the share of runs with the truth's sign).
 
     python benchmarks/strategy_values.py run --first-seed 500 --seeds 10 --epsilon 4 \\
@@ -48,14 +50,19 @@ def _commit() -> str:
 def run(args) -> None:
     from fedrec.simulations.strategies import one_run, reference_population
 
+    from fedrec.common.causal.ope import ESTIMATORS, OPEConfig
+
     eps = float(args.epsilon)
+    ope = OPEConfig(estimators=ESTIMATORS if args.estimators == "all" else
+                    tuple(e.strip() for e in args.estimators.split(",") if e.strip()))
     mode = args.noise_mode if math.isfinite(eps) else "local"
     refs = {d: reference_population(d) for d in args.domains}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for dom in args.domains:
             t0 = time.time()
             r = one_run(dom, seed=seed, epsilon=eps, noise_mode=mode, reference=refs[dom],
-                        crossfit=not args.no_crossfit)
+                        crossfit=not args.no_crossfit, ope=ope)
+            r["estimators"] = list(ope.estimators)
             r["seconds"] = round(time.time() - t0, 1)
             with open(args.jsonl, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(r, default=float) + "\n")
@@ -75,6 +82,7 @@ def summarize_files(paths, command: str) -> dict:
             "runs_per_cell": {f"{d} eps={e} {m}": sum(1 for r in runs if (r["domain"], str(r["epsilon"]),
                                                                             r["noise_mode"]) == (d, e, m))
                               for d, e, m in cells},
+            "estimators": sorted({",".join(r.get("estimators", ["all (before the DR-only default)"])) for r in runs}),
             "federation": "8 institutions x 2,500 people, loggers shifted evenly in [-1, 1] (several loggers)",
             "reference": "mean true effect of the strategy over 100,000 fresh people (simulated A/B test); logging: "
                          "the federation's own people with their institutions' true propensities",
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
     r.add_argument("--noise-mode", default="distributed", choices=("local", "distributed"))
     r.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     r.add_argument("--no-crossfit", action="store_true")
+    r.add_argument("--estimators", default="dr",
+                   help="estimators the strategy release carries: dr (the default release) or all / a comma list")
     r.add_argument("--jsonl", required=True)
     s = sub.add_parser("summarize")
     s.add_argument("paths", nargs="+")

@@ -33,7 +33,7 @@ from fedrec.client.guard import Refusal, ReleaseRequest
 from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_record, private_errors
 from fedrec.client.ope_statistics import check_strategies, ope_contribution
 from fedrec.client.statistics import design_columns, release
-from fedrec.common.causal.ope import ESTIMATORS, Layout, OPEConfig, release_bound
+from fedrec.common.causal.ope import DEFAULT_ESTIMATORS, Layout, OPEConfig, release_bound
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.release import release_std
 
@@ -61,7 +61,7 @@ def strategy_values(msg: Message, context: Context) -> Message:
     clip, tau = float(conf["clip"]), float(conf["switch-tau"])
     square_clip, k = float(conf["square-clip"]), float(conf["second-moment-weight"])
     trim = tuple(float(v) for v in json.loads(str(conf["trim"])))
-    estimators = tuple(str(e) for e in json.loads(str(conf["estimators"]))) if "estimators" in conf else ESTIMATORS
+    estimators = tuple(str(e) for e in json.loads(str(conf["estimators"]))) if "estimators" in conf else DEFAULT_ESTIMATORS
     arrays = {key: v.numpy().astype(np.float64) for key, v in msg.content["arrays"].items()} \
         if "arrays" in msg.content.array_records else {}
     server_round = int(conf.get("server-round", 0))

@@ -5,8 +5,10 @@ item's propensity and per-arm outcome models — and each item's CATE model. One
 evaluates K recommendation strategies at once: the server sends the nuisances and the strategy
 specs (client/ope_statistics.py), each institution releases the clipped, noised per-person
 sums (``query.strategy_values``, client/strategy_app.py), and the server turns the secure sum
-into every strategy's value by IPS, SNIPS, DM, DR and switch-DR, differences between
-strategies, all with CIs that carry the DP noise (common/causal/ope.py). Post-processing of
+into every strategy's value by doubly robust estimation (the default release carries DR
+alone; IPS, SNIPS, DM and switch-DR are an opt-in for comparison, ``OPEConfig.estimators``, that
+costs noise on DR at the same ε), differences between strategies, all with CIs that carry the
+DP noise (common/causal/ope.py). Post-processing of
 the sum costs no budget; the release itself is charged at every institution like any other.
 
 Several loggers: the propensity is the causal run's pooled model, i.e. the federation's
@@ -198,7 +200,11 @@ def flower_send(grid, nodes: list[int], protocol, cfg: OPEConfig, *, min_contrib
 
 def _main(grid, context) -> None:
     """Causal run (server/causal.py) then one strategy release at the causal run's ε, δ and noise
-    mode (charged again): benefit ranking, random, the logging policy. Writes ``strategies.json`` beside
+    mode (charged again, DR only: the default release): benefit ranking, random, the logging
+    policy. Not selectable here yet: the strategies and estimators (the clients' run config
+    accepts no ``strategies.*`` keys) and the cross-fitted ``benefit-cf`` (its fold-restricted
+    causal runs need a fold filter in the clients' causal handler); ``fedrec-sim
+    evaluate-strategies`` has both. Writes ``strategies.json`` beside
     ``causal_raw.json`` in ``results-dir``."""
     from pathlib import Path
 

@@ -32,7 +32,7 @@ from fedrec.common.datasets import GROUND_TRUTH_DIR, InstitutionData, load_feder
 from fedrec.common.errors import FedrecInputError
 
 __all__ = ["causal_command", "resolve_config", "parse_settings", "inprocess_send", "study_info", "validate_study",
-           "pooled_estimate", "estimate_inprocess"]
+           "pooled_estimate", "estimate_inprocess", "pilot_forecast_charged"]
 
 
 # --------------------------------------------------------------------------- in-process
@@ -254,8 +254,12 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
                    out: Path | None, seed: int, console, *, plain: bool = False,
                    causal_overrides: dict | None = None, settings: Sequence[str] = (),
                    non_private: bool = False, force: bool = False, status_quo: str = "none",
-                   num_cpus_per_client: float = 1.0) -> int:
+                   num_cpus_per_client: float = 1.0, refute: Sequence[str] = ()) -> int:
     """Run federated causal estimation on the institution folders under ``data``.
+
+    ``refute``: refutations (placebo, random-common-cause) run after the causal run, each a
+    charged causal run through every institution's guard (simulations/refute.py); declared up
+    front, so the provisioned caps cover the causal run and them.
 
     The nuisance design is the study's (``study.toml [causal]``) unless ``causal_overrides``
     names ``covariates`` or ``derived`` (then those replace it); ``settings`` are
@@ -288,27 +292,36 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
     from fedrec.common.causal.recommend import check_status_quo
 
     check_status_quo(status_quo)
-    # know before spending: the CI half-width this run will have, from public quantities only
-    from fedrec.common.causal.forecast import (answerable, declared_people_per_item, forecast_half_widths,
-                                               refusal_message)
+    from fedrec.simulations.refute import check_refutations
 
-    fc = forecast_half_widths(institutions[0].study, ccfg.resolved(len(institutions)), items,
-                              declared_people_per_item(institutions, items))
-    unit = institutions[0].study.outcome_unit or ""
-    console.print(f"forecast before any budget is spent: 95% CI about ±{max(fc.half_width.values()):.3g} {unit} per item "
-                  f"(largest possible effect ±{fc.limit:.3g}; docs/causal.md, Know before spending)", markup=False)
-    if not answerable(fc) and not force:
-        raise FedrecInputError(refusal_message(fc, unit))
+    refute = check_refutations(refute)  # before anything is spent
+    # know before spending: a small charged pilot (each institution's ledger), then each item's
+    # forecast CI half-width; a refused run has spent the pilot only (docs/causal.md)
+    from dataclasses import replace as _replace
+
+    from fedrec.common.causal.pilot import PILOT_SHARE
+    from fedrec.simulations.forecast import answerable, refusal_message
+
     policy_dir = provision_institutions(names, out, epsilon=ccfg.epsilon, delta=ccfg.delta,
-                                        allow_non_private=non_private)
-    raw = _run_flower(Path(data), ccfg, len(institutions), out, seed=seed, plain=plain, policy_dir=policy_dir,
+                                        allow_non_private=non_private, runs=1 + len(refute))
+    fc, pilot = pilot_forecast_charged(institutions, ccfg.resolved(len(institutions)), items, policy_dir, seed=seed)
+    unit = institutions[0].study.outcome_unit or ""
+    console.print(f"forecast after the pilot ({PILOT_SHARE:.0%} of the budget), before the run's budget is spent: "
+                  f"95% CI about ±{max(fc.half_width.values()):.3g} {unit} per item (largest possible effect "
+                  f"±{fc.limit:.3g}; docs/causal.md, Know before spending)", markup=False)
+    if not answerable(fc) and not force:
+        raise FedrecInputError(refusal_message(fc, unit) + f" (only the pilot, {PILOT_SHARE:.0%} of the budget, "
+                               f"was spent, recorded in {out / 'ledgers'}; a re-run needs a new --out)")
+    run_cfg = _replace(ccfg, epsilon=pilot.main_epsilon) if ccfg.dp else ccfg  # the pilot's share is spent
+    raw = _run_flower(Path(data), run_cfg, len(institutions), out, seed=seed, plain=plain, policy_dir=policy_dir,
                       num_cpus_per_client=num_cpus_per_client)
     report = dict(raw)
     report["institutions"] = names
     # per-institution ε: the ledgers (one per institution folder name) are the source of truth
     report["epsilon_per_institution"] = _ledger_epsilon(out / "ledgers", names, ccfg)
     report["epsilon_requested"] = epsilon if math.isfinite(epsilon) else "inf"
-    report["forecast"] = {**fc.to_json(), "forced": bool(force and not answerable(fc))}
+    report["forecast"] = {**fc.to_json(), "forced": bool(force and not answerable(fc)),
+                          "run_epsilon_after_pilot": pilot.main_epsilon if ccfg.dp else "inf"}
     report["delta"] = ccfg.delta
     if graph_adjust is not None:
         report["graph"] = {"adjustment_set": graph_adjust, "declared": study0.causal_graph}
@@ -328,11 +341,84 @@ def causal_command(data: Path, item: str | None, epsilon: float, estimator: str,
                                                      ccfg.derived, status_quo=status_quo)
     write_json(out / "causal.json", report)
     _print_table(console, report, items)
+    if refute:  # causal.json already holds the causal run; rewritten with the refutations added
+        from fedrec.simulations.refute import refute_after_causal
+
+        report["refutations"] = refute_after_causal(institutions, ccfg, refute, policy_dir=policy_dir, seed=seed,
+                                                    original=report["items"])
+        report["epsilon_per_institution"] = _ledger_epsilon(out / "ledgers", names, ccfg)
+        write_json(out / "causal.json", report)
+        for kind, r in report["refutations"].items():
+            console.print(f"refutation {kind}: {'FLAGGED — ' if r['flagged'] else ''}{r['message']}", markup=False)
     d = report["nuisance_design"]
     console.print(f"nuisance design ({d['source']}): "
                   + ", ".join((d["covariates"] or ["all declared covariates"]) + d["derived"]), markup=False)
     console.print(f"causal.json -> {out / 'causal.json'}")
     return 0
+
+
+def pilot_forecast_charged(institutions: Sequence[InstitutionData], cfg: CausalConfig, items: Sequence[str],
+                           policy_dir: Path, *, seed: int):
+    """The forecast's pilot (``common/causal/pilot.py``) through each institution's guard:
+    its policy authorises the request, its ledger is **charged** ``GaussianEvent(σ_pilot,
+    pilot_bound(J))`` (``NonPrivateEvent`` at ε = ∞, where the policy allows it) before its data is
+    read, the release is clipped and noised with the charged event, marked released, and the
+    releases are added on SecAgg+'s quantisation grid as :func:`inprocess_send` does (the masks,
+    which cancel, are left out). Returns the forecast of the main run (at the ε the pilot left)
+    and the :class:`~fedrec.common.causal.pilot.PilotPlan`. A refusal raises FedrecInputError
+    naming the institution (nothing of the pilot is released)."""
+    from dataclasses import replace
+
+    from fedrec.client.guard import Refusal, ReleaseRequest, open_guard
+    from fedrec.common.causal.pilot import pilot_noise_std, pilot_plan, pilot_release
+    from fedrec.simulations.forecast import declared_people_per_item, forecast_half_widths, pilot_shapes
+    from fedrec.common.causal.sensitivity import pilot_bound
+    from fedrec.common.privacy.accountant import GaussianEvent, NonPrivateEvent
+    from fedrec.common.privacy.policy import POLICY_FILE, load_policy
+
+    plan = pilot_plan(cfg)
+    sens = pilot_bound(len(items))
+    k = len(institutions)
+    rng = np.random.default_rng([int(seed), 2929])  # simulation: the pilot's noise follows --seed
+    parts = []
+    for d in institutions:
+        try:
+            guard = open_guard(load_policy(policy_dir / d.name / POLICY_FILE), institution=d.name,
+                               accountant=cfg.accountant, simulated=True)
+            share = guard.authorize(ReleaseRequest(epsilon=cfg.epsilon, delta=cfg.delta, noise_mode=cfg.noise_mode,
+                                                   n_min=cfg.n_min or k, round_size=k))
+            event = (GaussianEvent(noise_multiplier=plan.noise_multiplier, sensitivity=sens)
+                     if plan.noise_multiplier > 0 else NonPrivateEvent())
+            charge = guard.charge(event, run_id="forecast-pilot", round=0, task="causal-pilot", model="causal")
+        except Refusal as err:
+            raise FedrecInputError(f"institution {d.name!r} refused the forecast's pilot: {err.detail}; fix: see its "
+                                   "privacy policy") from None
+        parts.append(pilot_release(d, items, event=charge.event if plan.noise_multiplier > 0 else None,
+                                   noise_share=share, generator=rng))
+        guard.released(charge)
+    total = _secagg_total([p.ravel() for p in parts], cfg, sens, plan.noise_multiplier).reshape(parts[0].shape)
+    shapes = pilot_shapes(total, items, institutions[0].study.outcome_bounds,
+                          noise_std=pilot_noise_std(plan, len(items), k, cfg.noise_mode, cfg.n_min or k))
+    main_cfg = replace(cfg, epsilon=plan.main_epsilon) if cfg.dp else cfg
+    fc = forecast_half_widths(institutions[0].study, main_cfg, items, declared_people_per_item(institutions, items),
+                              shapes=shapes)
+    return fc, plan
+
+
+def _secagg_total(flats: list[np.ndarray], cfg: CausalConfig, sens: float, sigma: float) -> np.ndarray:
+    """The sum SecAgg+ unmasks of equal-length float releases (quantised, added mod 2^bits)."""
+    from fedrec.common.secagg import ServerSession
+    from fedrec.common.secagg._quantize import quantize
+    from fedrec.server.causal import secagg_sizing
+
+    req = secagg_sizing(cfg, sens, sigma, len(flats))
+    q = ServerSession.quantization(clip_range=req["secagg.clip-range"], noise_std=req["secagg.noise-std"],
+                                   n_clients=len(flats), dim=flats[0].size)
+    total = None
+    for f in flats:
+        y = quantize(f, q)
+        total = y if total is None else total + y
+    return ServerSession.dequantize(total, len(flats), q)[0]
 
 
 def _ledger_epsilon(folder: Path, names: list[str], ccfg: CausalConfig) -> dict[str, float | str]:

@@ -134,6 +134,12 @@ def causal_cmd(
                                "anything is spent) says the run cannot answer."),
     status_quo: str = typer.Option("none", "--status-quo", help="What recommendations must beat: none (no item) "
                                    "or current (what each person takes now)."),
+    refute: Optional[list[str]] = typer.Option(
+        None, "--refute",
+        help="After the causal run, refute it: placebo (exposure permuted within each institution, propensity "
+             "refit) or random-common-cause (a random covariate added); repeatable. Each is one more charged "
+             "causal run at --epsilon per institution (the ledgers show it; the policies are provisioned for the "
+             "causal run plus these); verdicts go into causal.json under refutations (docs/strategies.md)."),
     ray_address: str = typer.Option("local", "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Estimate ATE/CATE with 95% CIs from DP, securely aggregated statistics (Flower simulation)."""
@@ -149,7 +155,7 @@ def causal_cmd(
         overrides["covariates"] = tuple(c.strip() for c in covariates.split(",") if c.strip())
     raise typer.Exit(causal_command(data, item, _epsilon(epsilon), estimator, compare_pooled, out, seed, console,
                                     causal_overrides=overrides, settings=set_, non_private=non_private,
-                                    force=force, status_quo=status_quo))
+                                    force=force, status_quo=status_quo, refute=tuple(refute or ())))
 
 
 @app.command("sweep")
@@ -225,15 +231,17 @@ def evaluate_strategies_cmd(
                                "sets the release's noise scale."),
     logger_shift: float = typer.Option(1.0, "--logger-shift", help="How far apart the institutions' logging "
                                        "policies are (logit shift of the outermost ones)."),
-    estimators: str = typer.Option("all", "--estimators", help="Estimators the release carries: all (ips, snips, dm, "
-                                   "dr, switch-dr: for comparison) or a comma-separated subset, e.g. dr (about half "
-                                   "the noise on DR at the same ε)."),
+    estimators: str = typer.Option("dr", "--estimators", help="Estimators the release carries: dr (the default: the "
+                                   "main estimator alone) or all (ips, snips, dm, dr, switch-dr) / a comma-separated "
+                                   "subset, for comparison — an opt-in that costs budget: at the same ε every "
+                                   "estimator released roughly doubles the noise on DR (docs/strategies.md)."),
     crossfit: bool = typer.Option(True, "--crossfit/--no-crossfit", help="Also the cross-fitted benefit ranking "
                                   "(benefit-cf: two more causal runs, one per half of the people; docs/strategies.md)."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON to write ({meta, runs, rows}); default: print rows."),
 ) -> None:
-    """Off-policy values of recommendation strategies (benefit-ranked, engagement-ranked, random,
-    the logging policy) by IPS, SNIPS, DM, DR and switch-DR with CIs that include the DP noise,
+    """Off-policy values of recommendation strategies (benefit-ranked, cross-fitted benefit-ranked,
+    engagement-ranked, random, the logging policy) by doubly robust estimation (IPS, SNIPS, DM and
+    switch-DR for comparison with --estimators all) with CIs that include the DP noise,
     graded against a simulated randomized A/B reference: bias and 95% CI coverage per estimator
     (docs/strategies.md). Each run spends ε on the causal run and ε on the strategy release."""
     import json as _json
@@ -252,9 +260,11 @@ def evaluate_strategies_cmd(
     modes = [m.strip() for m in noise_modes.split(",") if m.strip()]
     if not modes or any(m not in ("local", "distributed") for m in modes):
         raise FedrecInputError(f"--noise-modes {noise_modes!r}: fix: use local and/or distributed")
-    chosen = None if estimators.strip() == "all" else tuple(e.strip() for e in estimators.split(",") if e.strip())
+    from fedrec.common.causal.ope import ESTIMATORS
+
+    chosen = ESTIMATORS if estimators.strip() == "all" else tuple(e.strip() for e in estimators.split(",") if e.strip())
     try:
-        ope = OPEConfig(clip=clip) if chosen is None else OPEConfig(clip=clip, estimators=chosen)
+        ope = OPEConfig(clip=clip, estimators=chosen)
     except ValueError as err:
         raise FedrecInputError(f"--clip {clip} / --estimators {estimators!r}: {err}; fix: a positive finite weight "
                                "clip (e.g. 8) and estimators from ips, snips, dm, dr, switch-dr") from None

@@ -9,9 +9,10 @@ Layout under the run's results folder ``OUT``::
     OUT/identities/<institution>.pem          # its SecAgg+ signing key (SECP384R1)
     OUT/identities/roster.toml                # the federation roster every policy names
 
-The simulated institutions accept the run they are provisioned for — their cap and per-run
-ceiling are the run's ε (plus the accountant's rounding) — and nothing more: a second run into
-the same folder is refused before anything is charged.
+The simulated institutions accept the runs they are provisioned for — their per-run ceiling is
+the run's ε (plus the accountant's rounding), their cap that times the runs the command declared
+up front (a causal run and its ``--refute`` refutations) — and nothing more: a second command
+into the same folder is refused before anything is charged.
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ def check_unused_out(out: Path) -> None:
 
 
 def provision_institutions(names: Sequence[str], out: Path, *, epsilon: float, delta: float,
-                           allow_non_private: bool = False) -> Path:
+                           allow_non_private: bool = False, runs: int = 1) -> Path:
     """Write ``OUT/policies/<name>/privacy.toml`` and create ``OUT/ledgers/<name>.db`` for each
     institution; return the policy folder (the run config's ``sim.policy-dir``).
+
+    ``runs``: how many runs of ``epsilon`` each the command declares up front (a causal run plus
+    its ``--refute`` refutations): the cap is ``runs x epsilon`` (basic composition, an upper
+    bound of their composed ε) and each run's ceiling stays ``epsilon``; nothing more is accepted.
 
     ``epsilon = inf`` needs ``allow_non_private=True`` (the explicit flag of a non-private
     simulation); the ledgers then record the run's releases as ε = ∞.
@@ -52,10 +57,13 @@ def provision_institutions(names: Sequence[str], out: Path, *, epsilon: float, d
     if not math.isfinite(epsilon) and not allow_non_private:
         raise FedrecInputError("--epsilon inf is a non-private run; fix: add --non-private to say so explicitly "
                                "(simulations only; a deployed institution never allows it)")
+    if int(runs) < 1:
+        raise FedrecInputError(f"provisioning for {runs} runs; fix: at least 1")
     if math.isfinite(epsilon):
-        cap = epsilon * RUN_EPSILON_SLACK + 1e-6
+        run_cap = epsilon * RUN_EPSILON_SLACK + 1e-6
+        cap = int(runs) * run_cap
     else:
-        cap = 1.0  # never reached: a non-private release is not budgeted, and after it ε is ∞
+        cap = run_cap = 1.0  # never reached: a non-private release is not budgeted, and after it ε is ∞
     policy_dir = out / "policies"
     from fedrec.common.secagg._identity import write_identity, write_roster
 
@@ -64,7 +72,7 @@ def provision_institutions(names: Sequence[str], out: Path, *, epsilon: float, d
     roster = write_roster(ids / "roster.toml", {name: write_identity(keys[name]) for name in names})
     for name in names:
         ledger = out / "ledgers" / f"{name}.db"
-        policy = InstitutionPolicy(ledger=ledger, epsilon_cap=cap, delta_cap=delta, max_run_epsilon=cap,
+        policy = InstitutionPolicy(ledger=ledger, epsilon_cap=cap, delta_cap=delta, max_run_epsilon=run_cap,
                                    noise_modes=("local", "distributed"), min_round_size=2,
                                    allow_non_private=not math.isfinite(epsilon), identity_key=keys[name], roster=roster,
                                    source=policy_dir / name / POLICY_FILE)

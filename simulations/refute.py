@@ -96,3 +96,53 @@ def refute_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig,
         n: (float(epsilon_for(g.ledger.events(), delta=cfg.delta)) if math.isfinite(cfg.epsilon) else "inf")
         for n, g in guards.items()}
     return out
+
+
+def check_refutations(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The refutations a command declares (``--refute``), checked before anything is spent:
+    FedrecInputError (one line) for an unknown or repeated one."""
+    from fedrec.common.errors import FedrecInputError
+
+    out: list[str] = []
+    for k in kinds:
+        k = str(k).strip()
+        if k not in REFUTATIONS:
+            raise FedrecInputError(f"--refute {k!r}: unknown refutation; fix: use {' and/or '.join(REFUTATIONS)}")
+        if k in out:
+            raise FedrecInputError(f"--refute {k}: given twice; fix: name each refutation once")
+        out.append(k)
+    return tuple(out)
+
+
+def refute_after_causal(institutions: Sequence[InstitutionData], cfg: CausalConfig, kinds: Sequence[str], *,
+                        policy_dir, seed: int, original: Mapping[str, Mapping], alpha: float = 0.05) -> dict:
+    """The refutations ``kinds`` after a causal run, each a charged causal run through every
+    institution's own guard over its **provisioned** policy and ledger (``policy_dir``:
+    ``<policy_dir>/<institution>/privacy.toml``, simulations/provision.py), so each
+    institution's ledger shows the causal run and the refutations composed.
+
+    Privacy: each refutation costs the causal run's ε again at every institution; the policy's
+    cap must have been provisioned for them (``provision_institutions(runs=1 + len(kinds))``).
+    A refusal by a guard (cap, policy) becomes one FedrecInputError line naming the fix;
+    nothing of the refused run is computed."""
+    from pathlib import Path
+
+    from fedrec.client.guard import Refusal, open_guard
+    from fedrec.common.errors import FedrecInputError
+    from fedrec.common.privacy.policy import POLICY_FILE, load_policy
+
+    guards = {d.name: open_guard(load_policy(Path(policy_dir) / d.name / POLICY_FILE), institution=d.name,
+                                 accountant=cfg.accountant, simulated=True)
+              for d in institutions}
+    rng = np.random.default_rng([int(seed), 32])
+    out: dict = {}
+    for kind in check_refutations(kinds):
+        try:
+            out[kind] = refute_inprocess(institutions, cfg, kind, seed=seed, guards=guards, original=original,
+                                         alpha=alpha, rng=rng)
+        except Refusal as err:
+            raise FedrecInputError(f"--refute {kind}: refused by an institution's guard ({err}); fix: declare every "
+                                   "refutation with --refute on the causal command itself (its policies are "
+                                   "provisioned for the causal run plus the declared refutations), into a new "
+                                   "--out folder") from None
+    return out

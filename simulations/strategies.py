@@ -12,7 +12,8 @@ release (client/ope_statistics.py, server/strategies.py) evaluating
 * ``random`` — a considered item at random,
 * ``logging`` — exposure with the pooled propensity model (the federation's mixed logger),
 
-by IPS, SNIPS, DM, DR and switch-DR. The **reference** is the strategy applied to a fresh
+by DR (the default release; IPS, SNIPS, DM and switch-DR for comparison with
+``OPEConfig(estimators=ESTIMATORS)``, ``--estimators all``). The **reference** is the strategy applied to a fresh
 population of the same domain (100,000 people by default): its mean true effect
 ``Σ_j p_j τ_j`` — the expected result of a randomized A/B test of the strategy against
 exposing nobody, without the test's sampling noise. Bias and 95% CI coverage per estimator are
@@ -261,9 +262,16 @@ def one_run(domain: str, *, seed: int, epsilon: float, noise_mode: str, institut
             "noise_mode": noise_mode, "rows": rows, "release": facts}
 
 
+def _binomial_se(hits: np.ndarray) -> float:
+    """Binomial standard error ``sqrt(p (1 - p) / n)`` of a share of runs."""
+    p = float(np.mean(hits))
+    return float(math.sqrt(p * (1.0 - p) / len(hits)))
+
+
 def summarize(runs: Sequence[dict]) -> list[dict]:
     """Per (domain, ε, noise mode, strategy, estimator): bias, RMSE, coverage, mean CI width and,
-    for the difference, the share of runs with the right sign."""
+    for the difference, the share of runs with the right sign (coverage and sign with their
+    binomial SEs)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         for row in r["rows"]:
@@ -280,7 +288,8 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
                     "estimator": est, "runs": len(rows), "truth": float(np.mean([x["truth"] for x in rows])),
                     "bias": float(err.mean()), "bias_se_units": float(err.mean() / max(se.mean(), 1e-300)),
                     "rmse": float(np.sqrt(np.mean(err**2))), "coverage": float(cover.mean()),
-                    "ci_width": float(width.mean()), "sign_correct": float(sign.mean())})
+                    "coverage_se": _binomial_se(cover), "ci_width": float(width.mean()),
+                    "sign_correct": float(sign.mean()), "sign_correct_se": _binomial_se(sign)})
     # CI width ratio to the non-private estimate of the same cell, where both were run
     base = {(r["domain"], r["strategy"], r["estimator"]): r["ci_width"] for r in out if r["epsilon"] == "inf"}
     for r in out:

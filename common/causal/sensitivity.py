@@ -25,7 +25,7 @@ __all__ = [
     "INFLUENCE_WEIGHTS", "psi_worst_case", "moments_bound", "propensity_bound", "outcome_bound",
     "influence_weights", "influence_bound", "step_bound", "release_weight", "influence_relative_weights",
     "influence_clip", "outcome_map", "HISTOGRAM_EDGES", "histogram_edges", "moments_carry_arms",
-    "release_sensitivity",
+    "release_sensitivity", "pilot_bound",
 ]
 
 
@@ -207,3 +207,14 @@ def release_sensitivity(step: str, p: int, arrays: Mapping[str, np.ndarray], n_i
                           arm_items=n_items if moments_carry_arms(arrays) else 0,
                           influence_rel=influence_relative_weights(arrays) if step == "influence" else INFLUENCE_WEIGHTS)
     return per_item * (1.0 if step == "moments" else math.sqrt(n_items))
+
+
+def pilot_bound(n_items: int) -> float:
+    """L2 sensitivity of the forecast's pilot release (``common/causal/pilot.py``).
+
+    Per item a person has one row ``[1-T, T, (1-T) y, T y, (1-T) y^2, T y^2]`` with the outcome
+    ``y`` scaled to [-1, 1] by its declared bounds: squared norm ``1 + y^2 + y^4 <= 3``. A person
+    can be considered for every item of the release: ``sqrt(3 n_items)``."""
+    if int(n_items) < 1:
+        raise ValueError(f"a pilot release needs at least one item, got {n_items}")
+    return math.sqrt(3.0 * int(n_items))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedrec.client.cli import app as client_cli
-from fedrec.common.causal.ope import OPEConfig, release_bound
+from fedrec.common.causal.ope import DEFAULT_ESTIMATORS, ESTIMATORS, Layout, OPEConfig, release_bound
 from fedrec.common.config import RunConfig
 from fedrec.common.privacy.ledger import PrivacyLedger
 from fedrec.common.privacy.policy import load_policy
@@ -90,9 +90,13 @@ def test_the_handler_charges_the_public_bound_and_adds_the_charged_noise(folder)
         assert _refusal(reply) is None
         draws.append(reply.content.array_records["arrays"]["strategies"].numpy())
     rows = _rows(folder)
-    assert len(rows) == 6 and all(r.event.sensitivity == pytest.approx(release_bound(2, 0.5)) for r in rows)
+    # the request names no estimators: the default release (DR only) and its bound
+    bound = release_bound(2, 0.5, Layout(DEFAULT_ESTIMATORS))
+    assert DEFAULT_ESTIMATORS == ("dr",) and bound < release_bound(2, 0.5, Layout(ESTIMATORS))
+    assert len(rows) == 6 and all(r.event.sensitivity == pytest.approx(bound) for r in rows)
     assert rows[-1].task == "strategy-values"
-    charged = 20.0 * release_bound(2, 0.5)
+    assert draws[0].size == 1 + 2 * 2 + 2 * 1 + 1  # [1, (D, G) x 2 strategies, DR squares x 2, the pair's]
+    charged = 20.0 * bound
     spread = np.std(np.asarray(draws), axis=0, ddof=1)
     measured = float(np.sqrt(np.mean(spread**2)))
     dof = 5 * spread.size
@@ -121,7 +125,7 @@ def education_run():
 
     ref = reference_population("education", people=30_000)
     return one_run("education", seed=11, epsilon=INF, noise_mode="local", institutions=4, people=8000,
-                   reference=ref, ope=OPEConfig(clip=20.0))
+                   reference=ref, ope=OPEConfig(clip=20.0, estimators=ESTIMATORS))  # every estimator: opt-in
 
 
 def test_non_private_dr_recovers_each_strategy_and_the_benefit_engagement_gap(education_run):
@@ -213,8 +217,9 @@ def test_the_flower_path_gives_the_in_process_values(tmp_path):
     specs = [benefit_strategy(causal.items, insts[0].study.outcome_better), random_strategy(), logging_strategy()]
     res, _ = evaluate_inprocess(insts, causal, specs, OPEConfig(epsilon=INF), covariates=ccfg.covariates,
                                 derived=ccfg.derived)
+    assert set(report["values"]["random"]) == {"dr"}  # the default release: DR only
     for s in ("benefit", "random", "logging"):
-        for est in ("ips", "dr"):
+        for est in ("dr",):
             want = res.estimate(s, est)
             got = report["values"][s][est]
             assert got["value"] == pytest.approx(want.value, rel=1e-6, abs=1e-9), (s, est)
@@ -222,3 +227,24 @@ def test_the_flower_path_gives_the_in_process_values(tmp_path):
     for d in insts:
         rows = list(PrivacyLedger(out / "ledgers" / f"{d.name}.db").rows())
         assert any(r.task == "strategy-values" for r in rows)
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], ("dr",)), (["--estimators", "all"], None),
+                                            (["--estimators", "dr,ips"], ("dr", "ips"))])
+def test_evaluate_strategies_releases_dr_alone_unless_the_comparison_is_asked_for(monkeypatch, flag, want):
+    """The command's wiring (the runs themselves are measured by benchmarks/strategy_values.py):
+    without --estimators the release carries DR alone; the comparison estimators are an opt-in."""
+    from fedrec.simulations import strategies
+    from fedrec.simulations.cli import app as sim_cli
+
+    seen = {}
+
+    def fake(domains, *, ope, **kw):
+        seen["ope"] = ope
+        return {"rows": []}
+
+    monkeypatch.setattr(strategies, "evaluate_strategies", fake)
+    res = CliRunner().invoke(sim_cli, ["evaluate-strategies", "--domains", "health", "--seeds", "1", *flag])
+    assert res.exit_code == 0, res.output
+    assert seen["ope"].estimators == (want or ESTIMATORS)
+    assert OPEConfig().estimators == ("dr",)

@@ -145,9 +145,10 @@ def test_a_results_folder_with_spent_ledgers_is_refused_in_one_line(finance, tmp
 # ------------------------------------------------------------------ know before spending (issue 29)
 def test_the_forecast_refuses_the_new_user_scenario_before_any_budget_is_spent(tmp_path):
     """health, 4 x 1,000, ε = 1, local noise, every item (the CLI's defaults): refused with the
-    forecast and the fixes in one line, nothing provisioned or charged; the same federation with
-    distributed noise at ε = 4 is forecast to answer."""
-    from fedrec.common.causal.forecast import answerable, declared_people_per_item, forecast_half_widths
+    forecast and the fixes in one line, before the run's budget is spent: each ledger holds the
+    charged pilot only; the same federation with distributed noise at ε = 4 is forecast to answer."""
+    from fedrec.simulations.forecast import answerable, pilot_forecast
+    from fedrec.common.privacy.ledger import PrivacyLedger
     from fedrec.common.datasets import write_institution
     from fedrec.common.errors import FedrecInputError
     from fedrec.simulations.causal_cli import causal_command, resolve_config
@@ -169,18 +170,23 @@ def test_the_forecast_refuses_the_new_user_scenario_before_any_budget_is_spent(t
         causal_command(data, None, 1.0, "aipw", False, out, 0, Console())
     msg = str(err.value)
     assert "\n" not in msg and "--noise-mode distributed" in msg and "--force" in msg and "kg" in msg
-    assert any("forecast before any budget is spent" in line for line in Console.lines)
-    assert not out.exists()  # nothing provisioned, nothing charged
+    assert "only the pilot" in msg
+    assert any("forecast after the pilot" in line and "before the run's budget is spent" in line
+               for line in Console.lines)
+    for d in insts:  # the pilot, nothing of the run
+        assert [r.task for r in PrivacyLedger(out / "ledgers" / f"{d.name}.db").rows()] == ["causal-pilot"]
     items = sorted(insts[0].items["item_id"].astype(str))
     cfg, _ = resolve_config(insts, epsilon=4.0, overrides={"noise_mode": "distributed"})
-    assert answerable(forecast_half_widths(insts[0].study, cfg.resolved(4), items, declared_people_per_item(insts, items)))
+    assert answerable(pilot_forecast(insts, cfg.resolved(4), items, rng=np.random.default_rng(9601))[0])
 
 
 def test_the_forecast_is_within_25_percent_of_the_measured_width_where_noise_dominates():
-    """One item at ε = 1, local noise, 8 x 2,500 (health): the forecast from public quantities
-    (a stand-in federation) against the median measured 95% half-width over 3 fresh seeds. Other
-    cells are further off (0.5x-3.9x; docs/causal.md, Know before spending)."""
-    from fedrec.common.causal.forecast import declared_people_per_item, forecast_half_widths
+    """One item at ε = 1, local noise, 8 x 2,500 (health): the pilot forecast (what the CLI
+    prints) against the median measured 95% half-width of the run at the ε the pilot leaves, over
+    3 seeds. Other cells: docs/causal.md, Know before spending."""
+    from dataclasses import replace
+
+    from fedrec.simulations.forecast import pilot_forecast
     from fedrec.simulations.causal_cli import estimate_inprocess, resolve_config
     from fedrec.simulations.domains import domain_federation
 
@@ -188,7 +194,7 @@ def test_the_forecast_is_within_25_percent_of_the_measured_width_where_noise_dom
     for seed in (9701, 9702, 9703):
         insts, _ = domain_federation("health", institutions=8, people=20000, seed=seed, skew=0.4)
         cfg, _ = resolve_config(insts, epsilon=1.0, item=item)
-        widths.append(1.959963984540054 * estimate_inprocess(insts, cfg, rng=np.random.default_rng(seed))
-                      .items[item]["se"])
-    fc = forecast_half_widths(insts[0].study, cfg.resolved(8), [item], declared_people_per_item(insts, [item]))
+        fc, plan = pilot_forecast(insts, cfg.resolved(8), [item], rng=np.random.default_rng([seed, 7]))
+        widths.append(1.959963984540054 * estimate_inprocess(insts, replace(cfg, epsilon=plan.main_epsilon),
+                                                             rng=np.random.default_rng(seed)).items[item]["se"])
     assert fc.half_width[item] == pytest.approx(float(np.median(widths)), rel=0.25)

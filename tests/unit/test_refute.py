@@ -179,3 +179,72 @@ def test_the_simulators_hidden_confounder_switch():
               for d in on]
     assert rate[0] < rate[1] < rate[2] and mean_y[0] < mean_y[2]
     assert list(on[0].people.columns) == list(base[0].people.columns)  # u is in no table
+
+
+def _provisioned(tmp_path, runs: int):
+    """Two small institutions, one item, provisioned like ``fedrec-sim causal`` does for a
+    command declaring ``runs`` runs; the causal run charged through the provisioned guards."""
+    from dataclasses import replace
+
+    from fedrec.client.guard import open_guard
+    from fedrec.common.privacy.policy import POLICY_FILE, load_policy
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.domains import domain_federation
+    from fedrec.simulations.provision import provision_institutions
+    from fedrec.simulations.refute import guarded_estimate
+
+    insts, _ = domain_federation("health", institutions=2, people=600, seed=2, skew=0.0)
+    ccfg, _ = resolve_config(insts, epsilon=2.0)
+    ccfg = replace(ccfg, items=(sorted(insts[0].items["item_id"].astype(str))[0],))
+    policy_dir = provision_institutions([d.name for d in insts], tmp_path / "out", epsilon=2.0, delta=ccfg.delta,
+                                        runs=runs)
+    guards = {d.name: open_guard(load_policy(policy_dir / d.name / POLICY_FILE), institution=d.name, simulated=True)
+              for d in insts}
+    orig = guarded_estimate(insts, ccfg, guards, run_id="causal", rng=np.random.default_rng(1))
+    return insts, ccfg, policy_dir, orig
+
+
+def test_the_causal_commands_provisioning_covers_the_declared_refutations(tmp_path):
+    """``fedrec-sim causal --refute placebo --refute random-common-cause`` provisions for three
+    runs: both refutations pass the guards after the causal run, each ledger shows the three runs
+    composed, and no run exceeds the per-run ceiling (the run's ε)."""
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.simulations.refute import refute_after_causal
+
+    insts, ccfg, policy_dir, orig = _provisioned(tmp_path, runs=3)
+    out = refute_after_causal(insts, ccfg, ("placebo", "random-common-cause"), policy_dir=policy_dir, seed=4,
+                              original=orig.items)
+    assert set(out) == {"placebo", "random-common-cause"}
+    for d in insts:
+        ledger = PrivacyLedger(tmp_path / "out" / "ledgers" / f"{d.name}.db")
+        runs = {r.run_id for r in ledger.rows()}
+        assert runs == {"causal", "refute-placebo-4", "refute-random-common-cause-4"}
+        for run in runs:
+            assert epsilon_for([r.event for r in ledger.rows(run_id=run)], delta=1e-5) <= 2.0 * 1.02 + 1e-6
+        total = epsilon_for(ledger.events(), delta=1e-5)
+        assert out["random-common-cause"]["epsilon_per_institution"][d.name] == pytest.approx(total)
+        assert 2.5 < total <= ledger.cap().epsilon
+
+
+def test_a_refutation_the_provisioning_did_not_declare_is_refused_in_one_line(tmp_path, monkeypatch):
+    """The old defect: provisioned for the causal run alone, a refutation after it is refused
+    by every guard — now one FedrecInputError line naming the fix, and nothing of the
+    refutation is computed or charged."""
+    from fedrec.client import statistics
+    from fedrec.common.errors import FedrecInputError
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.simulations.refute import check_refutations, refute_after_causal
+
+    insts, ccfg, policy_dir, orig = _provisioned(tmp_path, runs=1)
+    called = []
+    monkeypatch.setattr(statistics, "step_contributions", lambda *a, **k: called.append(1))
+    with pytest.raises(FedrecInputError, match="--refute placebo: refused.*fix: declare every refutation") as err:
+        refute_after_causal(insts, ccfg, ("placebo",), policy_dir=policy_dir, seed=4, original=orig.items)
+    assert "\n" not in str(err.value)
+    assert not called
+    for d in insts:
+        assert {r.run_id for r in PrivacyLedger(tmp_path / "out" / "ledgers" / f"{d.name}.db").rows()} == {"causal"}
+    with pytest.raises(FedrecInputError, match="--refute 'placbo': unknown refutation; fix: use placebo"):
+        check_refutations(["placbo"])
+    with pytest.raises(FedrecInputError, match="given twice"):
+        check_refutations(["placebo", "placebo"])
