@@ -1,11 +1,18 @@
-"""LLM adapter vs its peers on MovieLens, warm and cold-start, in one run.
+"""LLM adapter vs its peers on MovieLens or the generated catalogue domain, warm and cold-start, in one run.
+
+``--dataset movielens`` (671 persons) or ``--dataset catalogue`` (``simulations/domains/catalogue.py``:
+``--people`` persons, default 20,000, ``--items`` generated programmes with text, default 600,
+generated from ``--seed``).
 
 Rows (ARCHITECTURE.md "Benchmarks"): ``dataset, model, split, epsilon, ndcg10, hr10`` with model
-random | popularity | category_knn | text_knn | mf | text_prior | adapter | dp_popularity | hybrid,
+random | popularity | category_knn | text_knn | mf | text_prior | adapter | dp_popularity |
+pooled_popularity | hybrid,
 plus rows ``kind=throughput, device, ratio_dp_to_nonprivate`` (DP and plain steps on the same
 persons and rows, interleaved, medians). ``dp_popularity`` and ``hybrid`` rows come once per MF-side
 DP plan (:data:`HYBRID_VARIANTS`: count share 0.18 or 0.9 of the budget, local or distributed
-noise; columns ``count_share``, ``noise_mode``). Adapter rows also on the validation splits
+noise; columns ``count_share``, ``noise_mode``), each with the popularity component
+``popularity = dp`` (the released DP counts) and ``popularity = pooled`` (the institution's own
+exact counts pooled with the DP release by inverse variance, ``hybrid.pooled_popularity``). Adapter rows also on the validation splits
 (``val_warm``/``val_cold``: training data only). ``--tune-lr`` trains only the adapter and prints
 validation rows; ``--no-adapter`` skips the adapter (the hybrid as the Flower app runs it).
 
@@ -45,7 +52,7 @@ from fedrec.client.train_adapter import AdapterTrainer, ItemBank, measure_throug
 from fedrec.common.config import RunConfig  # noqa: E402
 from fedrec.common.metrics import ranking_from_scores  # noqa: E402
 from fedrec.common.models.adapter import AdapterConfig, TextAdapter, default_device  # noqa: E402
-from fedrec.common.models.hybrid import blend, dp_popularity, fit_blend  # noqa: E402
+from fedrec.common.models.hybrid import blend, dp_popularity, fit_blend, pooled_popularity  # noqa: E402
 from fedrec.common.models.mf import PersonRatings, preconditioner, score_items  # noqa: E402
 from fedrec.common.models.text_prior import (  # noqa: E402
     catalogue_texts,
@@ -123,20 +130,57 @@ def knn_scores(vectors: np.ndarray, hist_p: np.ndarray, hist_i: np.ndarray, pers
     order = np.argsort(hist_p, kind="stable")
     hp, hi = hist_p[order], hist_i[order]
     out = np.zeros(cands.shape, np.float64)
-    for u in np.unique(persons):
-        rows = np.flatnonzero(persons == u)
+    by_person = np.argsort(persons, kind="stable")
+    ps = persons[by_person]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], len(ps)]):
+        u = ps[a]
+        rows = by_person[a:b]
         h = hi[np.searchsorted(hp, u):np.searchsorted(hp, u, side="right")]
         if len(h) == 0:
             continue
         sims = v[cands[rows]] @ v[h].T  # [r, c, n_hist]
         kk = min(k, len(h))
-        out[rows] = np.sort(sims, axis=-1)[..., -kk:].mean(-1)
+        out[rows] = np.partition(sims, len(h) - kk, axis=-1)[..., -kk:].mean(-1)  # mean of the k largest
     return out
 
 
 def genre_vectors(items) -> np.ndarray:
-    g = items["genres"].fillna("").astype(str).str.get_dummies("|")
+    """One-hot genres (MovieLens ``genres``) or categories (a contract catalogue's ``category``)."""
+    col = "genres" if "genres" in items.columns else "category"
+    g = items[col].fillna("").astype(str).str.get_dummies("|")
     return g.to_numpy(np.float32)
+
+
+def own_counts(hist_p: np.ndarray, hist_i: np.ndarray, owner: np.ndarray, K: int, n_items: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Each institution's exact weighted item counts ``[K, n_items]`` (w_u = 1/√n_u, as the MF
+    count release weighs them) and each one's mean per-interaction weight ``[K]`` (never released)."""
+    n_u = np.bincount(hist_p, minlength=len(owner)).astype(np.float64)
+    w = 1.0 / np.sqrt(np.maximum(n_u[hist_p], 1.0))
+    inst = owner[hist_p]
+    out = np.zeros((K, n_items))
+    np.add.at(out, (inst, hist_i), w)
+    mean_w = np.array([w[inst == k].mean() if (inst == k).any() else 1.0 for k in range(K)])
+    return out, mean_w
+
+
+def pooled_scores(counts, noise_var, own, mean_w, owner, persons, cands) -> np.ndarray:
+    """``hybrid.pooled_popularity`` for each person's own institution, on their candidates."""
+    out = np.zeros(cands.shape)
+    for k in range(len(own)):
+        rows = owner[persons] == k
+        if rows.any():
+            out[rows] = pooled_popularity(counts, noise_var, own[k], mean_weight=mean_w[k])[cands[rows]]
+    return out
+
+
+def cap_task(task: "Task", max_rows: int, rng: np.random.Generator) -> "Task":
+    """At most ``max_rows`` positives of a (validation) task, drawn at random (0 = all)."""
+    if not max_rows or len(task.person) <= max_rows:
+        return task
+    keep = np.sort(rng.choice(len(task.person), size=max_rows, replace=False))
+    return Task(task.person[keep], task.item[keep], task.neg)
 
 
 def mf_model(train_p, train_i, train_r, owner, n_persons, n_items, K, epsilon, seed, count_share=0.18,
@@ -222,7 +266,7 @@ def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner,
             rows = owner[persons] == k
             if rows.any():
                 prof = t._profiles(maps[k][persons[rows]], None)
-                out[rows] = np.einsum("pd,pkd->pk", prof * w, z[cands[rows]])
+                out[rows] = np.take_along_axis((prof * w) @ z.T, cands[rows], axis=1)
         return out
 
     return score, sigma
@@ -238,6 +282,20 @@ def fit_task_blend(components: dict[str, np.ndarray], task: Task) -> dict[str, f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small smoke run (subset of persons and items)")
+    ap.add_argument("--dataset", choices=("movielens", "catalogue"), default="movielens")
+    ap.add_argument("--people", type=int, default=20_000, help="catalogue: persons generated")
+    ap.add_argument("--items", type=int, default=600, help="catalogue: items generated")
+    ap.add_argument("--variants", default=",".join(v[0] for v in HYBRID_VARIANTS),
+                    help="comma list of the MF-side DP plans to run (names of HYBRID_VARIANTS)")
+    ap.add_argument("--adapter-epsilons", default="", help="comma list: train the adapter only at these ε "
+                    "(default: every --epsilons)")
+    ap.add_argument("--throughput-persons", type=int, default=0, help="persons per timed step (0: 128; quick 32)")
+    ap.add_argument("--throughput-repeats", type=int, default=0, help="timed pairs (0: 7; quick 3)")
+    ap.add_argument("--skip-knn", action="store_true", help="skip the category/text kNN peer rows (slow on long "
+                    "MovieLens histories; measured in earlier runs)")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the DP vs non-private throughput rows")
+    ap.add_argument("--val-rows", type=int, default=0, help="at most this many validation positives per split "
+                    "for the blend's grid search (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--persons", type=int, default=0, help="subsample persons (0 = all 671; quick: 60 persons on the 600 most-rated items)")
     ap.add_argument("--institutions", type=int, default=10)
@@ -268,12 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     neg = args.neg if args.neg is not None else (1 if quick else 2)
     K = 2 if quick else args.institutions
     epsilons = [float(e) for e in args.epsilons.split(",")]
+    adapter_eps = [float(e) for e in args.adapter_epsilons.split(",")] if args.adapter_epsilons else epsilons
+    known = {v[0] for v in HYBRID_VARIANTS}
+    variant_names = [v for v in args.variants.split(",") if v]
+    if not variant_names or set(variant_names) - known:
+        print(f"--variants {args.variants!r}: unknown plan; fix: use names from {sorted(known)}", file=sys.stderr)
+        return 2
+    if args.dataset == "catalogue" and args.quick:
+        print("--quick is MovieLens only; fix: use --dataset catalogue --people 2000 for a small catalogue run",
+              file=sys.stderr)
+        return 2
 
-    r = load_movielens()
+    if args.dataset == "catalogue":
+        from fedrec.simulations.domains.catalogue import generate_catalogue
+
+        r, _truth = generate_catalogue(people=args.people, items=args.items, seed=args.seed)
+    else:
+        r = load_movielens()
     person, item = r.person.copy(), r.item.copy()
     n_persons = r.n_persons
     keep_items = np.arange(r.n_items)
-    n_sub = args.persons or (60 if quick else 0)
+    n_sub = 0 if args.dataset == "catalogue" else args.persons or (60 if quick else 0)
     if n_sub and n_sub < n_persons:  # subsample persons (quick: and the 600 most-rated items)
         if quick:
             top = np.argsort(-np.bincount(item, minlength=r.n_items), kind="stable")[:600]
@@ -322,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "warm": Task(tp[v_warm], ti[v_warm], negatives_for(tp, ti, fit_pool, n_persons, neg_k, rng)),
         "cold": Task(tp[v_is_cold], ti[v_is_cold], negatives_for(tp, ti, val_cold, n_persons, neg_k, rng)),
     }
+    val_tasks = {split: cap_task(t, args.val_rows, rng) for split, t in val_tasks.items()}
     owner = rng.integers(0, K, size=n_persons)
     needed = np.unique(np.concatenate([t.cands.ravel() for t in (*tasks.values(), *val_tasks.values())]))
     log(f"cold items {len(cold)}, warm test {warm_test.sum()}, cold test {is_cold.sum()}, "
@@ -341,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(model: str, split: str, eps: float | None, m: dict, **extra) -> None:
         e = None if eps is None or not math.isfinite(eps) else eps
-        rows.append({"dataset": "movielens", "model": model, "split": split, "epsilon": e, **m, **extra})
+        rows.append({"dataset": args.dataset, "model": model, "split": split, "epsilon": e, **m, **extra})
         log(f"{model:12s} {split:5s} eps={e}: {m}")
 
     # scorers trained on (hist_p, hist_i[, hist_r]): returns fn(persons, cands)
@@ -364,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     rand = np.random.default_rng(args.seed + 99)
     for split, task in ([] if args.tune_lr else tasks.items()):  # tuning computes no test rows
         add("random", split, None, task.metrics(rand.random(task.cands.shape)))
-        for name in ("popularity", "category_knn", "text_knn", "text_prior"):
+        for name in ("popularity", "text_prior") if args.skip_knn else ("popularity", "category_knn", "text_knn",
+                                                                           "text_prior"):
             add(name, split, None, task.metrics(test_scorers[name](task.person, task.cands)))
 
     if args.tune_lr:  # validation only: no test rows are computed
@@ -382,10 +457,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                                           else argv),
                                    "seed": args.seed, "purpose": "adapter lr tuning on validation"}, "rows": rows}))
         return 0
+    own_val, own_test = own_counts(fp, fi, owner, K, n_items), own_counts(tp, ti, owner, K, n_items)
     for eps in epsilons:
         t0 = time.time()
         # the adapter is trained once, on the fit part (validation never enters its training)
-        ad_score, sigma = (None, None) if args.no_adapter else adapter_model(
+        ad_score, sigma = (None, None) if args.no_adapter or eps not in adapter_eps else adapter_model(
             adapter, bank, fp, fi, owner, n_persons, K, eps, rounds=rounds, sample_rate=args.sample_rate,
             steps=args.local_steps, lr=args.lr, server_lr=args.server_lr, clip=args.clip, pos=pos, neg=neg,
             candidates=fit_pool, seed=args.seed, score_items_needed=needed)
@@ -398,9 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         for split, task in (val_tasks.items() if ad_score is not None else ()):  # what lr was chosen on
             add("adapter", f"val_{split}", eps, task.metrics(ad_score(task.person, task.cands)), **extra)
 
-        def comps(mf, counts, noise_var, scorers, task):
+        def comps(mf, counts, noise_var, scorers, task, pooled=None):
             out = {
-                "dp_popularity": dp_popularity(counts, noise_var)[task.cands],
+                "dp_popularity": (dp_popularity(counts, noise_var)[task.cands] if pooled is None
+                                  else pooled_scores(counts, noise_var, *pooled, owner, task.person, task.cands)),
                 "mf": mf(task.person, task.cands),
                 "text_prior": scorers["text_prior"](task.person, task.cands),
             }
@@ -411,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         # the MF side's DP plan: the default budget split (counts 18%) and a hybrid that spends 90%
         # on the counts it mostly uses; local noise (each institution adds all of it) and distributed
         # (SecAgg+: each adds 1/K of the variance); at ε = ∞ they coincide
-        variants = HYBRID_VARIANTS if math.isfinite(eps) else (("default", 0.18, "local"),)
+        variants = [v for v in HYBRID_VARIANTS if v[0] in variant_names] if math.isfinite(eps) else [
+            ("default", 0.18, "local")]
         for vname, share, mode in variants:
             if eps == 1.0 and vname != "default" and args.lean_eps1:
                 continue
@@ -424,21 +502,28 @@ def main(argv: list[str] | None = None) -> int:
                 if vname == "default":
                     add("mf", split, eps, task.metrics(mf_test(task.person, task.cands)), **plan)
                 add("dp_popularity", split, eps, task.metrics(dp_popularity(cnt_test, cv_test)[task.cands]), **plan)
-                weights = fit_task_blend(comps(mf_val, cnt_val, cv_val, val_scorers, val_tasks[split]), val_tasks[split])
-                m = task.metrics(blend(weights, comps(mf_test, cnt_test, cv_test, test_scorers, task)))
-                add("hybrid", split, eps, m, **plan, weights=" ".join(f"{k}={v}" for k, v in weights.items()))
+                add("pooled_popularity", split, eps, task.metrics(
+                    pooled_scores(cnt_test, cv_test, *own_test, owner, task.person, task.cands)), **plan)
+                for pop, pv, pt in (("dp", None, None), ("pooled", own_val, own_test)):
+                    weights = fit_task_blend(comps(mf_val, cnt_val, cv_val, val_scorers, val_tasks[split], pv),
+                                             val_tasks[split])
+                    m = task.metrics(blend(weights, comps(mf_test, cnt_test, cv_test, test_scorers, task, pt)))
+                    add("hybrid", split, eps, m, **plan, popularity=pop,
+                        weights=" ".join(f"{k}={v}" for k, v in weights.items()))
 
     # --- throughput: one DP step (hooks + per-person clip + noise) vs one plain step, same rows
-    tput_trainer = AdapterTrainer(adapter, bank, fp, fi, n_persons, pos_per_person=pos, neg_per_person=neg,
-                                  candidate_items=fit_pool, seed=args.seed)
-    persons_tp = 32 if quick else 128
-    tp_rows = measure_throughput(tput_trainer, persons=persons_tp, repeats=3 if quick else 7)
-    rows.append({"kind": "throughput", "dataset": "movielens", "device": default_device(),
-                 "dp_persons_per_s": round(tp_rows["dp"], 2), "nonprivate_persons_per_s": round(tp_rows["nonprivate"], 2),
-                 "ratio_dp_to_nonprivate": round(tp_rows["dp"] / tp_rows["nonprivate"], 3),
-                 "ratio_median_of_pairs": round(tp_rows["ratio_median_of_pairs"], 3), "repeats": tp_rows["repeats"],
-                 "persons_per_step": persons_tp, "torch_threads": torch.get_num_threads(),
-                 "method": "same persons and rows, interleaved plain/DP after a warm-up, medians"})
+    if not args.no_throughput:
+        tput_trainer = AdapterTrainer(adapter, bank, fp, fi, n_persons, pos_per_person=pos, neg_per_person=neg,
+                                      candidate_items=fit_pool, seed=args.seed)
+        persons_tp = args.throughput_persons or (32 if quick else 128)
+        tp_rows = measure_throughput(tput_trainer, persons=persons_tp,
+                                     repeats=args.throughput_repeats or (3 if quick else 7))
+        rows.append({"kind": "throughput", "dataset": args.dataset, "device": default_device(),
+                     "dp_persons_per_s": round(tp_rows["dp"], 2), "nonprivate_persons_per_s": round(tp_rows["nonprivate"], 2),
+                     "ratio_dp_to_nonprivate": round(tp_rows["dp"] / tp_rows["nonprivate"], 3),
+                     "ratio_median_of_pairs": round(tp_rows["ratio_median_of_pairs"], 3), "repeats": tp_rows["repeats"],
+                     "persons_per_step": persons_tp, "torch_threads": torch.get_num_threads(),
+                     "method": "same persons and rows, interleaved plain/DP after a warm-up, medians"})
 
     try:
         root = Path(__file__).resolve().parents[1]
@@ -451,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         commit = ""
     meta = {
         "command": "python benchmarks/adapter.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": commit, "seed": args.seed, "quick": quick, "persons": n_persons, "items": n_items,
+        "commit": commit, "seed": args.seed, "quick": quick, "dataset": args.dataset,
+        "adapter_epsilons": None if args.no_adapter else adapter_eps, "variants": variant_names,
+        "val_rows_cap": args.val_rows, "knn_peers": not args.skip_knn, "persons": n_persons, "items": n_items,
         "institutions": K, "rounds": rounds, "local_steps": args.local_steps, "sample_rate": args.sample_rate,
         "lr": args.lr, "server_lr": args.server_lr, "adapter_trained": not args.no_adapter, "clip_norm": args.clip, "pos_per_person": pos,
         "neg_per_person": neg, "delta": DELTA, "noise_mode": "local",

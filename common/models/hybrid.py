@@ -6,6 +6,10 @@ z-scored and the hybrid is their weighted sum. Components:
 - ``dp_popularity``: ``log1p`` of the released DP item counts after subtracting one noise sd
   (the same soft threshold as ``item_prior``): most catalogue items have (almost) no raters,
   and an undenoised count would call every item whose noise came out high "popular";
+- ``pooled_popularity`` (:func:`pooled_popularity`, an alternative to ``dp_popularity`` in the same
+  slot): the institution's own exact counts (never released) pooled with the DP sum of everyone's
+  counts, each weighted by its inverse variance, from public quantities (the release's declared
+  noise variance, the DP totals) and the institution's own training data only;
 - ``mf``: the DP MF score (released item side, local user side);
 - ``text_prior``: the cosine of the person's history profile with the item text (public
   weights, public text: no budget);
@@ -27,7 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "GRID", "dp_popularity", "standardise", "blend", "fit_blend"]
+__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "GRID", "dp_popularity", "pooled_popularity", "standardise", "blend",
+           "fit_blend"]
 
 COMPONENTS = ("dp_popularity", "mf", "text_prior", "adapter")
 #: the Flower hybrid's weights: the grid search's choice on the warm validation split of MovieLens'
@@ -42,6 +47,43 @@ def dp_popularity(counts: np.ndarray, count_noise_var: float) -> np.ndarray:
     (public). Post-processing of a DP release."""
     sd = float(np.sqrt(max(float(count_noise_var), 0.0)))
     return np.log1p(np.maximum(np.asarray(counts, np.float64) - sd, 0.0))
+
+
+def pooled_popularity(counts: np.ndarray, count_noise_var: float, own_counts: np.ndarray, *,
+                      mean_weight: float = 1.0) -> np.ndarray:
+    """Popularity for one institution's own people: its exact counts pooled with the DP release.
+
+    ``counts`` is the released DP sum ``S_i = Σ_k c_ki + noise`` (noise variance ``V`` =
+    ``count_noise_var``, public), ``own_counts`` this institution's exact (same weighting) counts
+    ``c_i``, which it holds anyway. Two estimates of the *other* institutions' counts:
+    ``S_i − c_i`` (unbiased, variance ``V``) and ``r · c_i`` with ``r = max(ΣS − Σc, 0) / Σc``
+    the others' total relative to ours (a function of the DP totals and our own data), whose
+    sampling variance is taken as ``(r² + r) · w · (c_i + w)`` (Poisson-like, ``w`` =
+    ``mean_weight``, the mean per-interaction weight of the own data; ``+ w`` keeps a zero count
+    uncertain). They are combined by inverse variance, added to ``c_i`` and returned as
+    ``log1p(max(·, 0))``. With ``V = 0`` (non-private) it is the exact popularity; as ``V`` grows
+    it tends to the institution's own popularity, scaled.
+
+    Privacy contract: post-processing of a DP release plus the institution's own data, used
+    only to rank that institution's own people, at the institution; it releases nothing.
+    """
+    s = np.asarray(counts, np.float64)
+    c = np.asarray(own_counts, np.float64)
+    if s.shape != c.shape:
+        raise ValueError(f"pooled_popularity: {s.shape} released counts vs {c.shape} own counts")
+    v = max(float(count_noise_var), 0.0)
+    others = s - c
+    own_total = float(c.sum())
+    if v == 0.0 or own_total <= 0.0:
+        est = others if v == 0.0 else np.zeros_like(s)
+        return np.log1p(np.maximum(c + est, 0.0))
+    r = max(float(s.sum()) - own_total, 0.0) / own_total
+    w = max(float(mean_weight), 1e-12)
+    var_local = (r * r + r) * w * (c + w)
+    if r == 0.0:
+        return np.log1p(c)
+    est = (others / v + r * c / var_local) / (1.0 / v + 1.0 / var_local)
+    return np.log1p(np.maximum(c + est, 0.0))
 
 
 def standardise(s: np.ndarray) -> np.ndarray:

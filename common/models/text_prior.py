@@ -306,12 +306,17 @@ def text_prior_scores(profiles: np.ndarray, emb: np.ndarray, persons: np.ndarray
     """Cosine of each person's profile with (item embedding − center), for ``items`` of shape
     ``[len(persons), k]`` (or ``[len(persons)]``). Local scoring: nothing released."""
     center = emb.mean(0) if center is None else center
-    it = emb[np.asarray(items)] - center
-    it = it / np.maximum(np.linalg.norm(it, axis=-1, keepdims=True), 1e-12)
-    p = profiles[np.asarray(persons)]
-    if it.ndim == 3:
-        return np.einsum("pd,pkd->pk", p, it)
-    return np.einsum("pd,pd->p", p, it)
+    unit = emb - center
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=-1, keepdims=True), 1e-12)  # [n_items, d]
+    items, persons = np.asarray(items), np.asarray(persons)
+    if items.ndim == 1:
+        return np.einsum("pd,pd->p", profiles[persons], unit[items])
+    # chunked [rows, n_items] products: never materialise [rows, k, d] (GBs for 50k rows x 100 x 384)
+    out = np.empty(items.shape, np.result_type(profiles, unit))
+    for a in range(0, len(persons), 2048):
+        full = profiles[persons[a:a + 2048]] @ unit.T
+        out[a:a + 2048] = np.take_along_axis(full, items[a:a + 2048], axis=1)
+    return out
 
 
 def text_features(emb: np.ndarray, dim: int = 16) -> np.ndarray:

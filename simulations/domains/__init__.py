@@ -12,11 +12,14 @@ from fedrec.common.datasets import GroundTruth, InstitutionData
 from fedrec.common.errors import FedrecInputError
 from fedrec.simulations.domains.base import POLICIES, Domain, ItemSpec, Linear, Simulation, simulate
 
-__all__ = ["DOMAINS", "POLICIES", "Domain", "ItemSpec", "Linear", "Simulation", "get_domain",
+__all__ = ["CATALOGUES", "DOMAINS", "POLICIES", "Domain", "ItemSpec", "Linear", "Simulation", "get_domain",
            "domain_federation", "simulate"]
 
 #: Domain names accepted by ``fedrec-sim generate --domain`` and ``run --dataset``.
 DOMAINS = ("health", "education", "finance")
+#: Generated ranking catalogues (``simulations/domains/catalogue.py``: 20,000+ people, hundreds of
+#: items with text; not causal :class:`Domain` s): ``benchmarks/adapter.py --dataset catalogue``.
+CATALOGUES = ("catalogue",)
 
 
 def get_domain(name: str) -> Domain:
@@ -27,6 +30,9 @@ def get_domain(name: str) -> Domain:
         from fedrec.simulations.domains.education import DOMAIN
     elif name == "finance":
         from fedrec.simulations.domains.finance import DOMAIN
+    elif name in CATALOGUES:
+        raise FedrecInputError(f"--domain {name!r} is a ranking catalogue, not a causal domain; fix: use one of "
+                               f"{', '.join(DOMAINS)}, or benchmarks/adapter.py --dataset {name}")
     else:
         raise FedrecInputError(f"--domain {name!r}: unknown domain; fix: use one of {', '.join(DOMAINS)}")
     return DOMAIN
