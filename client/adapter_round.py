@@ -143,24 +143,30 @@ def _people_fallback(folder: str, emb: np.ndarray) -> np.ndarray | None:
 
 
 def hybrid_components(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray, count_noise_var: float,
-                      persons: np.ndarray, cands: np.ndarray) -> dict[str, np.ndarray]:
+                      persons: np.ndarray, cands: np.ndarray, *, own_counts: np.ndarray | None = None,
+                      mean_weight: float = 1.0) -> dict[str, np.ndarray]:
     """The hybrid's component scores ``[len(persons), k]`` for this institution's persons:
-    DP popularity (released counts), DP MF (``mf_score(persons, cands)``), the text prior.
-    Local scoring: nothing released."""
-    from fedrec.common.models.hybrid import dp_popularity
+    popularity, DP MF (``mf_score(persons, cands)``), the text prior. Popularity is the
+    institution's own exact counts pooled with the released DP counts
+    (:func:`~fedrec.common.models.hybrid.pooled_popularity`) when ``own_counts`` (same weighting
+    as the release; ``mean_weight`` its mean per-interaction weight) is given, else the DP counts
+    alone. Local scoring of the institution's own people: nothing released."""
+    from fedrec.common.models.hybrid import dp_popularity, pooled_popularity
     from fedrec.common.models.text_prior import text_prior_scores
 
     emb, prof = _text_side(str(folder), tuple(sorted(cfg.to_flat().items())))
     if len(counts) != len(emb):
         raise ValueError(f"hybrid: {len(counts)} released counts for a catalogue of {len(emb)} items")
-    return {"dp_popularity": dp_popularity(counts, count_noise_var)[cands],
+    popularity = (dp_popularity(counts, count_noise_var) if own_counts is None
+                  else pooled_popularity(counts, count_noise_var, own_counts, mean_weight=mean_weight))
+    return {"dp_popularity": popularity[cands],
             "mf": mf_score(persons, cands),
             "text_prior": text_prior_scores(prof, emb, persons, cands)}
 
 
 def hybrid_eval_sums(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray, count_noise_var: float,
-                     test_person: np.ndarray, test_item: np.ndarray, negatives: np.ndarray, *, k: int
-                     ) -> dict[str, float]:
+                     test_person: np.ndarray, test_item: np.ndarray, negatives: np.ndarray, *, k: int,
+                     own_counts: np.ndarray | None = None, mean_weight: float = 1.0) -> dict[str, float]:
     """Held-out ranking sums of the hybrid (``common/models/hybrid.DEFAULT_WEIGHTS``; public
     weights fixed before the run): a release of institution data, answered only where the
     evaluation policy allows (simulations)."""
@@ -171,5 +177,6 @@ def hybrid_eval_sums(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray,
         return {}
     person = np.asarray(test_person)
     cand = np.concatenate([np.asarray(test_item)[:, None], np.asarray(negatives)[person]], axis=1)
-    scores = blend(DEFAULT_WEIGHTS, hybrid_components(folder, cfg, mf_score, counts, count_noise_var, person, cand))
+    scores = blend(DEFAULT_WEIGHTS, hybrid_components(folder, cfg, mf_score, counts, count_noise_var, person, cand,
+                                                      own_counts=own_counts, mean_weight=mean_weight))
     return ranking_sums(scores[:, 0], scores[:, 1:], k)

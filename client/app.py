@@ -317,7 +317,7 @@ def _hybrid_ranking_sums(msg: Message, cfg: RunConfig, inst: Institution, traine
     import torch
 
     from fedrec.client.adapter_round import hybrid_eval_sums
-    from fedrec.common.models.mf import score_items
+    from fedrec.common.models.mf import score_items, weighted_item_counts
 
     if "hybrid" not in msg.content.array_records:
         raise Refusal("data", "hybrid evaluation needs the released DP item counts from the server")
@@ -328,9 +328,13 @@ def _hybrid_ranking_sums(msg: Message, cfg: RunConfig, inst: Institution, traine
         with torch.no_grad():
             return score_items(trainer.item_side, trainer.user, torch.as_tensor(persons), torch.as_tensor(cands)).numpy()
 
+    # popularity for the institution's own people: its exact counts (never released; the same
+    # weighting as the released ones) pooled with the DP counts (common/models/hybrid.py)
+    own = weighted_item_counts(trainer.ratings, trainer.item_side.n_items).numpy().astype(np.float64)
+    rows = int(trainer.ratings.item.numel())
     d = inst.data
     return hybrid_eval_sums(folder, cfg, mf_score, counts, noise_var, d.test_person, d.test_item, inst.negatives,
-                            k=cfg.eval.k)
+                            k=cfg.eval.k, own_counts=own, mean_weight=float(own.sum()) / max(rows, 1))
 
 
 def _adapter_train(msg: Message, context: Context, cfg: RunConfig, inst: Institution, guard: ReleaseGuard,

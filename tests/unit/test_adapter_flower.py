@@ -232,3 +232,25 @@ def test_hybrid_evaluation_ranks_by_the_blend_not_by_mf(folder):
     hy = evaluate("hybrid", flat).content.metric_records["metrics"]
     assert hy["n_ranked"] == mf["n_ranked"] == 30
     assert hy["ndcg_sum"] > mf["ndcg_sum"] + 3, (hy["ndcg_sum"], mf["ndcg_sum"])
+
+
+def test_hybrid_popularity_pools_the_institutions_own_counts(folder):
+    """The Flower hybrid's popularity is the institution's own exact counts pooled with the
+    released DP counts (common/models/hybrid.pooled_popularity): with released counts of zero
+    and overwhelming declared noise, the popularity follows the institution's own counts (a
+    ranking different from the flat one exact zero counts give); with the DP counts alone both
+    would be flat and rank alike."""
+    node = {"data-dir": str(folder), "metrics-release": "simulation"}
+    arrays = {"item_bias": np.zeros(24, np.float32)}
+
+    def evaluate(noise_var: float) -> dict:
+        ctx = Context(run_id=9, node_id=7, node_config=node, state=RecordDict(),
+                      run_config=HYBRID.override(model="hybrid").to_flat())
+        content = RecordDict({"arrays": numpy_to_arrays(arrays), "config": ConfigRecord({"server-round": 1}),
+                              "hybrid": numpy_to_arrays({"counts": np.zeros(24, np.float32)}),
+                              "hybrid-config": ConfigRecord({"count-noise-var": noise_var})})
+        return client_app.evaluate(Message(content, dst_node_id=7, message_type="evaluate"), ctx).content.metric_records["metrics"]
+
+    exact, noisy = evaluate(0.0), evaluate(1e12)
+    assert exact["n_ranked"] == noisy["n_ranked"] == 30
+    assert noisy["ndcg_sum"] != pytest.approx(exact["ndcg_sum"], abs=1e-9), (noisy, exact)
