@@ -58,7 +58,8 @@ REMOVED_KNOBS = {
 def _knobs(flat: Mapping[str, object]) -> dict[str, object]:
     """``causal.<key>`` (analyst) and ``causal.expert.<key>`` (expert) -> ``{key: value}``;
     ConfigError naming the key and the fix for a removed knob, an expert knob written without
-    ``expert.`` and an unknown expert key. Other ``causal.*`` keys are not this config's."""
+    ``expert.``, an unknown expert key and an unknown analyst key (a mistyped knob is never
+    silently ignored)."""
     from fedrec.common.config import ConfigError
 
     d: dict[str, object] = {}
@@ -74,6 +75,9 @@ def _knobs(flat: Mapping[str, object]) -> dict[str, object]:
             raise ConfigError(f"{k}: unknown expert knob; fix: one of causal.expert.{{{', '.join(EXPERT_KNOBS)}}}")
         if not expert and key in EXPERT_KNOBS:
             raise ConfigError(f"{k}: an expert knob; fix: write causal.expert.{key} (docs/causal.md, Expert knobs)")
+        if not expert and key not in ANALYST_KNOBS:
+            raise ConfigError(f"{k}: unknown causal knob; fix: one of causal.{{{', '.join(ANALYST_KNOBS)}}} "
+                              "or causal.expert.<knob> (docs/causal.md)")
         d[key] = v
     return d
 

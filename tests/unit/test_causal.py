@@ -153,6 +153,8 @@ def test_removed_and_expert_knobs_are_refused_in_one_line_never_ignored() -> Non
         CausalConfig.from_flat({"causal.psi-noise-ratio": 0.3})
     with pytest.raises(ConfigError, match=r"^causal.expert.psi-noise-ratoi: unknown expert knob"):
         CausalConfig.from_flat({"causal.expert.psi-noise-ratoi": 0.3})
+    with pytest.raises(ConfigError, match=r"^causal.epsilonn: unknown causal knob; fix: one of causal.\{estimator"):
+        CausalConfig.from_flat({"causal.epsilonn": 2.0})  # a mistyped analyst knob is never silently ignored
     # the analyst's table is short; every other key is expert, and both round-trip
     flat = CausalConfig().to_flat()
     assert {k for k in flat if not k.startswith("causal.expert.")} == {f"causal.{k}" for k in ANALYST_KNOBS}
