@@ -369,24 +369,18 @@ def main(argv=None) -> int:
     if a.one is not None:
         one(a.one, a.out)
         return 0
-    if a.node_cost:
-        counts = _institution_counts(a.node_cost, "--node-cost")
+    for flag, text, measure, clock in (
+            ("--node-cost", a.node_cost, node_cost, "time.process_time (this process's CPU)"),
+            ("--handler-cost", a.handler_cost, handler_cost, "time.perf_counter (wall: includes fsync waits)")):
+        if not text:
+            continue
+        counts = _institution_counts(text, flag)
         if counts is None:
             return 2
-        print(json.dumps({"meta": {"benchmark": "scale --node-cost", "commit": _commit(),
-                                   "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
-                                   "clock": "time.process_time (this process's CPU)", "load_avg": _load()},
-                          "rows": [node_cost(n) for n in counts]}, indent=1))
-        return 0
-    if a.handler_cost:
-        counts = _institution_counts(a.handler_cost, "--handler-cost")
-        if counts is None:
-            return 2
-        print(json.dumps({"meta": {"benchmark": "scale --handler-cost", "commit": _commit(),
-                                   "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]),
-                                   "clock": "time.perf_counter (wall: includes fsync waits)", "seed": 0,
-                                   "load_avg_before": _load()},
-                          "rows": [handler_cost(n) for n in counts], "load_avg_after": _load()}, indent=1))
+        meta = {"benchmark": f"scale {flag}", "commit": _commit(), "seed": 0, "clock": clock,
+                "command": "python benchmarks/scale.py " + " ".join(argv or sys.argv[1:]), "load_avg_before": _load()}
+        rows = [measure(n) for n in counts]
+        print(json.dumps({"meta": meta, "rows": rows, "load_avg_after": _load()}, indent=1))
         return 0
     sizes = [10, 30] if a.quick else _institution_counts(a.sizes, "--sizes")
     if sizes is None:

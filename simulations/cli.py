@@ -130,8 +130,9 @@ def causal_cmd(
              "n_min defaults to the institutions minus the dropouts secure aggregation tolerates)."),
     non_private: bool = typer.Option(False, "--non-private", help="Required with --epsilon inf: no differential "
                                      "privacy (simulations only; the ledgers record ε = ∞)."),
-    force: bool = typer.Option(False, "--force", help="Spend the budget even when the forecast CI (printed before "
-                               "anything is spent) says the run cannot answer."),
+    force: bool = typer.Option(False, "--force", help="Spend the run's budget even when the forecast CI (printed "
+                               "after a charged pilot of 5% of the budget, before the rest is spent) says the run "
+                               "cannot answer."),
     status_quo: str = typer.Option("none", "--status-quo", help="What recommendations must beat: none (no item) "
                                    "or current (what each person takes now)."),
     refute: Optional[list[str]] = typer.Option(
