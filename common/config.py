@@ -131,6 +131,11 @@ class SecAggConfig:
     #: neighbours per client in the SecAgg+ graph: -1 = automatic (an O(log n) degree, Bell et al.;
     #: the complete graph up to 20 clients), 0 = complete graph, k = k neighbours.
     neighbours: int = -1
+    #: seconds a round keeps waiting for the last institutions once enough have sent their input
+    #: for it to complete (all but the tolerated dropouts); the late ones count as dropped.
+    #: -1 = wait for every node until the stage's timeout, or until Flower declares a node
+    #: offline (a SuperNode that stopped heartbeating: 30-60 s in flwr 1.41).
+    straggler_grace: float = -1.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,9 @@ class RunConfig:
             raise ConfigError("sim.noise-seed must be >= 0, or -1 for fresh noise from the OS")
         if self.secagg.neighbours < -1:
             raise ConfigError("secagg.neighbours must be -1 (automatic), 0 (complete graph) or a number of neighbours")
+        if not (self.secagg.straggler_grace == -1 or self.secagg.straggler_grace >= 0):
+            raise ConfigError("secagg.straggler-grace must be -1 (wait for every node) or seconds >= 0 to wait "
+                              "for the last nodes once enough have answered")
         if not (0 <= self.secagg.max_dropout_fraction < 0.5):
             raise ConfigError("secagg.max-dropout-fraction must lie in [0, 0.5): unmasking needs a strict majority "
                               "of the share holders, and each node signs the tolerance into its keys")

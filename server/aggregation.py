@@ -31,6 +31,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from fedrec.server.exchange import send_and_receive
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -116,7 +118,13 @@ def reply_metrics(msg: Message) -> dict[str, float]:
 
 
 class PlainSum:
-    """Sum in the clear. The server sees each update: tests and benchmark peer only."""
+    """Sum in the clear. The server sees each update: tests and benchmark peer only.
+
+    ``straggler_grace``: seconds to keep waiting for the last nodes once ``min_contributors``
+    have answered (``secagg.straggler-grace``); None = wait for every node."""
+
+    def __init__(self, straggler_grace: float | None = None) -> None:
+        self.straggler_grace = straggler_grace
 
     def run_round(
         self,
@@ -133,7 +141,8 @@ class PlainSum:
             Message(content=content, dst_node_id=n, message_type=message_type)
             for n in node_ids
         ]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = list(send_and_receive(grid, messages, timeout=timeout, enough=min_contributors,
+                                       grace_s=self.straggler_grace))
         ok, refusals, failed = split_replies(replies)
         answered = set(ok) | set(refusals) | set(failed)
         dropped = sorted(set(failed) | set(refusals) | (set(node_ids) - answered))

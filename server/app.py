@@ -35,6 +35,7 @@ from fedrec.server.aggregation import (
     reply_metrics,
     split_replies,
 )
+from fedrec.server.exchange import send_and_receive
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,15 @@ __all__ = ["app", "make_sum_protocol", "wait_for_nodes"]
 app = ServerApp()
 
 
-def make_sum_protocol(cfg: RunConfig) -> SumProtocol:
-    """SecAgg+ unless the run explicitly turned it off (tests and benchmark peers only)."""
+def make_sum_protocol(cfg: RunConfig, **secagg_kwargs) -> SumProtocol:
+    """SecAgg+ unless the run explicitly turned it off (tests and benchmark peers only);
+    ``secagg_kwargs`` go to :meth:`SecAggPlusSum.from_config` (e.g. ``clip_range``)."""
     if not cfg.secagg.enabled:
         log.warning("secure aggregation is OFF: the server sees every institution's update")
-        return PlainSum()
+        return PlainSum(straggler_grace=None if cfg.secagg.straggler_grace < 0 else cfg.secagg.straggler_grace)
     from fedrec.server.secagg_workflow import SecAggPlusSum
 
-    return SecAggPlusSum.from_config(cfg)
+    return SecAggPlusSum.from_config(cfg, **secagg_kwargs)
 
 
 def wait_for_nodes(grid: Grid, n: int, *, timeout: float = 120.0) -> list[int]:
@@ -94,7 +96,7 @@ def agree_on_catalogue(grid: Grid, nodes: list[int]) -> Catalogue:
     """The public catalogue every institution must hold (same ids, order and metadata)."""
     msgs = [Message(RecordDict(), dst_node_id=n, message_type="query.catalogue") for n in nodes]
     # the simulation engine serves the nodes one after another: the wait grows with their number
-    replies = list(grid.send_and_receive(msgs, timeout=300 + 0.5 * len(nodes)))
+    replies = list(send_and_receive(grid, msgs, timeout=300 + 0.5 * len(nodes)))
     ok, _, failed = split_replies(replies)
     if failed or len(ok) < len(nodes):
         raise RoundFailed(f"catalogue query failed at nodes {sorted(set(nodes) - set(ok))}")
@@ -192,7 +194,7 @@ def evaluate_round(grid: Grid, nodes: list[int], arrays: dict[str, np.ndarray], 
         content["hybrid"] = numpy_to_arrays({"counts": np.asarray(steps.counts, np.float32)})
         content["hybrid-config"] = ConfigRecord({"count-noise-var": float(steps.count_noise_var)})
     msgs = [Message(content, dst_node_id=n, message_type="evaluate") for n in nodes]
-    ok, _, _ = split_replies(grid.send_and_receive(msgs, timeout=600))
+    ok, _, _ = split_replies(send_and_receive(grid, msgs, timeout=600))
     return finalize(add_sums(reply_metrics(m) for m in ok.values()))
 
 

@@ -61,6 +61,7 @@ from fedrec.common.causal.recommend import ate_verdict, effect_limit
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.gaussian import noise_std, summed_noise_var
 from fedrec.server.aggregation import RoundFailed, SumProtocol, numpy_to_arrays, split_replies
+from fedrec.server.exchange import send_and_receive
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,7 @@ def query_study(grid: Grid, nodes: list[int], cfg: CausalConfig, *, timeout: flo
     content = RecordDict({"config": ConfigRecord({"covariates": json.dumps(
         None if cfg.covariates is None else list(cfg.covariates))})})
     msgs = [Message(content, dst_node_id=n, message_type=MESSAGE_TYPES["study"]) for n in nodes]
-    ok, refusals, failed = split_replies(grid.send_and_receive(msgs, timeout=timeout))
+    ok, refusals, failed = split_replies(send_and_receive(grid, msgs, timeout=timeout))
     if refusals:
         node, code = next(iter(refusals.items()))
         raise RoundFailed(f"{len(refusals)} institution(s) refused the study query (node {node}: {code}); "
@@ -505,8 +506,7 @@ def main(grid: Grid, context: Context) -> None:
     from pathlib import Path
 
     from fedrec.common.config import RunConfig
-    from fedrec.server.aggregation import PlainSum
-    from fedrec.server.app import reported_failure, wait_for_nodes
+    from fedrec.server.app import make_sum_protocol, reported_failure, wait_for_nodes
 
     flat = dict(context.run_config)
     ccfg = CausalConfig.from_flat(flat)
@@ -514,12 +514,7 @@ def main(grid: Grid, context: Context) -> None:
     with reported_failure(cfg.data.results_dir):
         nodes = wait_for_nodes(grid, cfg.data.institutions)
         ccfg = ccfg.resolved(cfg.n_min)  # the same automatic n_min every client resolves
-        if cfg.secagg.enabled:
-            from fedrec.server.secagg_workflow import SecAggPlusSum
-
-            protocol: SumProtocol = SecAggPlusSum.from_config(cfg, clip_range=1.0)
-        else:
-            protocol = PlainSum()
+        protocol = make_sum_protocol(cfg, clip_range=1.0)
         result = estimate(grid, nodes, protocol, ccfg)
         if cfg.data.results_dir:
             out = Path(cfg.data.results_dir)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import numpy as np
@@ -43,6 +44,7 @@ from flwr.serverapp import Grid
 
 from fedrec.common.secagg import SecAggError, ServerSession
 from fedrec.server.aggregation import RoundFailed, RoundResult, reply_metrics
+from fedrec.server.exchange import send_and_receive
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class SecAggPlusSum:
     def __init__(self, *, clip_range: float, noise_std: float | None = None, neighbours: int | None = None,
                  noise_mode: str = "local", n_min: int = 0, rounds_per_setup: int = 16,
                  committee: int | None = None, spare_holders: int = 2, setup_timeout: float | None = None,
-                 max_dropout: float = 0.3):
+                 max_dropout: float = 0.3, straggler_grace: float | None = None):
         if noise_mode not in ("local", "distributed"):
             raise ValueError("noise_mode must be 'local' or 'distributed'")
         if rounds_per_setup < 1:
@@ -82,6 +84,9 @@ class SecAggPlusSum:
         if not 0 <= max_dropout < 0.5:
             raise ValueError("max_dropout must lie in [0, 0.5): unmasking needs a strict majority")
         self.max_dropout = float(max_dropout)
+        if straggler_grace is not None and not straggler_grace >= 0:
+            raise ValueError("straggler_grace must be seconds >= 0 (or None: wait for every node)")
+        self.straggler_grace = straggler_grace
         self.clip_range = float(clip_range)
         self.noise_std = noise_std
         self.neighbours = neighbours
@@ -115,6 +120,7 @@ class SecAggPlusSum:
         # -1 = automatic: ServerSession.create picks the O(log n) degree for the round's nodes
         kwargs.setdefault("neighbours", None if cfg.secagg.neighbours < 0 else cfg.secagg.neighbours)
         kwargs.setdefault("max_dropout", cfg.secagg.max_dropout_fraction)
+        kwargs.setdefault("straggler_grace", None if cfg.secagg.straggler_grace < 0 else cfg.secagg.straggler_grace)
         return cls(clip_range=clip_range, noise_std=noise_std, noise_mode=cfg.privacy.noise_mode,
                    n_min=cfg.n_min if cfg.privacy.noise_mode == "distributed" else 0, **kwargs)
 
@@ -143,7 +149,11 @@ class SecAggPlusSum:
         out[SECAGG_RECORD] = ConfigRecord(mrec)
         msgs = [Message(content=out, dst_node_id=n, message_type=message_type) for n in participants]
         t_mask = time.monotonic()
-        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        # with a straggler deadline: once all but the tolerated dropouts have sent their input (and
+        # at least what the round needs), the others get straggler_grace more seconds
+        enough = max(min_contributors, self.n_min if self.noise_mode == "distributed" else 0,
+                     len(participants) - math.floor(self.max_dropout * len(participants)))
+        replies = list(send_and_receive(grid, msgs, timeout=timeout, enough=enough, grace_s=self.straggler_grace))
         self.stats["mask_stage_s"] = time.monotonic() - t_mask
 
         masked: dict[int, np.ndarray] = {}
@@ -260,7 +270,7 @@ class SecAggPlusSum:
         crecs = sess.consistency_records(slot, survivors, holders=holders)
         cmsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
                  for n, r in crecs.items()]
-        for m in grid.send_and_receive(cmsgs, timeout=timeout):
+        for m in send_and_receive(grid, cmsgs, timeout=timeout):
             node = m.metadata.src_node_id
             srec = None if m.has_error() else m.content.config_records.get(SECAGG_RECORD)
             if srec is None or "sig" not in srec or int(srec.get("slot", -1)) != slot:
@@ -281,7 +291,7 @@ class SecAggPlusSum:
             urecs = sess.unmask_records(slot, survivors, dropped, holders=batch, signatures=signatures)
             umsgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n,
                              message_type=message_type) for n, r in urecs.items()]
-            for m in grid.send_and_receive(umsgs, timeout=timeout):
+            for m in send_and_receive(grid, umsgs, timeout=timeout):
                 node = m.metadata.src_node_id
                 if m.has_error():
                     log.warning("round %s: node %s failed in unmasking: %s", server_round, node, m.error.reason)
@@ -397,7 +407,7 @@ class SecAggPlusSum:
         msgs = [Message(RecordDict({SECAGG_RECORD: ConfigRecord(r)}), dst_node_id=n, message_type=message_type)
                 for n, r in recs.items()]
         ok = {}
-        for m in grid.send_and_receive(msgs, timeout=self.stage_timeout(len(msgs))):
+        for m in send_and_receive(grid, msgs, timeout=self.stage_timeout(len(msgs))):
             node = m.metadata.src_node_id
             if m.has_error():
                 log.warning("secagg %s: node %s failed: %s", what, node, m.error.reason)
