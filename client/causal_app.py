@@ -36,7 +36,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedrec.client.app import app, simulation_seed
 from fedrec.client.guard import Refusal, ReleaseRequest
 from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_record, private_errors
-from fedrec.client.statistics import design_columns, release, step_contributions
+from fedrec.client.statistics import design_columns, fold_subset, release, step_contributions
 from fedrec.common.causal.config import CausalConfig
 from fedrec.common.causal.sensitivity import release_sensitivity
 from fedrec.common.config import RunConfig
@@ -51,9 +51,17 @@ __all__ = ["app", "node_folder", "split_config"]
 
 
 def split_config(run_config) -> tuple[RunConfig, CausalConfig]:
-    """(RunConfig, CausalConfig) from a run config that also carries ``causal.*`` keys."""
+    """(RunConfig, CausalConfig) from a run config that also carries ``causal.*`` keys and,
+    in a strategy run (server/strategies.py), ``strategies.*`` keys: those are the server's
+    choices (what to evaluate; each release's message carries what the client computes), and
+    are parsed here too (:class:`~fedrec.common.causal.ope.StrategyRun`), so that a mistyped one
+    is an error at every node, never ignored. Any other unknown key: ConfigError (RunConfig)."""
+    from fedrec.common.causal.ope import StrategyRun
+
     flat = {k: v for k, v in dict(run_config).items()}
-    return (RunConfig.from_flat({k: v for k, v in flat.items() if not k.startswith("causal.")}),
+    StrategyRun.from_flat(flat)
+    return (RunConfig.from_flat({k: v for k, v in flat.items()
+                                 if not k.startswith("causal.") and not k.startswith("strategies.")}),
             CausalConfig.from_flat(flat))
 
 
@@ -75,6 +83,30 @@ _ROWS: dict = {}  # encoded rows per (institution, item), reused across the run'
 @lru_cache(maxsize=16)
 def _load(folder: str) -> InstitutionData:
     return load_institution(Path(folder))
+
+
+_FOLD_ROWS: dict = {}  # encoded rows of a fold's people, per (fold, salt)
+
+
+@lru_cache(maxsize=16)
+def _load_fold(folder: str, fold: int, salt: str) -> InstitutionData:
+    """The institution's people of one cross-fitting fold (client/statistics.fold_subset)."""
+    return fold_subset(_load(folder), salt, fold)
+
+
+def _step_fold(conf, ccfg: CausalConfig) -> tuple[int, str]:
+    """The fold of this causal run: the message's ``causal.expert.fold`` / ``fold-salt`` (the
+    server's config travels with every step and carries them in a fold run only: the strategy
+    app's fold runs share its run config), else the run config's. Public: which half of the
+    people a run uses; each fold run is charged like any run. Refused (before any charge) when
+    unusable."""
+    fold = int(conf["causal.expert.fold"]) if "causal.expert.fold" in conf else ccfg.fold
+    salt = str(conf["causal.expert.fold-salt"]) if "causal.expert.fold-salt" in conf else ccfg.fold_salt
+    try:
+        CausalConfig(fold=fold, fold_salt=salt)
+    except ValueError as err:
+        raise Refusal("policy", f"causal step: {err}") from None
+    return fold, salt
 
 
 def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
@@ -115,7 +147,9 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         if "arrays" in msg.content.array_records else {}
     # validation before any charge
     folder = node_folder(context, cfg)
-    data = _load(str(folder))
+    fold, salt = _step_fold(conf, ccfg)
+    data = _load(str(folder)) if fold < 0 else _load_fold(str(folder), fold, salt)
+    task = f"causal-{step}" if fold < 0 else f"causal-fold{fold}-{step}"  # a fold run's rows are its own
     p = len(design_columns(data, ccfg.covariates, ccfg.derived)) + 1
     known = set(data.items["item_id"].astype(str))
     missing = [i for i in items if i not in known]
@@ -130,11 +164,12 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     request = ReleaseRequest(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode, n_min=ccfg.n_min)
     charged = charge_statistics_release(msg, context, folder, data.name, sigma=sigma, sensitivity=sens,
                                         request=request, dp=ccfg.dp, accountant=ccfg.accountant,
-                                        server_round=server_round, task=f"causal-{step}")
+                                        server_round=server_round, task=task)
     guard, share, charge = charged.guard, charged.share, charged.charge
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
-                                covariates=ccfg.covariates, derived=ccfg.derived, cache=_ROWS)
-    seed = simulation_seed(context, cfg, data.name, f"causal-{step}", server_round)  # None: OS CSPRNG
+                                covariates=ccfg.covariates, derived=ccfg.derived,
+                                cache=_ROWS if fold < 0 else _FOLD_ROWS.setdefault((fold, salt), {}))
+    seed = simulation_seed(context, cfg, data.name, task, server_round)  # None: OS CSPRNG
     sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share,
                    generator=None if seed is None else np.random.default_rng(seed))
     eps_prv, eps_rdp = guard.spent(delta=ccfg.delta)

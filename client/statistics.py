@@ -55,6 +55,7 @@ __all__ = [
     "design_columns",
     "encode_item",
     "people_design",
+    "fold_subset",
     "raw_design",
     "whiten_rows",
     "covariate_moments_terms",
@@ -143,6 +144,24 @@ def people_design(data: InstitutionData, covariates: Sequence[str] | None = None
     norm <= sqrt(p))."""
     cov, cols = raw_design(data, covariates, derived)
     return design(scale_covariates(cov, [(lo, hi) for _, lo, hi in cols]))
+
+
+def fold_subset(data: InstitutionData, salt: str, fold: int, folds: int = 2) -> InstitutionData:
+    """The institution restricted to the people of one cross-fitting fold
+    (:func:`~fedrec.common.causal.ope.person_fold` of the person id and the public ``salt``) and
+    their interactions: same name (same ledger), fewer people. The one fold filter of the
+    Flower causal handler (client/causal_app.py, ``causal.expert.fold``) and of the in-process
+    cross-fitting (simulations/strategies.crossfit_runs), so both paths select the same people.
+    Idempotent: a fold's subset filtered again by the same fold is itself."""
+    from dataclasses import replace
+
+    from fedrec.common.causal.ope import person_fold
+
+    ids = data.people["person_id"].astype(str)
+    keep = set(ids[person_fold(ids.to_numpy(), salt, folds) == int(fold)])
+    return replace(data, people=data.people[ids.isin(keep)].reset_index(drop=True),
+                   interactions=data.interactions[data.interactions["person_id"].astype(str).isin(keep)]
+                   .reset_index(drop=True))
 
 
 def whiten_rows(rows: ItemRows, whitening: Whitening) -> ItemRows:

@@ -30,12 +30,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedrec.common.causal.ope import Layout, OPEConfig, OPEResult, evaluate_sums, release_bound, strategy_bounds
+from fedrec.common.causal.ope import (PAIR_TERMS, Layout, OPEConfig, OPEResult, evaluate_sums, release_bound,
+                                     strategy_bounds)
 from fedrec.common.privacy.gaussian import summed_noise_var
 
 __all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "crossfit_benefit_strategy",
            "random_strategy",
-           "logging_strategy", "scorer_strategy", "noise_multiplier", "effective_clip", "run_strategies"]
+           "logging_strategy", "scorer_strategy", "noise_multiplier", "effective_clip", "run_strategies",
+           "flower_specs", "read_run_config"]
 
 STEP = "strategies"
 MESSAGE_TYPE = "query.strategy_values"
@@ -198,26 +200,67 @@ def flower_send(grid, nodes: list[int], protocol, cfg: OPEConfig, *, min_contrib
     return send
 
 
+def flower_specs(run, result, fold_results: Sequence, salt: str) -> list[dict]:
+    """The strategy specs of a Flower strategy run, in ``run.names`` order
+    (:class:`~fedrec.common.causal.ope.StrategyRun`): ``benefit`` from the causal run's CATE
+    models, ``benefit-cf`` from the two fold runs' (``fold_results[k]``: the run on fold k's
+    people, ``causal.expert.fold = k`` with ``salt``), ``random``, ``logging``."""
+    better = result.config["study"]["better"]
+    out = []
+    for name in run.names:
+        if name == "benefit":
+            out.append(benefit_strategy(result.items, better))
+        elif name == "benefit-cf":
+            if len(fold_results) != 2:
+                raise ValueError("benefit-cf needs the two fold runs' results")
+            out.append(crossfit_benefit_strategy([r.items for r in fold_results], better, salt))
+        elif name == "random":
+            out.append(random_strategy())
+        elif name == "logging":
+            out.append(logging_strategy())
+        else:  # StrategyRun.from_flat admits FLOWER_STRATEGIES only
+            raise ValueError(f"strategy {name!r} is not available on Flower")
+    return out
+
+
+def read_run_config(flat: Mapping) -> tuple:
+    """``(RunConfig, CausalConfig, StrategyRun)`` of a strategy run's run config; ConfigError
+    (one line naming the key and the fix) for an unknown or unusable key, an unknown strategy
+    or estimator, and a ``causal.expert.fold`` (the app runs its own folds for ``benefit-cf``).
+    Called before anything is sent: nothing is released or charged for a bad config."""
+    from fedrec.common.causal.config import CausalConfig
+    from fedrec.common.causal.ope import StrategyRun
+    from fedrec.common.config import ConfigError, RunConfig
+
+    flat = dict(flat)
+    run = StrategyRun.from_flat(flat)
+    ccfg = CausalConfig.from_flat(flat)
+    if ccfg.fold >= 0:
+        raise ConfigError(f"causal.expert.fold {ccfg.fold}: the strategy app runs the whole study and, for "
+                          "benefit-cf, its own two fold runs; fix: delete causal.expert.fold and fold-salt "
+                          "(add benefit-cf to strategies.names for cross-fitting)")
+    cfg = RunConfig.from_flat({k: v for k, v in flat.items()
+                               if not k.startswith("causal.") and not k.startswith("strategies.")})
+    return cfg, ccfg, run
+
+
 def _main(grid, context) -> None:
-    """Causal run (server/causal.py) then one strategy release at the causal run's ε, δ and noise
-    mode (charged again, DR only: the default release): benefit ranking, random, the logging
-    policy. Not selectable here yet: the strategies and estimators (the clients' run config
-    accepts no ``strategies.*`` keys) and the cross-fitted ``benefit-cf`` (its fold-restricted
-    causal runs need a fold filter in the clients' causal handler); ``fedrec-sim
-    evaluate-strategies`` has both. Writes ``strategies.json`` beside
-    ``causal_raw.json`` in ``results-dir``."""
+    """Causal run (server/causal.py), for ``benefit-cf`` two more on the two halves of the
+    people (``causal.expert.fold`` 0 and 1; each charged at every institution like any causal
+    run), then one strategy release at the causal run's ε, δ and noise mode (charged again):
+    the strategies of ``strategies.names`` by the estimators of ``strategies.estimators``
+    (:class:`~fedrec.common.causal.ope.StrategyRun`). The run config is read before anything is
+    sent. Writes ``strategies.json`` beside ``causal_raw.json`` (and ``causal_raw_fold<k>.json``)
+    in ``results-dir``."""
+    from dataclasses import replace
     from pathlib import Path
 
-    from fedrec.common.causal.config import CausalConfig
     from fedrec.common.causal.scaling import half_range
-    from fedrec.common.config import RunConfig
     from fedrec.server.aggregation import PlainSum
     from fedrec.server.app import reported_failure, wait_for_nodes
     from fedrec.server.causal import estimate
 
-    flat = dict(context.run_config)
-    ccfg = CausalConfig.from_flat(flat)
-    cfg = RunConfig.from_flat({k: v for k, v in flat.items() if not k.startswith("causal.")})
+    cfg, ccfg, run = read_run_config(context.run_config)
     with reported_failure(cfg.data.results_dir):
         nodes = wait_for_nodes(grid, cfg.data.institutions)
         ccfg = ccfg.resolved(cfg.n_min)
@@ -228,11 +271,14 @@ def _main(grid, context) -> None:
         else:
             protocol = PlainSum()
         result = estimate(grid, nodes, protocol, ccfg)
+        salt = run.salt(cfg.data.seed) if run.crossfit else ""
+        folds = [estimate(grid, nodes, protocol, replace(ccfg, fold=k, fold_salt=salt)) for k in (0, 1)] \
+            if run.crossfit else []
         study = result.config["study"]
-        specs = [benefit_strategy(result.items, study["better"]), random_strategy(), logging_strategy()]
+        specs = flower_specs(run, result, folds, salt)
         # the strategy release asks for the causal run's ε, δ and noise mode again (its own charge)
         ocfg = OPEConfig(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode,
-                         n_min=ccfg.n_min or len(nodes))
+                         n_min=ccfg.n_min or len(nodes), estimators=run.estimators)
         nuis = nuisance_arrays(result)
         items = sorted(k[len("beta/"):] for k in nuis if k.startswith("beta/"))
         need = max(len(nodes) if ocfg.noise_mode == "local" else ocfg.n_min, 1)
@@ -241,12 +287,19 @@ def _main(grid, context) -> None:
                                     cfg=ocfg, scale=half_range(tuple(study["outcome_bounds"])),
                                     covariates=ccfg.covariates, derived=ccfg.derived)
         names = [s["name"] for s in specs]
-        report = {"values": res.to_json(), "release": facts,
-                  "differences": {f"{a}-{b}": res.difference(a, b).to_json() for a in names for b in names if a < b}}
+        # differences by DR, else the first released estimator with paired squares (none: no differences)
+        pair = next((t for t in ("dr", *PAIR_TERMS) if t in run.estimators), None)
+        report = {"values": res.to_json(), "release": facts, "strategies": names,
+                  "estimators": list(run.estimators), "causal_runs": 1 + len(folds),
+                  "crossfit": {"salt": salt, "folds": 2} if folds else None, "difference_estimator": pair,
+                  "differences": {f"{a}-{b}": res.difference(a, b, pair).to_json()
+                                  for a in names for b in names if a < b} if pair else {}}
         if cfg.data.results_dir:
             out = Path(cfg.data.results_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "causal_raw.json").write_text(json.dumps(result.to_json(), indent=2, default=float))
+            for k, r in enumerate(folds):
+                (out / f"causal_raw_fold{k}.json").write_text(json.dumps(r.to_json(), indent=2, default=float))
             (out / "strategies.json").write_text(json.dumps(report, indent=2, default=float))
 
 

@@ -116,6 +116,11 @@ def estimate_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfi
     ``secagg``: on SecAgg+'s quantisation grid, :func:`inprocess_send`)."""
     from fedrec.server.causal import run_protocol
 
+    if cfg.fold >= 0:  # a fold run (causal.expert.fold): that half's people, as the Flower client filters
+        from fedrec.client.statistics import fold_subset
+
+        institutions = [fold_subset(d, cfg.fold_salt, cfg.fold) for d in institutions]  # idempotent
+        cache = None  # rows cached for every person are not the fold's
     cfg = cfg.resolved(len(institutions))  # in-process: no dropouts
     info = study_info(institutions, cfg)
     items = list(cfg.items) or info.items

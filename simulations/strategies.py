@@ -185,14 +185,12 @@ def logging_value(institutions: Sequence[InstitutionData], truths: Sequence) -> 
 
 # --------------------------------------------------------------------------- one run, many runs
 def fold_subset(d: InstitutionData, salt: str, fold: int, folds: int = 2) -> InstitutionData:
-    """The institution restricted to the people of one cross-fitting fold
-    (:func:`~fedrec.common.causal.ope.person_fold`): same name (same ledger), fewer people."""
-    from fedrec.common.causal.ope import person_fold
+    """The institution restricted to the people of one cross-fitting fold: the client's own
+    filter (:func:`fedrec.client.statistics.fold_subset`), which the Flower causal handler
+    applies for ``causal.expert.fold``, so both paths select the same people."""
+    from fedrec.client.statistics import fold_subset as client_fold_subset
 
-    ids = d.people["person_id"].astype(str)
-    keep = ids[person_fold(ids.to_numpy(), salt, folds) == fold]
-    return replace(d, people=d.people[ids.isin(keep)].reset_index(drop=True),
-                   interactions=d.interactions[d.interactions["person_id"].astype(str).isin(keep)].reset_index(drop=True))
+    return client_fold_subset(d, salt, fold, folds)
 
 
 def crossfit_runs(institutions: Sequence[InstitutionData], ccfg, *, salt: str, folds: int = 2,
@@ -203,7 +201,12 @@ def crossfit_runs(institutions: Sequence[InstitutionData], ccfg, *, salt: str, f
     causal run's ε once more; an institution's ledger records each fold's run."""
     from fedrec.simulations.causal_cli import estimate_inprocess
 
-    return [estimate_inprocess([fold_subset(d, salt, k, folds) for d in institutions], ccfg, rng=rng).items
+    if folds != 2:
+        raise ValueError(f"cross-fitting uses two folds (causal.expert.fold is 0 or 1), got {folds}")
+    # the fold travels in the config too (as on Flower, where the clients filter by it); the
+    # people are filtered here, and the filter is idempotent
+    return [estimate_inprocess([fold_subset(d, salt, k, folds) for d in institutions],
+                               replace(ccfg, fold=k, fold_salt=str(salt)), rng=rng).items
             for k in range(folds)]
 
 

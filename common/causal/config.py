@@ -16,7 +16,7 @@ from fedrec.common.causal.derived import parse_derived
 from fedrec.common.causal.scaling import ESTIMATORS, TRIM
 
 __all__ = [
-    "NEWTON_STEPS_NO_DP", "ANALYST_KNOBS", "EXPERT_KNOBS", "REMOVED_KNOBS", "CausalConfig", "BudgetPlan",
+    "NEWTON_STEPS_NO_DP", "ANALYST_KNOBS", "EXPERT_KNOBS", "FOLD_KNOBS", "REMOVED_KNOBS", "CausalConfig", "BudgetPlan",
     "plan_budget",
 ]
 
@@ -45,6 +45,12 @@ EXPERT_KNOBS = (
     "gram-weight-min", "gram-floor-ratio", "whiten-radius", "whiten-mode", "whiten-weighted", "ridge", "floor-k",
     "newton-floor-k", "outcome-ridge-k", "trim-low", "trim-high", "n-min", "accountant",
 )
+#: a causal run restricted to one cross-fitting half of the people, run config
+#: ``causal.expert.fold`` / ``causal.expert.fold-salt``: set by the strategy app
+#: (server/strategies.py) for its fold runs, not an analyst's or a CLI's knob — the defaults'
+#: :meth:`CausalConfig.to_flat` leaves them out, so ``--set`` refuses them (the in-process
+#: pilot, pooled comparison and refutations of ``fedrec-sim causal`` would not apply a fold)
+FOLD_KNOBS = ("fold", "fold-salt")
 #: knobs that are gone, with why: a run config that still sets one is refused, never ignored
 REMOVED_KNOBS = {
     "share-jacobian": "the optional Jacobian release was removed (its DP noise swamped the signal at 2,500 "
@@ -71,7 +77,7 @@ def _knobs(flat: Mapping[str, object]) -> dict[str, object]:
         key = key[len("expert."):] if expert else key
         if key in REMOVED_KNOBS:
             raise ConfigError(f"{k}: {REMOVED_KNOBS[key]}; fix: delete the key")
-        if expert and key not in EXPERT_KNOBS:
+        if expert and key not in EXPERT_KNOBS and key not in FOLD_KNOBS:
             raise ConfigError(f"{k}: unknown expert knob; fix: one of causal.expert.{{{', '.join(EXPERT_KNOBS)}}}")
         if not expert and key in EXPERT_KNOBS:
             raise ConfigError(f"{k}: an expert knob; fix: write causal.expert.{key} (docs/causal.md, Expert knobs)")
@@ -202,6 +208,13 @@ class CausalConfig:
     n_min: int = 0
     accountant: str = "prv"
     alpha: float = 0.05
+    #: cross-fitting: -1 (default) uses every person; 0 or 1 restricts the run, at every
+    #: institution, to the people of that half (``person_fold(person_id, fold_salt)`` of
+    #: common/causal/ope.py; the client's filter is client/statistics.fold_subset). The salt is
+    #: public and required with a fold. A fold run is a causal run like any other: charged
+    #: at every institution (ledger task ``causal-fold<k>-<step>``)
+    fold: int = -1
+    fold_salt: str = ""
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -231,6 +244,11 @@ class CausalConfig:
             raise ValueError(f"influence_count_weight must be positive and finite, got {self.influence_count_weight}")
         if not (self.psi_noise_ratio >= 0 and math.isfinite(self.psi_noise_ratio)):
             raise ValueError(f"psi_noise_ratio must be >= 0 and finite (0: off), got {self.psi_noise_ratio}")
+        if self.fold not in (-1, 0, 1):
+            raise ValueError(f"fold must be -1 (every person), 0 or 1, got {self.fold}")
+        if (self.fold >= 0) != bool(self.fold_salt):
+            raise ValueError("fold and fold_salt go together: a fold (0 or 1) needs a non-empty fold_salt, and a "
+                             f"fold_salt needs a fold; got fold {self.fold}, fold_salt {self.fold_salt!r}")
         lo, hi = self.trim
         if not 0.0 < lo < hi < 1.0:
             raise ValueError(f"trim must be 0 < trim-low < trim-high < 1, got {self.trim}")
@@ -385,8 +403,10 @@ class CausalConfig:
             "causal.noise-mode": self.noise_mode, "causal.n-min": self.n_min,
             "causal.accountant": self.accountant, "causal.alpha": self.alpha,
         }
+        if self.fold >= 0:  # a fold run only (FOLD_KNOBS): the server's step messages carry it
+            flat.update({"causal.fold": int(self.fold), "causal.fold-salt": str(self.fold_salt)})
         # expert knobs travel as causal.expert.<key>: the analyst's table stays short
-        return {(f"causal.expert.{k[len('causal.'):]}" if k[len("causal."):] in EXPERT_KNOBS else k): v
+        return {(f"causal.expert.{k[len('causal.'):]}" if k[len("causal."):] in EXPERT_KNOBS + FOLD_KNOBS else k): v
                 for k, v in flat.items()}
 
     @classmethod
@@ -417,7 +437,7 @@ class CausalConfig:
                           ("gram-floor-ratio", "gram_floor_ratio")):
             if key in d:
                 kw[attr] = float(d[key])  # type: ignore[arg-type]
-        for key, attr in (("newton-steps", "newton_steps"), ("n-min", "n_min")):
+        for key, attr in (("newton-steps", "newton_steps"), ("n-min", "n_min"), ("fold", "fold")):
             if key in d:
                 kw[attr] = int(d[key])  # type: ignore[arg-type]
         if "items" in d:
@@ -447,7 +467,7 @@ class CausalConfig:
         if "trim-low" in d or "trim-high" in d:
             kw["trim"] = (float(d.get("trim-low", TRIM[0])), float(d.get("trim-high", TRIM[1])))  # type: ignore[arg-type]
         for key, attr in (("noise-mode", "noise_mode"), ("accountant", "accountant"), ("whiten-mode", "whiten_mode"),
-                          ("propensity-start", "propensity_start")):
+                          ("propensity-start", "propensity_start"), ("fold-salt", "fold_salt")):
             if key in d:
                 kw[attr] = str(d[key])
         return cls(**kw)

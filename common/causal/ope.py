@@ -53,15 +53,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import norm
 
 __all__ = ["COMPONENTS", "ESTIMATORS", "MAIN_ESTIMATOR", "DEFAULT_ESTIMATORS", "OPEConfig", "component_bounds", "person_components",
            "release_bound", "release_dim", "n_squares", "terms_of", "SQUARE_TERMS", "PAIR_TERMS",
            "TERM_WEIGHTS", "NEEDS", "Layout", "CLIP_FACTOR", "strategy_clip", "strategy_exposure_bound", "strategy_bounds",
            "estimator_coefficients", "normalized_release_rows",
-           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold"]
+           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold", "FLOWER_STRATEGIES", "StrategyRun",
+           "parse_estimators"]
 
 #: per-strategy components of a person's term (see module doc)
 COMPONENTS = ("a1", "w1", "a0", "w0", "p", "d", "g", "s")
@@ -127,14 +128,112 @@ class OPEConfig:
     def layout(self) -> "Layout":
         return Layout(tuple(self.estimators))
 
+    #: the release request's keys in a strategy message's config (:meth:`from_flat`)
+    REQUEST_KEYS = ("strategies.epsilon", "strategies.delta", "strategies.noise-mode", "strategies.n-min")
+
     @classmethod
     def from_flat(cls, flat: Mapping[str, object]) -> "OPEConfig":
-        """From ``strategies.*`` run-config keys (``epsilon`` <= 0 means inf; defaults otherwise):
-        the one parser the ServerApp and every ClientApp use."""
+        """From the release request's ``strategies.*`` keys of a strategy message
+        (:data:`REQUEST_KEYS`; ``epsilon`` <= 0 means inf; defaults otherwise): the one parser
+        the ServerApp and every ClientApp use. ValueError for any other ``strategies.*`` key
+        (a request the client would not honour is refused, never ignored)."""
+        unknown = sorted(k for k in flat if str(k).startswith("strategies.") and k not in cls.REQUEST_KEYS)
+        if unknown:
+            raise ValueError(f"unknown strategy release key(s) {unknown}; the request carries "
+                             f"{', '.join(cls.REQUEST_KEYS)}")
         eps = float(flat.get("strategies.epsilon", 1.0))  # type: ignore[arg-type]
         return cls(epsilon=eps if eps > 0 else math.inf, delta=float(flat.get("strategies.delta", 1e-5)),  # type: ignore[arg-type]
                    noise_mode=str(flat.get("strategies.noise-mode", "local")),
                    n_min=int(flat.get("strategies.n-min", 0)))  # type: ignore[arg-type]
+
+
+def parse_estimators(text: str, *, key: str = "--estimators") -> tuple[str, ...]:
+    """``dr`` | ``all`` | a comma list of :data:`ESTIMATORS` -> the tuple a release carries;
+    ValueError (one line naming ``key`` and the fix) for an unknown, repeated or empty choice."""
+    text = str(text).strip()
+    chosen = ESTIMATORS if text == "all" else tuple(e.strip() for e in text.split(",") if e.strip())
+    bad = [e for e in chosen if e not in ESTIMATORS]
+    if bad or not chosen or len(set(chosen)) != len(chosen):
+        what = f"unknown estimator(s) {bad}" if bad else ("no estimator" if not chosen else "an estimator repeated")
+        raise ValueError(f"{key} {text!r}: {what}; fix: dr (the default), all, or a comma list of "
+                         f"{', '.join(ESTIMATORS)}")
+    return chosen
+
+
+#: the strategies the Flower strategy app (server/strategies.py) can evaluate: each needs only
+#: what that app's own causal runs release (``engagement`` needs a public engagement model and
+#: the ``scorer`` hooks a registered local scorer, which a run config cannot carry)
+FLOWER_STRATEGIES = ("benefit", "benefit-cf", "random", "logging")
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    """The run-config keys ``strategies.*`` of the Flower strategy app (what to evaluate; the
+    release's ε, δ and noise mode are the causal run's):
+
+    * ``strategies.names`` — comma list of :data:`FLOWER_STRATEGIES` (default
+      ``benefit,random,logging``); ``benefit-cf`` adds two fold-restricted causal runs
+      (``causal.expert.fold`` 0 and 1 with the salt below), each charged at every institution;
+    * ``strategies.estimators`` — ``dr`` (default), ``all`` or a comma list (:func:`parse_estimators`);
+    * ``strategies.crossfit-salt`` — the public salt of the folds (``""``: ``crossfit-<seed>``
+      from the run's ``seed``, the convention of ``fedrec-sim evaluate-strategies``); set
+      without ``benefit-cf`` it is refused (it would change nothing).
+
+    Public choices of the coordinator; no data. Parsed by the ServerApp before anything is
+    sent and by every client (client/causal_app.split_config): an unknown key, strategy or
+    estimator is one line naming the key and the fix (ConfigError)."""
+
+    names: tuple[str, ...] = ("benefit", "random", "logging")
+    estimators: tuple[str, ...] = DEFAULT_ESTIMATORS
+    crossfit_salt: str = ""
+
+    KEYS = ("strategies.names", "strategies.estimators", "strategies.crossfit-salt")
+
+    @property
+    def crossfit(self) -> bool:
+        return "benefit-cf" in self.names
+
+    def salt(self, seed: int) -> str:
+        """The folds' public salt: the configured one, else ``crossfit-<seed>``."""
+        return self.crossfit_salt or f"crossfit-{int(seed)}"
+
+    def to_flat(self) -> dict[str, str]:
+        return {"strategies.names": ",".join(self.names), "strategies.estimators": ",".join(self.estimators),
+                "strategies.crossfit-salt": self.crossfit_salt}
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, object]) -> "StrategyRun":
+        from fedrec.common.config import ConfigError
+
+        mine = {k: v for k, v in flat.items() if str(k).startswith("strategies.")}
+        unknown = sorted(set(mine) - set(cls.KEYS))
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown strategy key; fix: one of {', '.join(cls.KEYS)} "
+                              "(docs/strategies.md, Transports)")
+        out = cls()
+        if "strategies.names" in mine:
+            text = str(mine["strategies.names"]).strip()
+            names = tuple(n.strip() for n in text.split(",") if n.strip())
+            bad = [n for n in names if n not in FLOWER_STRATEGIES]
+            if bad or not names or len(set(names)) != len(names):
+                why = (f"unknown strategy {bad[0]!r}" if bad else
+                       "no strategy" if not names else "a strategy repeated")
+                extra = (" (engagement needs a public engagement model: fedrec-sim evaluate-strategies has it)"
+                         if "engagement" in bad else "")
+                raise ConfigError(f"strategies.names {text!r}: {why}{extra}; fix: a comma list of "
+                                  f"{', '.join(FLOWER_STRATEGIES)}")
+            out = cls(names=names)
+        est = out.estimators
+        if "strategies.estimators" in mine:
+            try:
+                est = parse_estimators(str(mine["strategies.estimators"]), key="strategies.estimators")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        salt = str(mine.get("strategies.crossfit-salt", "")).strip()
+        if salt and "benefit-cf" not in out.names:
+            raise ConfigError(f"strategies.crossfit-salt {salt!r}: set without benefit-cf in strategies.names, it "
+                              "would change nothing; fix: add benefit-cf to strategies.names or delete the key")
+        return cls(names=out.names, estimators=est, crossfit_salt=salt)
 
 
 def component_bounds(clip: float, exposures: float) -> np.ndarray:
@@ -344,7 +443,7 @@ class StrategyEstimate:
 
     @property
     def ci(self) -> tuple[float, float]:
-        z = float(norm.ppf(1 - self.alpha / 2))
+        z = NormalDist().inv_cdf(1 - self.alpha / 2)  # stdlib: no scipy.stats in a ClientApp's imports
         return self.value - z * self.se, self.value + z * self.se
 
     def to_json(self) -> dict:

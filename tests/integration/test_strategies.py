@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedrec.client.cli import app as client_cli
+from fedrec.common.causal.config import CausalConfig
 from fedrec.common.causal.ope import DEFAULT_ESTIMATORS, ESTIMATORS, Layout, OPEConfig, release_bound
 from fedrec.common.config import RunConfig
 from fedrec.common.privacy.ledger import PrivacyLedger
@@ -118,6 +119,54 @@ def test_bad_requests_are_refused_before_any_charge(folder, sigma, specs, epsilo
     assert len(_rows(folder)) == before
 
 
+def _causal_msg(folder: Path, conf: dict) -> Message:
+    _, _, items = _design(folder)
+    base = {"server-round": 1, "step": "moments", "items": json.dumps(items), "noise-multiplier": 20.0}
+    return Message(RecordDict({"config": ConfigRecord({**base, **conf})}), dst_node_id=7,
+                   message_type="query.causal_moments")
+
+
+def test_the_causal_handler_restricts_a_fold_run_to_that_halfs_people_and_charges_it(folder, monkeypatch):
+    """``causal.expert.fold`` / ``fold-salt`` in a causal step's message: the handler computes on
+    the people whose salted SHA-256 (written out here, independently of person_fold) puts them
+    in that half, and charges the release as the fold run's own ledger row
+    (``causal-fold<k>-<step>``); an unusable fold is refused before any charge."""
+    import hashlib
+
+    from fedrec.client import causal_app
+    from fedrec.common.datasets import load_institution
+
+    seen = []
+    real = causal_app.step_contributions
+    monkeypatch.setattr(causal_app, "step_contributions",
+                        lambda kind, data, *a, **kw: seen.append(data) or real(kind, data, *a, **kw))
+    ctx = Context(run_id=33, node_id=7, node_config={"data-dir": str(folder)}, state=RecordDict(),
+                  run_config={**RunConfig().to_flat(), **CausalConfig(epsilon=1.0).to_flat()})
+    people = load_institution(folder).people["person_id"].astype(str).tolist()
+    for fold in (0, 1):
+        reply = causal_app.causal_moments(_causal_msg(folder, {"causal.expert.fold": fold,
+                                                               "causal.expert.fold-salt": "s-1"}), ctx)
+        assert _refusal(reply) is None
+        want = {p for p in people
+                if int.from_bytes(hashlib.sha256(f"s-1\x1f{p}".encode()).digest()[:8], "big") % 2 == fold}
+        got = set(seen[-1].people["person_id"].astype(str))
+        assert got == want and 0 < len(want) < len(people)
+        assert set(seen[-1].interactions["person_id"].astype(str)) <= want
+        assert _rows_of(folder, 33)[-1].task == f"causal-fold{fold}-moments"
+    reply = causal_app.causal_moments(_causal_msg(folder, {}), ctx)  # no fold: every person
+    assert _refusal(reply) is None and len(seen[-1].people) == len(people)
+    assert _rows_of(folder, 33)[-1].task == "causal-moments"
+    before = len(_rows_of(folder, 33))
+    for bad in ({"causal.expert.fold": 2, "causal.expert.fold-salt": "s"}, {"causal.expert.fold": 0},
+                {"causal.expert.fold": -1, "causal.expert.fold-salt": "s"}):
+        assert _refusal(causal_app.causal_moments(_causal_msg(folder, bad), ctx)) == "policy", bad
+    assert len(_rows_of(folder, 33)) == before
+
+
+def _rows_of(folder: Path, run_id: int):
+    return list(PrivacyLedger(load_policy(folder / "privacy.toml").ledger).rows(run_id=str(run_id)))
+
+
 @pytest.fixture(scope="module")
 def education_run():
     """One in-process federation with several loggers: causal run + strategy release, ε = inf."""
@@ -185,19 +234,24 @@ def test_mediation_on_a_simulator_direct_plus_indirect_is_total_and_matches_stat
 
 @pytest.mark.slow
 def test_the_flower_path_gives_the_in_process_values(tmp_path):
-    """fedrec.server.strategies:app on Flower's simulation engine (causal run, then the strategy
-    release through client/strategy_app.py): at ε = inf the strategy values equal the in-process
-    path's on the same institutions, and every ledger has the release. Plain sums to keep the
-    suite's time: behind SecAgg+ (four stages a round) the same check passed by hand, 101 s."""
+    """fedrec.server.strategies:app on Flower's simulation engine behind SecAgg+: the causal
+    run, the two fold runs of ``benefit-cf`` (the clients filter their people by
+    ``causal.expert.fold``) and the strategy release with a non-default estimator list
+    (``dr,ips``). At ε = inf every value, SE and difference equals the in-process path's
+    (simulations/strategies.py: ``crossfit_runs`` filters the same people in numpy) to 1e-6, and
+    every institution's ledger has each fold run's releases as its own rows, as many as the
+    whole-study run's, and the strategy release."""
+    from fedrec.common.causal.ope import StrategyRun
     from fedrec.common.datasets import write_institution
-    from fedrec.server.strategies import benefit_strategy, logging_strategy, random_strategy
+    from fedrec.server.strategies import (benefit_strategy, crossfit_benefit_strategy, logging_strategy,
+                                          random_strategy)
     from fedrec.simulations.causal_cli import estimate_inprocess, resolve_config
     from fedrec.simulations.domains import domain_federation
     from fedrec.simulations.provision import provision_institutions
     from fedrec.simulations.run import launch_flower
-    from fedrec.simulations.strategies import evaluate_inprocess
+    from fedrec.simulations.strategies import crossfit_runs, evaluate_inprocess
 
-    insts, _ = domain_federation("health", institutions=3, people=900, seed=9, skew=0.3)
+    insts, _ = domain_federation("health", institutions=3, people=600, seed=9, skew=0.3)
     data = tmp_path / "data"
     for d in insts:
         write_institution(data / d.name, d)
@@ -207,26 +261,75 @@ def test_the_flower_path_gives_the_in_process_values(tmp_path):
                                         allow_non_private=True)
     cfg = RunConfig().override(**{"institutions": 3, "seed": 0, "data-dir": str(data.resolve()),
                                   "results-dir": str(out.resolve()), "sim.policy-dir": str(policy_dir),
-                                  "privacy.delta": ccfg.delta, "secagg.enabled": False})
-    flat = ccfg.to_flat()
+                                  "privacy.delta": ccfg.delta, "secagg.enabled": True})
+    run = StrategyRun.from_flat({"strategies.names": "benefit,benefit-cf,random,logging",
+                                 "strategies.estimators": "dr,ips", "strategies.crossfit-salt": "cf-9"})
+    flat = {**ccfg.to_flat(), **run.to_flat()}
     launch_flower({**cfg.to_flat(), **flat}, tmp_path / "work", num_supernodes=3,
                   server_app="fedrec.server.strategies:app", client_app="fedrec.client.strategy_app:app",
                   extra_config=flat, quiet=True)
+    assert not (out / "failure.json").exists(), (out / "failure.json").read_text()
     report = json.loads((out / "strategies.json").read_text())
+    better = insts[0].study.outcome_better
     causal = estimate_inprocess(insts, ccfg)
-    specs = [benefit_strategy(causal.items, insts[0].study.outcome_better), random_strategy(), logging_strategy()]
-    res, _ = evaluate_inprocess(insts, causal, specs, OPEConfig(epsilon=INF), covariates=ccfg.covariates,
-                                derived=ccfg.derived)
-    assert set(report["values"]["random"]) == {"dr"}  # the default release: DR only
-    for s in ("benefit", "random", "logging"):
-        for est in ("dr",):
-            want = res.estimate(s, est)
-            got = report["values"][s][est]
+    specs = [benefit_strategy(causal.items, better), crossfit_benefit_strategy(crossfit_runs(insts, ccfg, salt="cf-9"),
+                                                                               better, "cf-9"),
+             random_strategy(), logging_strategy()]
+    res, _ = evaluate_inprocess(insts, causal, specs, OPEConfig(epsilon=INF, estimators=("dr", "ips")),
+                                covariates=ccfg.covariates, derived=ccfg.derived)
+    assert report["strategies"] == ["benefit", "benefit-cf", "random", "logging"] and report["causal_runs"] == 3
+    assert all(set(v) == {"dr", "ips"} for v in report["values"].values())  # the asked estimators, no more
+    for s in report["strategies"]:
+        for est in ("dr", "ips"):
+            want, got = res.estimate(s, est), report["values"][s][est]
             assert got["value"] == pytest.approx(want.value, rel=1e-6, abs=1e-9), (s, est)
             assert got["se"] == pytest.approx(want.se, rel=1e-6), (s, est)
+    want = res.difference("benefit", "benefit-cf", "dr")
+    assert report["differences"]["benefit-benefit-cf"]["value"] == pytest.approx(want.value, rel=1e-6, abs=1e-9)
+    # cross-fitting changed the ranking (a different strategy), so the check above is not vacuous
+    assert abs(want.value) > 1e-6
     for d in insts:
-        rows = list(PrivacyLedger(out / "ledgers" / f"{d.name}.db").rows())
-        assert any(r.task == "strategy-values" for r in rows)
+        tasks = [r.task for r in PrivacyLedger(out / "ledgers" / f"{d.name}.db").rows()]
+        whole = [t for t in tasks if t.startswith("causal-") and not t.startswith("causal-fold")]
+        for k in (0, 1):
+            assert sorted(t.replace(f"causal-fold{k}-", "causal-") for t in tasks
+                          if t.startswith(f"causal-fold{k}-")) == sorted(whole), (d.name, k)
+        assert tasks.count("strategy-values") == 1
+
+
+def test_a_bad_strategy_run_config_is_one_line_before_anything_is_sent(tmp_path):
+    """An unknown strategy, estimator or ``strategies.*`` key is one line naming the key and the
+    fix at the ServerApp (before it touches the grid: none is given here) and at every client
+    (split_config), and no results folder or ledger is created."""
+    from fedrec.client.causal_app import split_config
+    from fedrec.common.config import ConfigError
+    from fedrec.server import strategies
+
+    base = {**RunConfig().override(**{"results-dir": str(tmp_path / "out")}).to_flat(),
+            **CausalConfig(epsilon=INF).to_flat()}
+    for bad, msg in ((("strategies.names", "benefit,oracle"), r"^strategies.names 'benefit,oracle': unknown "
+                                                                r"strategy 'oracle'; fix: a comma list of benefit"),
+                     (("strategies.estimators", "dr,ipz"), r"^strategies.estimators 'dr,ipz': unknown estimator"),
+                     (("strategies.estimator", "dr"), r"^strategies.estimator: unknown strategy key; fix:"),
+                     (("causal.expert.fold", 0), r"^causal.expert.fold 0: the strategy app runs"),
+                     (("strategies.crossfit-salt", "s"), r"^strategies.crossfit-salt 's': set without benefit-cf")):
+        flat = {**base, bad[0]: bad[1]}
+        if bad[0] == "causal.expert.fold":
+            flat["causal.expert.fold-salt"] = "s"
+        ctx = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=flat)
+        with pytest.raises(ConfigError, match=msg) as err:
+            strategies._main(None, ctx)
+        assert "\n" not in str(err.value)
+        if bad[0].startswith("strategies."):
+            with pytest.raises(ConfigError, match=msg):
+                split_config(flat)
+    assert not (tmp_path / "out").exists()
+    # the defaults parse, and a good list round-trips
+    from fedrec.common.causal.ope import StrategyRun
+
+    assert StrategyRun.from_flat(base) == StrategyRun()
+    good = StrategyRun(names=("benefit-cf", "random"), estimators=("ips", "dr"), crossfit_salt="x")
+    assert StrategyRun.from_flat(good.to_flat()) == good
 
 
 @pytest.mark.parametrize(("flag", "want"), [([], ("dr",)), (["--estimators", "all"], None),

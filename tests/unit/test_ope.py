@@ -185,6 +185,25 @@ def test_bad_configuration_is_one_clear_line(kwargs, expect):
         OPEConfig(**kwargs)
 
 
+def test_a_strategy_request_key_the_client_would_not_read_is_refused():
+    """OPEConfig.from_flat reads the release request's four keys; any other ``strategies.*``
+    key in a strategy message is refused (not ignored), and the estimator choice parses
+    ``dr`` / ``all`` / a comma list with one line naming the key for a bad one."""
+    from fedrec.common.causal.ope import parse_estimators
+
+    req = {"strategies.epsilon": -1.0, "strategies.delta": 1e-6, "strategies.noise-mode": "distributed",
+           "strategies.n-min": 3, "strategies": "[]", "clip": 8.0}  # non-prefixed keys are the release's own
+    cfg = OPEConfig.from_flat(req)
+    assert (cfg.epsilon, cfg.delta, cfg.noise_mode, cfg.n_min) == (math.inf, 1e-6, "distributed", 3)
+    with pytest.raises(ValueError, match=r"unknown strategy release key\(s\) \['strategies.clip'\]"):
+        OPEConfig.from_flat({**req, "strategies.clip": 4.0})
+    assert parse_estimators("dr") == ("dr",) and parse_estimators("all") == ESTIMATORS
+    assert parse_estimators(" ips, dr ") == ("ips", "dr")
+    for bad, why in (("dr,ipz", r"unknown estimator\(s\) \['ipz'\]"), ("", "no estimator"), ("dr,dr", "an estimator repeated")):
+        with pytest.raises(ValueError, match=f"^k {bad!r}: {why}; fix: dr"):
+            parse_estimators(bad, key="k")
+
+
 def test_client_contribution_from_public_nuisances_and_strategies():
     """client/ope_statistics.py on a small simulated federation: top-1 strategies expose one
     considered item each, random sums to 1, the logged propensity replaces the model."""
