@@ -7,7 +7,10 @@ mask / consistency / unmask per release), so the sleeps were about a fifth of a 
 Here the same public Grid calls (``push_messages`` / ``pull_messages``) are polled every
 ``DEPLOYMENT_POLL_S``: one small request to the SuperLink on the ServerApp's own connection,
 nothing on the nodes' side (each SuperNode keeps Flower's own 3 s idle poll). The simulation
-engine's in-memory grid already polls every 0.1 s: it is used as is.
+engine's in-memory grid polls every 0.1 s (its ``pull_interval``): its own ``send_and_receive``
+serves unless a straggler deadline is set (polling it faster did not shorten a 100-client SecAgg+
+round's stages: the engine's dispatch loop waits 0.1 s too). Any other grid (test doubles) is
+used through its own ``send_and_receive``.
 """
 
 from __future__ import annotations
@@ -20,15 +23,21 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-#: seconds between two reply pulls on the deployment engine's grid
+#: seconds between two reply pulls on the deployment engine's grid (an HTTP request each)
 DEPLOYMENT_POLL_S = 0.2
 
 
-def _polls_slowly(grid: Grid) -> bool:
-    # imported here: the simulation-only path never needs the HTTP grid's module
+def _poll_interval(grid: Grid) -> float | None:
+    """How often to pull this grid's replies; None: use the grid's own ``send_and_receive``."""
+    # imported here: flwr's grid modules are not needed to import this one
     from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-    return isinstance(grid, HttpGrid)
+    if isinstance(grid, HttpGrid):
+        return DEPLOYMENT_POLL_S
+    if isinstance(grid, InMemoryGrid):
+        return float(grid.pull_interval)
+    return None
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float | None,
@@ -38,12 +47,15 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float 
     ``DEPLOYMENT_POLL_S`` on the deployment engine.
 
     ``enough`` and ``grace_s`` (a straggler deadline, ``secagg.straggler-grace``): once ``enough``
-    replies without error have come, wait at most ``grace_s`` more seconds for the others."""
-    slow = _polls_slowly(grid)
+    replies without error have come, wait at most ``grace_s`` more seconds for the others (on
+    Flower's grids; a test double's own ``send_and_receive`` waits for every reply)."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    poll = _poll_interval(grid)
+    slow = isinstance(grid, HttpGrid)
     deadline = enough is not None and grace_s is not None
-    if not slow and not deadline:
+    if poll is None or not (slow or deadline):
         return list(grid.send_and_receive(messages, timeout=timeout))
-    poll = DEPLOYMENT_POLL_S if slow else float(getattr(grid, "pull_interval", 0.1))
     messages = list(messages)
     kind = messages[0].metadata.message_type if messages else "-"
     t0 = time.monotonic()
