@@ -35,9 +35,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedrec.client.app import app, simulation_seed
 from fedrec.client.guard import Refusal, ReleaseRequest
-from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_record, private_errors
+from fedrec.client.node import NOISE_RECORD, charge_statistics_release, node_guard, noise_record, private_errors
 from fedrec.client.statistics import design_columns, fold_subset, release, step_contributions
-from fedrec.common.causal.config import CausalConfig
+from fedrec.common.causal.config import CausalConfig, plan_budget
 from fedrec.common.causal.sensitivity import release_sensitivity
 from fedrec.common.config import RunConfig
 from fedrec.common.datasets import InstitutionData, load_institution
@@ -47,7 +47,7 @@ from fedrec.common.schema import STUDY_FILE
 
 log = logging.getLogger(__name__)
 
-__all__ = ["app", "node_folder", "split_config"]
+__all__ = ["app", "node_folder", "split_config", "causal_plan_events", "check_run_plan"]
 
 
 def split_config(run_config) -> tuple[RunConfig, CausalConfig]:
@@ -109,6 +109,55 @@ def _step_fold(conf, ccfg: CausalConfig) -> tuple[int, str]:
     return fold, salt
 
 
+_REFUTE_ROWS: dict = {}  # encoded rows of a refutation's transformed data, per (kind, seed)
+
+
+@lru_cache(maxsize=8)
+def _load_refute(folder: str, kind: str, seed: int) -> InstitutionData:
+    """The institution's data as refutation ``kind`` sees it (common/causal/refute.refute_data,
+    the function the in-process path runs too), transformed here, at the institution.
+
+    Privacy: the transform runs on this institution's rows only and only noised sums of the
+    result leave, each charged. Random common cause: a person's new covariate comes from the
+    public seed and their own id, cut to its declared public bounds, so the release's
+    per-person bound (computed from the declared bounds) is unchanged. Placebo: one person's
+    exposure moves into one other person's row per item, so a release can move by up to 3x the
+    causal run's bound: :func:`_step` charges it at that bound (refute.SENSITIVITY_FACTOR;
+    common/causal/refute.py, module doc)."""
+    from fedrec.common.causal.refute import refute_data
+
+    return refute_data(kind, _load(folder), seed)
+
+
+def _refute_design(ccfg: CausalConfig, kind: str) -> CausalConfig:
+    """The nuisance design of a refutation run: random common cause adds its covariate to an
+    explicit covariate list (as simulations/refute.py does); otherwise the run's own."""
+    from dataclasses import replace
+
+    from fedrec.common.causal.refute import RANDOM_COVARIATE
+
+    if kind == "random-common-cause" and ccfg.covariates is not None and RANDOM_COVARIATE not in ccfg.covariates:
+        return replace(ccfg, covariates=tuple(ccfg.covariates) + (RANDOM_COVARIATE,))
+    return ccfg
+
+
+def _step_refute(conf, ccfg: CausalConfig) -> tuple[str, int]:
+    """The refutation this causal run is: the message's ``causal.expert.refute-kind`` /
+    ``refute-seed`` (the ServerApp's refutation runs share the main run's run config, so the
+    step messages carry them), else ("", 0): not a refutation run. Public. Refused (before any
+    charge) when unusable: an unknown kind, or a refutation combined with a fold."""
+    kind = str(conf["causal.expert.refute-kind"]) if "causal.expert.refute-kind" in conf else ccfg.refute_kind
+    seed = int(conf["causal.expert.refute-seed"]) if "causal.expert.refute-seed" in conf else ccfg.refute_seed
+    if not kind:
+        return "", 0
+    fold = int(conf["causal.expert.fold"]) if "causal.expert.fold" in conf else ccfg.fold
+    try:
+        CausalConfig(refute_kind=kind, refute_seed=seed, fold=fold, fold_salt="s" if fold >= 0 else "")
+    except ValueError as err:
+        raise Refusal("policy", f"causal step: {err}") from None
+    return kind, seed
+
+
 def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
     cols = design_columns(data, ccfg.covariates, ccfg.derived)
     st = data.study
@@ -119,15 +168,59 @@ def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
     return json.dumps(decl, sort_keys=True)
 
 
+def causal_plan_events(ccfg: CausalConfig) -> list:
+    """The releases one causal run of ``ccfg`` will charge, from the public run config alone:
+    one ``GaussianEvent(σ_step)`` per step of :func:`~fedrec.common.causal.config.plan_budget`
+    (the very plan the server runs). A charged step's event is ``GaussianEvent(σ_step,
+    sensitivity)`` (:func:`~fedrec.client.node.charge_statistics_release`): the noise scales with
+    the sensitivity, so its ε depends on σ alone and these events compose to the charged rows' ε.
+    The ``scale`` step runs only when no fixed ``psi_clip`` is set (server/causal.run_protocol).
+    Empty without DP (nothing is budgeted)."""
+    if not ccfg.dp:
+        return []
+    from fedrec.common.privacy.accountant import GaussianEvent
+
+    plan = plan_budget(ccfg)
+    # ``causal.refute``: the ServerApp runs one more causal run, the same plan, per refutation
+    return [GaussianEvent(noise_multiplier=s) for step, s in plan.sigma.items()
+            if s > 0 and not (step == "scale" and ccfg.psi_clip is not None)] * (1 + len(ccfg.refute))
+
+
+def check_run_plan(context: Context, folder: Path, institution: str, events: list, *, accountant: str) -> None:
+    """Refuse (:class:`Refusal` ``budget`` / ``policy``, nothing charged) a run whose whole plan
+    ``events`` would pass the institution's cap or its ``max-run-epsilon``: at the run's first
+    message, before its first charge, like MF's ``counts`` query. Once the run has charged rows
+    the plan was checked at its first message (the guard composes the run's rows with the
+    planned events: checking again would count the spent part twice); each charge is still
+    checked against both caps (client/guard.py). Public inputs only; touches no data."""
+    if not events:
+        return
+    guard = node_guard(context, folder, institution, accountant=accountant)
+    run_id = str(context.run_id)
+    if guard.ledger.rows(run_id=run_id):
+        return
+    guard.check_plan(events, run_id=run_id)
+
+
 @app.query("causal_study")
 @private_errors
 def causal_study(msg: Message, context: Context) -> Message:
     """Public declarations only (no data values): nothing to charge. A folder this node cannot
-    load is refused with the code ``data`` (the detail stays in the institution's log)."""
+    load is refused with the code ``data`` (the detail stays in the institution's log).
+
+    Before the run's first charge the whole run's plan (:func:`causal_plan_events`, from the
+    public run config) is checked against the institution's budget and per-run ceiling
+    (:func:`check_run_plan`): a run that cannot finish is refused here, with nothing spent."""
     cfg, ccfg = split_config(context.run_config)
-    data = _load(str(node_folder(context, cfg)))
+    folder = node_folder(context, cfg)
+    data = _load(str(folder))
+    check_run_plan(context, folder, data.name, causal_plan_events(ccfg), accountant=ccfg.accountant)
     cov = json.loads(str(msg.content["config"]["covariates"])) if "config" in msg.content.config_records else None
     ccfg = CausalConfig(**{**ccfg.__dict__, "covariates": None if cov is None else tuple(cov)})
+    if "config" in msg.content.config_records:  # a refutation run declares its transformed design
+        rkind, rseed = _step_refute(msg.content["config"], CausalConfig())
+        if rkind:
+            data = _load_refute(str(folder), rkind, rseed)
     decl = _declaration(data, ccfg)
     return Message(RecordDict({"study": ConfigRecord({"declaration": decl})}), reply_to=msg)
 
@@ -150,6 +243,10 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     fold, salt = _step_fold(conf, ccfg)
     data = _load(str(folder)) if fold < 0 else _load_fold(str(folder), fold, salt)
     task = f"causal-{step}" if fold < 0 else f"causal-fold{fold}-{step}"  # a fold run's rows are its own
+    rkind, rseed = _step_refute(conf, ccfg)
+    if rkind:  # a refutation run (server/causal.py main): this institution's own data, transformed here
+        data, task = _load_refute(str(folder), rkind, rseed), f"causal-refute-{rkind}-{step}"
+        ccfg = _refute_design(ccfg, rkind)
     p = len(design_columns(data, ccfg.covariates, ccfg.derived)) + 1
     known = set(data.items["item_id"].astype(str))
     missing = [i for i in items if i not in known]
@@ -159,6 +256,12 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         sens = release_sensitivity(kind, p, arrays, len(items), items)
     except ValueError as err:
         raise Refusal("policy", f"step {step}: {err}") from None
+    if rkind:  # a refutation's own per-person bound, f x the causal run's (placebo: 3; refute.py doc):
+        # charged as GaussianEvent(σ'/f, f·sens) — the planned ε, noise std σ'·sens, which is what
+        # the server planned with (common/causal/refute.refutation_plan)
+        from fedrec.common.causal.refute import SENSITIVITY_FACTOR
+
+        sigma, sens = sigma / SENSITIVITY_FACTOR[rkind], sens * SENSITIVITY_FACTOR[rkind]
     # σ usable, policy, σ vs the run's DP, then the charge of GaussianEvent(σ, sens): the release's
     # L2 sensitivity (public: declared bounds + the server's public choices)
     request = ReleaseRequest(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode, n_min=ccfg.n_min)
@@ -168,7 +271,8 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     guard, share, charge = charged.guard, charged.share, charged.charge
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
                                 covariates=ccfg.covariates, derived=ccfg.derived,
-                                cache=_ROWS if fold < 0 else _FOLD_ROWS.setdefault((fold, salt), {}))
+                                cache=_REFUTE_ROWS.setdefault((rkind, rseed), {}) if rkind
+                                else _ROWS if fold < 0 else _FOLD_ROWS.setdefault((fold, salt), {}))
     seed = simulation_seed(context, cfg, data.name, task, server_round)  # None: OS CSPRNG
     sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share,
                    generator=None if seed is None else np.random.default_rng(seed))

@@ -15,6 +15,12 @@ The message's config carries the release's request (``strategies.epsilon`` (<= 0
 by the institution's policy like any run config) and the public choices (strategies, items,
 design, clips).
 
+``query.strategy_plan`` — the strategy run's first message (server/strategies.py, before its
+causal run): the run's whole plan — one causal run, or three with ``benefit-cf``, and the
+strategy release — computed from the public run config and the message's ``strategies.*`` keys
+(:func:`strategy_plan_events`), checked against the institution's budget and per-run ceiling
+before anything is charged (client/causal_app.check_run_plan). Nothing is computed on data.
+
 client/app.py registers it with one line at its bottom::
 
     from fedrec.client import strategy_app as _strategy_app  # noqa: E402,F401  (registers strategy handler)
@@ -25,21 +31,75 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.client.app import app
-from fedrec.client.causal_app import _load, node_folder, split_config
+from fedrec.client.causal_app import _load, causal_plan_events, check_run_plan, node_folder, split_config
 from fedrec.client.guard import Refusal, ReleaseRequest
 from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_record, private_errors
 from fedrec.client.ope_statistics import check_strategies, ope_contribution
 from fedrec.client.statistics import design_columns, release
-from fedrec.common.causal.ope import DEFAULT_ESTIMATORS, Layout, OPEConfig, release_bound
+from fedrec.common.causal.config import CausalConfig
+from fedrec.common.causal.ope import DEFAULT_ESTIMATORS, Layout, OPEConfig, StrategyRun, release_bound
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.release import release_std
 
-__all__ = ["app", "strategy_values"]
+__all__ = ["app", "strategy_values", "strategy_plan", "strategy_plan_events", "release_noise_multiplier"]
 
 _ROWS: dict = {}
+_SIGMA: dict = {}
+
+
+def release_noise_multiplier(epsilon: float, delta: float, accountant: str = "prv") -> float:
+    """σ of the strategy release at the run's (ε, δ): the one Gaussian event calibrated to ε,
+    the server's rule (server/strategies.noise_multiplier, with the default OPEConfig
+    accountant the server's release uses); 0 when ε = inf."""
+    import math
+
+    if not math.isfinite(epsilon):
+        return 0.0
+    key = (float(epsilon), float(delta), accountant)
+    if key not in _SIGMA:
+        from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
+
+        _SIGMA[key] = calibrate_for_events(lambda s: [GaussianEvent(noise_multiplier=s)], target_epsilon=float(epsilon),
+                                           delta=float(delta), accountant=accountant)
+    return _SIGMA[key]
+
+
+def strategy_plan_events(ccfg: CausalConfig, run: StrategyRun) -> list:
+    """Every release a Flower strategy run (server/strategies.py ``_main``) charges, from public
+    choices only: the causal run's steps (:func:`~fedrec.client.causal_app.causal_plan_events`),
+    twice more with ``benefit-cf`` (the two fold runs: the same plan on half the people each,
+    charged as ``causal-fold<k>-<step>``), then the strategy release at the causal run's ε and δ
+    (:func:`release_noise_multiplier`). Empty without DP."""
+    from fedrec.common.privacy.accountant import GaussianEvent
+
+    if not ccfg.dp:
+        return []
+    causal = causal_plan_events(ccfg)
+    runs = 3 if run.crossfit else 1
+    return causal * runs + [GaussianEvent(noise_multiplier=release_noise_multiplier(ccfg.epsilon, ccfg.delta,
+                                                                                    OPEConfig().accountant))]
+
+
+@app.query("strategy_plan")
+@private_errors
+def strategy_plan(msg: Message, context: Context) -> Message:
+    """Check the whole strategy run's plan before its first charge (see module doc).
+
+    Privacy contract: releases nothing and charges nothing; a plan over the institution's
+    remaining budget or its ``max-run-epsilon`` is refused (``budget`` / ``policy``) before any
+    release of the run, so no budget is spent on a run that could not finish. The message's
+    ``strategies.*`` keys say how many causal runs the server will ask for; a server that
+    understates them gains nothing: each charge is still checked against both caps."""
+    cfg, ccfg = split_config(context.run_config)
+    conf = msg.content["config"]
+    run = StrategyRun.from_flat({k: conf[k] for k in conf.keys() if str(k).startswith("strategies.")})
+    folder = node_folder(context, cfg)
+    data = _load(str(folder))
+    check_run_plan(context, folder, data.name, strategy_plan_events(ccfg, run), accountant=ccfg.accountant)
+    return Message(RecordDict({"plan": ConfigRecord({"checked": 1})}), reply_to=msg)
 
 
 @app.query("strategy_values")

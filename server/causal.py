@@ -389,10 +389,22 @@ def query_study(grid: Grid, nodes: list[int], cfg: CausalConfig, *, timeout: flo
     """Ask every institution for its public study declaration; they must agree. Unknown
     covariates or items raise :class:`FedrecInputError` before any budget is spent."""
     content = RecordDict({"config": ConfigRecord({"covariates": json.dumps(
-        None if cfg.covariates is None else list(cfg.covariates))})})
+        None if cfg.covariates is None else list(cfg.covariates)),
+        **({"causal.expert.refute-kind": cfg.refute_kind, "causal.expert.refute-seed": int(cfg.refute_seed)}
+           if cfg.refute_kind else {})})})  # a refutation run: the clients declare its transformed design
     msgs = [Message(content, dst_node_id=n, message_type=MESSAGE_TYPES["study"]) for n in nodes]
     ok, refusals, failed = split_replies(send_and_receive(grid, msgs, timeout=timeout))
     if refusals:
+        codes = sorted(set(refusals.values()))
+        if set(codes) <= {"budget", "policy"}:  # client/causal_app.causal_study: the run's whole plan
+            raise RoundFailed(f"{len(refusals)} of {len(nodes)} institution(s) refused the causal run's privacy plan "
+                              f"before any charge (code {', '.join(codes)}): its steps at causal.epsilon = "
+                              f"{cfg.epsilon:g}" + (f", {1 + len(cfg.refute)} causal runs with the refutations"
+                                                     if cfg.refute else "")
+                              + " do not fit their remaining budget or max-run-epsilon (or their policy); "
+                              "fix: lower causal.epsilon" + (" or drop refutations" if cfg.refute else "")
+                              + " or have the institutions raise epsilon-cap / "
+                              "max-run-epsilon (nothing was spent; the detail is in each institution's log)")
         node, code = next(iter(refusals.items()))
         raise RoundFailed(f"{len(refusals)} institution(s) refused the study query (node {node}: {code}); "
                           "the reason is in that institution's log (e.g. run `fedrec-client check-data` there)")
@@ -489,7 +501,12 @@ def estimate(grid: Grid, nodes: list[int], protocol: SumProtocol, causal_cfg: Ca
     if causal_cfg.noise_mode == "distributed":
         need = max(need, causal_cfg.n_min)
     send = flower_send(grid, nodes, protocol, causal_cfg, study, min_contributors=need)
-    result = run_protocol(send, study, causal_cfg)
+    plan = None
+    if causal_cfg.refute_kind:  # a refutation's per-person bound is f x the run's: σ planned f x (refute.py)
+        from fedrec.common.causal.refute import refutation_plan
+
+        plan = refutation_plan(plan_budget(causal_cfg), causal_cfg.refute_kind)
+    result = run_protocol(send, study, causal_cfg, plan=plan)
     result.config["study"] = {"columns": [c[0] for c in study.columns], "outcome_bounds": list(study.outcome_bounds),
                               "better": study.better, "items": study.items}
     return result
@@ -516,7 +533,42 @@ def main(grid: Grid, context: Context) -> None:
         ccfg = ccfg.resolved(cfg.n_min)  # the same automatic n_min every client resolves
         protocol = make_sum_protocol(cfg, clip_range=1.0)
         result = estimate(grid, nodes, protocol, ccfg)
+        report = result.to_json()
+        if ccfg.refute:
+            report["refutations"] = refute(grid, nodes, protocol, ccfg, result, seed=cfg.data.seed)
+            report["epsilon_per_institution"] = {k: _num(v) for k, v in result.epsilon.items()}
         if cfg.data.results_dir:
             out = Path(cfg.data.results_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "causal_raw.json").write_text(json.dumps(result.to_json(), indent=2, default=float))
+            (out / "causal_raw.json").write_text(json.dumps(report, indent=2, default=float))
+
+
+def refute(grid: Grid, nodes: list[int], protocol: SumProtocol, ccfg: CausalConfig, result: CausalResult, *,
+           seed: int) -> dict:
+    """The refutations ``ccfg.refute`` (``causal.refute``) of a finished causal run ``result``:
+    one more causal run each, on the same Flower run and protocol (SecAgg+), whose step messages
+    carry ``causal.expert.refute-kind`` / ``refute-seed`` (``seed``: the run config's public
+    seed), so each institution transforms its own data (common/causal/refute.refute_data; the
+    propensity refit) and charges each release to its ledger (task
+    ``causal-refute-<kind>-<step>``). The verdict is :func:`~fedrec.common.causal.refute.verdict`,
+    as ``fedrec-sim causal --refute`` computes it. ``result.epsilon`` is updated to the
+    ledgers' totals after the refutations.
+
+    Privacy: each refutation costs the causal run's ε again at every institution (the clients
+    check the run's whole plan, refutations included, before its first charge:
+    client/causal_app.causal_plan_events). Only noised sums leave; the verdict is
+    post-processing."""
+    from dataclasses import replace
+
+    from fedrec.common.causal.refute import RANDOM_COVARIATE, SENSITIVITY_FACTOR, verdict
+
+    out: dict = {}
+    for kind in ccfg.refute:
+        rcfg = replace(ccfg, refute=(), refute_kind=kind, refute_seed=int(seed))
+        if kind == "random-common-cause" and ccfg.covariates is not None:
+            rcfg = replace(rcfg, covariates=tuple(ccfg.covariates) + (RANDOM_COVARIATE,))
+        res = estimate(grid, nodes, protocol, rcfg)
+        out[kind] = {**verdict(kind, result.items, res.items, alpha=ccfg.alpha), "seed": int(seed),
+                     "sensitivity_factor": SENSITIVITY_FACTOR[kind], "budget": res.to_json()["budget"]}
+        result.epsilon.update(res.epsilon)
+    return out

@@ -3,7 +3,7 @@
 Sub-commands: ``audit`` (privacy audit report of a run folder); deployment (docs/deploy.md):
 ``dev-certs`` (a test CA and server certificate), ``start`` (SuperLink on loopback with TLS, node
 authentication and a state database, behind a proxy that exposes only the Fleet API),
-``register`` (allow-list an institution's public key), ``run train|causal`` (a run on it).
+``register`` (allow-list an institution's public key), ``run train|causal|strategies`` (a run on it).
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def unregister_cmd(
 
 @app.command("run")
 def run_cmd(
-    kind: str = typer.Argument(..., help="train (federated MF training) or causal (causal estimation)."),
+    kind: str = typer.Argument(..., help="train (federated MF training), causal (causal estimation) or "
+                                "strategies (causal estimation, then strategy evaluation: docs/strategies.md)."),
     institutions: int = typer.Option(..., "--institutions", "-k", min=2, help="How many institutions take part "
                                      "(the run waits for that many connected SuperNodes)."),
     rounds: Optional[int] = typer.Option(None, "--rounds", "-r", min=1, help="Training rounds (train)."),
@@ -152,22 +153,41 @@ def run_cmd(
     results: Optional[Path] = typer.Option(None, "--results", help="Results folder (default: STATE/runs/KIND-TIME)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Give up after this many seconds."),
     state_dir: Path = typer.Option(Path("fedrec-coordinator"), "--state-dir", help=STATE_HELP),
+    refute: List[str] = typer.Option([], "--refute", help="causal: after the estimation, run this refutation "
+                                     "(placebo or random-common-cause; repeatable), each one more charged causal "
+                                     "run at every institution; the verdicts go into causal.json (docs/causal.md)."),
 ) -> None:
-    """Launch a training or causal run on the running federation and wait for it.
+    """Launch a training, causal or strategy-evaluation run on the running federation and wait for it.
 
     `flwr run` on an app folder generated under STATE/apps (the project's pyproject.toml is never
     touched), with the federation's connection in STATE/flwr-home. Prints where the results are
-    (metrics.json or causal.json); exit code 4 with the reason if the run failed."""
-    from fedrec.server.deploy import Coordinator, defaults, parse_settings, run
+    (metrics.json, causal.json or strategies.json); exit code 4 with the reason if the run failed
+    (e.g. an institution refused the run's whole privacy plan before any charge). A strategy
+    run's settings (strategies.names, strategies.estimators, ...) are checked before anything is
+    launched."""
+    from fedrec.server.deploy import RUN_KINDS, Coordinator, defaults, parse_settings, run
 
-    if kind not in ("train", "causal"):
-        raise FedrecInputError(f"run {kind!r}: unknown kind; fix: `fedrec-server run train` or `run causal`")
+    if kind not in RUN_KINDS:
+        raise FedrecInputError(f"run {kind!r}: unknown kind; fix: `fedrec-server run train`, `run causal` "
+                               "or `run strategies`")
     known = defaults(kind)
     chosen = parse_settings(list(settings), known)
     if rounds is not None:
         chosen["rounds"] = rounds
     if epsilon is not None:
-        chosen["causal.epsilon" if kind == "causal" and "causal.epsilon" in known else "privacy.epsilon"] = epsilon
+        chosen["causal.epsilon" if kind != "train" and "causal.epsilon" in known else "privacy.epsilon"] = epsilon
+    if refute or chosen.get("causal.refute"):  # checked here, before anything is launched
+        from fedrec.common.causal.config import CausalConfig
+        from fedrec.common.config import ConfigError
+
+        if kind != "causal":
+            raise FedrecInputError(f"--refute: refutations run after `run causal` only, not `run {kind}`; "
+                                   "fix: drop --refute or use `fedrec-server run causal`")
+        names = [n for n in str(chosen.get("causal.refute", "")).split(",") if n.strip()] + [str(r) for r in refute]
+        try:
+            chosen["causal.refute"] = ",".join(CausalConfig.from_flat({"causal.refute": ",".join(names)}).refute)
+        except ConfigError as err:
+            raise FedrecInputError(f"--refute: {err}") from None
     out, _ = run(Coordinator(state_dir), kind, institutions=institutions, settings=chosen, results=results,
                  timeout=timeout, echo=console.print)
     console.print(f"run finished: {out}", highlight=False)

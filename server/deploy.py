@@ -49,6 +49,10 @@ CERT_FILES = ("ca.crt", "server.crt", "server.key")
 
 TRAIN_APPS = ("fedrec.server.app:app", "fedrec.client.app:app")
 CAUSAL_APPS = ("fedrec.server.causal:app", "fedrec.client.app:app")
+STRATEGY_APPS = ("fedrec.server.strategies:app", "fedrec.client.app:app")
+#: what each kind of run is, and the JSON its ServerApp writes into the results folder
+RUN_KINDS = {"train": (TRAIN_APPS, "metrics.json"), "causal": (CAUSAL_APPS, "causal_raw.json"),
+             "strategies": (STRATEGY_APPS, "strategies.json")}
 
 
 def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -458,11 +462,32 @@ def defaults(kind: str) -> dict[str, Any]:
 
     base = dict(DEFAULTS)
     base["eval.metrics-release"] = "off"  # deployed institutions release no non-DP metrics
-    if kind == "causal":
+    if kind in ("causal", "strategies"):
         from fedrec.common.causal.config import CausalConfig
 
         base.update(CausalConfig().to_flat())
+    if kind == "causal":  # refutations after the estimation (server/causal.py; `run causal --refute`)
+        base["causal.refute"] = ""
+    if kind == "strategies":
+        from fedrec.common.causal.ope import StrategyRun
+
+        base.update(StrategyRun().to_flat())
     return base
+
+
+def check_run_settings(kind: str, config: dict[str, Any]) -> None:
+    """Refuse (FedrecInputError, one line naming the key and the fix) a strategy run's settings
+    the ServerApp would refuse (server/strategies.read_run_config: unknown strategy, estimator,
+    key, a ``causal.expert.fold``), before ``flwr run`` and before any folder is written."""
+    if kind != "strategies":
+        return
+    from fedrec.common.config import ConfigError
+    from fedrec.server.strategies import read_run_config
+
+    try:
+        read_run_config(config)
+    except (ConfigError, ValueError) as err:
+        raise FedrecInputError(" ".join(str(err).split())) from None
 
 
 def parse_settings(settings: list[str], known: dict[str, Any]) -> dict[str, Any]:
@@ -496,16 +521,17 @@ def parse_settings(settings: list[str], known: dict[str, Any]) -> dict[str, Any]
 def run(coord: Coordinator, kind: str, *, institutions: int, settings: dict[str, Any], results: Path | None,
         timeout: float, echo=print) -> tuple[Path, dict]:
     """Launch one run with ``flwr run`` and wait for it; returns (results folder, its JSON)."""
-    if kind not in ("train", "causal"):
-        raise FedrecInputError(f"run {kind!r}: unknown kind; fix: train or causal")
-    server_app, client_app = TRAIN_APPS if kind == "train" else CAUSAL_APPS
+    if kind not in RUN_KINDS:
+        raise FedrecInputError(f"run {kind!r}: unknown kind; fix: one of {', '.join(RUN_KINDS)}")
+    (server_app, client_app), made_name = RUN_KINDS[kind]
     config = defaults(kind)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     results = Path(results) if results else coord.runs / f"{kind}-{stamp}"
     if results.exists() and any(results.iterdir()):
         raise FedrecInputError(f"--results {results}: not empty; fix: choose a new folder")
-    results.mkdir(parents=True, exist_ok=True)
     overrides = {**settings, "institutions": int(institutions), "results-dir": str(results.resolve())}
+    check_run_settings(kind, {**config, **overrides})  # bad input: one line, nothing written
+    results.mkdir(parents=True, exist_ok=True)
     app_dir = write_app_dir(coord.apps / f"{kind}-{stamp}-{os.getpid()}", server_app=server_app,
                             client_app=client_app, config=config)
     override_file = app_dir / "run-config.toml"
@@ -518,9 +544,10 @@ def run(coord: Coordinator, kind: str, *, institutions: int, settings: dict[str,
     if failure.exists():
         reason = json.loads(failure.read_text()).get("reason", "?")
         raise RunFailed(f"the run failed: {reason} (log: {results / 'flwr-run.log'})")
-    # the ServerApp writes metrics.json (train) or causal_raw.json (causal: the coordinator has no
-    # institution data, so causal.json is the raw result plus the run's identity)
-    made = results / ("metrics.json" if kind == "train" else "causal_raw.json")
+    # the ServerApp writes metrics.json (train), causal_raw.json (causal: the coordinator has no
+    # institution data, so causal.json is the raw result plus the run's identity) or
+    # strategies.json (strategies: rewritten below with the run's identity)
+    made = results / made_name
     if res.returncode != 0 or not made.exists():
         raise RunFailed(f"`flwr run` ended with code {res.returncode} and no {made.name}: "
                         f"{_last_line(res.stdout + chr(10) + res.stderr)} (log: {results / 'flwr-run.log'})")
@@ -530,7 +557,7 @@ def run(coord: Coordinator, kind: str, *, institutions: int, settings: dict[str,
     if not (results / "config.json").exists():  # the run id every ledger row of this run carries (audit)
         _write_json(results / "config.json", {**config, **overrides, "run-id": run_id})
     report = {**json.loads(made.read_text()), "run-id": run_id}
-    _write_json(results / "causal.json", report)
+    _write_json(results / ("strategies.json" if kind == "strategies" else "causal.json"), report)
     return results, report
 
 

@@ -37,10 +37,12 @@ from fedrec.common.privacy.gaussian import summed_noise_var
 __all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "crossfit_benefit_strategy",
            "random_strategy",
            "logging_strategy", "scorer_strategy", "noise_multiplier", "effective_clip", "run_strategies",
-           "flower_specs", "read_run_config"]
+           "flower_specs", "read_run_config", "check_plan_at_nodes", "PLAN_MESSAGE_TYPE"]
 
 STEP = "strategies"
 MESSAGE_TYPE = "query.strategy_values"
+#: the run's first message: every institution checks the run's whole plan before any charge
+PLAN_MESSAGE_TYPE = "query.strategy_plan"
 
 Send = Callable[[str, dict[str, np.ndarray], dict], tuple[dict[str, np.ndarray], int, dict]]
 
@@ -223,6 +225,33 @@ def flower_specs(run, result, fold_results: Sequence, salt: str) -> list[dict]:
     return out
 
 
+def check_plan_at_nodes(grid, nodes: list[int], run, ccfg, *, timeout: float = 300.0) -> None:
+    """The run's first message (``query.strategy_plan``, client/strategy_app.py): each
+    institution computes the run's whole plan — the causal run, the two fold runs of
+    ``benefit-cf``, the strategy release — from the public run config and ``run``'s keys, and
+    checks it against its remaining budget and ``max-run-epsilon`` before anything is charged.
+    A refusal stops the run here with one line (RoundFailed: failure.json), nothing spent."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from fedrec.server.aggregation import RoundFailed, split_replies
+    from fedrec.server.exchange import send_and_receive
+
+    content = RecordDict({"config": ConfigRecord(dict(run.to_flat()))})
+    msgs = [Message(content, dst_node_id=n, message_type=PLAN_MESSAGE_TYPE) for n in nodes]
+    ok, refusals, failed = split_replies(send_and_receive(grid, msgs, timeout=timeout))
+    if refusals:
+        codes = sorted(set(refusals.values()))
+        runs = 3 if run.crossfit else 1
+        raise RoundFailed(
+            f"{len(refusals)} of {len(nodes)} institution(s) refused the strategy run's privacy plan before any "
+            f"charge (code {', '.join(codes)}): {runs} causal run(s) and the strategy release at causal.epsilon = "
+            f"{ccfg.epsilon:g} do not fit their remaining budget or max-run-epsilon; fix: lower causal.epsilon"
+            + (", drop benefit-cf from strategies.names (one causal run instead of three)" if run.crossfit else "")
+            + " or have the institutions raise epsilon-cap / max-run-epsilon (nothing was spent)")
+    if failed or len(ok) < len(nodes):
+        raise RoundFailed(f"strategy plan check failed at nodes {sorted(set(nodes) - set(ok))}")
+
+
 def read_run_config(flat: Mapping) -> tuple:
     """``(RunConfig, CausalConfig, StrategyRun)`` of a strategy run's run config; ConfigError
     (one line naming the key and the fix) for an unknown or unusable key, an unknown strategy
@@ -239,13 +268,17 @@ def read_run_config(flat: Mapping) -> tuple:
         raise ConfigError(f"causal.expert.fold {ccfg.fold}: the strategy app runs the whole study and, for "
                           "benefit-cf, its own two fold runs; fix: delete causal.expert.fold and fold-salt "
                           "(add benefit-cf to strategies.names for cross-fitting)")
+    if ccfg.refute:
+        raise ConfigError(f"causal.refute {','.join(ccfg.refute)}: the strategy app runs no refutations; fix: delete "
+                          "causal.refute here and run them with `fedrec-server run causal --refute ...`")
     cfg = RunConfig.from_flat({k: v for k, v in flat.items()
                                if not k.startswith("causal.") and not k.startswith("strategies.")})
     return cfg, ccfg, run
 
 
 def _main(grid, context) -> None:
-    """Causal run (server/causal.py), for ``benefit-cf`` two more on the two halves of the
+    """Every institution first checks the run's whole plan (:func:`check_plan_at_nodes`; a
+    refusal stops the run before any charge). Causal run (server/causal.py), for ``benefit-cf`` two more on the two halves of the
     people (``causal.expert.fold`` 0 and 1; each charged at every institution like any causal
     run), then one strategy release at the causal run's ε, δ and noise mode (charged again):
     the strategies of ``strategies.names`` by the estimators of ``strategies.estimators``
@@ -270,6 +303,7 @@ def _main(grid, context) -> None:
             protocol = SecAggPlusSum.from_config(cfg, clip_range=1.0)
         else:
             protocol = PlainSum()
+        check_plan_at_nodes(grid, nodes, run, ccfg)  # the whole run's plan, before its first charge
         result = estimate(grid, nodes, protocol, ccfg)
         salt = run.salt(cfg.data.seed) if run.crossfit else ""
         folds = [estimate(grid, nodes, protocol, replace(ccfg, fold=k, fold_salt=salt)) for k in (0, 1)] \

@@ -8,7 +8,9 @@ ledger, next to the causal run's.
 
 Privacy: a refutation is one more causal run on each institution's (transformed) data: it
 costs the causal run's ε again (the guard refuses it when the cap does not allow it; nothing is
-computed then). The transformation happens at the institution; only noised sums leave.
+computed then). The transformation happens at the institution; only noised sums leave. A
+placebo's per-person bound is 3x the causal run's (common/causal/refute.py): its releases are
+charged at that bound, with three times the noise (refutation_plan), exactly as over Flower.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ __all__ = ["guarded_send", "guarded_estimate", "refute_inprocess"]
 
 
 def guarded_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, items: Sequence[str],
-                 guards: Mapping[str, object], *, run_id: str, task: str, rng: np.random.Generator | None = None):
+                 guards: Mapping[str, object], *, run_id: str, task: str, rng: np.random.Generator | None = None,
+                 factor: float = 1.0):
     """A transport for :func:`fedrec.server.causal.run_protocol` that charges each institution's
-    guard before computing its release (``guards``: institution name -> ReleaseGuard)."""
+    guard before computing its release (``guards``: institution name -> ReleaseGuard).
+    ``factor``: the run's per-person bound in units of the causal run's (a refutation's,
+    common/causal/refute.SENSITIVITY_FACTOR): a step sent with σ' is charged as
+    ``GaussianEvent(σ' / factor, factor x bound)``, as the ClientApp does."""
     from fedrec.client.guard import ReleaseRequest
     from fedrec.client.statistics import design_columns, release, step_contributions
     from fedrec.common.causal.sensitivity import release_sensitivity
@@ -50,7 +56,8 @@ def guarded_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, ite
         for d in institutions:
             guard = guards[d.name]
             share = guard.authorize(request)
-            event = GaussianEvent(noise_multiplier=sigma, sensitivity=sens) if sigma > 0 else NonPrivateEvent()
+            event = GaussianEvent(noise_multiplier=sigma / factor, sensitivity=sens * factor) if sigma > 0 \
+                else NonPrivateEvent()
             charge = guard.charge(event, run_id=run_id, round=counter["round"], task=f"{task}-{step}", model="causal")
             blocks = step_contributions(kind, d, items, arrays, estimator=cfg.estimator, trim=cfg.trim,
                                         covariates=cfg.covariates, derived=cfg.derived, cache=cache)
@@ -64,15 +71,23 @@ def guarded_send(institutions: Sequence[InstitutionData], cfg: CausalConfig, ite
 
 
 def guarded_estimate(institutions: Sequence[InstitutionData], cfg: CausalConfig, guards: Mapping[str, object], *,
-                     run_id: str, task: str = "causal", rng: np.random.Generator | None = None):
-    """A causal run (server/causal.run_protocol) whose every release is charged to ``guards``."""
+                     run_id: str, task: str = "causal", rng: np.random.Generator | None = None, refute: str = ""):
+    """A causal run (server/causal.run_protocol) whose every release is charged to ``guards``;
+    ``refute``: the refutation this run is ("" none), whose bound factor the plan and the charges
+    carry (common/causal/refute.refutation_plan), as over Flower."""
+    from fedrec.common.causal.config import plan_budget
+    from fedrec.common.causal.refute import SENSITIVITY_FACTOR, refutation_plan
+
     from fedrec.server.causal import run_protocol
     from fedrec.simulations.causal_cli import study_info
 
     cfg = cfg.resolved(len(institutions))
     info = study_info(institutions, cfg)
     items = list(cfg.items) or info.items
-    return run_protocol(guarded_send(institutions, cfg, items, guards, run_id=run_id, task=task, rng=rng), info, cfg)
+    factor = SENSITIVITY_FACTOR[refute] if refute else 1.0
+    plan = refutation_plan(plan_budget(cfg), refute) if refute else None
+    return run_protocol(guarded_send(institutions, cfg, items, guards, run_id=run_id, task=task, rng=rng,
+                                     factor=factor), info, cfg, plan=plan)
 
 
 def refute_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig, kind: str, *, seed: int,
@@ -89,7 +104,8 @@ def refute_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig,
     rcfg = cfg
     if kind == "random-common-cause" and cfg.covariates is not None:
         rcfg = replace(cfg, covariates=tuple(cfg.covariates) + (RANDOM_COVARIATE,))
-    res = guarded_estimate(data, rcfg, guards, run_id=f"refute-{kind}-{seed}", task=f"refute-{kind}", rng=rng)
+    res = guarded_estimate(data, rcfg, guards, run_id=f"refute-{kind}-{seed}", task=f"refute-{kind}", rng=rng,
+                           refute=kind)
     out = verdict(kind, original, res.items, alpha=alpha)
     out["seed"] = seed
     out["epsilon_per_institution"] = {

@@ -16,8 +16,8 @@ from fedrec.common.causal.derived import parse_derived
 from fedrec.common.causal.scaling import ESTIMATORS, TRIM
 
 __all__ = [
-    "NEWTON_STEPS_NO_DP", "ANALYST_KNOBS", "EXPERT_KNOBS", "FOLD_KNOBS", "REMOVED_KNOBS", "CausalConfig", "BudgetPlan",
-    "plan_budget",
+    "NEWTON_STEPS_NO_DP", "ANALYST_KNOBS", "EXPERT_KNOBS", "FOLD_KNOBS", "REFUTE_KNOBS", "RUN_KNOBS", "REMOVED_KNOBS",
+    "CausalConfig", "BudgetPlan", "plan_budget",
 ]
 
 
@@ -34,6 +34,11 @@ def _flat_auto(value: float | None) -> float:
 
 #: the analyst's knobs, run config ``causal.<key>``: what to estimate and at what privacy cost
 ANALYST_KNOBS = ("estimator", "epsilon", "delta", "items", "covariates", "derived", "noise-mode", "alpha")
+#: the analyst's choice of what the causal ServerApp runs **after** the estimation, run config
+#: ``causal.refute`` ("placebo,random-common-cause"; ``fedrec-server run causal --refute``): one
+#: more charged causal run per refutation (server/causal.refute). Not in the defaults'
+#: :meth:`CausalConfig.to_flat` (nothing runs after the estimation unless asked for)
+RUN_KNOBS = ("refute",)
 #: expert knobs, run config ``causal.expert.<key>``: budget split, clip and histogram rules,
 #: whitening, floors and weights. Their defaults are the measured ones (docs/causal.md, "Expert
 #: knobs"); change them to study a trade-off, never to tune on the data you report
@@ -51,6 +56,11 @@ EXPERT_KNOBS = (
 #: :meth:`CausalConfig.to_flat` leaves them out, so ``--set`` refuses them (the in-process
 #: pilot, pooled comparison and refutations of ``fedrec-sim causal`` would not apply a fold)
 FOLD_KNOBS = ("fold", "fold-salt")
+#: a refutation run (issue 32), run config ``causal.expert.refute-kind`` / ``refute-seed``: set
+#: by the causal ServerApp (server/causal.py ``main``) on the step messages of the extra causal
+#: run it makes per refutation the analyst asked for (``causal.refute``); like FOLD_KNOBS, never
+#: in the defaults' :meth:`CausalConfig.to_flat`, so ``--set`` refuses them
+REFUTE_KNOBS = ("refute-kind", "refute-seed")
 #: knobs that are gone, with why: a run config that still sets one is refused, never ignored
 REMOVED_KNOBS = {
     "share-jacobian": "the optional Jacobian release was removed (its DP noise swamped the signal at 2,500 "
@@ -77,11 +87,11 @@ def _knobs(flat: Mapping[str, object]) -> dict[str, object]:
         key = key[len("expert."):] if expert else key
         if key in REMOVED_KNOBS:
             raise ConfigError(f"{k}: {REMOVED_KNOBS[key]}; fix: delete the key")
-        if expert and key not in EXPERT_KNOBS and key not in FOLD_KNOBS:
+        if expert and key not in EXPERT_KNOBS and key not in FOLD_KNOBS + REFUTE_KNOBS:
             raise ConfigError(f"{k}: unknown expert knob; fix: one of causal.expert.{{{', '.join(EXPERT_KNOBS)}}}")
         if not expert and key in EXPERT_KNOBS:
             raise ConfigError(f"{k}: an expert knob; fix: write causal.expert.{key} (docs/causal.md, Expert knobs)")
-        if not expert and key not in ANALYST_KNOBS:
+        if not expert and key not in ANALYST_KNOBS + RUN_KNOBS:
             raise ConfigError(f"{k}: unknown causal knob; fix: one of causal.{{{', '.join(ANALYST_KNOBS)}}} "
                               "or causal.expert.<knob> (docs/causal.md)")
         d[key] = v
@@ -215,6 +225,15 @@ class CausalConfig:
     #: at every institution (ledger task ``causal-fold<k>-<step>``)
     fold: int = -1
     fold_salt: str = ""
+    #: the refutations (common/causal/refute.REFUTATIONS) the causal ServerApp runs after the
+    #: estimation, each one more charged causal run (analyst key ``causal.refute``, a
+    #: comma-separated list; ``fedrec-server run causal --refute``)
+    refute: tuple[str, ...] = ()
+    #: this run IS refutation ``refute_kind`` ("" = not a refutation run): every institution
+    #: transforms its own data with ``refute_data(refute_kind, data, refute_seed)`` (public seed)
+    #: before each step (client/causal_app.py); ledger task ``causal-refute-<kind>-<step>``
+    refute_kind: str = ""
+    refute_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -249,6 +268,16 @@ class CausalConfig:
         if (self.fold >= 0) != bool(self.fold_salt):
             raise ValueError("fold and fold_salt go together: a fold (0 or 1) needs a non-empty fold_salt, and a "
                              f"fold_salt needs a fold; got fold {self.fold}, fold_salt {self.fold_salt!r}")
+        if self.refute or self.refute_kind:
+            from fedrec.common.causal.refute import REFUTATIONS
+
+            for k in self.refute + ((self.refute_kind,) if self.refute_kind else ()):
+                if k not in REFUTATIONS:
+                    raise ValueError(f"refutation {k!r}: unknown; use {' and/or '.join(REFUTATIONS)}")
+            if len(set(self.refute)) != len(self.refute):
+                raise ValueError(f"refutations {list(self.refute)}: one is named twice; name each once")
+            if self.refute_kind and (self.refute or self.fold >= 0):
+                raise ValueError("a refutation run (refute_kind) runs no further refutations and no fold")
         lo, hi = self.trim
         if not 0.0 < lo < hi < 1.0:
             raise ValueError(f"trim must be 0 < trim-low < trim-high < 1, got {self.trim}")
@@ -405,8 +434,13 @@ class CausalConfig:
         }
         if self.fold >= 0:  # a fold run only (FOLD_KNOBS): the server's step messages carry it
             flat.update({"causal.fold": int(self.fold), "causal.fold-salt": str(self.fold_salt)})
+        if self.refute:  # only when asked for: the defaults' keys stay as they were
+            flat["causal.refute"] = ",".join(self.refute)
+        if self.refute_kind:  # a refutation run only (REFUTE_KNOBS): the server's step messages carry it
+            flat.update({"causal.refute-kind": self.refute_kind, "causal.refute-seed": int(self.refute_seed)})
         # expert knobs travel as causal.expert.<key>: the analyst's table stays short
-        return {(f"causal.expert.{k[len('causal.'):]}" if k[len("causal."):] in EXPERT_KNOBS + FOLD_KNOBS else k): v
+        return {(f"causal.expert.{k[len('causal.'):]}" if k[len("causal."):] in EXPERT_KNOBS + FOLD_KNOBS + REFUTE_KNOBS
+                 else k): v
                 for k, v in flat.items()}
 
     @classmethod
@@ -437,7 +471,8 @@ class CausalConfig:
                           ("gram-floor-ratio", "gram_floor_ratio")):
             if key in d:
                 kw[attr] = float(d[key])  # type: ignore[arg-type]
-        for key, attr in (("newton-steps", "newton_steps"), ("n-min", "n_min"), ("fold", "fold")):
+        for key, attr in (("newton-steps", "newton_steps"), ("n-min", "n_min"), ("fold", "fold"),
+                          ("refute-seed", "refute_seed")):
             if key in d:
                 kw[attr] = int(d[key])  # type: ignore[arg-type]
         if "items" in d:
@@ -467,9 +502,22 @@ class CausalConfig:
         if "trim-low" in d or "trim-high" in d:
             kw["trim"] = (float(d.get("trim-low", TRIM[0])), float(d.get("trim-high", TRIM[1])))  # type: ignore[arg-type]
         for key, attr in (("noise-mode", "noise_mode"), ("accountant", "accountant"), ("whiten-mode", "whiten_mode"),
-                          ("propensity-start", "propensity_start"), ("fold-salt", "fold_salt")):
+                          ("propensity-start", "propensity_start"), ("fold-salt", "fold_salt"),
+                          ("refute-kind", "refute_kind")):
             if key in d:
                 kw[attr] = str(d[key])
+        if "refute" in d:  # analyst: "placebo,random-common-cause" ("" = none); checked here, one line
+            from fedrec.common.causal.refute import REFUTATIONS
+            from fedrec.common.config import ConfigError
+
+            names = tuple(n.strip() for n in str(d["refute"]).split(",") if n.strip())
+            for n in names:
+                if n not in REFUTATIONS:
+                    raise ConfigError(f"causal.refute {n!r}: unknown refutation; fix: use "
+                                      f"{' and/or '.join(REFUTATIONS)}, comma-separated")
+            if len(set(names)) != len(names):
+                raise ConfigError(f"causal.refute {d['refute']!r}: a refutation named twice; fix: name each once")
+            kw["refute"] = names
         return cls(**kw)
 
 

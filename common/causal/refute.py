@@ -2,7 +2,7 @@
 the verdict.
 
 * **placebo treatment** — at each institution, each item's ``exposed`` column is replaced by a
-  seeded random permutation of itself (the institution's exposure rate per item is kept, its
+  seeded random cyclic shift of itself (the institution's exposure rate per item is kept, its
   link to each person is broken). The whole causal run is repeated on it, **the propensity
   refit** on the placebo (DoWhy's placebo refuter kept the original propensity,
   py-why/dowhy#1728, which makes its placebo estimate meaningless for weighting estimators), and
@@ -13,10 +13,27 @@ the verdict.
 * **random common cause** — a covariate drawn at random (N(0, 1) cut to its public bounds
   [-3, 3]) is added to the people and to the nuisance design; a valid estimator barely moves.
 
-Both are charged releases (a refutation is a causal run on institution data): the caller runs
-them through the guard like any causal run (simulations/refute.py). Everything here is either a
-transformation of one institution's own data (done at the institution) or post-processing of
-released estimates (no budget).
+Both transforms draw their randomness from a keyed hash of (public seed, institution, item,
+person id), never from row positions, so that adding or removing one person leaves every other
+person's draw as it was (add/remove-one-person neighbours, docs/privacy-accounting.md).
+
+Privacy — the per-person L2 sensitivity of a refutation's releases:
+
+* random common cause: **unchanged**. A person's row is a function of their own data and their
+  own keyed draw, and the new covariate is cut to its public bounds [-3, 3], which the study
+  declares (:func:`random_common_cause_data`): the release's bound is computed from the declared
+  bounds of the (one larger) design exactly as for any causal run.
+* placebo: one person's exposures now sit in **another** person's row — per item, the row that
+  follows theirs in the keyed order. Adding or removing one person changes their own row
+  (at most C, the causal run's per-person bound of the release) and, per item, the placebo
+  exposure of one other row (the follower's): that follower's item block moves by at most
+  twice its bound, and over the items' disjoint blocks by at most 2C — **3C in all**
+  (:data:`SENSITIVITY_FACTOR`). A placebo run is therefore charged as ``GaussianEvent(σ, 3C)``
+  (noise std 3σC: the planned ε at three times the noise), and the server plans its σ three
+  times larger (:func:`refutation_plan`) so that its noise bookkeeping (σ'C = 3σC) matches
+  what the clients add — over Flower (client/causal_app.py, server/causal.estimate) and in
+  process (simulations/refute.py) alike.
+
 """
 
 from __future__ import annotations
@@ -31,22 +48,43 @@ from scipy.stats import norm
 from fedrec.common.datasets import InstitutionData
 from fedrec.common.schema import Covariate
 
-__all__ = ["REFUTATIONS", "RANDOM_COVARIATE", "placebo_data", "random_common_cause_data", "refute_data", "verdict"]
+__all__ = ["REFUTATIONS", "RANDOM_COVARIATE", "SENSITIVITY_FACTOR", "placebo_data", "random_common_cause_data",
+           "refute_data", "refutation_plan", "verdict"]
 
 REFUTATIONS = ("placebo", "random-common-cause")
+#: per-person L2 sensitivity of a refutation run's release, in units of the causal run's bound
+#: for the same release (module doc): the random covariate's is the causal run's; the
+#: placebo's is 3x (one person's exposure moves into one other row per item)
+SENSITIVITY_FACTOR = {"placebo": 3.0, "random-common-cause": 1.0}
 #: the random common cause's column name and public bounds
 RANDOM_COVARIATE = "refute_random"
 RANDOM_BOUNDS = (-3.0, 3.0)
 
 
-def placebo_data(d: InstitutionData, rng: np.random.Generator) -> InstitutionData:
-    """``d`` with each item's ``exposed`` permuted among the institution's rows of that item
-    (seeded); engagement kept consistent with the contract (empty where not exposed, the
-    public lower bound where a placebo exposure has none); the logged propensity dropped."""
+def _keyed_uniform(seed: int, institution: str, item: str, people) -> np.ndarray:
+    """Uniforms in (0, 1), one per person id: BLAKE2b of (public seed, institution, item, id).
+    A person's draw depends on nothing but these (never on row positions or other people)."""
+    import hashlib
+
+    prefix = f"{int(seed)}|{institution}|{item}|".encode()
+    h = np.array([int.from_bytes(hashlib.blake2b(prefix + str(p).encode(), digest_size=8).digest(), "big")
+                  for p in people], dtype=np.float64)
+    return (h + 0.5) / 2.0**64
+
+
+def placebo_data(d: InstitutionData, seed: int) -> InstitutionData:
+    """``d`` with each item's ``exposed`` shifted cyclically, one step, among the institution's
+    rows of that item in the order of a keyed hash of the person id (:func:`_keyed_uniform`;
+    a uniformly random cycle: no row keeps its own exposure, the item's exposure rate is kept);
+    engagement kept consistent with the contract (empty where not exposed, the public lower
+    bound where a placebo exposure has none); the logged propensity dropped. Sensitivity: see
+    the module doc (one person's exposure moves into one other row per item)."""
     inter = d.interactions.copy()
     exposed = inter["exposed"].to_numpy().copy()
-    for _, idx in sorted(inter.groupby(inter["item_id"].astype(str)).indices.items()):
-        exposed[idx] = rng.permutation(exposed[idx])
+    pid = inter["person_id"].astype(str).to_numpy()
+    for item, idx in sorted(inter.groupby(inter["item_id"].astype(str)).indices.items()):
+        order = idx[np.argsort(_keyed_uniform(seed, d.name, f"placebo/{item}", pid[idx]), kind="stable")]
+        exposed[order] = exposed[np.roll(order, 1)]
     eng = inter["engagement"].to_numpy(np.float64)
     lo = float(d.study.engagement_bounds[0])
     inter["exposed"] = exposed
@@ -56,12 +94,14 @@ def placebo_data(d: InstitutionData, rng: np.random.Generator) -> InstitutionDat
     return replace(d, interactions=inter)
 
 
-def random_common_cause_data(d: InstitutionData, rng: np.random.Generator) -> InstitutionData:
-    """``d`` with a random covariate :data:`RANDOM_COVARIATE` (N(0, 1) cut to
-    :data:`RANDOM_BOUNDS`) declared in its study and added to ``[causal] covariates`` when the
-    study lists them."""
+def random_common_cause_data(d: InstitutionData, seed: int) -> InstitutionData:
+    """``d`` with a random covariate :data:`RANDOM_COVARIATE` (N(0, 1) from each person's keyed
+    uniform, cut to :data:`RANDOM_BOUNDS`, 4 decimals) declared in its study with those public
+    bounds and added to ``[causal] covariates`` when the study lists them. A person's value
+    depends on the public seed and their own id only: the per-person bound is unchanged."""
     lo, hi = RANDOM_BOUNDS
-    value = np.round(np.clip(rng.standard_normal(len(d.people)), lo, hi), 4)
+    u = _keyed_uniform(seed, d.name, "random-common-cause", d.people["person_id"].astype(str).to_numpy())
+    value = np.round(np.clip(norm.ppf(u), lo, hi), 4)
     people = d.people.assign(**{RANDOM_COVARIATE: value})
     st = d.study
     cov = Covariate(RANDOM_COVARIATE, "number", lo, hi, description="random common cause (refutation)")
@@ -72,16 +112,29 @@ def random_common_cause_data(d: InstitutionData, rng: np.random.Generator) -> In
 
 
 def refute_data(kind: str, d: InstitutionData, seed: int) -> InstitutionData:
-    """The refutation ``kind``'s data at institution ``d`` (seeded by ``seed`` and the
-    institution's name, so every institution draws differently and a rerun draws the same)."""
-    import zlib
-
-    rng = np.random.default_rng([int(seed), zlib.crc32(d.name.encode()), REFUTATIONS.index(kind)])
+    """The refutation ``kind``'s data at institution ``d``, done at the institution (client/
+    causal_app.py over Flower, simulations/refute.py in process: the same function, so both
+    agree). Seeded by the public ``seed``, the institution's name and each person's id, so every
+    institution draws differently, a rerun draws the same, and no draw depends on another person."""
     if kind == "placebo":
-        return placebo_data(d, rng)
+        return placebo_data(d, seed)
     if kind == "random-common-cause":
-        return random_common_cause_data(d, rng)
+        return random_common_cause_data(d, seed)
     raise ValueError(f"unknown refutation {kind!r}; use one of {', '.join(REFUTATIONS)}")
+
+
+def refutation_plan(plan, kind: str):
+    """The budget plan the server runs refutation ``kind`` with: ``plan`` (a
+    :class:`~fedrec.common.causal.config.BudgetPlan`) with every noise multiplier times
+    :data:`SENSITIVITY_FACTOR` ``[kind]``. The clients charge ``GaussianEvent(σ' / f, f C)``
+    for a message's σ' (the planned ε) and add noise of std ``σ' C``, which is the noise the
+    server's bookkeeping computes from σ' and the causal run's bound C. Post-processing of
+    public values; the plan's ``epsilon`` is the run's (its events are the charged ones, not
+    ``GaussianEvent(σ')``)."""
+    from dataclasses import replace as _replace
+
+    f = SENSITIVITY_FACTOR[kind]
+    return plan if f == 1.0 else _replace(plan, sigma={k: s * f for k, s in plan.sigma.items()})
 
 
 def verdict(kind: str, original: Mapping[str, Mapping], refuted: Mapping[str, Mapping], *,

@@ -102,3 +102,76 @@ def test_epsilon_inf_through_flower_with_secagg_equals_pooled_and_inprocess(tmp_
         assert row["se"] == pytest.approx(pooled["se"], rel=1e-6), it
         assert row["ate"] == pytest.approx(inproc[it]["ate"], rel=1e-6), it
         assert row["se"] == pytest.approx(inproc[it]["se"], rel=1e-6), it
+
+
+def test_refutations_over_flower_with_secagg_equal_the_inprocess_ones(tmp_path):
+    """Issue 32, deliverable 5 over Flower: ``causal.refute = "placebo,random-common-cause"``
+    makes the causal ServerApp run one more causal run per refutation through SecAgg+, whose
+    study query and step messages carry the refutation; each ClientApp transforms its own data
+    (common/causal/refute.refute_data; random common cause: one more declared covariate). At
+    ε = ∞ each per-item refuted estimate and SE equal the in-process refutation's
+    (simulations/refute.py, numpy sums of the same client functions, its own guards and ledgers)
+    to 1e-6 relative with the same seed, the verdicts agree, and every institution's ledger
+    holds each refutation's rows (task ``causal-refute-<kind>-<step>``) beside the causal run's."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fedrec.common.config import RunConfig
+    from fedrec.common.privacy.ledger import PrivacyLedger
+    from fedrec.simulations.causal_cli import resolve_config
+    from fedrec.simulations.provision import provision_institutions
+    from fedrec.simulations.refute import refute_after_causal
+    from fedrec.simulations.run import launch_flower
+
+    seed = 23
+    insts, _ = domain_federation("health", institutions=2, people=300, seed=5, skew=0.4)
+    data = tmp_path / "data"
+    for d in insts:
+        write_institution(data / d.name, d)
+    names = [d.name for d in insts]
+    out = tmp_path / "out"
+    policy_dir = provision_institutions(names, out, epsilon=math.inf, delta=1e-5, allow_non_private=True, runs=3)
+    ccfg, _ = resolve_config(insts, epsilon=math.inf)
+    kinds = ("placebo", "random-common-cause")
+    flat = replace(ccfg, refute=kinds).to_flat()
+    assert flat["causal.refute"] == "placebo,random-common-cause"
+    cfg = RunConfig().override(**{"institutions": len(insts), "seed": seed, "sim.noise-seed": seed,
+                                  "data-dir": str(data.resolve()), "results-dir": str(out.resolve()),
+                                  "sim.policy-dir": str(policy_dir), "privacy.delta": ccfg.delta,
+                                  "secagg.enabled": True})
+    work = Path(tempfile.mkdtemp(prefix="fedrec-refute-"))
+    try:
+        launch_flower({**cfg.to_flat(), **flat}, work, num_supernodes=len(insts), server_app="fedrec.server.causal:app",
+                      client_app="fedrec.client.causal_app:app", extra_config=flat, quiet=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert not (out / "failure.json").exists(), (out / "failure.json").read_text()
+    raw = json.loads((out / "causal_raw.json").read_text())
+    inproc = refute_after_causal(insts, ccfg, kinds, policy_dir=provision_institutions(
+        names, tmp_path / "inproc", epsilon=math.inf, delta=1e-5, allow_non_private=True, runs=2),
+        seed=seed, original=raw["items"])
+    assert set(raw["refutations"]) == set(kinds)
+    for kind in kinds:
+        flower = raw["refutations"][kind]
+        assert set(flower["items"]) == set(raw["items"]) == set(inproc[kind]["items"])
+        for it, row in flower["items"].items():
+            want = inproc[kind]["items"][it]
+            assert row["estimate"] == pytest.approx(want["estimate"], rel=1e-6, abs=1e-9), (kind, it)
+            assert row["se"] == pytest.approx(want["se"], rel=1e-6), (kind, it)
+        assert flower["flagged"] == inproc[kind]["flagged"]
+    # the placebo is a different run: its estimates are not the causal run's
+    assert max(abs(r["estimate"] - raw["items"][it]["ate"]) / raw["items"][it]["se"]
+               for it, r in raw["refutations"]["placebo"]["items"].items()) > 0.5
+    # the random common cause moved the estimates (a different design), if only a little
+    rcc = raw["refutations"]["random-common-cause"]["items"]
+    assert any(r["estimate"] != raw["items"][it]["ate"] for it, r in rcc.items())
+    for name in names:
+        rows = list(PrivacyLedger(out / "ledgers" / f"{name}.db").rows())
+        main = {r.task[len("causal-"):] for r in rows if r.task.startswith("causal-") and "refute" not in r.task}
+        assert main, name
+        for kind in kinds:
+            mine = [r.task[len(f"causal-refute-{kind}-"):] for r in rows if r.task.startswith(f"causal-refute-{kind}-")]
+            assert sorted(mine) == sorted(main), (name, kind, sorted({r.task for r in rows}))
+        assert all(r.status == "released" for r in rows)
