@@ -34,9 +34,10 @@ squares of the outcome scaled by its declared bounds (:func:`pilot_release`, sen
 added by secure aggregation. From the sums (:func:`pilot_shapes`) each item's stand-in takes its
 treated share and each arm's outcome mean and SD; the forecast and the refusal follow, before the
 main run's budget (the rest, :func:`pilot_plan`'s ``main_epsilon``) is spent. A refused run has
-spent the pilot only. Where the pilot's noise leaves a value imprecise (small federations,
-local noise, an outcome spread small against its declared range) the default stays, and the
-forecast is as far off as before (measured: docs/causal.md).
+spent the pilot only. Where the pilot's noise leaves a mean or a share imprecise the default
+stays; an arm's outcome SD whose own variance is imprecise takes the variance pooled over every
+item and arm, or where even that is imprecise an upper bound never above the default
+(:func:`pilot_shapes`; measured: docs/causal.md).
 """
 
 from __future__ import annotations
@@ -214,11 +215,23 @@ def pilot_shapes(sums: np.ndarray, items: Sequence[str], bounds: tuple[float, fl
     of a DP release: no further cost). ``noise_std``: the public std of the sum's noise per
     coordinate. A quantity the noise leaves too imprecise keeps the stand-in's default: the treated
     share (1/2) unless both arms count :data:`PILOT_MIN_ARM` and ``noise_std / n <= 0.05``; an arm's
-    mean (the midpoint) unless ``noise_std / n_arm <= 0.05``; its SD (``SPREAD`` x range) unless its
-    variance is positive and its noise (``noise_std / n_arm``, scaled units) at most half of it."""
+    mean (the midpoint) unless ``noise_std / n_arm <= 0.05``.
+
+    An arm's outcome SD (scaled units; :func:`_arm_sds`) is its own variance where the pilot's
+    noise's std is at most :data:`ARM_VAR_NOISE` of it (always at ε = ∞); otherwise the variance
+    pooled over every item and arm (one outcome: the items move its mean, not much its spread; the
+    pooled sum has about ``1 / sqrt(2 J)`` of one arm's relative noise) where its noise's std is at
+    most :data:`ARM_VAR_NOISE` of it, or at most :data:`POOLED_VAR_NOISE` of it but then never above
+    the default ``SPREAD`` x range (a variance taken because it looked resolved is one the noise
+    tends to have inflated: issue 29's education regression, where arms' own variances taken at
+    half their noise came out 2-3x the data's); otherwise an upper bound, the pooled variance plus
+    its noise's std, ``sqrt(max(var, 0) + noise)``, capped at the default (never above it). An
+    outcome spreading far less than its declared range (finance: SD 3% of it) so gets the smaller
+    SD its pilot allows."""
     lo, hi = float(bounds[0]), float(bounds[1])
     mid, half = (lo + hi) / 2.0, (hi - lo) / 2.0
     tau = float(noise_std)
+    sds = _arm_sds(np.asarray(sums, dtype=np.float64), tau, default=2.0 * SPREAD)
     out = {}
     for j, it in enumerate(items):
         s = np.asarray(sums[j], dtype=np.float64)
@@ -226,16 +239,46 @@ def pilot_shapes(sums: np.ndarray, items: Sequence[str], bounds: tuple[float, fl
         share = 0.5
         if min(n) >= PILOT_MIN_ARM and tau / (n[0] + n[1]) <= 0.05:
             share = float(np.clip(n[1] / (n[0] + n[1]), 0.05, 0.95))
-        mean, sd = [mid, mid], [SPREAD * (hi - lo)] * 2
+        mean = [mid, mid]
         for a in (0, 1):
-            if n[a] < PILOT_MIN_ARM or tau / n[a] > 0.05:
-                continue
-            m = float(np.clip(s[2 + a] / n[a], -1.0, 1.0))
-            var = s[4 + a] / n[a] - m * m
-            mean[a] = mid + half * m
-            if var > 0 and tau / n[a] <= 0.5 * var:
-                sd[a] = half * float(min(math.sqrt(var), 1.0))
-        out[it] = ItemShape(treated_share=share, mean=(mean[0], mean[1]), sd=(sd[0], sd[1]))
+            if n[a] >= PILOT_MIN_ARM and tau / n[a] <= 0.05:
+                mean[a] = mid + half * float(np.clip(s[2 + a] / n[a], -1.0, 1.0))
+        out[it] = ItemShape(treated_share=share, mean=(mean[0], mean[1]),
+                            sd=(half * float(sds[j, 0]), half * float(sds[j, 1])))
+    return out
+
+
+#: an arm keeps its own pilot variance where the pilot's noise on it is at most this fraction of it
+ARM_VAR_NOISE = 0.1
+#: the pooled variance is taken as it is where its noise's std is at most this fraction of it (else an
+#: upper bound)
+POOLED_VAR_NOISE = 1.0
+
+
+def _arm_sds(sums: np.ndarray, tau: float, *, default: float) -> np.ndarray:
+    """(items, 2) outcome SDs in scaled units ([-1, 1]) from the summed pilot (see :func:`pilot_shapes`).
+    Arms counting fewer than :data:`PILOT_MIN_ARM` take ``default``."""
+    n = sums[:, 0:2]
+    ok = n >= PILOT_MIN_ARM
+    safe = np.where(ok, n, 1.0)
+    m = np.clip(sums[:, 2:4] / safe, -1.0, 1.0)
+    ss = sums[:, 4:6] - m * sums[:, 2:4]  # the arm's sum of squared deviations, noisy
+    var = ss / safe
+    noise = tau * np.sqrt(1.0 + 4.0 * m * m) / safe  # std of var's noise (Σy², and Σy through m²)
+    out = np.full(n.shape, float(default))
+    if ok.any():
+        big_n = float(n[ok].sum())
+        pooled = float(ss[ok].sum()) / big_n
+        pooled_noise = tau * math.sqrt(float((1.0 + 4.0 * m[ok] ** 2).sum())) / big_n
+        if pooled > 0 and pooled_noise <= ARM_VAR_NOISE * pooled:  # resolved as an arm's own would be
+            fallback = min(math.sqrt(pooled), 1.0)
+        elif pooled > 0 and pooled_noise <= POOLED_VAR_NOISE * pooled:  # roughly: never above the default
+            fallback = min(math.sqrt(pooled), default)  # (chosen where the noise inflated it, it could be)
+        else:  # not resolved: an upper bound, never above the default
+            fallback = min(math.sqrt(max(pooled, 0.0) + pooled_noise), default)
+        own = ok & (var > 0) & (noise <= ARM_VAR_NOISE * var)
+        out = np.where(ok, fallback, out)
+        out = np.where(own, np.sqrt(np.clip(var, 0.0, 1.0)), out)
     return out
 
 
