@@ -86,22 +86,11 @@ def _secagg_sum(parts: list[dict[str, np.ndarray]], cfg: CausalConfig, step: str
                 items: Sequence[str], sigma: float) -> dict[str, np.ndarray]:
     """The sum SecAgg+ unmasks: each part quantised on the Flower run's grid, added mod 2^bits."""
     from fedrec.common.causal.sensitivity import release_sensitivity
-    from fedrec.common.secagg import ServerSession
-    from fedrec.common.secagg._quantize import quantize
-    from fedrec.server.causal import secagg_sizing
 
     keys = list(parts[0])
     sizes = [parts[0][k].size for k in keys]
-    size = sum(sizes)
     sens = release_sensitivity(step, p, arrays, len(items), items)
-    req = secagg_sizing(cfg, sens, sigma, len(parts))
-    q = ServerSession.quantization(clip_range=req["secagg.clip-range"], noise_std=req["secagg.noise-std"],
-                                   n_clients=len(parts), dim=size)
-    total = None
-    for part in parts:
-        y = quantize(np.concatenate([np.ravel(part[k]) for k in keys]), q)
-        total = y if total is None else total + y  # unsigned: wraps modulo 2^bits like the masks
-    flat, _ = ServerSession.dequantize(total, len(parts), q)
+    flat = _secagg_total([np.concatenate([np.ravel(part[k]) for k in keys]) for part in parts], cfg, sens, sigma)
     out, pos = {}, 0
     for k, n in zip(keys, sizes):
         out[k] = flat[pos:pos + n].reshape(parts[0][k].shape)
@@ -422,7 +411,7 @@ def _secagg_total(flats: list[np.ndarray], cfg: CausalConfig, sens: float, sigma
     total = None
     for f in flats:
         y = quantize(f, q)
-        total = y if total is None else total + y
+        total = y if total is None else total + y  # unsigned: wraps modulo 2^bits like the masks
     return ServerSession.dequantize(total, len(flats), q)[0]
 
 
