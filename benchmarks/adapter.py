@@ -15,6 +15,9 @@ noise; columns ``count_share``, ``noise_mode``), each with the popularity compon
 exact counts pooled with the DP release by inverse variance, ``hybrid.pooled_popularity``). Adapter rows also on the validation splits
 (``val_warm``/``val_cold``: training data only). ``--tune-lr`` trains only the adapter and prints
 validation rows; ``--no-adapter`` skips the adapter (the hybrid as the Flower app runs it).
+``--via-flower EPS`` also runs the **real Flower hybrid** (Ray, SecAgg+, ledgers, ``model = hybrid``)
+on this run's training split and scores the same warm and cold tasks with what it released (rows
+``via = flower``; :func:`flower_hybrid`).
 
 Protocol (seeded): 20% of the items with >= 5 ratings are **cold**: all their ratings are held
 out of training. Each cold rating is ranked against 99 cold items its person never rated (cold
@@ -52,7 +55,7 @@ from fedrec.client.train_adapter import AdapterTrainer, ItemBank, measure_throug
 from fedrec.common.config import RunConfig  # noqa: E402
 from fedrec.common.metrics import ranking_from_scores  # noqa: E402
 from fedrec.common.models.adapter import AdapterConfig, TextAdapter, default_device  # noqa: E402
-from fedrec.common.models.hybrid import blend, dp_popularity, fit_blend, pooled_popularity  # noqa: E402
+from fedrec.common.models.hybrid import DEFAULT_WEIGHTS, blend, dp_popularity, fit_blend, pooled_popularity  # noqa: E402
 from fedrec.common.models.mf import PersonRatings, preconditioner, score_items  # noqa: E402
 from fedrec.common.models.text_prior import (  # noqa: E402
     catalogue_texts,
@@ -278,6 +281,150 @@ def fit_task_blend(components: dict[str, np.ndarray], task: Task) -> dict[str, f
     return fit_blend({n: [v] for n, v in components.items()}, lambda s, _t: task.metrics(s)["ndcg10"])
 
 
+# ---------------------------------------------------------------------- the real Flower hybrid
+def flower_hybrid(*, work: Path, pid_of: np.ndarray, iid_of: np.ndarray, items_table, train_rows, test_rows,
+                  owner: np.ndarray, K: int, epsilon: float, seed: int, rounds: int, tasks: dict,
+                  n_items: int) -> tuple[list[dict], dict]:
+    """Run the real Flower hybrid (``simulations.run.run_simulation``: Ray, SecAgg+, the real
+    ledgers, ``model = hybrid``) on this run's split and score the benchmark's own tasks with
+    what it released.
+
+    The institution folders hold exactly the benchmark's training rows of each institution's
+    persons (``owner``) and, as their test rows, the benchmark's warm test rows. The server's
+    last evaluation round is captured in this process (the ServerApp runs in a thread here):
+    the global MF arrays and the released DP counts with their noise variance — what every
+    client's ``evaluate`` receives. Each institution is then rebuilt as its client builds itself
+    (``client.app._load`` / ``_trainer`` + ``refit``) and scores the benchmark's warm and cold
+    tasks with ``client/adapter_round.hybrid_components`` and ``DEFAULT_WEIGHTS`` (pooled
+    popularity, MF, text prior). As a check that this is the Flower client's scoring, the same
+    in-process path also recomputes the Flower run's own reported metric (its test rows against
+    its clients' own sampled negatives): row ``split = flower_eval``, ``ndcg10`` (reported) vs
+    ``recomputed_ndcg10`` must agree.
+    Returns (rows, meta)."""
+    import pandas as pd
+
+    import fedrec.server.app as server_app
+    from fedrec.client import app as client_app
+    from fedrec.client.adapter_round import hybrid_components, hybrid_eval_sums
+    from fedrec.common.metrics import add_sums, finalize, ranking_sums
+    from fedrec.common.models.mf import score_items, weighted_item_counts
+    from fedrec.common.ratings import CATALOGUE_FILE, TRAIN_FILE, read_ratings_file, write_institution_ratings
+    from fedrec.simulations.run import run_simulation
+
+    tp, ti, tr = train_rows
+    wp, wi, wr = test_rows
+    data = work / "data"
+    for k in range(K):
+        a, b = owner[tp] == k, owner[wp] == k
+        write_institution_ratings(data / f"institution_{k:02d}", person_ids=pid_of, item_ids=iid_of,
+                                  train=(tp[a], ti[a], tr[a]), test=(wp[b], wi[b], wr[b]), catalogue=items_table)
+    overrides = {"dataset": "movielens", "institutions": K, "rounds": rounds, "privacy.epsilon": epsilon,
+                 "seed": seed, "sim.noise-seed": seed, "model": "hybrid", "data-dir": str(data)}
+    cfg = RunConfig().override(**overrides)
+    if not cfg.secagg.enabled:
+        raise RuntimeError("the Flower hybrid must run over SecAgg+ (secagg.enabled is off in the defaults)")
+    captured: dict = {}
+    original = server_app.evaluate_round
+
+    def capture(grid, nodes, arrays, server_round, steps=None, hybrid=False):
+        if steps is not None:  # exactly what the evaluate message carries (counts as float32)
+            captured.update(round=server_round, arrays={n: np.array(v) for n, v in arrays.items()},
+                            counts=np.asarray(steps.counts, np.float32).copy(),
+                            noise_var=float(steps.count_noise_var))
+        return original(grid, nodes, arrays, server_round, steps, hybrid=hybrid)
+
+    t0 = time.time()
+    server_app.evaluate_round = capture
+    try:
+        history = run_simulation(cfg, work / "out", quiet=True, allow_non_private=not math.isfinite(epsilon))
+    finally:
+        server_app.evaluate_round = original
+    flower_s = time.time() - t0
+    if not captured:
+        raise RuntimeError("the Flower hybrid run sent no evaluation with DP counts (was model = hybrid honoured?)")
+    last = next(r for r in history["rounds"] if r["round"] == captured["round"])
+
+    def ids(x) -> pd.Index:
+        return pd.Index(np.asarray(x).astype(str))
+
+    all_counts = np.bincount(ti, minlength=n_items).astype(np.float64)  # exact popularity (the peer)
+    cfg_items = tuple(sorted(cfg.to_flat().items()))
+    covered = {split: np.zeros(len(t.person), bool) for split, t in tasks.items()}
+    scores = {split: np.zeros(t.cands.shape) for split, t in tasks.items()}
+    flower_sums, pop_sums = [], []
+    for k in range(K):
+        folder = data / f"institution_{k:02d}"
+        inst = client_app._load(str(folder), cfg_items)
+        trainer = client_app._trainer(inst, cfg)
+        trainer.refit(captured["arrays"])
+
+        def mf_score(persons: np.ndarray, cands: np.ndarray, trainer=trainer) -> np.ndarray:
+            with torch.no_grad():
+                return score_items(trainer.item_side, trainer.user, torch.as_tensor(persons),
+                                   torch.as_tensor(cands)).numpy()
+
+        own = weighted_item_counts(trainer.ratings, trainer.item_side.n_items).numpy().astype(np.float64)
+        mean_w = float(own.sum()) / max(int(trainer.ratings.item.numel()), 1)
+        d = inst.data
+        flower_sums.append(hybrid_eval_sums(folder, cfg, mf_score, captured["counts"], captured["noise_var"],
+                                            d.test_person, d.test_item, inst.negatives, k=10, own_counts=own,
+                                            mean_weight=mean_w))
+        bench_item = ids(iid_of).get_indexer(ids(d.item_ids))  # local dense item -> benchmark item
+        local_item = ids(d.item_ids).get_indexer(ids(iid_of))  # benchmark item -> local dense item
+        if (bench_item < 0).any() or (local_item < 0).any():
+            raise RuntimeError(f"{folder.name}: its catalogue is not the benchmark's (item ids differ)")
+        cand = np.concatenate([d.test_item[:, None], inst.negatives[d.test_person]], axis=1)
+        pc = all_counts[bench_item[cand]]
+        pop_sums.append(ranking_sums(pc[:, 0], pc[:, 1:], 10))
+        local_person = np.full(len(pid_of), -1)
+        train_ids = read_ratings_file(folder / TRAIN_FILE, items_path=folder / CATALOGUE_FILE).person_ids
+        where = ids(pid_of).get_indexer(ids(train_ids))
+        if (where < 0).any():
+            raise RuntimeError(f"{folder.name}: a training person is not one of the benchmark's persons")
+        local_person[where] = np.arange(len(train_ids))
+        for split, task in tasks.items():
+            rows = (owner[task.person] == k) & (local_person[task.person] >= 0)
+            if rows.any():
+                comps = hybrid_components(folder, cfg, mf_score, captured["counts"], captured["noise_var"],
+                                          local_person[task.person[rows]], local_item[task.cands[rows]],
+                                          own_counts=own, mean_weight=mean_w)
+                scores[split][rows] = blend(DEFAULT_WEIGHTS, comps)
+                covered[split][rows] = True
+    weights = " ".join(f"{n}={w}" for n, w in DEFAULT_WEIGHTS.items())
+    plan = {"via": "flower", "rounds": rounds, "count_share": cfg.privacy.count_budget_share,
+            "noise_mode": cfg.privacy.noise_mode if math.isfinite(epsilon) else "none", "secagg": True}
+    e = epsilon if math.isfinite(epsilon) else None
+    rows: list[dict] = []
+    for split, task in tasks.items():
+        keep = covered[split]
+        sub = Task(task.person[keep], task.item[keep], task.neg)
+        rows.append({"model": "hybrid", "split": split, "epsilon": e, **sub.metrics(scores[split][keep]),
+                     "positives": int(keep.sum()), "positives_in_split": len(keep), "weights": weights,
+                     "popularity": "pooled", **plan})
+        rows.append({"model": "popularity", "split": split, "epsilon": None,
+                     **sub.metrics(all_counts[sub.cands]), "positives": int(keep.sum()),
+                     "positives_in_split": len(keep), "via": "flower",
+                     "note": "exact counts, on the same positives as the Flower hybrid's row"})
+    recomputed, pop_flower = finalize(add_sums(flower_sums)), finalize(add_sums(pop_sums))
+    rows.append({"model": "hybrid", "split": "flower_eval", "epsilon": e,
+                 "ndcg10": round(float(last["ndcg10"]), 4), "hr10": round(float(last["hr10"]), 4),
+                 "recomputed_ndcg10": round(recomputed["ndcg10"], 4), "recomputed_hr10": round(recomputed["hr10"], 4),
+                 "recompute_abs_diff": float(abs(recomputed["ndcg10"] - last["ndcg10"])), "weights": weights,
+                 "popularity": "pooled", **plan,
+                 "note": "the Flower run's own reported metric: warm test rows vs its clients' sampled negatives"})
+    rows.append({"model": "popularity", "split": "flower_eval", "epsilon": None,
+                 "ndcg10": round(pop_flower["ndcg10"], 4), "hr10": round(pop_flower["hr10"], 4), "via": "flower",
+                 "note": "exact counts, on the Flower clients' own candidates"})
+    eps_spent = [float(v) for v in last.get("epsilon", {}).values()]
+    meta = {"flower_wall_s": round(flower_s, 1), "flower_rounds": rounds, "flower_eval_round": captured["round"],
+            "flower_institutions_reporting": len(eps_spent), "flower_contributors": last.get("contributors"),
+            "flower_epsilon_spent_max": max(eps_spent) if eps_spent else None,
+            "flower_count_noise_var": captured["noise_var"], "flower_secagg": True,
+            "flower_command_equivalent": f"fedrec-sim run --data DIR -k {K} -r {rounds} --epsilon {epsilon:g} "
+                                         f"--seed {seed} --set model=hybrid (DIR: this run's split)"}
+    return rows, meta
+
+
 # ---------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -314,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lean-eps1", action="store_true", help="at ε = 1 only the default hybrid variant")
     ap.add_argument("--no-adapter", action="store_true", help="skip training the adapter (no adapter rows; the "
                     "hybrid blends DP popularity, MF and the text prior, as the Flower hybrid does)")
+    ap.add_argument("--via-flower", default="", metavar="EPSILONS", help="comma list of ε: also run the real "
+                    "Flower hybrid (fedrec-sim's run_simulation: Ray, SecAgg+, ledgers, model = hybrid) on this "
+                    "split at each and score the warm and cold tasks with what it released (rows via = flower)")
+    ap.add_argument("--flower-rounds", type=int, default=2, help="rounds of the Flower hybrid run (2: the MF plan "
+                    "the in-process hybrid and DEFAULT_WEIGHTS use)")
     ap.add_argument("--tune-lr", default="", help="comma list of adapter lrs: train only the adapter for each and "
                     "print its validation rows (training data only; run on a seed never used for the headline)")
     args = ap.parse_args(argv)
@@ -337,6 +489,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
+    try:
+        flower_eps = [float(e) for e in args.via_flower.split(",") if e.strip()]
+    except ValueError:
+        flower_eps = [-1.0]
+    if any(not e > 0 for e in flower_eps):
+        print(f"--via-flower {args.via_flower!r}: not a comma list of positive ε; fix: e.g. --via-flower 8",
+              file=sys.stderr)
+        return 2
+    if flower_eps and (args.tune_lr or args.flower_rounds < 1):
+        print("--via-flower: needs --flower-rounds >= 1 and no --tune-lr; fix: drop --tune-lr or raise "
+              "--flower-rounds", file=sys.stderr)
+        return 2
     if args.dataset == "catalogue":
         from fedrec.simulations.domains.catalogue import generate_catalogue
 
@@ -346,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     person, item = r.person.copy(), r.item.copy()
     n_persons = r.n_persons
     keep_items = np.arange(r.n_items)
+    pid_of = np.asarray(r.person_ids)  # source ids of the dense persons (the Flower folders use them)
     n_sub = 0 if args.dataset == "catalogue" else args.persons or (60 if quick else 0)
     if n_sub and n_sub < n_persons:  # subsample persons (quick: and the 600 most-rated items)
         if quick:
@@ -357,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         eligible = np.flatnonzero(np.bincount(person, minlength=n_persons) >= 10)
         chosen = np.sort(rng.choice(eligible, size=min(n_sub, len(eligible)), replace=False))
         n_sub = len(chosen)
+        pid_of = pid_of[chosen]
         pmap = np.full(n_persons, -1)
         pmap[chosen] = np.arange(n_sub)
         rows = pmap[person] >= 0
@@ -369,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rating = r.rating
     items_table = r.items.iloc[keep_items].reset_index(drop=True)
+    iid_of = np.asarray(r.item_ids)[keep_items]
     n_items = len(items_table)
     texts = catalogue_texts(items_table)
     log(f"{n_persons} persons, {n_items} items, {len(person)} ratings")
@@ -510,6 +677,33 @@ def main(argv: list[str] | None = None) -> int:
                     m = task.metrics(blend(weights, comps(mf_test, cnt_test, cv_test, test_scorers, task, pt)))
                     add("hybrid", split, eps, m, **plan, popularity=pop,
                         weights=" ".join(f"{k}={v}" for k, v in weights.items()))
+                # the Flower hybrid's fixed public weights (DEFAULT_WEIGHTS, pooled popularity), in-process,
+                # on the validation split (what a weight choice may look at) and on test
+                fixed = " ".join(f"{k}={v}" for k, v in DEFAULT_WEIGHTS.items())
+                for tag, t_, args_ in ((f"val_{split}", val_tasks[split], (mf_val, cnt_val, cv_val, val_scorers, own_val)),
+                                       (split, task, (mf_test, cnt_test, cv_test, test_scorers, own_test))):
+                    mf_, cnt_, cv_, sc_, own_ = args_
+                    add("hybrid", tag, eps, t_.metrics(blend(DEFAULT_WEIGHTS, comps(mf_, cnt_, cv_, sc_, t_, own_))),
+                        **plan, popularity="pooled", weights=fixed, fixed_weights=True)
+
+    flower_meta: dict = {}
+    if flower_eps:  # the real Flower hybrid on this split, scored on the same tasks
+        import shutil
+        import tempfile
+
+        for eps in flower_eps:
+            work = Path(tempfile.mkdtemp(prefix="fedrec-adapter-flower-"))
+            try:
+                f_rows, f_meta = flower_hybrid(
+                    work=work, pid_of=pid_of, iid_of=iid_of, items_table=items_table, train_rows=(tp, ti, tr),
+                    test_rows=(person[warm_test], item[warm_test], rating[warm_test]), owner=owner, K=K,
+                    epsilon=eps, seed=args.seed, rounds=args.flower_rounds, tasks=tasks, n_items=n_items)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            for row in f_rows:
+                rows.append({"dataset": args.dataset, **row})
+                log(f"flower {row['model']:10s} {row['split']:11s} eps={row['epsilon']}: ndcg10={row['ndcg10']}")
+            flower_meta[f"{eps:g}"] = f_meta
 
     # --- throughput: one DP step (hooks + per-person clip + noise) vs one plain step, same rows
     if not args.no_throughput:
@@ -538,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/adapter.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": commit, "seed": args.seed, "quick": quick, "dataset": args.dataset,
         "adapter_epsilons": None if args.no_adapter else adapter_eps, "variants": variant_names,
+        "flower_epsilons": flower_eps or None,
         "val_rows_cap": args.val_rows, "knn_peers": not args.skip_knn, "persons": n_persons, "items": n_items,
         "institutions": K, "rounds": rounds, "local_steps": args.local_steps, "sample_rate": args.sample_rate,
         "lr": args.lr, "server_lr": args.server_lr, "adapter_trained": not args.no_adapter, "clip_norm": args.clip, "pos_per_person": pos,
@@ -547,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": "1 positive vs 99 sampled unrated items of the same split (warm: warm items; cold: cold items)",
         "blend": "per-person z-scored components, weights by grid search on a validation split of the training data",
         "hybrid_variants": [list(v) for v in HYBRID_VARIANTS], "gpu": "none lent to this task: CPU only",
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "flower": flower_meta or None,
         "wall_s": round(time.time() - t_start, 1),
     }
     print(json.dumps({"meta": meta, "rows": rows}))

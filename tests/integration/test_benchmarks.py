@@ -95,9 +95,11 @@ def test_cate_coverage_quick():
 
 def test_adapter_quick():
     """LLM adapter benchmark (issue 30): every model row on both splits, DP and non-private, and
-    the throughput row; the DP adapter's σ is the calibrated one (finite, positive)."""
-    out = _run("adapter.py")
-    rows = [r for r in out["rows"] if r.get("kind") != "throughput"]
+    the throughput row; the DP adapter's σ is the calibrated one (finite, positive). With
+    ``--via-flower 8`` the real Flower hybrid (Ray, SecAgg+, ledgers) runs on the same split."""
+    out = _run("adapter.py", "--via-flower", "8")
+    _check_via_flower(out)
+    rows = [r for r in out["rows"] if r.get("kind") != "throughput" and r.get("via") != "flower"]
     models = {(r["model"], r["split"]) for r in rows}
     for model in ("random", "popularity", "category_knn", "text_knn", "mf", "text_prior", "adapter", "hybrid"):
         assert {(model, "warm"), (model, "cold")} <= models, model
@@ -113,3 +115,22 @@ def test_adapter_quick():
     tput = [r for r in out["rows"] if r.get("kind") == "throughput"]
     assert len(tput) == 1 and tput[0]["ratio_dp_to_nonprivate"] > 0 and tput[0]["device"] in ("cpu", "cuda")
     assert out["meta"]["adapter_trainable_params"] == 6529
+
+
+def _check_via_flower(out: dict) -> None:
+    """The Flower hybrid's rows: warm and cold on the benchmark's own tasks, and its own reported
+    metric recomputed in-process from what the server sent — equal, so the benchmark's scoring is
+    the Flower clients' scoring; ε spent within the budget in both institutions' ledgers."""
+    via = [r for r in out["rows"] if r.get("via") == "flower"]
+    hyb = {r["split"]: r for r in via if r["model"] == "hybrid"}
+    pop = {r["split"]: r for r in via if r["model"] == "popularity"}
+    assert set(hyb) == set(pop) == {"warm", "cold", "flower_eval"}
+    assert all(r["epsilon"] == 8.0 and r["secagg"] is True and r["popularity"] == "pooled" for r in hyb.values())
+    assert hyb["flower_eval"]["recompute_abs_diff"] < 1e-9, hyb["flower_eval"]
+    assert hyb["warm"]["positives"] == hyb["warm"]["positives_in_split"] > 0  # every warm person has a history
+    bench_pop = next(r for r in out["rows"] if r["model"] == "popularity" and r["split"] == "warm" and "via" not in r)
+    assert pop["warm"]["ndcg10"] == bench_pop["ndcg10"]  # the same positives and candidates as the benchmark's
+    for r in via:
+        assert 0.0 <= r["ndcg10"] <= r["hr10"] <= 1.0
+    meta = out["meta"]["flower"]["8"]
+    assert meta["flower_institutions_reporting"] == 2 and 0 < meta["flower_epsilon_spent_max"] <= 8.0 + 1e-9
