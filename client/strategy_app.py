@@ -52,8 +52,8 @@ _SIGMA: dict = {}
 
 def release_noise_multiplier(epsilon: float, delta: float, accountant: str = "prv") -> float:
     """σ of the strategy release at the run's (ε, δ): the one Gaussian event calibrated to ε,
-    the server's rule (server/strategies.noise_multiplier, with the default OPEConfig
-    accountant the server's release uses); 0 when ε = inf."""
+    the server's rule (server/strategies.noise_multiplier, with the run's ``causal.accountant``,
+    which the server's release uses too); 0 when ε = inf."""
     import math
 
     if not math.isfinite(epsilon):
@@ -80,7 +80,7 @@ def strategy_plan_events(ccfg: CausalConfig, run: StrategyRun) -> list:
     causal = causal_plan_events(ccfg)
     runs = 3 if run.crossfit else 1
     return causal * runs + [GaussianEvent(noise_multiplier=release_noise_multiplier(ccfg.epsilon, ccfg.delta,
-                                                                                    OPEConfig().accountant))]
+                                                                                    ccfg.accountant))]
 
 
 @app.query("strategy_plan")

@@ -312,7 +312,7 @@ def _main(grid, context) -> None:
         specs = flower_specs(run, result, folds, salt)
         # the strategy release asks for the causal run's ε, δ and noise mode again (its own charge)
         ocfg = OPEConfig(epsilon=ccfg.epsilon, delta=ccfg.delta, noise_mode=ccfg.noise_mode,
-                         n_min=ccfg.n_min or len(nodes), estimators=run.estimators)
+                         n_min=ccfg.n_min or len(nodes), estimators=run.estimators, accountant=ccfg.accountant)
         nuis = nuisance_arrays(result)
         items = sorted(k[len("beta/"):] for k in nuis if k.startswith("beta/"))
         need = max(len(nodes) if ocfg.noise_mode == "local" else ocfg.n_min, 1)
