@@ -257,7 +257,11 @@ def test_a_supernode_killed_mid_run_drops_out_and_its_ledger_stays_consistent(fe
             others = PrivacyLedger(federation.institutions[k] / "privacy-ledger.db").rows(run_id=run_id)
             assert {r.round for r in others if r.task == "train"} == {1}
             assert all(r.status == "released" for r in others)
-    # it restarts on the same ledger and rejoins
+    # it restarts on the same ledger and rejoins — once the SuperLink has declared the killed
+    # incarnation offline (2 missed 30 s heartbeats; the straggler deadline ended the run before
+    # that): until then Flower refuses to activate the same node again (code 2004, exit 305)
+    wait_for(lambda: len([x for x in federation.nodes_online() if x["status"] == "online"]) < N_INSTITUTIONS,
+             120, "the SuperLink to declare the killed SuperNode offline", poll=1.5)
     federation.nodes[victim] = federation.start_node(victim)
     federation.wait_online(N_INSTITUTIONS, 120, "the restarted SuperNode online")
 
