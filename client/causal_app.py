@@ -77,15 +77,14 @@ def node_folder(context: Context, cfg: RunConfig) -> Path:
     return folders[int(node["partition-id"])]
 
 
-_ROWS: dict = {}  # encoded rows per (institution, item), reused across the run's steps
+#: encoded rows per (institution, item), reused across a run's steps; one table per run variant
+#: (fold, fold salt, refutation kind, refutation seed): a fold's or a refutation's rows are not the study's
+_ROWS: dict[tuple, dict] = {}
 
 
 @lru_cache(maxsize=16)
 def _load(folder: str) -> InstitutionData:
     return load_institution(Path(folder))
-
-
-_FOLD_ROWS: dict = {}  # encoded rows of a fold's people, per (fold, salt)
 
 
 @lru_cache(maxsize=16)
@@ -94,22 +93,25 @@ def _load_fold(folder: str, fold: int, salt: str) -> InstitutionData:
     return fold_subset(_load(folder), salt, fold)
 
 
-def _step_fold(conf, ccfg: CausalConfig) -> tuple[int, str]:
-    """The fold of this causal run: the message's ``causal.expert.fold`` / ``fold-salt`` (the
-    server's config travels with every step and carries them in a fold run only: the strategy
-    app's fold runs share its run config), else the run config's. Public: which half of the
-    people a run uses; each fold run is charged like any run. Refused (before any charge) when
-    unusable."""
+def _step_variant(conf, ccfg: CausalConfig) -> tuple[int, str, str, int]:
+    """Which run this causal step belongs to: ``(fold, fold salt, refutation kind, refutation
+    seed)`` from the message's ``causal.expert.fold`` / ``fold-salt`` / ``refute-kind`` /
+    ``refute-seed`` (the server's config travels with every step and carries them in a fold or
+    refutation run only: the strategy app's fold runs and the causal app's refutation runs share
+    the main run's run config), else the run config's; ``(-1, "", "", 0)`` is the study itself.
+    Public: which half of the people a run uses, or how the institution transforms its own data;
+    each such run is charged like any run. Refused (before any charge) when unusable: a fold
+    without its salt, an unknown refutation, a refutation combined with a fold."""
     fold = int(conf["causal.expert.fold"]) if "causal.expert.fold" in conf else ccfg.fold
     salt = str(conf["causal.expert.fold-salt"]) if "causal.expert.fold-salt" in conf else ccfg.fold_salt
+    kind = str(conf["causal.expert.refute-kind"]) if "causal.expert.refute-kind" in conf else ccfg.refute_kind
+    seed = int(conf["causal.expert.refute-seed"]) if "causal.expert.refute-seed" in conf else ccfg.refute_seed
+    seed = seed if kind else 0  # a seed means nothing outside a refutation run
     try:
-        CausalConfig(fold=fold, fold_salt=salt)
+        CausalConfig(fold=fold, fold_salt=salt, refute_kind=kind, refute_seed=seed)
     except ValueError as err:
         raise Refusal("policy", f"causal step: {err}") from None
-    return fold, salt
-
-
-_REFUTE_ROWS: dict = {}  # encoded rows of a refutation's transformed data, per (kind, seed)
+    return fold, salt, kind, seed
 
 
 @lru_cache(maxsize=8)
@@ -139,23 +141,6 @@ def _refute_design(ccfg: CausalConfig, kind: str) -> CausalConfig:
     if kind == "random-common-cause" and ccfg.covariates is not None and RANDOM_COVARIATE not in ccfg.covariates:
         return replace(ccfg, covariates=tuple(ccfg.covariates) + (RANDOM_COVARIATE,))
     return ccfg
-
-
-def _step_refute(conf, ccfg: CausalConfig) -> tuple[str, int]:
-    """The refutation this causal run is: the message's ``causal.expert.refute-kind`` /
-    ``refute-seed`` (the ServerApp's refutation runs share the main run's run config, so the
-    step messages carry them), else ("", 0): not a refutation run. Public. Refused (before any
-    charge) when unusable: an unknown kind, or a refutation combined with a fold."""
-    kind = str(conf["causal.expert.refute-kind"]) if "causal.expert.refute-kind" in conf else ccfg.refute_kind
-    seed = int(conf["causal.expert.refute-seed"]) if "causal.expert.refute-seed" in conf else ccfg.refute_seed
-    if not kind:
-        return "", 0
-    fold = int(conf["causal.expert.fold"]) if "causal.expert.fold" in conf else ccfg.fold
-    try:
-        CausalConfig(refute_kind=kind, refute_seed=seed, fold=fold, fold_salt="s" if fold >= 0 else "")
-    except ValueError as err:
-        raise Refusal("policy", f"causal step: {err}") from None
-    return kind, seed
 
 
 def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
@@ -218,7 +203,7 @@ def causal_study(msg: Message, context: Context) -> Message:
     cov = json.loads(str(msg.content["config"]["covariates"])) if "config" in msg.content.config_records else None
     ccfg = CausalConfig(**{**ccfg.__dict__, "covariates": None if cov is None else tuple(cov)})
     if "config" in msg.content.config_records:  # a refutation run declares its transformed design
-        rkind, rseed = _step_refute(msg.content["config"], CausalConfig())
+        _, _, rkind, rseed = _step_variant(msg.content["config"], CausalConfig())
         if rkind:
             data = _load_refute(str(folder), rkind, rseed)
     decl = _declaration(data, ccfg)
@@ -240,10 +225,9 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         if "arrays" in msg.content.array_records else {}
     # validation before any charge
     folder = node_folder(context, cfg)
-    fold, salt = _step_fold(conf, ccfg)
+    fold, salt, rkind, rseed = _step_variant(conf, ccfg)
     data = _load(str(folder)) if fold < 0 else _load_fold(str(folder), fold, salt)
     task = f"causal-{step}" if fold < 0 else f"causal-fold{fold}-{step}"  # a fold run's rows are its own
-    rkind, rseed = _step_refute(conf, ccfg)
     if rkind:  # a refutation run (server/causal.py main): this institution's own data, transformed here
         data, task = _load_refute(str(folder), rkind, rseed), f"causal-refute-{rkind}-{step}"
         ccfg = _refute_design(ccfg, rkind)
@@ -271,8 +255,7 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     guard, share, charge = charged.guard, charged.share, charged.charge
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
                                 covariates=ccfg.covariates, derived=ccfg.derived,
-                                cache=_REFUTE_ROWS.setdefault((rkind, rseed), {}) if rkind
-                                else _ROWS if fold < 0 else _FOLD_ROWS.setdefault((fold, salt), {}))
+                                cache=_ROWS.setdefault((fold, salt, rkind, rseed), {}))
     seed = simulation_seed(context, cfg, data.name, task, server_round)  # None: OS CSPRNG
     sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share,
                    generator=None if seed is None else np.random.default_rng(seed))

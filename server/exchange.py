@@ -27,17 +27,18 @@ from flwr.serverapp import Grid
 DEPLOYMENT_POLL_S = 0.2
 
 
-def _poll_interval(grid: Grid) -> float | None:
-    """How often to pull this grid's replies; None: use the grid's own ``send_and_receive``."""
+def _poll_interval(grid: Grid) -> tuple[float | None, bool]:
+    """(how often to pull this grid's replies, whether it is the deployment engine's); None:
+    use the grid's own ``send_and_receive``."""
     # imported here: flwr's grid modules are not needed to import this one
     from flwr.superlink.grid.http_grid import HttpGrid
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     if isinstance(grid, HttpGrid):
-        return DEPLOYMENT_POLL_S
+        return DEPLOYMENT_POLL_S, True
     if isinstance(grid, InMemoryGrid):
-        return float(grid.pull_interval)
-    return None
+        return float(grid.pull_interval), False
+    return None, False
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float | None,
@@ -49,10 +50,7 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float 
     ``enough`` and ``grace_s`` (a straggler deadline, ``secagg.straggler-grace``): once ``enough``
     replies without error have come, wait at most ``grace_s`` more seconds for the others (on
     Flower's grids; a test double's own ``send_and_receive`` waits for every reply)."""
-    from flwr.superlink.grid.http_grid import HttpGrid
-
-    poll = _poll_interval(grid)
-    slow = isinstance(grid, HttpGrid)
+    poll, slow = _poll_interval(grid)
     deadline = enough is not None and grace_s is not None
     if poll is None or not (slow or deadline):
         return list(grid.send_and_receive(messages, timeout=timeout))

@@ -184,15 +184,6 @@ def logging_value(institutions: Sequence[InstitutionData], truths: Sequence) -> 
 
 
 # --------------------------------------------------------------------------- one run, many runs
-def fold_subset(d: InstitutionData, salt: str, fold: int, folds: int = 2) -> InstitutionData:
-    """The institution restricted to the people of one cross-fitting fold: the client's own
-    filter (:func:`fedrec.client.statistics.fold_subset`), which the Flower causal handler
-    applies for ``causal.expert.fold``, so both paths select the same people."""
-    from fedrec.client.statistics import fold_subset as client_fold_subset
-
-    return client_fold_subset(d, salt, fold, folds)
-
-
 def crossfit_runs(institutions: Sequence[InstitutionData], ccfg, *, salt: str, folds: int = 2,
                   rng: np.random.Generator | None = None) -> list[dict]:
     """One causal run per fold on that fold's people at every institution (in process); returns
@@ -203,10 +194,9 @@ def crossfit_runs(institutions: Sequence[InstitutionData], ccfg, *, salt: str, f
 
     if folds != 2:
         raise ValueError(f"cross-fitting uses two folds (causal.expert.fold is 0 or 1), got {folds}")
-    # the fold travels in the config too (as on Flower, where the clients filter by it); the
-    # people are filtered here, and the filter is idempotent
-    return [estimate_inprocess([fold_subset(d, salt, k, folds) for d in institutions],
-                               replace(ccfg, fold=k, fold_salt=str(salt)), rng=rng).items
+    # the fold travels in the config, and estimate_inprocess keeps that fold's people with the
+    # Flower client's own filter (client/statistics.fold_subset)
+    return [estimate_inprocess(institutions, replace(ccfg, fold=k, fold_salt=str(salt)), rng=rng).items
             for k in range(folds)]
 
 
