@@ -99,9 +99,9 @@ def node_cost(n: int, slots: int = 16, sample: int = 10) -> dict:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from fedrec.common.secagg import SecAggClient, ServerSession, _graph
-    from fedrec.common.secagg._identity import Identity, Roster
+    from fedrec.common.secagg._identity import CURVE, Identity, Roster
 
-    keys = {f"institution_{i:04d}": ec.generate_private_key(ec.SECP384R1()) for i in range(n)}
+    keys = {f"institution_{i:04d}": ec.generate_private_key(CURVE()) for i in range(n)}
     roster = Roster({name: k.public_key() for name, k in keys.items()})
     nodes = list(range(1, n + 1))
     sess = ServerSession.create(nodes, slots=slots, degree=None)

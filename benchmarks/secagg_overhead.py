@@ -9,7 +9,7 @@ then fresh sessions in which every node re-keys, as every block of a long run do
 the block), fedrec_setups_s (each setup's two stages), flower_ratio (ratios to plain, same run).
 
 fedrec runs with every lying-coordinator defence on (issue 28): signed key advertisements
-verified against a roster (SECP384R1 identities provisioned per simulated institution, as
+verified against a roster (ECDSA P-256 identities provisioned per simulated institution, as
 ``simulations/provision.py`` does), policy floors, the consistency round and reply validation.
 
 One Flower simulation (Ray, ``client_resources num_cpus=1``) with ``max(clients)``
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "benchmark": "secagg_overhead", "dim": dim, "rounds": rounds, "steady_rounds": rounds - 1,
             "statistic": "median of steady-state rounds", "block": args.block,
-            "defences": "signed adverts (Ed25519 run keys certified by SECP384R1 identities in a roster, each "
+            "defences": "signed adverts (Ed25519 run keys certified by ECDSA P-256 identities in a roster, each "
                         "certificate verified once per peer and run; each node verifies its neighbours' and the "
                         "committee's adverts, shares bound to the roll hash), policy floors, consistency round "
                         "with a quorum of holder signatures, reply validation",

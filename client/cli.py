@@ -245,7 +245,7 @@ def keygen_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing identity (it must then be "
                                    "registered again)."),
 ) -> None:
-    """Create the institution's identity key pair (EC P-384).
+    """Create the institution's identity key pair (ECDSA on NIST P-256).
 
     identity.key: the private key (OpenSSH format) for `fedrec-client start --key`; it never
     leaves the institution. identity.pub: one OpenSSH line to send to the coordinator, who

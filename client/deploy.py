@@ -1,6 +1,7 @@
 """The institution's side of a deployment: its identity key and its SuperNode.
 
-* :func:`keygen` — the institution's long-term identity: an EC SECP384R1 key pair, the private
+* :func:`keygen` — the institution's long-term identity: an ECDSA key pair on NIST P-256
+  (:data:`fedrec.common.secagg._identity.CURVE`; P-384 keys made earlier stay accepted), the private
   key in OpenSSH's PEM-armoured format (``-----BEGIN OPENSSH PRIVATE KEY-----``, file mode 0600;
   what ``flower-supernode --auth-supernode-private-key`` loads with ``load_ssh_private_key``, and
   what the secure-aggregation key advertisements sign with) and the public key as one OpenSSH line
@@ -55,7 +56,9 @@ def keygen(out: Path, *, comment: str = "", overwrite: bool = False) -> tuple[Pa
             raise FedrecInputError(f"{p}: already exists; nothing was written; fix: keep the institution's "
                                    "identity (it is registered with the federation) or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
+    from fedrec.common.secagg._identity import CURVE  # the one curve choice, with its reasons
+
+    key = ec.generate_private_key(CURVE())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,

@@ -23,7 +23,7 @@ Messages from ``server/secagg_workflow.py`` carry a ConfigRecord named ``"fedrec
   only for the survivor set it signed and only with a quorum of matching survivor signatures.
 
 **Identity and floors (issue 28).** Key advertisements are signed with an Ed25519 run key that
-the institution's long-term SECP384R1 key certifies (once a day; peers verify each certificate
+the institution's long-term ECDSA key certifies (once a day; peers verify each certificate
 once per run against the federation roster and keep its digest in ``context.state``), both the
 key and the roster named by the institution's policy (``identity-key``, ``roster`` in ``privacy.toml``; see
 :func:`node_policy_file`). A node without them answers every setup with the refusal code

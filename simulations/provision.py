@@ -6,7 +6,7 @@ Layout under the run's results folder ``OUT``::
 
     OUT/policies/<institution>/privacy.toml   # what the run config's sim.policy-dir points to
     OUT/ledgers/<institution>.db              # the ledger each policy names
-    OUT/identities/<institution>.pem          # its SecAgg+ signing key (SECP384R1)
+    OUT/identities/<institution>.pem          # its SecAgg+ signing key (ECDSA P-256)
     OUT/identities/roster.toml                # the federation roster every policy names
 
 The simulated institutions accept the runs they are provisioned for — their per-run ceiling is

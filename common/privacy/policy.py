@@ -13,7 +13,7 @@ writes (``fedrec-client init``); a run config may ask for something stricter, ne
     noise-modes = ["local"]           # accepted noise modes; "distributed" must be opted into
     min-round-size = 3                # distributed noise: smallest round / survivor set accepted
     allow-non-private = false         # ε = ∞ releases; only ever true in a simulation
-    identity-key = "identity.pem"     # optional: the institution's SECP384R1 private key (SecAgg+ signing)
+    identity-key = "identity.pem"     # optional: the institution's ECDSA P-256 private key (SecAgg+ signing)
     roster = "roster.toml"            # optional: the federation's public keys ([members] name = "ecdsa-...")
 
 Why a file and not Flower's node config: the node config is a flat string map given on the
@@ -50,7 +50,7 @@ class InstitutionPolicy:
     noise_modes: tuple[str, ...] = ("local",)
     min_round_size: int = 3
     allow_non_private: bool = False
-    #: secure aggregation (issue 28): the institution's long-term SECP384R1 private key and the
+    #: secure aggregation (issue 28): the institution's long-term ECDSA (P-256) private key and the
     #: federation roster its key advertisements are verified against (both or neither)
     identity_key: Path | None = None
     roster: Path | None = None

@@ -6,21 +6,25 @@ copy of the roster** — never a key the server vouches for. A server that subst
 (attack C of issue 28) or invents a member (a Sybil) therefore produces an advertisement no
 honest client accepts.
 
-* identity keys: ECDSA on SECP384R1 with SHA-384, the key type Flower's SuperNode
-  authentication registers (``flwr supernode register`` takes the OpenSSH public key), so one
-  key pair is both the node's transport identity and its SecAgg+ signing identity;
-* roster: TOML ``[members] <institution> = "ecdsa-sha2-nistp384 AAAA..."``, distributed to every
+* identity keys: ECDSA on NIST P-256 with SHA-256 (new keys, :data:`CURVE`) or P-384 with
+  SHA-384 (accepted: keys made before P-256 became the default), the key types Flower's SuperNode
+  authentication registers (``flwr supernode register`` takes the OpenSSH public key; Flower
+  accepts any NIST curve), so one key pair is both the node's transport identity and its SecAgg+
+  signing identity. Why P-256: every other primitive of a session is at the 128-bit level
+  (X25519, Ed25519, AES-128-GCM keys from HKDF), so P-384's 192 bits bought nothing while its
+  verification was ~6-9x slower and 40% of a first setup's time (issue 28 profile);
+* roster: TOML ``[members] <institution> = "ecdsa-sha2-nistp256 AAAA..."``, distributed to every
   institution out of band (with the federation's CA certificate);
 * run keys (the identity cache): a node signs, once per day at most, a **run-key certificate**
-  with its SECP384R1 key — ``(name, Ed25519 run key, validity)`` — and signs each session's key
+  with its long-term ECDSA key — ``(name, Ed25519 run key, validity)`` — and signs each session's key
   advertisement with that Ed25519 run key. A peer verifies the certificate against its own
   roster once (it keeps the digest of each certificate it verified, bound to the roster key it
-  verified it with) and every advertisement with the run key (Ed25519, ~5x cheaper than P-384):
-  the P-384 work of a setup is paid in a node's first session with each peer, not in every
+  verified it with) and every advertisement with the run key (Ed25519, cheaper than ECDSA):
+  the ECDSA work of a setup is paid in a node's first session with each peer, not in every
   re-key. A server cannot make a certificate (no institution's key), and a certificate alone
   signs nothing for a session: the advertisement's own signature binds the session;
 * per-session signing keys: Ed25519, advertised inside the signed advertisement; they sign the
-  per-round consistency messages (sub-millisecond, where P-384 would cost ~0.5 ms per verify).
+  per-round consistency messages (sub-millisecond, where P-384 would cost ~1 ms per verify).
 """
 
 from __future__ import annotations
@@ -37,8 +41,20 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-CURVE = ec.SECP384R1
-_ECDSA = ec.ECDSA(hashes.SHA384())
+#: the curve of new identity keys
+CURVE = ec.SECP256R1
+#: every curve an identity key may be on, with the hash ECDSA uses on it (the OpenSSH pairing:
+#: ecdsa-sha2-nistp256 / ecdsa-sha2-nistp384)
+_ECDSA_BY_CURVE: dict[str, ec.ECDSA] = {"secp256r1": ec.ECDSA(hashes.SHA256()), "secp384r1": ec.ECDSA(hashes.SHA384())}
+_ACCEPTED = "ECDSA on NIST P-256 or P-384 (ecdsa-sha2-nistp256 / ecdsa-sha2-nistp384)"
+
+
+def _ecdsa_for(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> ec.ECDSA:
+    return _ECDSA_BY_CURVE[key.curve.name]
+
+
+def _accepted(key: object) -> bool:
+    return isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.name in _ECDSA_BY_CURVE
 _RAW = serialization.Encoding.Raw
 
 
@@ -48,7 +64,7 @@ class IdentityError(ValueError):
 
 # ------------------------------------------------------------------ long-term identity keys
 def generate_identity() -> tuple[bytes, str]:
-    """(PEM PKCS#8 private key, OpenSSH public key line) of a fresh SECP384R1 identity."""
+    """(PEM PKCS#8 private key, OpenSSH public key line) of a fresh identity on :data:`CURVE`."""
     sk = ec.generate_private_key(CURVE())
     pem = sk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                            serialization.NoEncryption())
@@ -83,8 +99,8 @@ def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey
             sk = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
         raise IdentityError(f"{path}: not an unencrypted PEM/OpenSSH private key ({err})") from None
-    if not isinstance(sk, ec.EllipticCurvePrivateKey) or not isinstance(sk.curve, CURVE):
-        raise IdentityError(f"{path}: the identity key must be ECDSA on SECP384R1 (ecdsa-sha2-nistp384)")
+    if not _accepted(sk):
+        raise IdentityError(f"{path}: the identity key must be {_ACCEPTED}; fix: make one with `fedrec-client keygen`")
     return sk
 
 
@@ -93,8 +109,8 @@ def parse_public(line: str, *, where: str = "roster") -> ec.EllipticCurvePublicK
         pk = serialization.load_ssh_public_key(line.strip().encode())
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise IdentityError(f"{where}: not an OpenSSH public key ({err})") from None
-    if not isinstance(pk, ec.EllipticCurvePublicKey) or not isinstance(pk.curve, CURVE):
-        raise IdentityError(f"{where}: must be an ecdsa-sha2-nistp384 key")
+    if not _accepted(pk):
+        raise IdentityError(f"{where}: must be {_ACCEPTED}")
     return pk
 
 
@@ -177,14 +193,14 @@ class Identity:
         return cls(name=name, key=key, roster=roster)
 
     def sign(self, data: bytes) -> bytes:
-        return self.key.sign(data, _ECDSA)
+        return self.key.sign(data, _ecdsa_for(self.key))
 
 
 def verify_identity(pk: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) -> bool:
     try:
-        pk.verify(signature, data, _ECDSA)
+        pk.verify(signature, data, _ecdsa_for(pk))
         return True
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, ValueError, KeyError, AttributeError):  # KeyError/AttributeError: not an accepted key
         return False
 
 

@@ -1,7 +1,7 @@
 """Signed byte layouts of SecAgg+ (private): key advertisements, the session roll and plan
 hash, and consistency messages. Client and server build the same bytes; only clients verify them.
 
-Advertisement (signed with the institution's Ed25519 run key, which its long-term SECP384R1 key
+Advertisement (signed with the institution's Ed25519 run key, which its long-term ECDSA (P-256) key
 certifies: ``_identity``'s run-key certificate travels next to it)::
 
     b"fedrec-secagg/advert/v1" | session (16) | index u32 | slots u32 | max-dropout (u16, per

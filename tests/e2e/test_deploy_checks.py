@@ -71,9 +71,9 @@ def test_keygen_makes_the_key_flower_and_secure_aggregation_load(tmp_path):
 
     key, pub, fp = keygen(tmp_path / "id")
     sk = load_ssh_private_key(key.read_bytes(), None)  # what flower-supernode does
-    assert isinstance(sk, ec.EllipticCurvePrivateKey) and isinstance(sk.curve, ec.SECP384R1)
+    assert isinstance(sk, ec.EllipticCurvePrivateKey) and isinstance(sk.curve, ec.SECP256R1)
     line = pub.read_text().strip()
-    assert line.startswith("ecdsa-sha2-nistp384 ")
+    assert line.startswith("ecdsa-sha2-nistp256 ")
     assert load_ssh_public_key(line.encode()) == sk.public_key()
     assert fp.startswith("SHA256:")
     assert key.stat().st_mode & 0o777 == 0o600

@@ -40,9 +40,11 @@ def identities(n: int):
     """In-memory identities and one shared roster for ``n`` institutions (protocol-level tests)."""
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from fedrec.common.secagg._identity import Identity, Roster
+    from fedrec.common.secagg._identity import CURVE, Identity, Roster
 
-    keys = {f"inst-{i:03d}": ec.generate_private_key(ec.SECP384R1()) for i in range(n)}
+    # the first institution keeps a P-384 key made before P-256 became the default: every
+    # protocol test then runs a mixed federation
+    keys = {f"inst-{i:03d}": ec.generate_private_key(ec.SECP384R1() if i == 0 else CURVE()) for i in range(n)}
     roster = Roster({name: k.public_key() for name, k in keys.items()})
     return [Identity(name=name, key=k, roster=roster) for name, k in keys.items()]
 

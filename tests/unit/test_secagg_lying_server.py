@@ -1,6 +1,6 @@
 """SecAgg+ against a lying coordinator (issue 28): attacks A-D, forged and replayed
 advertisements, split views, and malformed replies, each played on the real protocol
-(SecAggClient + ServerSession with real SECP384R1 identities, X25519, AES, Shamir).
+(SecAggClient + ServerSession with real ECDSA P-256/P-384 identities, X25519, AES, Shamir).
 
 Every attack test (1) shows the targeted client refuses, and (2) runs the attacker's
 reconstruction on everything the server received and requires it to recover nothing (a view
@@ -267,7 +267,7 @@ def test_c_a_run_key_certificate_the_server_makes_is_refused():
 
 
 def test_the_identity_cache_verifies_each_certificate_once_and_stays_bound():
-    """A re-key verifies no P-384 signature (every certificate was verified in the first
+    """A re-key verifies no ECDSA signature (every certificate was verified in the first
     session); a certificate for another name, an expired one, or a cached one whose roster key
     changed is refused."""
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -313,7 +313,7 @@ def test_the_identity_cache_verifies_each_certificate_once_and_stays_bound():
     from fedrec.common.secagg._identity import Identity, Roster
 
     members = dict(ids[0].roster.members)
-    members[member.name] = ec.generate_private_key(ec.SECP384R1()).public_key()
+    members[member.name] = ec.generate_private_key(ec.SECP256R1()).public_key()
     rotated = Identity(name=ids[0].name, key=ids[0].key, roster=Roster(members))
     with pytest.raises(SecAggProtocolError, match="certificate .* invalid signature"):
         SecAggClient(clients[target].state.__class__.from_dict(clients[target].state.to_dict()),

@@ -186,3 +186,41 @@ def test_shamir_coefficients_are_field_elements(monkeypatch):
     secret = os.urandom(32)
     xs = [3, 7, 11]
     assert _shamir.combine(dict(zip(xs, _shamir.split(secret, xs, 3))), 3) == secret
+
+
+# ------------------------------------------------------------------------------- identities
+def test_identity_keys_p256_by_default_p384_accepted_other_curves_refused(tmp_path):
+    """New identities are P-256 (SHA-256); P-384 keys made before stay valid (SHA-384); each
+    signature verifies only under its own key and curve's hash; other curves are refused when
+    loaded from a file or a roster line, with the accepted types named."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedrec.common.secagg import _identity
+
+    pem, line = _identity.generate_identity()
+    assert line.startswith("ecdsa-sha2-nistp256 ")
+    msg = b"advertisement"
+    for curve, digest in ((ec.SECP256R1(), hashes.SHA256()), (ec.SECP384R1(), hashes.SHA384())):
+        sk = ec.generate_private_key(curve)
+        ident = _identity.Identity(name="a", key=sk, roster=_identity.Roster({"a": sk.public_key()}))
+        sig = ident.sign(msg)
+        sk.public_key().verify(sig, msg, ec.ECDSA(digest))  # the OpenSSH pairing of curve and hash
+        assert _identity.verify_identity(sk.public_key(), sig, msg)
+        assert not _identity.verify_identity(sk.public_key(), sig, msg + b"!")
+        other = ec.generate_private_key(curve).public_key()
+        assert not _identity.verify_identity(other, sig, msg)
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    assert not _identity.verify_identity(p256.public_key(), p256.sign(msg, ec.ECDSA(hashes.SHA384())), msg)
+    for curve in (ec.SECP521R1(), ec.SECP256K1()):
+        sk = ec.generate_private_key(curve)
+        path = tmp_path / f"{curve.name}.pem"
+        path.write_bytes(sk.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+        with pytest.raises(_identity.IdentityError, match="P-256 or P-384"):
+            _identity.load_private_key(path)
+        if curve.name == "secp521r1":  # OpenSSH has no line for secp256k1
+            pub = sk.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            with pytest.raises(_identity.IdentityError, match="P-256 or P-384"):
+                _identity.parse_public(pub.decode())
+        assert not _identity.verify_identity(sk.public_key(), sk.sign(msg, ec.ECDSA(hashes.SHA256())), msg)

@@ -2,7 +2,7 @@
 verifies only the advertisements whose keys it uses (its neighbours' and the committee's);
 the rest of the session is bound by the roll's hash (the plan hash) that every share
 ciphertext carries. Each test plays the lying server on the real protocol (SecAggClient +
-ServerSession, real SECP384R1 identities, X25519, AES-GCM, Shamir) and shows the defence
+ServerSession, real ECDSA P-256/P-384 identities, X25519, AES-GCM, Shamir) and shows the defence
 refuses; tests/mutation/mutants.toml removes each defence and expects these tests to fail.
 """
 
