@@ -643,8 +643,9 @@ class PrivacyLedger:
                 history = [_event_from_row(*r) for r in con.execute(
                     "SELECT kind, noise_multiplier, sample_rate, steps, sensitivity FROM events ORDER BY seq"
                 )]
-                before = epsilon_for(history, delta=delta_cap, accountant=accountant)
-                if math.isinf(before):
+                # spent ε before this charge is needed only to explain a refusal (one composition
+                # less per charge); a recorded non-private release makes it ∞ whatever follows
+                if any(isinstance(e, NonPrivateEvent) for e in history):
                     raise BudgetExceeded(
                         f"institution {self.institution!r}: refused {what} ({describe_event(event)}): the "
                         f"ledger records a non-private release, so spent ε is already ∞ (cap ε={eps_cap:g}); "
@@ -652,6 +653,7 @@ class PrivacyLedger:
                     )
                 after = epsilon_for(history + [event], delta=delta_cap, accountant=accountant)
                 if not (after <= eps_cap):
+                    before = epsilon_for(history, delta=delta_cap, accountant=accountant)
                     raise BudgetExceeded(
                         f"institution {self.institution!r}: refused {what} "
                         f"({describe_event(event)}): it would raise spent ε from {before:.3f} to {after:.3f} "

@@ -138,3 +138,54 @@ def test_non_private_event_is_infinite_never_zero():
         opacus_history([NonPrivateEvent()])
     with pytest.raises(ValueError):
         NonPrivateEvent(count=0)
+
+
+def test_gaussian_only_histories_compose_in_closed_form_as_opacus_does():
+    """A history of un-subsampled Gaussian releases is one Gaussian mechanism (1/σ² adds): ε by
+    closed form lies within eps_error below Opacus PRV's upper estimate and equals Opacus RDP; a
+    wrong composition rule (σ's added, the largest σ, a count dropped) falls outside."""
+    import random
+
+    from fedrec.common.privacy import accountant as acc_mod
+
+    assert list(acc_mod.RDP_ORDERS) == list(_RDP.DEFAULT_ALPHAS)
+    rng = random.Random(7)
+    for _ in range(6):
+        events = [GaussianEvent(noise_multiplier=rng.uniform(0.7, 12.0), count=rng.randint(1, 3))
+                  for _ in range(rng.randint(1, 8))]
+        hist = merged_history(events)
+        assert acc_mod.gaussian_composition_sigma(hist) is not None
+        exact = epsilon_for(events, delta=DELTA)
+        # Opacus' PRV on the same history: its upper estimate, within eps_error (0.01) of the truth
+        upper = acc_mod.opacus_epsilon(hist, DELTA, "prv")
+        assert upper - 0.02 <= exact <= upper + 1e-9, (hist, exact, upper)
+        ref = _RDP()
+        ref.history = list(hist)
+        assert epsilon_for(events, delta=DELTA, accountant="rdp") == pytest.approx(ref.get_epsilon(delta=DELTA),
+                                                                                 rel=1e-12)
+        # the composition rule itself: the exact ε of the quadrature σ, by the scipy-checked curve
+        sigma = 1.0 / math.sqrt(sum(ev.count / ev.noise_multiplier**2 for ev in events))
+        assert exact == pytest.approx(gaussian_epsilon(noise_multiplier=sigma, delta=DELTA), rel=1e-12)
+        if len(events) > 1:
+            assert exact > max(gaussian_epsilon(noise_multiplier=ev.noise_multiplier, count=ev.count, delta=DELTA)
+                               for ev in events) + 1e-6
+    # any subsampled entry: Opacus, exactly as before
+    mixed = [GaussianEvent(noise_multiplier=2.0), DPSGDEvent(noise_multiplier=1.1, sample_rate=0.05, steps=30)]
+    assert acc_mod.gaussian_composition_sigma(merged_history(mixed)) is None
+    assert epsilon_for(mixed, delta=DELTA) == acc_mod.opacus_epsilon(merged_history(mixed), DELTA, "prv")
+
+
+def test_gaussian_epsilon_lower_tail_is_stable_without_scipy():
+    """The stdlib normal CDF/log-CDF used by gaussian_epsilon against scipy's, far into the tail."""
+    from scipy.special import log_ndtr, ndtr
+
+    from fedrec.common.privacy import accountant as acc_mod
+
+    for x in (-200.0, -60.0, -38.5, -30.0001, -29.9, -5.0, 0.0, 3.0, 12.0):
+        assert acc_mod._log_ndtr(x) == pytest.approx(float(log_ndtr(x)), rel=1e-10, abs=1e-15)
+        assert acc_mod._ndtr(x) == pytest.approx(float(ndtr(x)), rel=1e-10, abs=1e-300)
+    for sigma in (0.02, 0.3, 40.0):
+        eps = gaussian_epsilon(noise_multiplier=sigma, delta=DELTA)
+        mu = 1.0 / sigma
+        d = norm.cdf(-eps / mu + mu / 2) - math.exp(eps + norm.logcdf(-eps / mu - mu / 2))
+        assert d == pytest.approx(DELTA, rel=1e-6) or eps == 0.0

@@ -39,16 +39,21 @@ def test_the_client_apps_import_without_scipy_stats():
     assert _loaded_after_import(("fedrec.client.app",), ("scipy.stats",)) == []
 
 
-def test_the_accountant_still_loads_opacus_when_it_computes_epsilon():
-    """The lazy import is where ε is computed: the same module, asked for ε, loads opacus (so the
-    check above cannot pass by the accountant having silently stopped using it)."""
+def test_the_accountant_loads_opacus_only_for_subsampled_histories():
+    """ε of un-subsampled Gaussian releases (every causal / strategy / count release) is closed
+    form: no opacus (torch under it) in the process; a subsampled DP-SGD history is Opacus' (so
+    the check above cannot pass by the accountant having silently stopped using it)."""
     code = ("import sys\n"
-            "from fedrec.common.privacy.accountant import GaussianEvent, epsilon_for\n"
+            "from fedrec.common.privacy.accountant import DPSGDEvent, GaussianEvent, epsilon_pair, epsilon_for\n"
             "assert 'opacus' not in sys.modules\n"
-            "eps = epsilon_for([GaussianEvent(noise_multiplier=2.0)], delta=1e-5, accountant='rdp')\n"
+            "g = epsilon_pair([GaussianEvent(noise_multiplier=2.0, count=3)], delta=1e-5)\n"
+            "print(min(g), 'opacus' in sys.modules or 'torch' in sys.modules)\n"
+            "eps = epsilon_for([DPSGDEvent(noise_multiplier=1.0, sample_rate=0.1, steps=5)], delta=1e-5, "
+            "accountant='rdp')\n"
             "print(eps, 'opacus' in sys.modules)\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
     assert res.returncode == 0, res.stderr[-2000:]
-    eps, loaded = res.stdout.split()
+    (g_eps, g_loaded), (eps, loaded) = (line.split() for line in res.stdout.strip().splitlines())
+    assert g_loaded == "False" and 0 < float(g_eps) < 10
     assert loaded == "True" and 0 < float(eps) < 10
