@@ -25,9 +25,13 @@ split). The remaining (warm) ratings are split 80/20 per person; each warm test 
 against 99 warm items its person never rated (warm split). Training data are the warm 80%;
 the hybrid's blend weights are chosen on a validation split *of the training data* (10% of each
 person's training ratings, and 20% of the training items with >= 5 ratings held out as
-pseudo-cold), never on test. Persons are spread over ``--institutions`` federated
-institutions (in-process federation: each round every institution runs its local steps from the
-global weights; the server applies the mean delta). DP: person-level, local noise, ε per
+pseudo-cold), never on test. The hybrid z-scores each component with the mean and sd of the
+person's scores over the whole catalogue (``hybrid.catalogue_moments``, as the Flower hybrid
+does), then reads off the candidates; the fixed-weight rows also report the blend z-scored per
+candidate row (``candidate_z_ndcg10``, the scoring before issue 30's fix) and each component's
+spread (``sd_<component>_candidates`` / ``_catalogue``, medians over rows). Persons are spread
+over ``--institutions`` federated institutions (in-process federation: each round every
+institution runs its local steps from the global weights; the server applies the mean delta). DP: person-level, local noise, ε per
 institution for the whole run (δ = 1e-5).
 
 Usage: ``python benchmarks/adapter.py [--quick]`` prints one JSON object on stdout.
@@ -55,7 +59,14 @@ from fedrec.client.train_adapter import AdapterTrainer, ItemBank, measure_throug
 from fedrec.common.config import RunConfig  # noqa: E402
 from fedrec.common.metrics import ranking_from_scores  # noqa: E402
 from fedrec.common.models.adapter import AdapterConfig, TextAdapter, default_device  # noqa: E402
-from fedrec.common.models.hybrid import DEFAULT_WEIGHTS, blend, dp_popularity, fit_blend, pooled_popularity  # noqa: E402
+from fedrec.common.models.hybrid import (  # noqa: E402
+    DEFAULT_WEIGHTS,
+    blend,
+    catalogue_moments,
+    dp_popularity,
+    fit_blend,
+    pooled_popularity,
+)
 from fedrec.common.models.mf import PersonRatings, preconditioner, score_items  # noqa: E402
 from fedrec.common.models.text_prior import (  # noqa: E402
     catalogue_texts,
@@ -170,12 +181,18 @@ def own_counts(hist_p: np.ndarray, hist_i: np.ndarray, owner: np.ndarray, K: int
 
 def pooled_scores(counts, noise_var, own, mean_w, owner, persons, cands) -> np.ndarray:
     """``hybrid.pooled_popularity`` for each person's own institution, on their candidates."""
-    out = np.zeros(cands.shape)
-    for k in range(len(own)):
-        rows = owner[persons] == k
-        if rows.any():
-            out[rows] = pooled_popularity(counts, noise_var, own[k], mean_weight=mean_w[k])[cands[rows]]
-    return out
+    return pooled_scorer(counts, noise_var, own, mean_w, owner)(persons, cands)
+
+
+def pooled_scorer(counts, noise_var, own, mean_w, owner):
+    """fn(persons, cands): ``hybrid.pooled_popularity`` of each person's own institution (each
+    institution's vector computed once)."""
+    pop = np.stack([pooled_popularity(counts, noise_var, own[k], mean_weight=mean_w[k]) for k in range(len(own))])
+
+    def score(persons: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        return pop[owner[np.asarray(persons)][:, None], cands]
+
+    return score
 
 
 def cap_task(task: "Task", max_rows: int, rng: np.random.Generator) -> "Task":
@@ -276,9 +293,11 @@ def adapter_model(adapter: TextAdapter, bank: ItemBank, train_p, train_i, owner,
 
 
 # ---------------------------------------------------------------------- hybrid
-def fit_task_blend(components: dict[str, np.ndarray], task: Task) -> dict[str, float]:
-    """Blend weights maximising NDCG@10 on one validation task (``common/models/hybrid``)."""
-    return fit_blend({n: [v] for n, v in components.items()}, lambda s, _t: task.metrics(s)["ndcg10"])
+def fit_task_blend(components: dict[str, np.ndarray], moments: dict[str, tuple], task: Task) -> dict[str, float]:
+    """Blend weights maximising NDCG@10 on one validation task (``common/models/hybrid``), each
+    component z-scored with its catalogue ``moments`` (as the Flower hybrid scores)."""
+    return fit_blend({n: [v] for n, v in components.items()}, lambda s, _t: task.metrics(s)["ndcg10"],
+                     moments={n: [m] for n, m in moments.items()})
 
 
 # ---------------------------------------------------------------------- the real Flower hybrid
@@ -385,10 +404,10 @@ def flower_hybrid(*, work: Path, pid_of: np.ndarray, iid_of: np.ndarray, items_t
         for split, task in tasks.items():
             rows = (owner[task.person] == k) & (local_person[task.person] >= 0)
             if rows.any():
-                comps = hybrid_components(folder, cfg, mf_score, captured["counts"], captured["noise_var"],
-                                          local_person[task.person[rows]], local_item[task.cands[rows]],
-                                          own_counts=own, mean_weight=mean_w)
-                scores[split][rows] = blend(DEFAULT_WEIGHTS, comps)
+                comps, moments = hybrid_components(folder, cfg, mf_score, captured["counts"], captured["noise_var"],
+                                                   local_person[task.person[rows]], local_item[task.cands[rows]],
+                                                   own_counts=own, mean_weight=mean_w)
+                scores[split][rows] = blend(DEFAULT_WEIGHTS, comps, moments)
                 covered[split][rows] = True
     weights = " ".join(f"{n}={w}" for n, w in DEFAULT_WEIGHTS.items())
     plan = {"via": "flower", "rounds": rounds, "count_share": cfg.privacy.count_budget_share,
@@ -564,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     val_tasks = {split: cap_task(t, args.val_rows, rng) for split, t in val_tasks.items()}
     owner = rng.integers(0, K, size=n_persons)
-    needed = np.unique(np.concatenate([t.cands.ravel() for t in (*tasks.values(), *val_tasks.values())]))
+    needed = np.arange(n_items)  # the hybrid z-scores the adapter over each person's whole catalogue
     log(f"cold items {len(cold)}, warm test {warm_test.sum()}, cold test {is_cold.sum()}, "
         f"val warm {v_warm.sum()}, val cold {v_is_cold.sum()}")
 
@@ -642,15 +661,18 @@ def main(argv: list[str] | None = None) -> int:
             add("adapter", f"val_{split}", eps, task.metrics(ad_score(task.person, task.cands)), **extra)
 
         def comps(mf, counts, noise_var, scorers, task, pooled=None):
-            out = {
-                "dp_popularity": (dp_popularity(counts, noise_var)[task.cands] if pooled is None
-                                  else pooled_scores(counts, noise_var, *pooled, owner, task.person, task.cands)),
-                "mf": mf(task.person, task.cands),
-                "text_prior": scorers["text_prior"](task.person, task.cands),
-            }
+            """(candidate scores, catalogue moments) of each component, as
+            ``client/adapter_round.hybrid_components`` computes them for the Flower hybrid."""
+            if pooled is None:
+                pop = dp_popularity(counts, noise_var)
+                fns = {"dp_popularity": lambda p, c: pop[c]}
+            else:
+                fns = {"dp_popularity": pooled_scorer(counts, noise_var, *pooled, owner)}
+            fns.update({"mf": mf, "text_prior": scorers["text_prior"]})
             if ad_score is not None:
-                out["adapter"] = ad_score(task.person, task.cands)
-            return out
+                fns["adapter"] = ad_score
+            return ({n: f(task.person, task.cands) for n, f in fns.items()},
+                    {n: catalogue_moments(f, task.person, n_items) for n, f in fns.items()})
 
         # the MF side's DP plan: the default budget split (counts 18%) and a hybrid that spends 90%
         # on the counts it mostly uses; local noise (each institution adds all of it) and distributed
@@ -672,9 +694,9 @@ def main(argv: list[str] | None = None) -> int:
                 add("pooled_popularity", split, eps, task.metrics(
                     pooled_scores(cnt_test, cv_test, *own_test, owner, task.person, task.cands)), **plan)
                 for pop, pv, pt in (("dp", None, None), ("pooled", own_val, own_test)):
-                    weights = fit_task_blend(comps(mf_val, cnt_val, cv_val, val_scorers, val_tasks[split], pv),
+                    weights = fit_task_blend(*comps(mf_val, cnt_val, cv_val, val_scorers, val_tasks[split], pv),
                                              val_tasks[split])
-                    m = task.metrics(blend(weights, comps(mf_test, cnt_test, cv_test, test_scorers, task, pt)))
+                    m = task.metrics(blend(weights, *comps(mf_test, cnt_test, cv_test, test_scorers, task, pt)))
                     add("hybrid", split, eps, m, **plan, popularity=pop,
                         weights=" ".join(f"{k}={v}" for k, v in weights.items()))
                 # the Flower hybrid's fixed public weights (DEFAULT_WEIGHTS, pooled popularity), in-process,
@@ -683,8 +705,19 @@ def main(argv: list[str] | None = None) -> int:
                 for tag, t_, args_ in ((f"val_{split}", val_tasks[split], (mf_val, cnt_val, cv_val, val_scorers, own_val)),
                                        (split, task, (mf_test, cnt_test, cv_test, test_scorers, own_test))):
                     mf_, cnt_, cv_, sc_, own_ = args_
-                    add("hybrid", tag, eps, t_.metrics(blend(DEFAULT_WEIGHTS, comps(mf_, cnt_, cv_, sc_, t_, own_))),
-                        **plan, popularity="pooled", weights=fixed, fixed_weights=True)
+                    c_, mom_ = comps(mf_, cnt_, cv_, sc_, t_, own_)
+                    # diagnostics (issue 30): each weighted component's spread among a row's sampled
+                    # candidates vs over the person's catalogue (medians over rows), and the blend
+                    # z-scored per candidate row (the scoring before the catalogue moments)
+                    scale = {}
+                    for n, w in DEFAULT_WEIGHTS.items():
+                        if w:
+                            scale[f"sd_{n}_candidates"] = round(float(np.median(c_[n].std(axis=1))), 4)
+                            scale[f"sd_{n}_catalogue"] = round(float(np.median(mom_[n][1])), 4)
+                    old = t_.metrics(blend(DEFAULT_WEIGHTS, c_))
+                    add("hybrid", tag, eps, t_.metrics(blend(DEFAULT_WEIGHTS, c_, mom_)),
+                        **plan, popularity="pooled", weights=fixed, fixed_weights=True, **scale,
+                        candidate_z_ndcg10=old["ndcg10"], candidate_z_hr10=old["hr10"])
 
     flower_meta: dict = {}
     if flower_eps:  # the real Flower hybrid on this split, scored on the same tasks
@@ -740,7 +773,9 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_trainable_params": adapter.n_trainable(), "adapter_rank": acfg.rank, "adapter_top_layers": acfg.top_layers,
         "encoder_sha256": adapter.weights_sha256, "cold_items": int(len(cold)),
         "protocol": "1 positive vs 99 sampled unrated items of the same split (warm: warm items; cold: cold items)",
-        "blend": "per-person z-scored components, weights by grid search on a validation split of the training data",
+        "blend": "components z-scored per person over the person's whole catalogue (all items; hybrid."
+                 "catalogue_moments), then read off at the candidates; weights by grid search on a validation "
+                 "split of the training data (or DEFAULT_WEIGHTS: fixed_weights rows and the Flower rows)",
         "hybrid_variants": [list(v) for v in HYBRID_VARIANTS], "gpu": "none lent to this task: CPU only",
         "torch_threads": torch.get_num_threads(), "flower": flower_meta or None,
         "wall_s": round(time.time() - t_start, 1),

@@ -144,14 +144,17 @@ def _people_fallback(folder: str, emb: np.ndarray) -> np.ndarray | None:
 
 def hybrid_components(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray, count_noise_var: float,
                       persons: np.ndarray, cands: np.ndarray, *, own_counts: np.ndarray | None = None,
-                      mean_weight: float = 1.0) -> dict[str, np.ndarray]:
+                      mean_weight: float = 1.0) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
     """The hybrid's component scores ``[len(persons), k]`` for this institution's persons:
-    popularity, DP MF (``mf_score(persons, cands)``), the text prior. Popularity is the
-    institution's own exact counts pooled with the released DP counts
-    (:func:`~fedrec.common.models.hybrid.pooled_popularity`) when ``own_counts`` (same weighting
-    as the release; ``mean_weight`` its mean per-interaction weight) is given, else the DP counts
-    alone. Local scoring of the institution's own people: nothing released."""
-    from fedrec.common.models.hybrid import dp_popularity, pooled_popularity
+    popularity, DP MF (``mf_score(persons, cands)``), the text prior, and each component's
+    per-person mean and sd over the person's **whole catalogue**
+    (:func:`~fedrec.common.models.hybrid.catalogue_moments`), which :func:`hybrid.blend` z-scores
+    with (never the candidates' own spread). Popularity is the institution's own exact counts pooled
+    with the released DP counts (:func:`~fedrec.common.models.hybrid.pooled_popularity`) when
+    ``own_counts`` (same weighting as the release; ``mean_weight`` its mean per-interaction weight)
+    is given, else the DP counts alone. Local scoring of the institution's own people: nothing
+    released."""
+    from fedrec.common.models.hybrid import catalogue_moments, dp_popularity, pooled_popularity
     from fedrec.common.models.text_prior import text_prior_scores
 
     emb, prof = _text_side(str(folder), tuple(sorted(cfg.to_flat().items())))
@@ -159,9 +162,10 @@ def hybrid_components(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray
         raise ValueError(f"hybrid: {len(counts)} released counts for a catalogue of {len(emb)} items")
     popularity = (dp_popularity(counts, count_noise_var) if own_counts is None
                   else pooled_popularity(counts, count_noise_var, own_counts, mean_weight=mean_weight))
-    return {"dp_popularity": popularity[cands],
-            "mf": mf_score(persons, cands),
-            "text_prior": text_prior_scores(prof, emb, persons, cands)}
+    scorers = {"dp_popularity": lambda p, c: popularity[c], "mf": mf_score,
+               "text_prior": lambda p, c: text_prior_scores(prof, emb, p, c)}
+    return ({n: f(persons, cands) for n, f in scorers.items()},
+            {n: catalogue_moments(f, persons, len(emb)) for n, f in scorers.items()})
 
 
 def hybrid_eval_sums(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray, count_noise_var: float,
@@ -177,6 +181,6 @@ def hybrid_eval_sums(folder: Path, cfg: RunConfig, mf_score, counts: np.ndarray,
         return {}
     person = np.asarray(test_person)
     cand = np.concatenate([np.asarray(test_item)[:, None], np.asarray(negatives)[person]], axis=1)
-    scores = blend(DEFAULT_WEIGHTS, hybrid_components(folder, cfg, mf_score, counts, count_noise_var, person, cand,
-                                                      own_counts=own_counts, mean_weight=mean_weight))
+    scores = blend(DEFAULT_WEIGHTS, *hybrid_components(folder, cfg, mf_score, counts, count_noise_var, person, cand,
+                                                       own_counts=own_counts, mean_weight=mean_weight))
     return ranking_sums(scores[:, 0], scores[:, 1:], k)

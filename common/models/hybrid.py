@@ -1,7 +1,12 @@
 """The hybrid scorer: DP item popularity + DP MF + the zero-budget text prior (+ the adapter).
 
 Each component scores a person's candidate items; per person (row) each component's scores are
-z-scored and the hybrid is their weighted sum. Components:
+z-scored and the hybrid is their weighted sum. The z-score's mean and sd come from the person's
+**whole catalogue** (:func:`catalogue_moments`), never from the candidate set being ranked: a
+component that only carries noise on the candidates (the popularity slot on cold items: no
+interactions anywhere, so it is DP noise) keeps its small spread beside the catalogue's real
+spread, instead of being blown up to unit variance by a per-candidate-set z-score; and an item's
+score no longer depends on which other items were sampled beside it. Components:
 
 - ``dp_popularity``: ``log1p`` of the released DP item counts after subtracting one noise sd
   (the same soft threshold as ``item_prior``): most catalogue items have (almost) no raters,
@@ -31,8 +36,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "GRID", "dp_popularity", "pooled_popularity", "standardise", "blend",
-           "fit_blend"]
+#: a component's per-row location and scale (each ``[rows, 1]``, or broadcastable to the rows)
+Moments = tuple[np.ndarray, np.ndarray]
+
+__all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "GRID", "Moments", "catalogue_moments", "dp_popularity",
+           "pooled_popularity", "standardise", "blend", "fit_blend"]
 
 COMPONENTS = ("dp_popularity", "mf", "text_prior", "adapter")
 #: the Flower hybrid's weights: the grid search's choice on the warm validation split of MovieLens'
@@ -41,7 +49,9 @@ COMPONENTS = ("dp_popularity", "mf", "text_prior", "adapter")
 #: (the popularity slot holds :func:`pooled_popularity` in the Flower hybrid: the grid's choice for it
 #: on that split was popularity 1, MF 0, text prior 1 — DP MF at ε = 8 with local noise adds nothing
 #: the pooled popularity and the text prior do not already rank; with the DP counts alone it was
-#: popularity 1, MF 0.25, text prior 2)
+#: popularity 1, MF 0.25, text prior 2). That choice was made with per-candidate-set z-scores; with
+#: the catalogue z-scores (:func:`catalogue_moments`) the same grid on the same split makes the same
+#: choice (issue 30, docs/adapter.md), so the weights were not changed
 DEFAULT_WEIGHTS: dict[str, float] = {"dp_popularity": 1.0, "mf": 0.0, "text_prior": 1.0}
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -90,36 +100,76 @@ def pooled_popularity(counts: np.ndarray, count_noise_var: float, own_counts: np
     return np.log1p(np.maximum(c + est, 0.0))
 
 
-def standardise(s: np.ndarray) -> np.ndarray:
-    """Per-row z-score: components on one scale whatever their units (ties stay ties)."""
+def catalogue_moments(score: Callable[[np.ndarray, np.ndarray], np.ndarray], persons: np.ndarray, n_items: int,
+                      *, chunk: int = 256) -> Moments:
+    """Each row's mean and sd of ``score(persons, items)`` over the person's whole catalogue (all
+    ``n_items`` items), each ``[len(persons), 1]``: the scale a component has among everything the
+    person could be recommended, not among a sampled candidate set. Computed once per distinct
+    person, ``chunk`` persons at a time (``score`` gets ``[chunk, n_items]`` item indices).
+
+    Local computation on the institution's own scores: nothing released."""
+    persons = np.asarray(persons)
+    if n_items < 1:
+        raise ValueError(f"catalogue_moments: n_items = {n_items}; fix: pass the catalogue's size (>= 1)")
+    uniq, inverse = np.unique(persons, return_inverse=True)
+    loc, sd = np.empty(len(uniq)), np.empty(len(uniq))
+    for a in range(0, len(uniq), chunk):
+        p = uniq[a:a + chunk]
+        full = np.asarray(score(p, np.tile(np.arange(n_items), (len(p), 1))), np.float64)
+        loc[a:a + chunk], sd[a:a + chunk] = full.mean(axis=1), full.std(axis=1)
+    inverse = inverse.reshape(-1)
+    return loc[inverse][:, None], sd[inverse][:, None]
+
+
+def standardise(s: np.ndarray, moments: Moments | None = None) -> np.ndarray:
+    """Z-score of each row: ``(s − mean) / sd`` with the row's ``moments`` (``(mean, sd)``, e.g.
+    :func:`catalogue_moments` over the person's whole catalogue), or without them the row's own
+    mean and sd (over the given candidates only). A zero sd divides by 1 (ties stay ties)."""
     s = np.asarray(s, np.float64)
-    sd = s.std(axis=-1, keepdims=True)
-    return (s - s.mean(axis=-1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    if moments is None:
+        loc, sd = s.mean(axis=-1, keepdims=True), s.std(axis=-1, keepdims=True)
+    else:
+        loc, sd = (np.asarray(m, np.float64) for m in moments)
+    return (s - loc) / np.where(sd > 0, sd, 1.0)
 
 
-def blend(weights: Mapping[str, float], comps: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Σ_c w_c · standardise(comps[c]) over the components with a non-zero weight. A weighted
-    component that is missing is an error (never silently dropped)."""
+def blend(weights: Mapping[str, float], comps: Mapping[str, np.ndarray],
+          moments: Mapping[str, Moments] | None = None) -> np.ndarray:
+    """Σ_c w_c · standardise(comps[c], moments[c]) over the components with a non-zero weight. A
+    weighted component that is missing (or, when ``moments`` is given, lacks its moments) is an
+    error (never silently dropped). The hybrid's scorers pass the catalogue moments
+    (:func:`catalogue_moments`); without them each row is z-scored over its own candidates, which
+    inflates a component that is noise-only on those candidates to unit variance."""
     missing = [n for n, w in weights.items() if w and n not in comps]
     if missing:
         raise KeyError(f"hybrid: weighted component(s) {missing} not computed")
-    used = [(w, comps[n]) for n, w in weights.items() if w]
+    if moments is not None:
+        missing = [n for n, w in weights.items() if w and n not in moments]
+        if missing:
+            raise KeyError(f"hybrid: weighted component(s) {missing} have no catalogue moments")
+    used = [(w, n) for n, w in weights.items() if w]
     if not used:
         raise ValueError("hybrid: every weight is 0")
-    return sum(w * standardise(s) for w, s in used)
+    return sum(w * standardise(comps[n], None if moments is None else moments[n]) for w, n in used)
 
 
 def fit_blend(components: Mapping[str, Sequence[np.ndarray]], metric: Callable[[np.ndarray, int], float],
-              grid: Sequence[float] = GRID) -> dict[str, float]:
+              grid: Sequence[float] = GRID, moments: Mapping[str, Sequence[Moments]] | None = None
+              ) -> dict[str, float]:
     """Weights maximising ``Σ_t metric(blend_t, t)`` over validation tasks ``t`` by grid search.
 
-    ``components[name][t]`` are the candidate scores ``[rows, 1 + negatives]`` of task ``t``.
-    The first component's weight is 0 or 1 (scale does not change a ranking). The validation
-    tasks must come from training data only (never held-out data).
+    ``components[name][t]`` are the candidate scores ``[rows, 1 + negatives]`` of task ``t``;
+    ``moments[name][t]`` their rows' catalogue moments (as :func:`blend` takes them; without,
+    each row is z-scored over its candidates). The first component's weight is 0 or 1 (scale
+    does not change a ranking). The validation tasks must come from training data only (never
+    held-out data).
     """
     names = list(components)
     n_tasks = len(next(iter(components.values())))
-    z = {n: [standardise(s) for s in components[n]] for n in names}
+    if moments is not None and set(moments) != set(names):
+        raise KeyError(f"fit_blend: moments for {sorted(moments)} but components {sorted(names)}")
+    z = {n: [standardise(s, None if moments is None else moments[n][t]) for t, s in enumerate(components[n])]
+         for n in names}
     best, best_w = -np.inf, None
     for ws in itertools.product(grid, repeat=len(names)):
         if max(ws) == 0 or ws[0] not in (0.0, 1.0):
