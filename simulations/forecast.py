@@ -89,11 +89,16 @@ class Forecast:
     noise_mode: str
     #: the pilot's item shapes (None: the stand-in's defaults, SPREAD and fair coins)
     shapes: dict[str, ItemShape] | None = None
+    #: ``z`` x SE per item before the cut to the possible range (``half_width`` is the interval the
+    #: run prints, cut like the run's; the two differ only where a CI reaches past ``±limit``)
+    se_half_width: dict[str, float] | None = None
 
     def to_json(self) -> dict:
         out = {"half_width": self.half_width, "largest_possible_effect": self.limit,
                "people_per_item_declared": self.people_per_item, "epsilon": _num(self.epsilon),
                "noise_mode": self.noise_mode, "max_half_fraction": MAX_HALF_FRACTION, "spread": SPREAD}
+        if self.se_half_width is not None:
+            out["half_width_before_cut"] = self.se_half_width
         if self.shapes is not None:
             out["pilot"] = {"share_of_budget": PILOT_SHARE, "items": {k: v.to_json() for k, v in self.shapes.items()}}
         return out
@@ -154,30 +159,42 @@ def forecast_half_widths(study, cfg, items: Sequence[str], people_per_item: Sequ
     design) over institutions declaring ``people_per_item`` people per item: the median over
     ``draws`` stand-in federations and their items (exchangeable in the stand-in, so every item
     gets the same forecast; a single draw's width is itself noisy where the noise dominates).
-    With the pilot's ``shapes`` each item gets its own: the median over the draws of its width."""
+    With the pilot's ``shapes`` each item gets its own: the median over the draws of its width.
+
+    The width is that of the interval the run prints: the stand-in runs the run's server code,
+    which cuts an interval reaching past ``±(max - min)`` to that range (``cut_to_possible_range``),
+    so the forecast is cut exactly as the run's will be; ``se_half_width`` keeps ``z`` x SE. The
+    stand-in draws are seeded by ``seed`` (``seed + 2d`` and ``seed + 2d + 1``): two runs' forecasts
+    share their Monte Carlo error only when they share ``seed``."""
     from dataclasses import replace
 
     from scipy.stats import norm
 
     from fedrec.simulations.causal_cli import estimate_inprocess
 
-    run_cfg = replace(cfg, items=tuple(items))
-    z = float(norm.ppf(1 - (alpha or cfg.alpha) / 2))
+    a = float(alpha or cfg.alpha)
+    run_cfg = replace(cfg, items=tuple(items), alpha=a)
+    z = float(norm.ppf(1 - a / 2))
     widths: dict[str, list[float]] = {it: [] for it in items}
+    se_widths: dict[str, list[float]] = {it: [] for it in items}
     for d in range(draws):
         insts = stand_in_federation(study, items, people_per_item, seed=seed + 2 * d, shapes=shapes)
         res = estimate_inprocess(insts, run_cfg, rng=np.random.default_rng(seed + 2 * d + 1))
         for it in items:
-            widths[it].append(z * float(res.items[it]["se"]))
-    if shapes is None:
-        half = float(np.median([w for ws in widths.values() for w in ws]))
-        per_item = {it: half for it in items}
-    else:
-        per_item = {it: float(np.median(widths[it])) for it in items}
+            row = res.items[it]
+            widths[it].append((float(row["ci_high"]) - float(row["ci_low"])) / 2.0)  # as printed: cut
+            se_widths[it].append(z * float(row["se"]))
+
+    def per_item(ws: dict[str, list[float]]) -> dict[str, float]:
+        if shapes is None:
+            half = float(np.median([w for v in ws.values() for w in v]))
+            return {it: half for it in items}
+        return {it: float(np.median(ws[it])) for it in items}
+
     limit = float(study.outcome_bounds[1] - study.outcome_bounds[0])
-    return Forecast(half_width=per_item, limit=limit,
+    return Forecast(half_width=per_item(widths), limit=limit,
                     people_per_item=[int(m) for m in people_per_item], epsilon=float(cfg.epsilon),
-                    noise_mode=cfg.noise_mode, shapes=shapes)
+                    noise_mode=cfg.noise_mode, shapes=shapes, se_half_width=per_item(se_widths))
 
 
 def declared_people_per_item(institutions, items: Sequence[str]) -> list[int]:
@@ -197,7 +214,8 @@ def answerable(fc: Forecast) -> bool:
 
 def refusal_message(fc: Forecast, unit: str = "") -> str:
     """One paragraph: what the run would give and what would make it answer."""
-    worst = max(fc.half_width.values())
+    # the uncut z x SE where known: a printed interval cut to ±(max - min) hides how far off it is
+    worst = max((fc.se_half_width or fc.half_width).values())
     people = round(float(np.mean(fc.people_per_item)))
     u = f" {unit}" if unit else ""
     eps = "∞" if not math.isfinite(fc.epsilon) else f"{fc.epsilon:g}"
