@@ -229,7 +229,7 @@ def _log_ndtr(x: float) -> float:
     return -0.5 * x2 - math.log(-x) - 0.5 * math.log(2.0 * math.pi) + math.log(series)
 
 
-#: Opacus' RDPAccountant.DEFAULT_ALPHAS (opacus 1.5; a test checks they are still equal)
+#: Opacus' RDPAccountant.DEFAULT_ALPHAS (a test checks they are still equal)
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 

@@ -1,17 +1,15 @@
 """Reproducibility over SecAgg+ (issue 33): in a simulation, ``sim.noise-seed`` also seeds the
 SecAgg+ stochastic rounding (per node, round and slot), so two simulations with the same seed
-give identical metrics; a deployed node keeps the OS CSPRNG (client/secagg_mod.rounding_rng)."""
+give identical metrics (two same-seed ``fedrec-sim run`` over SecAgg+:
+tests/integration/test_sweep.py::test_two_simulations_with_the_same_seed_give_identical_metrics);
+a deployed node keeps the OS CSPRNG (client/secagg_mod.rounding_rng)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pytest
 from flwr.app import Context, RecordDict
 
 from fedrec.client.secagg_mod import rounding_rng
-from fedrec.common.config import RunConfig
 from fedrec.common.secagg._quantize import QuantParams, quantize
 
 
@@ -37,23 +35,3 @@ def test_rounding_is_seeded_only_on_a_simulated_node_with_a_seed():
     assert rounding_rng(_ctx(SIM, -1), REC) is None
     fresh = [quantize(x, q, rounding_rng(_ctx({"data-dir": "/x"}, 5), REC)) for _ in range(2)]
     assert not np.array_equal(fresh[0], fresh[1])
-
-
-@pytest.mark.slow
-def test_two_same_seed_simulations_over_secagg_give_identical_metrics(tmp_path):
-    from fedrec.simulations.run import run_simulation
-
-    cfg = RunConfig().override(**{"institutions": 3, "rounds": 1, "privacy.epsilon": 8.0, "seed": 4,
-                                  "sim.noise-seed": 11, "secagg.enabled": True})
-    runs = []
-    for k in range(2):
-        run_simulation(cfg, tmp_path / f"run{k}", quiet=True)
-        hist = json.loads((tmp_path / f"run{k}" / "metrics.json").read_text())
-        for row in hist["rounds"]:
-            row.pop("seconds", None)
-            # keyed by Flower's node ids, which each simulation draws afresh: compare the values
-            row["epsilon"] = sorted(row["epsilon"].values())
-        runs.append(hist["rounds"])
-    assert runs[0] and runs[0][0]["contributors"] == 3
-    assert runs[0] == runs[1]  # every metric to the last bit (unseeded rounding differed at ~5e-7)
-    assert any(isinstance(v, float) for v in runs[0][0].values())  # there are float metrics to compare

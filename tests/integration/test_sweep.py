@@ -165,15 +165,15 @@ def _run_cmd(out: Path) -> subprocess.Popen:
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore"}
     exe = Path(sys.executable).with_name("fedrec-sim")
     return subprocess.Popen([str(exe), "run", "--domain", "health", "-k", "3", "-r", "2", "--epsilon", "1",
-                             "--set", "people=600", "--seed", "7", "--plain-aggregation", "--quiet", "--out", str(out)],
+                             "--set", "people=600", "--seed", "7", "--quiet", "--out", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_two_simulations_with_the_same_seed_give_identical_metrics(tmp_path):
-    """`fedrec-sim run --seed 7` twice (in parallel): the same numbers, noise included.
-
-    With plain aggregation: SecAgg+'s stochastic rounding (client/secagg_mod.py -> quantize) still
-    draws from the OS, which moves RMSE in the 7th digit until the mod seeds it in simulations."""
+    """`fedrec-sim run --seed 7` twice (in parallel), over SecAgg+: the same numbers to the last
+    bit, DP noise and SecAgg+'s stochastic rounding included (in a simulation ``--seed`` also sets
+    ``sim.noise-seed``, which seeds the rounding per node, round and slot: unseeded, it moved RMSE
+    in the 7th digit; client/secagg_mod.rounding_rng, tests/integration/test_secagg_reproducible.py)."""
     procs = [_run_cmd(tmp_path / name) for name in ("a", "b")]
     for p in procs:
         out, _ = p.communicate(timeout=300)
@@ -181,6 +181,7 @@ def test_two_simulations_with_the_same_seed_give_identical_metrics(tmp_path):
     a, b = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("a", "b"))
     assert len(a["rounds"]) == len(b["rounds"]) == 2
     for ra, rb in zip(a["rounds"], b["rounds"]):
+        assert ra["contributors"] == rb["contributors"] == 3  # every node's masked update in the sum
         for key in ("rmse", "mae", "ndcg10", "hr10"):
             assert ra[key] == rb[key], key
         assert sorted(ra["epsilon"].values()) == sorted(rb["epsilon"].values())
