@@ -23,6 +23,15 @@ paired differences (sign_correct: the share of runs with the truth's sign).
 
 ``run`` appends each finished federation at once (a long measurement can be stopped and
 summarized at any point); ``summarize`` prints ``{"meta", "rows"}``.
+
+    python benchmarks/strategy_values.py halves --first-seed 8000 --seeds 10 --jsonl h.jsonl
+
+``halves`` (the cross-fitted SE diagnostic, ε = inf, in process): per federation the DR
+estimate of ``benefit-cf`` split by fold (fold k's people under the policy fitted on the other
+fold) with each fold's truth on the reference's people of that fold, the per-person squares
+(i.i.d. SE) and the squares of the per-person difference of the two policies' DR terms; across
+seeds the correlation of the two folds' errors is the covariance the i.i.d. SE lacks
+(common/causal/ope.py ``OPEResult``). ``--clip`` (default: the ε = inf release's, 20).
 """
 
 from __future__ import annotations
@@ -69,6 +78,69 @@ def run(args) -> None:
             print(f"{dom} eps={args.epsilon} {mode} seed {seed}: {r['seconds']} s", file=sys.stderr, flush=True)
 
 
+def halves(args) -> None:
+    """The per-fold diagnostic of ``benefit-cf`` (module doc), one JSON line per federation."""
+    import numpy as np
+
+    from fedrec.client.ope_statistics import exposure_probabilities, strategy_rows
+    from fedrec.client.statistics import design_columns
+    from fedrec.common.causal.ope import OPEConfig, person_components, person_fold, terms_of
+    from fedrec.common.causal.scaling import half_range
+    from fedrec.server.strategies import crossfit_benefit_strategy, effective_clip, nuisance_arrays
+    from fedrec.simulations.causal_cli import estimate_inprocess, resolve_config
+    from fedrec.simulations.strategies import crossfit_runs, reference_population, several_loggers
+
+    cfg = OPEConfig(epsilon=math.inf)
+    clip = float(args.clip) if args.clip else effective_clip(cfg)
+    ref_people, ref_truth = reference_population(args.domain)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        t0 = time.time()
+        insts, _ = several_loggers(args.domain, institutions=8, people=20_000, seed=seed)
+        ccfg, _ = resolve_config(insts, epsilon=math.inf)
+        causal = estimate_inprocess(insts, ccfg, rng=np.random.default_rng([seed, 77]))
+        salt = f"crossfit-{seed}"
+        folds = crossfit_runs(insts, ccfg, salt=salt, rng=np.random.default_rng([seed, 78]))
+        better = insts[0].study.outcome_better
+        cf = crossfit_benefit_strategy(folds, better, salt)
+        pol = [{"name": f"pi{k}", "kind": "rank", "better": better, "coef": cf["coef"][k]} for k in range(2)]
+        nuis = nuisance_arrays(causal)
+        items = sorted(k[len("beta/"):] for k in nuis if k.startswith("beta/"))
+        cov, der = ccfg.covariates, ccfg.derived
+        columns = [c[0] for c in design_columns(insts[0], cov, der)]
+        scale = half_range(insts[0].study.outcome_bounds)
+        phi, fold = [], []
+        for d in insts:
+            rows = strategy_rows(d, items, nuis, covariates=cov, derived=der, trim=cfg.trim)
+            n = len(rows["x"])
+            phi.append(np.column_stack([terms_of(person_components(
+                rows["person"], n, rows["t"], rows["y"], rows["e"], rows["m1"], rows["m0"],
+                exposure_probabilities(s, rows, items, columns, d), clip=clip, switch_tau=cfg.switch_tau))["dr"]
+                for s in [cf] + pol]))
+            fold.append(person_fold(d.people["person_id"].astype(str).to_numpy(), salt, 2))
+        phi, fold = np.vstack(phi) * scale, np.concatenate(fold)
+        rrows = strategy_rows(ref_people, items, nuis, covariates=cov, derived=der, trim=cfg.trim)
+        pos = {p: i for i, p in enumerate(ref_truth.person_ids.astype(str))}
+        ppl = ref_people.people["person_id"].astype(str).to_numpy()
+        tau = ref_truth.cate[np.array([pos[p] for p in ppl])[rrows["person"]],
+                             np.array([list(ref_truth.item_ids).index(it) for it in items])[rrows["item"]]]
+        rfold = person_fold(ppl, salt, 2)
+
+        def true_effect(spec):
+            w = exposure_probabilities(spec, rrows, items, columns, ref_people) * tau
+            return np.bincount(rrows["person"], weights=w, minlength=len(ppl))
+
+        rec = {"domain": args.domain, "seed": seed, "clip": clip, "n": len(phi),
+               "n_fold": [int((fold == k).sum()) for k in range(2)], "est_cf": float(phi[:, 0].mean()),
+               "truth_cf": float(true_effect(cf).mean()), "sumsq_cf": float(np.sum(phi[:, 0] ** 2)),
+               "fold_mean": [float(phi[fold == k, 0].mean()) for k in range(2)],
+               "fold_sumsq": [float(np.sum(phi[fold == k, 0] ** 2)) for k in range(2)],
+               "truth_pi_reffold": [float(true_effect(pol[k])[rfold == k].mean()) for k in range(2)],
+               "sumsq_pidiff": float(np.sum((phi[:, 1] - phi[:, 2]) ** 2)), "seconds": round(time.time() - t0, 1)}
+        with open(args.jsonl, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        print(f"halves {args.domain} seed {seed}: {rec['seconds']} s", file=sys.stderr, flush=True)
+
+
 def summarize_files(paths, command: str) -> dict:
     from fedrec.simulations.strategies import summarize
 
@@ -106,12 +178,24 @@ def main(argv=None) -> int:
     r.add_argument("--estimators", default="dr",
                    help="estimators the strategy release carries: dr (the default release) or all / a comma list")
     r.add_argument("--jsonl", required=True)
+    h = sub.add_parser("halves", help="per-fold diagnostic of benefit-cf's SE (eps = inf, module doc)")
+    h.add_argument("--first-seed", type=int, required=True)
+    h.add_argument("--seeds", type=int, default=10)
+    h.add_argument("--domain", default="health", choices=DOMAINS)
+    h.add_argument("--clip", type=float, default=0.0, help="the weight clip (default: the eps = inf release's)")
+    h.add_argument("--jsonl", required=True)
     s = sub.add_parser("summarize")
     s.add_argument("paths", nargs="+")
     s.add_argument("--command", default="", help="the commands that produced the files (recorded in meta)")
     args = ap.parse_args(argv)
     if args.cmd == "run":
         run(args)
+        return 0
+    if args.cmd == "halves":
+        if args.seeds < 1 or args.clip < 0:
+            print("halves: --seeds must be >= 1 and --clip >= 0 (0: the default); fix: e.g. --seeds 10", file=sys.stderr)
+            return 2
+        halves(args)
         return 0
     print(json.dumps(summarize_files(args.paths, args.command or " ".join(sys.argv)), indent=1, default=float))
     return 0

@@ -30,8 +30,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedrec.common.causal.ope import (PAIR_TERMS, Layout, OPEConfig, OPEResult, evaluate_sums, release_bound,
-                                     strategy_bounds)
+from fedrec.common.causal.ope import (PAIR_TERMS, Layout, OPEConfig, OPEResult, crossfit_partitions, evaluate_sums,
+                                     release_bound, strategy_bounds)
 from fedrec.common.privacy.gaussian import summed_noise_var
 
 __all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "crossfit_benefit_strategy",
@@ -158,7 +158,7 @@ def run_strategies(send: Send, *, items: Sequence[str], columns: Sequence[str], 
     bounds = [strategy_bounds(s, clip, len(items)) for s in specs]  # the client's rule (common/causal/ope.py)
     res = evaluate_sums(np.asarray(totals[STEP], dtype=np.float64), [s["name"] for s in specs], bounds,
                         noise_var=nv, scale=scale, square_clip=cfg.square_clip, second_moment_weight=cfg.second_moment_weight,
-                        alpha=cfg.alpha, layout=cfg.layout)
+                        alpha=cfg.alpha, layout=cfg.layout, crossfit=crossfit_partitions(specs))
     facts = {"noise_multiplier": sigma, "sensitivity": sens, "noise_var": nv, "contributors": n_contrib,
              "epsilon": cfg.epsilon if cfg.dp else "inf", "delta": cfg.delta, "noise_mode": cfg.noise_mode,
              "clip": clip, "switch_tau": cfg.switch_tau}

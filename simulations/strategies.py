@@ -262,9 +262,10 @@ def _binomial_se(hits: np.ndarray) -> float:
 
 
 def summarize(runs: Sequence[dict]) -> list[dict]:
-    """Per (domain, ε, noise mode, strategy, estimator): bias, RMSE, coverage, mean CI width and,
-    for the difference, the share of runs with the right sign (coverage and sign with their
-    binomial SEs)."""
+    """Per (domain, ε, noise mode, strategy, estimator): bias, RMSE, coverage, mean CI width,
+    ``error_sd_to_se`` (the SD of estimate − truth across runs over the mean reported SE: about 1
+    when the SE is right, above 1 when it is too small) and, for the difference, the share of
+    runs with the right sign (coverage and sign with their binomial SEs)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         for row in r["rows"]:
@@ -280,7 +281,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
         out.append({"kind": "policy_value", "domain": dom, "epsilon": eps, "noise_mode": mode, "strategy": strat,
                     "estimator": est, "runs": len(rows), "truth": float(np.mean([x["truth"] for x in rows])),
                     "bias": float(err.mean()), "bias_se_units": float(err.mean() / max(se.mean(), 1e-300)),
-                    "rmse": float(np.sqrt(np.mean(err**2))), "coverage": float(cover.mean()),
+                    "rmse": float(np.sqrt(np.mean(err**2))),
+                    "error_sd_to_se": float(err.std(ddof=1) / max(se.mean(), 1e-300)) if len(err) > 1 else float("nan"),
+                    "coverage": float(cover.mean()),
                     "coverage_se": _binomial_se(cover), "ci_width": float(width.mean()),
                     "sign_correct": float(sign.mean()), "sign_correct_se": _binomial_se(sign)})
     # CI width ratio to the non-private estimate of the same cell, where both were run

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 
 import numpy as np
@@ -61,8 +61,8 @@ __all__ = ["COMPONENTS", "ESTIMATORS", "MAIN_ESTIMATOR", "DEFAULT_ESTIMATORS", "
            "release_bound", "release_dim", "n_squares", "terms_of", "SQUARE_TERMS", "PAIR_TERMS",
            "TERM_WEIGHTS", "NEEDS", "Layout", "CLIP_FACTOR", "strategy_clip", "strategy_exposure_bound", "strategy_bounds",
            "estimator_coefficients", "normalized_release_rows",
-           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold", "FLOWER_STRATEGIES", "StrategyRun",
-           "parse_estimators"]
+           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold", "crossfit_partitions", "FLOWER_STRATEGIES",
+           "StrategyRun", "parse_estimators"]
 
 #: per-strategy components of a person's term (see module doc)
 COMPONENTS = ("a1", "w1", "a0", "w0", "p", "d", "g", "s")
@@ -290,6 +290,14 @@ def strategy_bounds(spec: Mapping, clip: float, n_items: int) -> np.ndarray:
     return component_bounds(strategy_clip(spec, clip), strategy_exposure_bound(spec, n_items))
 
 
+def crossfit_partitions(specs: Sequence[Mapping]) -> dict[str, tuple[str, int]]:
+    """The public fold partition ``(salt, folds)`` of each cross-fitted strategy (kind
+    ``crossfit``) in ``specs``: what :class:`OPEResult` needs for the cross-fold bound of its
+    sampling variance. Public spec fields only."""
+    return {str(s["name"]): (str(s.get("salt", "")), len(s.get("coef", []))) for s in specs
+            if s.get("kind") == "crossfit"}
+
+
 #: per-strategy terms whose (winsorized) squares are released: their sampling variances
 SQUARE_TERMS = ("ips", "dm", "dr", "switch-dr")
 #: terms whose differences between every pair of strategies have their squares released
@@ -461,7 +469,19 @@ class OPEResult:
     the public square clip); ``noise_var``: the DP noise variance of each ``first``
     coordinate. The SE is ``sqrt(sampling + noise)``: sampling ``(Σ term²/N − value²)/N``,
     noise ``Σ_k (c_k/N)² noise_var_k`` through the estimate's gradient. SNIPS's sampling part
-    is IPS's (its square terms are not released; IPS's is the larger in the simulators)."""
+    is IPS's (its square terms are not released; IPS's is the larger in the simulators).
+
+    **Cross-fitted strategies** (``crossfit``: name -> the public ``(salt, K)`` of its fold
+    partition, :func:`crossfit_partitions`): a person of fold k is ranked by a policy learned
+    on the other folds, so fold k's terms are i.i.d. given the other folds' data, but the folds'
+    errors ``e_k`` are correlated — fold A's noise chose the policy fold B is evaluated with and
+    vice versa (positive where the learned ranking is unstable, e.g. near-tied items: 1/π for
+    two tied items, where the error's SD is 1.15x the i.i.d. SE and its 95% CI covers 0.91), a
+    covariance the i.i.d. variance lacks. The sampling variance of any estimate
+    involving one is multiplied by the number of cells K of the involved partitions: with fold
+    shares ``w_k``, ``Var(Σ w_k e_k) ≤ (Σ w_k sd_k)² ≤ K Σ w_k² sd_k² ≤ K x`` the i.i.d.
+    variance (Cauchy–Schwarz; a bound whatever the dependence, conservative where the ranking
+    is stable). The DP noise part is unchanged."""
 
     strategies: list[str]
     first: np.ndarray
@@ -471,14 +491,21 @@ class OPEResult:
     scale: float
     alpha: float = 0.05
     estimators: tuple[str, ...] = ESTIMATORS
+    crossfit: dict = field(default_factory=dict)
 
     @property
     def n(self) -> float:
         return max(float(self.first[0]), 1.0)
 
-    def _estimate(self, value: float, c: np.ndarray, sum_sq: float, centre: float) -> StrategyEstimate:
+    def fold_factor(self, *strategies: str) -> int:
+        """The cross-fold factor of an estimate involving ``strategies`` (class doc): the
+        number of cells of their cross-fitting partitions, 1 without a cross-fitted one."""
+        parts = {tuple(self.crossfit[s]) for s in strategies if s in self.crossfit}
+        return math.prod(int(k) for _, k in parts) if parts else 1
+
+    def _estimate(self, value: float, c: np.ndarray, sum_sq: float, centre: float, folds: int = 1) -> StrategyEstimate:
         n = self.n
-        sampling = max(sum_sq / n - centre**2, 0.0) / n
+        sampling = folds * max(sum_sq / n - centre**2, 0.0) / n
         noise = float(np.sum(c**2 * self.noise_var)) / n**2
         s = self.scale
         return StrategyEstimate(value=s * value, se=s * math.sqrt(sampling + noise), sampling_se=s * math.sqrt(sampling),
@@ -491,8 +518,8 @@ class OPEResult:
         value, c = estimator_coefficients(self.first, i, estimator)
         if estimator == "snips":
             ips, _ = estimator_coefficients(self.first, i, "ips")
-            return self._estimate(value, c, self.squares[(strategy, "ips")], ips)
-        return self._estimate(value, c, self.squares[(strategy, estimator)], value)
+            return self._estimate(value, c, self.squares[(strategy, "ips")], ips, self.fold_factor(strategy))
+        return self._estimate(value, c, self.squares[(strategy, estimator)], value, self.fold_factor(strategy))
 
     def difference(self, a: str, b: str, estimator: str = MAIN_ESTIMATOR) -> StrategyEstimate:
         """V(a) − V(b) with its CI (the two share the people: the squares of the per-person
@@ -503,7 +530,7 @@ class OPEResult:
         va, ca = estimator_coefficients(self.first, self.strategies.index(a), estimator)
         vb, cb = estimator_coefficients(self.first, self.strategies.index(b), estimator)
         key, sign = ((a, b, estimator), 1.0) if (a, b, estimator) in self.pair_squares else ((b, a, estimator), -1.0)
-        return self._estimate(va - vb, ca - cb, self.pair_squares[key], va - vb)
+        return self._estimate(va - vb, ca - cb, self.pair_squares[key], va - vb, self.fold_factor(a, b))
 
     def to_json(self) -> dict:
         return {s: {e: self.estimate(s, e).to_json() for e in self.estimators} for s in self.strategies}
@@ -517,8 +544,13 @@ def _square_keys(strategies: Sequence[str], layout: Layout) -> tuple[list[tuple]
 
 def evaluate_sums(total: np.ndarray, strategies: Sequence[str], bounds: Sequence[np.ndarray], *,
                   noise_var: float, scale: float, square_clip: float = 3.0, second_moment_weight: float = 0.5,
-                  alpha: float = 0.05, layout: Layout = Layout()) -> OPEResult:
+                  alpha: float = 0.05, layout: Layout = Layout(),
+                  crossfit: Mapping[str, tuple[str, int]] | None = None) -> OPEResult:
     """Estimates from one summed release (post-processing, no budget).
+
+    ``crossfit``: the cross-fitted strategies' public fold partitions
+    (:func:`crossfit_partitions` of the specs; their SEs carry the cross-fold bound,
+    :class:`OPEResult`).
 
     ``total``: the secure sum of the institutions' releases (:func:`normalized_release_rows`
     with the same ``layout``); ``bounds[s]``: strategy s's :func:`component_bounds`;
@@ -542,8 +574,12 @@ def evaluate_sums(total: np.ndarray, strategies: Sequence[str], bounds: Sequence
     sq_keys, pair_keys = _square_keys(list(strategies), layout)
     squares = dict(zip(sq_keys, sq_vals[:len(sq_keys)]))
     pairs = dict(zip(pair_keys, sq_vals[len(sq_keys):]))
+    cf = {str(k): (str(v[0]), int(v[1])) for k, v in (crossfit or {}).items()}
+    bad = [k for k, (_, folds) in cf.items() if k not in strategies or folds < 1]
+    if bad:
+        raise ValueError(f"crossfit {bad[0]!r}: not one of the released strategies or fewer than 1 fold")
     return OPEResult(strategies=list(strategies), first=full, squares=squares, pair_squares=pairs, noise_var=nv,
-                     scale=scale, alpha=alpha, estimators=tuple(layout.estimators))
+                     scale=scale, alpha=alpha, estimators=tuple(layout.estimators), crossfit=cf)
 
 
 def normalized_release_rows(components: Sequence[np.ndarray], bounds: Sequence[np.ndarray], *,
