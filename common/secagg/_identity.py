@@ -11,7 +11,7 @@ honest client accepts.
   authentication registers (``flwr supernode register`` takes the OpenSSH public key; Flower
   accepts any NIST curve), so one key pair is both the node's transport identity and its SecAgg+
   signing identity. Why P-256: every other primitive of a session is at the 128-bit level
-  (X25519, Ed25519, AES-128-GCM keys from HKDF), so P-384's 192 bits bought nothing while its
+  (X25519, from which the AES-256-GCM keys are derived, and Ed25519), so P-384's 192 bits bought nothing while its
   verification was ~6-9x slower and 40% of a first setup's time (issue 28 profile);
 * roster: TOML ``[members] <institution> = "ecdsa-sha2-nistp256 AAAA..."``, distributed to every
   institution out of band (with the federation's CA certificate);
