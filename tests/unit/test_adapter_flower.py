@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from typer.testing import CliRunner
@@ -35,12 +34,8 @@ def _task_identity(monkeypatch):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A small ratings institution: 24 catalogue items with titles and genres, 30 persons."""
-    root = tmp_path_factory.mktemp("adapter") / "institution_00"
-    root.mkdir()
-    genres = ["Comedy", "Drama", "Horror|Thriller", "Animation|Children", "Documentary", "Sci-Fi|Action"]
-    items = pd.DataFrame({"item_id": np.arange(1, 25), "title": [f"Film number {i}" for i in range(1, 25)],
-                          "year": 1990.0 + np.arange(24) % 20, "genres": [genres[i % 6] for i in range(24)]})
-    items.to_parquet(root / "items.parquet", index=False)
+    from titled_institution import write_titled_institution
+
     rng = np.random.default_rng(0)
     rows = []
     for person in range(1, 31):
@@ -48,10 +43,7 @@ def folder(tmp_path_factory) -> Path:
         liked = [i for i in range(1, 25) if (i - 1) % 6 == taste]
         for item in rng.choice(liked, size=3, replace=False):
             rows.append((person, int(item), 4.5))
-    df = pd.DataFrame(rows, columns=["person_id", "item_id", "rating"])
-    test = df.groupby("person_id").head(1)
-    df.drop(test.index).to_parquet(root / "ratings_train.parquet", index=False)
-    test.to_parquet(root / "ratings_test.parquet", index=False)
+    root = write_titled_institution(tmp_path_factory.mktemp("adapter") / "institution_00", rows)
     res = CliRunner().invoke(client_cli, ["init", str(root), "--epsilon-cap", "8"])
     assert res.exit_code == 0, res.output
     return root
@@ -162,20 +154,12 @@ def test_hybrid_train_and_count_replies_carry_only_mf_item_tensors(tmp_path):
 
 def _institution_folder(root: Path, k: int) -> Path:
     """Two small institutions on one 24-item catalogue with titles and genres."""
-    folder = root / f"institution_{k:02d}"
-    folder.mkdir(parents=True)
-    genres = ["Comedy", "Drama", "Horror|Thriller", "Animation|Children", "Documentary", "Sci-Fi|Action"]
-    pd.DataFrame({"item_id": np.arange(1, 25), "title": [f"Film number {i}" for i in range(1, 25)],
-                  "year": 1990.0 + np.arange(24) % 20, "genres": [genres[i % 6] for i in range(24)]}
-                 ).to_parquet(folder / "items.parquet", index=False)
+    from titled_institution import write_titled_institution
+
     rng = np.random.default_rng(k)
     rows = [(p, int(i), 4.5) for p in range(1, 31)
             for i in rng.choice([i for i in range(1, 25) if (i - 1) % 6 == p % 6], size=3, replace=False)]
-    df = pd.DataFrame(rows, columns=["person_id", "item_id", "rating"])
-    test = df.groupby("person_id").head(1)
-    df.drop(test.index).to_parquet(folder / "ratings_train.parquet", index=False)
-    test.to_parquet(folder / "ratings_test.parquet", index=False)
-    return folder
+    return write_titled_institution(root / f"institution_{k:02d}", rows)
 
 
 @pytest.mark.slow

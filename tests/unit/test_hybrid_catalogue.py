@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from fedrec.common.config import RunConfig
@@ -75,19 +74,11 @@ def test_blend_and_fit_blend_refuse_missing_moments():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A ratings institution: 24 titled items (items 19-24 cold: nobody rated them), 30 persons."""
-    root = tmp_path_factory.mktemp("hybrid") / "institution_00"
-    root.mkdir()
-    genres = ["Comedy", "Drama", "Horror|Thriller", "Animation|Children", "Documentary", "Sci-Fi|Action"]
-    items = pd.DataFrame({"item_id": np.arange(1, 25), "title": [f"Film number {i}" for i in range(1, 25)],
-                          "year": 1990.0 + np.arange(24) % 20, "genres": [genres[i % 6] for i in range(24)]})
-    items.to_parquet(root / "items.parquet", index=False)
+    from titled_institution import write_titled_institution
+
     rng = np.random.default_rng(0)
     rows = [(u, int(i), 4.0) for u in range(1, 31) for i in rng.choice(np.arange(1, 19), size=4, replace=False)]
-    df = pd.DataFrame(rows, columns=["person_id", "item_id", "rating"])
-    test = df.groupby("person_id").head(1)
-    df.drop(test.index).to_parquet(root / "ratings_train.parquet", index=False)
-    test.to_parquet(root / "ratings_test.parquet", index=False)
-    return root
+    return write_titled_institution(tmp_path_factory.mktemp("hybrid") / "institution_00", rows)
 
 
 def test_flower_hybrid_scores_with_the_persons_catalogue_scale(folder):
