@@ -131,18 +131,6 @@ def _load_refute(folder: str, kind: str, seed: int) -> InstitutionData:
     return refute_data(kind, _load(folder), seed)
 
 
-def _refute_design(ccfg: CausalConfig, kind: str) -> CausalConfig:
-    """The nuisance design of a refutation run: random common cause adds its covariate to an
-    explicit covariate list (as simulations/refute.py does); otherwise the run's own."""
-    from dataclasses import replace
-
-    from fedrec.common.causal.refute import RANDOM_COVARIATE
-
-    if kind == "random-common-cause" and ccfg.covariates is not None and RANDOM_COVARIATE not in ccfg.covariates:
-        return replace(ccfg, covariates=tuple(ccfg.covariates) + (RANDOM_COVARIATE,))
-    return ccfg
-
-
 def _declaration(data: InstitutionData, ccfg: CausalConfig) -> str:
     cols = design_columns(data, ccfg.covariates, ccfg.derived)
     st = data.study
@@ -229,8 +217,10 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     data = _load(str(folder)) if fold < 0 else _load_fold(str(folder), fold, salt)
     task = f"causal-{step}" if fold < 0 else f"causal-fold{fold}-{step}"  # a fold run's rows are its own
     if rkind:  # a refutation run (server/causal.py main): this institution's own data, transformed here
+        from fedrec.common.causal.refute import refutation_design
+
         data, task = _load_refute(str(folder), rkind, rseed), f"causal-refute-{rkind}-{step}"
-        ccfg = _refute_design(ccfg, rkind)
+        ccfg = refutation_design(ccfg, rkind)
     p = len(design_columns(data, ccfg.covariates, ccfg.derived)) + 1
     known = set(data.items["item_id"].astype(str))
     missing = [i for i in items if i not in known]

@@ -40,31 +40,14 @@ from fedrec.client.node import NOISE_RECORD, charge_statistics_release, noise_re
 from fedrec.client.ope_statistics import check_strategies, ope_contribution
 from fedrec.client.statistics import design_columns, release
 from fedrec.common.causal.config import CausalConfig
-from fedrec.common.causal.ope import DEFAULT_ESTIMATORS, Layout, OPEConfig, StrategyRun, release_bound
+from fedrec.common.causal.ope import (DEFAULT_ESTIMATORS, Layout, OPEConfig, StrategyRun, release_bound,
+                                     release_noise_multiplier)
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.release import release_std
 
-__all__ = ["app", "strategy_values", "strategy_plan", "strategy_plan_events", "release_noise_multiplier"]
+__all__ = ["app", "strategy_values", "strategy_plan", "strategy_plan_events"]
 
 _ROWS: dict = {}
-_SIGMA: dict = {}
-
-
-def release_noise_multiplier(epsilon: float, delta: float, accountant: str = "prv") -> float:
-    """σ of the strategy release at the run's (ε, δ): the one Gaussian event calibrated to ε,
-    the server's rule (server/strategies.noise_multiplier, with the run's ``causal.accountant``,
-    which the server's release uses too); 0 when ε = inf."""
-    import math
-
-    if not math.isfinite(epsilon):
-        return 0.0
-    key = (float(epsilon), float(delta), accountant)
-    if key not in _SIGMA:
-        from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
-
-        _SIGMA[key] = calibrate_for_events(lambda s: [GaussianEvent(noise_multiplier=s)], target_epsilon=float(epsilon),
-                                           delta=float(delta), accountant=accountant)
-    return _SIGMA[key]
 
 
 def strategy_plan_events(ccfg: CausalConfig, run: StrategyRun) -> list:
@@ -72,7 +55,7 @@ def strategy_plan_events(ccfg: CausalConfig, run: StrategyRun) -> list:
     choices only: the causal run's steps (:func:`~fedrec.client.causal_app.causal_plan_events`),
     twice more with ``benefit-cf`` (the two fold runs: the same plan on half the people each,
     charged as ``causal-fold<k>-<step>``), then the strategy release at the causal run's ε and δ
-    (:func:`release_noise_multiplier`). Empty without DP."""
+    (:func:`~fedrec.common.causal.ope.release_noise_multiplier`, the server's rule). Empty without DP."""
     from fedrec.common.privacy.accountant import GaussianEvent
 
     if not ccfg.dp:

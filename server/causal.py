@@ -560,13 +560,11 @@ def refute(grid: Grid, nodes: list[int], protocol: SumProtocol, ccfg: CausalConf
     post-processing."""
     from dataclasses import replace
 
-    from fedrec.common.causal.refute import RANDOM_COVARIATE, SENSITIVITY_FACTOR, verdict
+    from fedrec.common.causal.refute import SENSITIVITY_FACTOR, refutation_design, verdict
 
     out: dict = {}
     for kind in ccfg.refute:
-        rcfg = replace(ccfg, refute=(), refute_kind=kind, refute_seed=int(seed))
-        if kind == "random-common-cause" and ccfg.covariates is not None:
-            rcfg = replace(rcfg, covariates=tuple(ccfg.covariates) + (RANDOM_COVARIATE,))
+        rcfg = refutation_design(replace(ccfg, refute=(), refute_kind=kind, refute_seed=int(seed)), kind)
         res = estimate(grid, nodes, protocol, rcfg)
         out[kind] = {**verdict(kind, result.items, res.items, alpha=ccfg.alpha), "seed": int(seed),
                      "sensitivity_factor": SENSITIVITY_FACTOR[kind], "budget": res.to_json()["budget"]}

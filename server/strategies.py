@@ -26,12 +26,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from functools import lru_cache
 
 import numpy as np
 
 from fedrec.common.causal.ope import (PAIR_TERMS, Layout, OPEConfig, OPEResult, crossfit_partitions, evaluate_sums,
-                                     release_bound, strategy_bounds)
+                                     release_bound, release_noise_multiplier, strategy_bounds)
 from fedrec.common.privacy.gaussian import summed_noise_var
 
 __all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "crossfit_benefit_strategy",
@@ -112,17 +111,10 @@ def scorer_strategy(name: str, scorer: str) -> dict:
     return {"name": name, "kind": "scorer", "scorer": scorer}
 
 
-@lru_cache(maxsize=64)
-def _calibrate(epsilon: float, delta: float, accountant: str) -> float:
-    from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
-
-    return calibrate_for_events(lambda s: [GaussianEvent(noise_multiplier=s)], target_epsilon=epsilon, delta=delta,
-                                accountant=accountant)
-
-
 def noise_multiplier(cfg: OPEConfig) -> float:
-    """σ of the one Gaussian release at the configured (ε, δ); 0 when ε = inf."""
-    return _calibrate(float(cfg.epsilon), float(cfg.delta), cfg.accountant) if cfg.dp else 0.0
+    """σ of the one Gaussian release at the configured (ε, δ); 0 when ε = inf
+    (:func:`~fedrec.common.causal.ope.release_noise_multiplier`, the institutions' rule too)."""
+    return release_noise_multiplier(float(cfg.epsilon), float(cfg.delta), cfg.accountant) if cfg.dp else 0.0
 
 
 def effective_clip(cfg: OPEConfig) -> float:

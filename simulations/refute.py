@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 import numpy as np
 
 from fedrec.common.causal.config import CausalConfig
-from fedrec.common.causal.refute import RANDOM_COVARIATE, REFUTATIONS, refute_data, verdict
+from fedrec.common.causal.refute import REFUTATIONS, refutation_design, refute_data, verdict
 from fedrec.common.datasets import InstitutionData
 
 __all__ = ["guarded_send", "guarded_estimate", "refute_inprocess"]
@@ -101,10 +100,7 @@ def refute_inprocess(institutions: Sequence[InstitutionData], cfg: CausalConfig,
     if kind not in REFUTATIONS:
         raise ValueError(f"unknown refutation {kind!r}; use one of {', '.join(REFUTATIONS)}")
     data = [refute_data(kind, d, seed) for d in institutions]
-    rcfg = cfg
-    if kind == "random-common-cause" and cfg.covariates is not None:
-        rcfg = replace(cfg, covariates=tuple(cfg.covariates) + (RANDOM_COVARIATE,))
-    res = guarded_estimate(data, rcfg, guards, run_id=f"refute-{kind}-{seed}", task=f"refute-{kind}", rng=rng,
+    res = guarded_estimate(data, refutation_design(cfg, kind), guards, run_id=f"refute-{kind}-{seed}", task=f"refute-{kind}", rng=rng,
                            refute=kind)
     out = verdict(kind, original, res.items, alpha=alpha)
     out["seed"] = seed

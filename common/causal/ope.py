@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
@@ -62,7 +63,7 @@ __all__ = ["COMPONENTS", "ESTIMATORS", "MAIN_ESTIMATOR", "DEFAULT_ESTIMATORS", "
            "TERM_WEIGHTS", "NEEDS", "Layout", "CLIP_FACTOR", "strategy_clip", "strategy_exposure_bound", "strategy_bounds",
            "estimator_coefficients", "normalized_release_rows",
            "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold", "crossfit_partitions", "FLOWER_STRATEGIES",
-           "StrategyRun", "parse_estimators"]
+           "StrategyRun", "parse_estimators", "release_noise_multiplier"]
 
 #: per-strategy components of a person's term (see module doc)
 COMPONENTS = ("a1", "w1", "a0", "w0", "p", "d", "g", "s")
@@ -145,6 +146,20 @@ class OPEConfig:
         return cls(epsilon=eps if eps > 0 else math.inf, delta=float(flat.get("strategies.delta", 1e-5)),  # type: ignore[arg-type]
                    noise_mode=str(flat.get("strategies.noise-mode", "local")),
                    n_min=int(flat.get("strategies.n-min", 0)))  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=64)
+def release_noise_multiplier(epsilon: float, delta: float, accountant: str = "prv") -> float:
+    """σ of the strategy release at the run's (ε, δ): the one Gaussian event calibrated to ε with
+    ``accountant`` (the run's ``causal.accountant``); 0 when ε = inf. The one rule the server's
+    release (server/strategies.noise_multiplier) and the institutions' plan check
+    (client/strategy_app.strategy_plan_events) share. Public values only."""
+    if not math.isfinite(epsilon):
+        return 0.0
+    from fedrec.common.privacy.accountant import GaussianEvent, calibrate_for_events
+
+    return calibrate_for_events(lambda s: [GaussianEvent(noise_multiplier=s)], target_epsilon=float(epsilon),
+                                delta=float(delta), accountant=accountant)
 
 
 def parse_estimators(text: str, *, key: str = "--estimators") -> tuple[str, ...]:

@@ -49,7 +49,7 @@ from fedrec.common.datasets import InstitutionData
 from fedrec.common.schema import Covariate
 
 __all__ = ["REFUTATIONS", "RANDOM_COVARIATE", "SENSITIVITY_FACTOR", "placebo_data", "random_common_cause_data",
-           "refute_data", "refutation_plan", "verdict"]
+           "refute_data", "refutation_design", "refutation_plan", "verdict"]
 
 REFUTATIONS = ("placebo", "random-common-cause")
 #: per-person L2 sensitivity of a refutation run's release, in units of the causal run's bound
@@ -121,6 +121,20 @@ def refute_data(kind: str, d: InstitutionData, seed: int) -> InstitutionData:
     if kind == "random-common-cause":
         return random_common_cause_data(d, seed)
     raise ValueError(f"unknown refutation {kind!r}; use one of {', '.join(REFUTATIONS)}")
+
+
+def refutation_design(cfg, kind: str):
+    """The nuisance design a refutation ``kind`` run estimates with: for random common cause, the
+    run's explicit covariate list (a :class:`~fedrec.common.causal.config.CausalConfig`'s
+    ``covariates``) plus :data:`RANDOM_COVARIATE` (once, however often it is applied); otherwise,
+    and when the study's own covariate list is used (``None``), ``cfg`` itself. The one rule the
+    server (server/causal.refute), the institutions (client/causal_app.py) and the in-process
+    path (simulations/refute.py) share. Public configuration only."""
+    from dataclasses import replace as _replace
+
+    if kind == "random-common-cause" and cfg.covariates is not None and RANDOM_COVARIATE not in cfg.covariates:
+        return _replace(cfg, covariates=tuple(cfg.covariates) + (RANDOM_COVARIATE,))
+    return cfg
 
 
 def refutation_plan(plan, kind: str):

@@ -47,6 +47,7 @@ CURVE = ec.SECP256R1
 #: ecdsa-sha2-nistp256 / ecdsa-sha2-nistp384)
 _ECDSA_BY_CURVE: dict[str, ec.ECDSA] = {"secp256r1": ec.ECDSA(hashes.SHA256()), "secp384r1": ec.ECDSA(hashes.SHA384())}
 _ACCEPTED = "ECDSA on NIST P-256 or P-384 (ecdsa-sha2-nistp256 / ecdsa-sha2-nistp384)"
+_RAW = serialization.Encoding.Raw
 
 
 def _ecdsa_for(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> ec.ECDSA:
@@ -55,7 +56,6 @@ def _ecdsa_for(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> e
 
 def _accepted(key: object) -> bool:
     return isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) and key.curve.name in _ECDSA_BY_CURVE
-_RAW = serialization.Encoding.Raw
 
 
 class IdentityError(ValueError):
