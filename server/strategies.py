@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from fedrec.common.causal.ope import (PAIR_TERMS, Layout, OPEConfig, OPEResult, crossfit_partitions, evaluate_sums,
-                                     release_bound, release_noise_multiplier, strategy_bounds)
+                                     in_sample_strategies, release_bound, release_noise_multiplier, strategy_bounds)
 from fedrec.common.privacy.gaussian import summed_noise_var
 
 __all__ = ["STEP", "MESSAGE_TYPE", "nuisance_arrays", "rank_strategy", "benefit_strategy", "crossfit_benefit_strategy",
@@ -74,8 +74,10 @@ def rank_strategy(name: str, coef: Mapping[str, Mapping[str, float]], better: st
 
 def benefit_strategy(item_results: Mapping[str, dict], better: str, name: str = "benefit") -> dict:
     """Benefit ranking: each item's released CATE model (causal.json ``items.<item>.cate_coef``),
-    oriented by the study's better direction."""
-    return rank_strategy(name, {it: r["cate_coef"] for it, r in item_results.items()}, better)
+    oriented by the study's better direction. Marked ``in_sample``: the models were fitted on the
+    people the release evaluates it on, so its value is reported without a CI
+    (:data:`~fedrec.common.causal.ope.IN_SAMPLE_NOTE`; ``benefit-cf`` is the cross-fitted one)."""
+    return {**rank_strategy(name, {it: r["cate_coef"] for it, r in item_results.items()}, better), "in_sample": True}
 
 
 def crossfit_benefit_strategy(fold_items: Sequence[Mapping[str, dict]], better: str, salt: str,
@@ -150,7 +152,8 @@ def run_strategies(send: Send, *, items: Sequence[str], columns: Sequence[str], 
     bounds = [strategy_bounds(s, clip, len(items)) for s in specs]  # the client's rule (common/causal/ope.py)
     res = evaluate_sums(np.asarray(totals[STEP], dtype=np.float64), [s["name"] for s in specs], bounds,
                         noise_var=nv, scale=scale, square_clip=cfg.square_clip, second_moment_weight=cfg.second_moment_weight,
-                        alpha=cfg.alpha, layout=cfg.layout, crossfit=crossfit_partitions(specs))
+                        alpha=cfg.alpha, layout=cfg.layout, crossfit=crossfit_partitions(specs),
+                        in_sample=in_sample_strategies(specs))
     facts = {"noise_multiplier": sigma, "sensitivity": sens, "noise_var": nv, "contributors": n_contrib,
              "epsilon": cfg.epsilon if cfg.dp else "inf", "delta": cfg.delta, "noise_mode": cfg.noise_mode,
              "clip": clip, "switch_tau": cfg.switch_tau}

@@ -281,12 +281,18 @@ def evaluate_strategies_cmd(
 
     tab = Table(title="strategy values vs the simulated A/B reference")
     for col in ("domain", "ε", "mode", "strategy", "estimator", "truth", "bias", "coverage", "sign ok", "CI width"):
-        tab.add_column(col)
+        tab.add_column(col, no_wrap=col in ("strategy", "coverage"))
     for r in res["rows"]:
         tab.add_row(r["domain"], str(r["epsilon"]), r["noise_mode"], r["strategy"], r["estimator"], f"{r['truth']:.3g}",
-                    f"{r['bias']:+.3g}", f"{r['coverage']:.2f}", f"{r['sign_correct']:.2f}",
+                    f"{r['bias']:+.3g}",
+                    f"{r['coverage']:.2f}" if not r.get("in_sample") else f"no CI* ({r['naive_coverage']:.2f})",
+                    f"{r['sign_correct']:.2f}",
                     f"{r['ci_width']:.3g}" if _math.isfinite(r["ci_width"]) else "-")
     console.print(tab)
+    if any(r.get("in_sample") for r in res["rows"]):
+        console.print("* in-sample benefit ranking (its models were fitted on the people it is evaluated on): a value "
+                      "and an SE but no valid CI; in brackets how often value ± z·SE covered the reference. Use "
+                      "benefit-cf (cross-fitted) for a CI (docs/strategies.md).", markup=False)
     raise typer.Exit(0)
 
 

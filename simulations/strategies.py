@@ -241,18 +241,22 @@ def one_run(domain: str, *, seed: int, epsilon: float, noise_mode: str, institut
     rows = []
     for s in specs:
         for est in cfg.estimators:
-            e = res.estimate(s["name"], est)
-            lo, hi = e.ci
-            rows.append({"strategy": s["name"], "estimator": est, "value": e.value, "se": e.se, "ci_low": lo,
-                         "ci_high": hi, "truth": truth[s["name"]]})
+            rows.append(_row(s["name"], est, res.estimate(s["name"], est), truth[s["name"]]))
     for est in [t for t in PAIR_TERMS if t in cfg.estimators]:
         for a in [s["name"] for s in specs if s["name"].startswith("benefit")]:
-            dif = res.difference(a, "engagement", est)
-            lo, hi = dif.ci
-            rows.append({"strategy": f"{a}-engagement", "estimator": est, "value": dif.value, "se": dif.se,
-                         "ci_low": lo, "ci_high": hi, "truth": truth[a] - truth["engagement"]})
+            rows.append(_row(f"{a}-engagement", est, res.difference(a, "engagement", est),
+                             truth[a] - truth["engagement"]))
     return {"domain": domain, "seed": seed, "epsilon": epsilon if math.isfinite(epsilon) else "inf",
             "noise_mode": noise_mode, "rows": rows, "release": facts}
+
+
+def _row(strategy: str, estimator: str, e, truth: float) -> dict:
+    """One graded row: the estimate, its CI (NaN for an in-sample one, which has none) and, for
+    the yardstick, ``value ± z·SE`` as ``naive_ci_*`` (how far an in-sample CI would miss)."""
+    lo, hi = e.ci
+    nlo, nhi = e.naive_ci
+    return {"strategy": strategy, "estimator": estimator, "value": e.value, "se": e.se, "ci_low": lo, "ci_high": hi,
+            "naive_ci_low": nlo, "naive_ci_high": nhi, "in_sample": e.in_sample, "truth": truth}
 
 
 def _binomial_se(hits: np.ndarray) -> float:
@@ -265,7 +269,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     """Per (domain, ε, noise mode, strategy, estimator): bias, RMSE, coverage, mean CI width,
     ``error_sd_to_se`` (the SD of estimate − truth across runs over the mean reported SE: about 1
     when the SE is right, above 1 when it is too small) and, for the difference, the share of
-    runs with the right sign (coverage and sign with their binomial SEs)."""
+    runs with the right sign (coverage and sign with their binomial SEs). In-sample estimates
+    have no CI: their ``coverage`` and ``ci_width`` are NaN and ``naive_coverage`` says how often
+    ``value ± z·SE`` would have covered (rows of older runs without ``naive_ci_*`` use the CI)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         for row in r["rows"]:
@@ -274,6 +280,9 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
     out = []
     for (dom, eps, mode, strat, est), rows in groups.items():
         err = np.array([x["value"] - x["truth"] for x in rows])
+        own = any(x.get("in_sample") for x in rows)
+        naive = np.array([x.get("naive_ci_low", x["ci_low"]) <= x["truth"] <= x.get("naive_ci_high", x["ci_high"])
+                          for x in rows])
         cover = np.array([x["ci_low"] <= x["truth"] <= x["ci_high"] for x in rows])
         width = np.array([x["ci_high"] - x["ci_low"] for x in rows])
         sign = np.array([np.sign(x["value"]) == np.sign(x["truth"]) for x in rows])
@@ -283,8 +292,10 @@ def summarize(runs: Sequence[dict]) -> list[dict]:
                     "bias": float(err.mean()), "bias_se_units": float(err.mean() / max(se.mean(), 1e-300)),
                     "rmse": float(np.sqrt(np.mean(err**2))),
                     "error_sd_to_se": float(err.std(ddof=1) / max(se.mean(), 1e-300)) if len(err) > 1 else float("nan"),
-                    "coverage": float(cover.mean()),
-                    "coverage_se": _binomial_se(cover), "ci_width": float(width.mean()),
+                    "coverage": math.nan if own else float(cover.mean()),
+                    "coverage_se": math.nan if own else _binomial_se(cover),
+                    "naive_coverage": float(naive.mean()), "in_sample": own,
+                    "ci_width": math.nan if own else float(width.mean()),
                     "sign_correct": float(sign.mean()), "sign_correct_se": _binomial_se(sign)})
     # CI width ratio to the non-private estimate of the same cell, where both were run
     base = {(r["domain"], r["strategy"], r["estimator"]): r["ci_width"] for r in out if r["epsilon"] == "inf"}

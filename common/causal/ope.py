@@ -62,7 +62,8 @@ __all__ = ["COMPONENTS", "ESTIMATORS", "MAIN_ESTIMATOR", "DEFAULT_ESTIMATORS", "
            "release_bound", "release_dim", "n_squares", "terms_of", "SQUARE_TERMS", "PAIR_TERMS",
            "TERM_WEIGHTS", "NEEDS", "Layout", "CLIP_FACTOR", "strategy_clip", "strategy_exposure_bound", "strategy_bounds",
            "estimator_coefficients", "normalized_release_rows",
-           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold", "crossfit_partitions", "FLOWER_STRATEGIES",
+           "StrategyEstimate", "OPEResult", "evaluate_sums", "person_fold", "crossfit_partitions", "in_sample_strategies",
+           "IN_SAMPLE_NOTE", "FLOWER_STRATEGIES",
            "StrategyRun", "parse_estimators", "release_noise_multiplier"]
 
 #: per-strategy components of a person's term (see module doc)
@@ -313,6 +314,19 @@ def crossfit_partitions(specs: Sequence[Mapping]) -> dict[str, tuple[str, int]]:
             if s.get("kind") == "crossfit"}
 
 
+def in_sample_strategies(specs: Sequence[Mapping]) -> frozenset[str]:
+    """The strategies whose ranking models were fitted on the people they are evaluated on
+    (spec field ``in_sample``: the in-sample benefit ranking). Their values are optimistic, so
+    :class:`OPEResult` reports them without a confidence interval. Public spec fields only."""
+    return frozenset(str(s["name"]) for s in specs if s.get("in_sample"))
+
+
+#: why an in-sample strategy's value has no CI (every output that leaves its CI out says this)
+IN_SAMPLE_NOTE = ("in-sample: ranked by models fitted on the same people it is evaluated on, so the value is "
+                  "optimistic and value ± z·SE is not a valid CI (it covered the simulated A/B truth in 0.76-0.88 "
+                  "of runs at ε = ∞, docs/strategies.md); for a CI use benefit-cf (cross-fitted)")
+
+
 #: per-strategy terms whose (winsorized) squares are released: their sampling variances
 SQUARE_TERMS = ("ips", "dm", "dr", "switch-dr")
 #: terms whose differences between every pair of strategies have their squares released
@@ -463,13 +477,26 @@ class StrategyEstimate:
     sampling_se: float
     noise_se: float
     alpha: float = 0.05
+    #: the estimate involves an in-sample strategy (:func:`in_sample_strategies`): no valid CI
+    in_sample: bool = False
 
     @property
-    def ci(self) -> tuple[float, float]:
+    def naive_ci(self) -> tuple[float, float]:
+        """``value ± z·SE``: the 95% CI where the strategies were fixed before the data were
+        seen; for an in-sample strategy too narrow and shifted (the yardstick reports its
+        coverage to show by how much)."""
         z = NormalDist().inv_cdf(1 - self.alpha / 2)  # stdlib: no scipy.stats in a ClientApp's imports
         return self.value - z * self.se, self.value + z * self.se
 
+    @property
+    def ci(self) -> tuple[float, float]:
+        """The CI: :attr:`naive_ci`, or ``(nan, nan)`` for an in-sample estimate (none is valid)."""
+        return (math.nan, math.nan) if self.in_sample else self.naive_ci
+
     def to_json(self) -> dict:
+        if self.in_sample:
+            return {"value": self.value, "se": self.se, "ci_low": None, "ci_high": None, "in_sample": True,
+                    "note": IN_SAMPLE_NOTE, "sampling_se": self.sampling_se, "noise_se": self.noise_se}
         lo, hi = self.ci
         return {"value": self.value, "se": self.se, "ci_low": lo, "ci_high": hi,
                 "sampling_se": self.sampling_se, "noise_se": self.noise_se}
@@ -507,6 +534,7 @@ class OPEResult:
     alpha: float = 0.05
     estimators: tuple[str, ...] = ESTIMATORS
     crossfit: dict = field(default_factory=dict)
+    in_sample: frozenset = frozenset()
 
     @property
     def n(self) -> float:
@@ -518,23 +546,25 @@ class OPEResult:
         parts = {tuple(self.crossfit[s]) for s in strategies if s in self.crossfit}
         return math.prod(int(k) for _, k in parts) if parts else 1
 
-    def _estimate(self, value: float, c: np.ndarray, sum_sq: float, centre: float, folds: int = 1) -> StrategyEstimate:
+    def _estimate(self, value: float, c: np.ndarray, sum_sq: float, centre: float, folds: int = 1,
+                  in_sample: bool = False) -> StrategyEstimate:
         n = self.n
         sampling = folds * max(sum_sq / n - centre**2, 0.0) / n
         noise = float(np.sum(c**2 * self.noise_var)) / n**2
         s = self.scale
         return StrategyEstimate(value=s * value, se=s * math.sqrt(sampling + noise), sampling_se=s * math.sqrt(sampling),
-                                noise_se=s * math.sqrt(noise), alpha=self.alpha)
+                                noise_se=s * math.sqrt(noise), alpha=self.alpha, in_sample=in_sample)
 
     def estimate(self, strategy: str, estimator: str = MAIN_ESTIMATOR) -> StrategyEstimate:
         if estimator not in self.estimators:
             raise ValueError(f"the release carried {', '.join(self.estimators)}, not {estimator!r}")
         i = self.strategies.index(strategy)
         value, c = estimator_coefficients(self.first, i, estimator)
+        own = strategy in self.in_sample
         if estimator == "snips":
             ips, _ = estimator_coefficients(self.first, i, "ips")
-            return self._estimate(value, c, self.squares[(strategy, "ips")], ips, self.fold_factor(strategy))
-        return self._estimate(value, c, self.squares[(strategy, estimator)], value, self.fold_factor(strategy))
+            return self._estimate(value, c, self.squares[(strategy, "ips")], ips, self.fold_factor(strategy), own)
+        return self._estimate(value, c, self.squares[(strategy, estimator)], value, self.fold_factor(strategy), own)
 
     def difference(self, a: str, b: str, estimator: str = MAIN_ESTIMATOR) -> StrategyEstimate:
         """V(a) − V(b) with its CI (the two share the people: the squares of the per-person
@@ -545,7 +575,8 @@ class OPEResult:
         va, ca = estimator_coefficients(self.first, self.strategies.index(a), estimator)
         vb, cb = estimator_coefficients(self.first, self.strategies.index(b), estimator)
         key, sign = ((a, b, estimator), 1.0) if (a, b, estimator) in self.pair_squares else ((b, a, estimator), -1.0)
-        return self._estimate(va - vb, ca - cb, self.pair_squares[key], va - vb, self.fold_factor(a, b))
+        return self._estimate(va - vb, ca - cb, self.pair_squares[key], va - vb, self.fold_factor(a, b),
+                              bool({a, b} & self.in_sample))
 
     def to_json(self) -> dict:
         return {s: {e: self.estimate(s, e).to_json() for e in self.estimators} for s in self.strategies}
@@ -560,12 +591,15 @@ def _square_keys(strategies: Sequence[str], layout: Layout) -> tuple[list[tuple]
 def evaluate_sums(total: np.ndarray, strategies: Sequence[str], bounds: Sequence[np.ndarray], *,
                   noise_var: float, scale: float, square_clip: float = 3.0, second_moment_weight: float = 0.5,
                   alpha: float = 0.05, layout: Layout = Layout(),
-                  crossfit: Mapping[str, tuple[str, int]] | None = None) -> OPEResult:
+                  crossfit: Mapping[str, tuple[str, int]] | None = None,
+                  in_sample: Sequence[str] = ()) -> OPEResult:
     """Estimates from one summed release (post-processing, no budget).
 
     ``crossfit``: the cross-fitted strategies' public fold partitions
     (:func:`crossfit_partitions` of the specs; their SEs carry the cross-fold bound,
-    :class:`OPEResult`).
+    :class:`OPEResult`). ``in_sample``: the strategies fitted on the evaluated people
+    (:func:`in_sample_strategies` of the specs): their values, and every difference involving
+    one, are reported without a CI.
 
     ``total``: the secure sum of the institutions' releases (:func:`normalized_release_rows`
     with the same ``layout``); ``bounds[s]``: strategy s's :func:`component_bounds`;
@@ -593,8 +627,11 @@ def evaluate_sums(total: np.ndarray, strategies: Sequence[str], bounds: Sequence
     bad = [k for k, (_, folds) in cf.items() if k not in strategies or folds < 1]
     if bad:
         raise ValueError(f"crossfit {bad[0]!r}: not one of the released strategies or fewer than 1 fold")
+    own = frozenset(str(x) for x in in_sample)
+    if own - set(strategies):
+        raise ValueError(f"in_sample {sorted(own - set(strategies))[0]!r}: not one of the released strategies")
     return OPEResult(strategies=list(strategies), first=full, squares=squares, pair_squares=pairs, noise_var=nv,
-                     scale=scale, alpha=alpha, estimators=tuple(layout.estimators), crossfit=cf)
+                     scale=scale, alpha=alpha, estimators=tuple(layout.estimators), crossfit=cf, in_sample=own)
 
 
 def normalized_release_rows(components: Sequence[np.ndarray], bounds: Sequence[np.ndarray], *,

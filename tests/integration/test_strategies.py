@@ -179,10 +179,17 @@ def education_run():
 
 def test_non_private_dr_recovers_each_strategy_and_the_benefit_engagement_gap(education_run):
     rows = {(r["strategy"], r["estimator"]): r for r in education_run["rows"]}
-    for strat in ("benefit", "benefit-cf", "engagement", "random", "logging"):
+    for strat in ("benefit-cf", "engagement", "random", "logging"):
         r = rows[(strat, "dr")]
+        assert not r["in_sample"]
         assert r["ci_low"] - 0.5 * r["se"] <= r["truth"] <= r["ci_high"] + 0.5 * r["se"], (strat, r)
-    gap = rows[("benefit-engagement", "dr")]
+    # in-sample benefit ranking (its models fitted on these people): a value, no CI, nor for its difference
+    for key in ("benefit", "benefit-engagement"):
+        r = rows[(key, "dr")]
+        assert r["in_sample"] and math.isnan(r["ci_low"]) and math.isnan(r["ci_high"]), r
+        assert r["naive_ci_low"] < r["value"] < r["naive_ci_high"]
+    assert abs(rows[("benefit", "dr")]["value"] - rows[("benefit", "dr")]["truth"]) < 4 * rows[("benefit", "dr")]["se"]
+    gap = rows[("benefit-cf-engagement", "dr")]
     assert gap["truth"] > 0 and gap["ci_low"] > 0  # benefit ranking beats engagement ranking, with its CI
     # IPS agrees with DR within their CIs; the DM is the outcome model's value (no weights)
     assert abs(rows[("random", "ips")]["value"] - rows[("random", "dr")]["value"]) < 2 * rows[("random", "ips")]["se"]
@@ -192,11 +199,15 @@ def test_the_yardstick_summary_has_the_benchmark_fields(education_run):
     from fedrec.simulations.strategies import summarize
 
     out = summarize([education_run])
-    row = next(r for r in out if r["strategy"] == "benefit" and r["estimator"] == "dr")
+    row = next(r for r in out if r["strategy"] == "benefit-cf" and r["estimator"] == "dr")
     for key in ("kind", "domain", "strategy", "estimator", "epsilon", "noise_mode", "bias", "coverage",
-                "ci_width_ratio"):
+                "naive_coverage", "ci_width_ratio"):
         assert key in row
     assert row["kind"] == "policy_value" and row["ci_width_ratio"] == pytest.approx(1.0)
+    assert not row["in_sample"] and row["coverage"] == row["naive_coverage"]
+    own = next(r for r in out if r["strategy"] == "benefit" and r["estimator"] == "dr")
+    assert own["in_sample"] and math.isnan(own["coverage"]) and math.isnan(own["ci_width"])
+    assert own["naive_coverage"] in (0.0, 1.0)
 
 
 def test_mediation_on_a_simulator_direct_plus_indirect_is_total_and_matches_statsmodels():
@@ -286,6 +297,10 @@ def test_the_flower_path_gives_the_in_process_values(tmp_path):
             assert got["se"] == pytest.approx(want.se, rel=1e-6), (s, est)
     want = res.difference("benefit", "benefit-cf", "dr")
     assert report["differences"]["benefit-benefit-cf"]["value"] == pytest.approx(want.value, rel=1e-6, abs=1e-9)
+    # the in-sample benefit ranking has no CI on the Flower path either (its value and SE it has)
+    assert report["values"]["benefit"]["dr"]["ci_low"] is None and report["values"]["benefit"]["dr"]["in_sample"]
+    assert report["differences"]["benefit-benefit-cf"]["ci_low"] is None
+    assert report["values"]["benefit-cf"]["dr"]["ci_low"] is not None
     # cross-fitting changed the ranking (a different strategy), so the check above is not vacuous
     assert abs(want.value) > 1e-6
     for d in insts:
