@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.client.guard import ReleaseGuard
+from fedrec.client.guard import Refusal, ReleaseGuard
 from fedrec.client.train_adapter import AdapterSchedule, AdapterTrainer, ItemBank, plan_adapter_dp
 from fedrec.common.config import RunConfig
 from fedrec.common.privacy.accountant import NonPrivateEvent
@@ -84,9 +84,17 @@ def adapter_train_release(state: AdapterState, guard: ReleaseGuard, cfg: RunConf
     """Policy-checked, charged round of the adapter: returns (delta, public metrics, charge).
     The caller marks the charge released once the reply is built. ``seed`` fixes this round's
     noise and sampling (simulations only: ``client.app.simulation_seed``; None = OS CSPRNG)."""
+    from fedrec.common.privacy.public_inputs import check_model_arrays
+
     sched = state.schedule
     if sched is not None and server_round <= 1:
         guard.check_plan(sched.run_events(), run_id=run_id)
+    try:  # before the charge: names, shapes, finite, bounded (common/privacy/public_inputs.py)
+        check_model_arrays(global_arrays, {n: tuple(p.shape) for n, p in
+                                           state.trainer.adapter.released_parameters().items()},
+                           what="global adapter weights")
+    except ValueError as err:
+        raise Refusal("policy", str(err)) from None
     event = sched.round_event() if sched is not None else NonPrivateEvent()
     charge = guard.charge(event, run_id=run_id, round=server_round, task="train", model="adapter")
     delta = state.trainer.train_round(global_arrays, event=charge.event if sched is not None else None,

@@ -238,17 +238,35 @@ def train(msg: Message, context: Context) -> Message:
     global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     if cfg.train.model == "adapter":
         return _adapter_train(msg, context, cfg, inst, guard, share, global_arrays)
-    precond = msg.content["precond"]["precond"].numpy()
+    precond = msg.content["precond"]["precond"].numpy() if "precond" in msg.content.array_records else None
     sched = inst.schedule
     event = sched.round_event() if sched is not None else NonPrivateEvent()
+    seed = simulation_seed(context, cfg, inst.data.name, "train", int(msg.content["config"]["server-round"]))
+    trainer = _trainer(inst, cfg, seed)
+    _check_public_model(global_arrays, {k: v.shape for k, v in trainer.item_side.to_numpy().items()}, precond,
+                        n_items=trainer.item_side.n_items)
 
     def compute(charge):
-        seed = simulation_seed(context, cfg, inst.data.name, "train", int(msg.content["config"]["server-round"]))
-        delta = _trainer(inst, cfg, seed).train_round(
-            global_arrays, precond, event=charge.event if sched is not None else None, noise_share=share)
-        return delta, {}
+        charged = charge.event if sched is not None else None
+        return trainer.train_round(global_arrays, precond, event=charged, noise_share=share), {}
 
     return _release(msg, context, cfg, inst, guard, share, task="train", event=event, compute=compute)
+
+
+def _check_public_model(global_arrays: dict[str, np.ndarray], shapes: dict[str, tuple], precond: np.ndarray | None,
+                        *, n_items: int) -> None:
+    """The coordinator's item side and step sizes, checked before the charge
+    (common/privacy/public_inputs.py: a NaN or a huge value would make the release say, without
+    noise, whose records touch it; a wrong shape would fail after the charge)."""
+    from fedrec.common.privacy.public_inputs import check_model_arrays
+
+    try:
+        check_model_arrays(global_arrays, shapes, what="global MF item side")
+        if precond is None:
+            raise ValueError("no per-item step sizes (precond) in the training message")
+        check_model_arrays({"precond": precond}, {"precond": (n_items,)}, what="per-item step sizes")
+    except ValueError as err:
+        raise Refusal("policy", str(err)) from None
 
 
 def _authorized(msg: Message, context: Context, cfg: RunConfig, inst: Institution) -> tuple[ReleaseGuard, float]:

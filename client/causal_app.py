@@ -38,7 +38,7 @@ from fedrec.client.guard import Refusal, ReleaseRequest
 from fedrec.client.node import NOISE_RECORD, charge_statistics_release, node_guard, noise_record, private_errors
 from fedrec.client.statistics import design_columns, fold_subset, release, step_contributions
 from fedrec.common.causal.config import CausalConfig, plan_budget
-from fedrec.common.causal.sensitivity import release_sensitivity
+from fedrec.common.causal.sensitivity import check_public_arrays, release_sensitivity
 from fedrec.common.config import RunConfig
 from fedrec.common.datasets import InstitutionData, load_institution
 from fedrec.common.errors import FedrecInputError
@@ -206,6 +206,8 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     ccfg = ccfg.resolved(cfg.n_min)  # the automatic n_min the server resolves too
     conf = msg.content["config"]
     step = str(conf["step"])
+    if step.split(":")[0] != kind:  # the ledger's task label is the release actually made
+        raise Refusal("policy", f"step {step!r} sent as a {kind} release")
     items = [str(i) for i in json.loads(str(conf["items"]))]
     sigma = float(conf["noise-multiplier"])
     server_round = int(conf["server-round"])
@@ -228,6 +230,8 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
         raise FedrecInputError(f"items {missing} are not in this institution's catalogue")
     try:  # the server's public choices (radius, clips, coordinate weights) must give a bound
         sens = release_sensitivity(kind, p, arrays, len(items), items)
+        check_public_arrays("propensity" if kind == "propensity" else ccfg.estimator
+                            if kind in ("scale", "influence") else kind, p, arrays, items, dp=ccfg.dp)
     except ValueError as err:
         raise Refusal("policy", f"step {step}: {err}") from None
     if rkind:  # a refutation's own per-person bound, f x the causal run's (placebo: 3; refute.py doc):

@@ -89,6 +89,10 @@ def check_strategies(specs: Sequence[Mapping], items: Sequence[str], columns: Se
                     missing = [c for c in ["intercept", *columns] if c not in coef[it]]
                     if missing:
                         raise ValueError(f"strategy {s['name']!r}, item {it!r}: coefficients missing for {missing}")
+                    try:  # numbers, or the charged release would fail half-way (exposure_probabilities)
+                        [float(coef[it][c]) for c in ["intercept", *columns]]
+                    except (TypeError, ValueError):
+                        raise ValueError(f"strategy {s['name']!r}, item {it!r}: coefficients must be numbers") from None
         strategy_clip(s, 1.0)  # a usable clip-factor
         if kind == "scorer" and str(s.get("scorer")) not in _SCORERS:
             raise ValueError(f"strategy {s['name']!r}: no scorer {s.get('scorer')!r} registered at this institution")

@@ -291,12 +291,21 @@ def influence_scale_terms(rows: ItemRows, *, estimator: str, edges: np.ndarray, 
 
 # --------------------------------------------------------------------------- release
 def clipped_sum(c: Contribution) -> np.ndarray:
-    """Sum over persons of the rows clipped to ``c.bound`` (sensitivity ``c.bound``)."""
+    """Sum over persons of the rows clipped to ``c.bound`` (sensitivity ``c.bound``).
+
+    A row with a non-finite entry (a NaN or inf from the server's public values, e.g. an
+    overflow of huge coefficients on this person's covariates) counts as a zero row: clipping
+    cannot bound it (NaN survives any scaling), and whether one occurs depends on the person's
+    data, so letting it through would release that fact without noise."""
     if len(c.terms) == 0:
         return np.zeros(c.terms.shape[1])
+    terms = c.terms
+    bad = ~np.isfinite(terms).reshape(len(terms), -1).all(axis=1)
+    if bad.any():
+        terms = np.where(bad.reshape((-1,) + (1,) * (terms.ndim - 1)), 0.0, terms)
     if not math.isfinite(c.bound):  # DP off (ε = inf, no whitening radius): nothing to bound
-        return c.terms.sum(axis=0)
-    return clip_rows(c.terms, c.bound).sum(axis=0)
+        return terms.sum(axis=0)
+    return clip_rows(terms, c.bound).sum(axis=0)
 
 
 def release_bound(blocks: Mapping[str, Contribution]) -> float:

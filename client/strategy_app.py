@@ -41,7 +41,8 @@ from fedrec.client.ope_statistics import check_strategies, ope_contribution
 from fedrec.client.statistics import design_columns, release
 from fedrec.common.causal.config import CausalConfig
 from fedrec.common.causal.ope import (DEFAULT_ESTIMATORS, Layout, OPEConfig, StrategyRun, release_bound,
-                                     release_noise_multiplier)
+                                     release_noise_multiplier, strategy_bounds)
+from fedrec.common.causal.sensitivity import check_public_arrays
 from fedrec.common.errors import FedrecInputError
 from fedrec.common.privacy.release import release_std
 
@@ -122,15 +123,10 @@ def strategy_values(msg: Message, context: Context) -> Message:
         OPEConfig(clip=clip, switch_tau=tau, square_clip=square_clip, second_moment_weight=k, trim=trim,  # type: ignore[arg-type]
                   estimators=estimators)
         check_strategies(specs, items, columns)
-        for it in items:
-            for key in (f"beta/{it}", f"mu1/{it}", f"mu0/{it}"):
-                if key not in arrays or arrays[key].shape != (len(columns) + 1,):
-                    raise ValueError(f"public nuisance {key} missing or misshapen")
-        q = len(columns)
-        for key, shape in (("whiten/a", (q, q)), ("whiten/b", (q,)), ("whiten/radius", (1,))):
-            if "whiten/a" in arrays and (key not in arrays or arrays[key].shape != shape
-                                         or not np.all(np.isfinite(arrays[key]))):
-                raise ValueError(f"public whitening {key} missing or misshapen")
+        for s in specs:  # each strategy's weight clip (clip x clip-factor) and bounds: finite
+            strategy_bounds(s, clip, len(items))
+        # beta/mu1/mu0 of every item and the whitening: present, shaped, finite (a radius under DP)
+        check_public_arrays("strategies", len(columns) + 1, arrays, items, dp=ocfg.dp)
     except ValueError as err:
         raise Refusal("policy", f"strategy release: {err}") from None
     sens = release_bound(len(specs), k, Layout(estimators))  # public: the number of strategies and the public weight only

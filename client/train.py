@@ -262,6 +262,15 @@ class MFTrainer:
                 if len(persons):
                     fit_user_side(self.item_side, self.ratings, self.user, reg=self.cfg.train.user_reg, persons=persons)
                     losses, norms = person_losses_and_norms(self.item_side, self.user, self.ratings, persons)
+                    finite = torch.isfinite(losses.detach()) & torch.isfinite(norms)
+                    if not bool(finite.all()):
+                        # a coordinator's NaN/inf reached these people's losses (the handler's
+                        # check should have refused it: common/privacy/public_inputs.py): leave
+                        # them out of the graph, not just the sum — autograd would multiply their
+                        # zero weight by NaN partials on the items they share with others — so the
+                        # release's NaN pattern cannot depend on who rated what
+                        persons = persons[finite]
+                        losses, norms = person_losses_and_norms(self.item_side, self.user, self.ratings, persons)
                     clipped_sum_backward(losses, norms, clip)
                 else:  # an empty Poisson batch still releases noise
                     for p in params:

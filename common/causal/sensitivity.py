@@ -25,7 +25,7 @@ __all__ = [
     "INFLUENCE_WEIGHTS", "psi_worst_case", "moments_bound", "propensity_bound", "outcome_bound",
     "influence_weights", "influence_bound", "step_bound", "release_weight", "influence_relative_weights",
     "influence_clip", "outcome_map", "HISTOGRAM_EDGES", "histogram_edges", "moments_carry_arms",
-    "release_sensitivity", "pilot_bound",
+    "release_sensitivity", "pilot_bound", "NUISANCES", "check_public_arrays",
 ]
 
 
@@ -218,3 +218,44 @@ def pilot_bound(n_items: int) -> float:
     if int(n_items) < 1:
         raise ValueError(f"a pilot release needs at least one item, got {n_items}")
     return math.sqrt(3.0 * int(n_items))
+
+
+#: the per-item public coefficients each use reads: a propensity Newton step needs ``beta``;
+#: the influence terms (``scale``, ``influence``) by estimator; the strategy release all three
+NUISANCES = {"propensity": ("beta",), "ra": ("mu1", "mu0"), "ipw": ("beta",), "aipw": ("beta", "mu1", "mu0"),
+             "strategies": ("beta", "mu1", "mu0")}
+
+
+def check_public_arrays(use: str, p: int, arrays: Mapping[str, np.ndarray], items: Sequence[str], *,
+                        dp: bool) -> None:
+    """ValueError (one line naming the array) for a public array of the server's that the
+    client could not use as its bound assumes — checked **before** the charge, so a lying
+    coordinator can neither make a charged release crash half-way (budget spent, nothing sent)
+    nor feed non-finite values into the per-person rows (a NaN row survives clipping, and
+    whether one appears depends on the data: an un-noised bit; ``clipped_sum`` zeroes such rows
+    too, for overflow from huge finite values).
+
+    ``use``: a key of :data:`NUISANCES` (``propensity``, an influence estimator, ``strategies``):
+    each item's coefficients it reads must be present, ``p`` finite numbers. A whitening
+    (``whiten/*``) must be whole — ``a`` (p-1, p-1), ``b`` (p-1,), ``radius`` and optional
+    ``weighted`` one number each, all finite — and, in a DP release, have a positive radius:
+    without one a whitened row has no public bound (the release could not be noised)."""
+    for it in items:
+        for kind in NUISANCES.get(use, ()):
+            key = f"{kind}/{it}"
+            v = np.asarray(arrays[key], dtype=np.float64) if key in arrays else None
+            if v is None or v.shape != (p,) or not np.all(np.isfinite(v)):
+                raise ValueError(f"public coefficients {key} missing, misshapen or not finite (need {p} finite numbers)")
+    if not any(str(k).startswith("whiten/") for k in arrays):
+        return
+    q = p - 1
+    shapes = {"whiten/a": (q, q), "whiten/b": (q,), "whiten/radius": (1,), "whiten/weighted": (1,)}
+    for key, shape in shapes.items():
+        v = np.asarray(arrays[key], dtype=np.float64) if key in arrays else None
+        if key == "whiten/weighted" and v is None:
+            continue
+        if v is None or v.shape != shape or not np.all(np.isfinite(v)):
+            raise ValueError(f"public whitening {key} missing, misshapen or not finite (need shape {shape})")
+    if dp and not float(np.asarray(arrays["whiten/radius"]).reshape(-1)[0]) > 0:
+        raise ValueError("public whitening without a radius (whiten/radius <= 0) in a DP release: a whitened row "
+                         "would have no public bound")

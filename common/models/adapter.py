@@ -332,13 +332,17 @@ def person_clipped_sum(row_grads: torch.Tensor, row_person: torch.Tensor, n_pers
 
     Privacy contract: person u's contribution to ``total`` is ``scale_u · Σ_{rows of u} g_r``
     with L2 norm ≤ ``clip_norm`` however many rows u has, so ``total`` has L2 sensitivity
-    ``clip_norm`` to adding or removing one person with all their records. Not a release by
-    itself: it must pass :func:`privatize` before leaving.
+    ``clip_norm`` to adding or removing one person with all their records. A person whose summed
+    gradient is not finite (NaN or inf from the coordinator's weights; which people get one
+    depends on their data) contributes zero. Not a release by itself: it must pass
+    :func:`privatize` before leaving.
     """
     if not (clip_norm > 0 and math.isfinite(clip_norm)):
         raise ValueError(f"clip norm must be positive and finite, got {clip_norm}")
     per = torch.zeros(n_persons, row_grads.shape[1], dtype=torch.float64, device=row_grads.device)
     per.index_add_(0, row_person.to(row_grads.device), row_grads.to(torch.float64))
+    finite = torch.isfinite(per).all(dim=1)
+    per = torch.where(finite[:, None], per, torch.zeros((), dtype=per.dtype, device=per.device))
     norms = per.norm(dim=1)
     scale = (clip_norm / norms.clamp(min=1e-300)).clamp(max=1.0)
     return (per * scale[:, None]).sum(0), norms, scale

@@ -31,8 +31,17 @@ def clip_coefficients(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
 def clipped_sum_backward(losses: torch.Tensor, norms: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Backward of ``Σ_u c_u · loss_u``: leaves the per-person-clipped gradient sum in ``.grad``.
 
+    A person whose loss or gradient norm is not finite (NaN or inf from the coordinator's
+    parameters: common/privacy/public_inputs.py) is left out of the sum — coefficient 0 and no
+    backward through their loss: clipping cannot bound a NaN, and which people produce one
+    depends on their data. Leaving a person out moves the sum by at most ``C``, like any person,
+    so the sensitivity is unchanged. Where people's losses share one graph (MF: ``index_add``
+    over their rows), autograd still multiplies the zero weight by their NaN partials: the caller
+    must then rebuild the losses without them first (client/train.py does).
+
     Returns the coefficients (for diagnostics such as the fraction of persons clipped).
     """
-    coef = clip_coefficients(norms, max_norm)
-    (losses * coef).sum().backward()
+    finite = torch.isfinite(losses.detach()) & torch.isfinite(norms)
+    coef = torch.where(finite, clip_coefficients(torch.where(finite, norms, 0.0), max_norm), 0.0)
+    (losses[finite] * coef[finite]).sum().backward()
     return coef
