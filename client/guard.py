@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fedrec.common.errors import BudgetExceeded, FedrecInputError
+from fedrec.common.errors import BudgetExceeded, FedrecInputError, RunCeilingExceeded
 from fedrec.common.privacy.accountant import Event, NonPrivateEvent, epsilon_for, epsilon_pair
 from fedrec.common.privacy.ledger import Cap, PrivacyLedger, describe_event
 from fedrec.common.privacy.policy import InstitutionPolicy
@@ -181,9 +181,16 @@ class ReleaseGuard:
             raise Refusal("policy", f"institution {self.institution!r}: a non-private release is not allowed")
         if not non_private and self.policy is not None:
             self._fits([event], run_id=str(run_id), what=describe_event(event), outcome="nothing was computed")
+        # the caps again inside the ledger's write transaction: a concurrent charge may have
+        # committed since _fits read the ledger
+        cap = self.cap if not non_private and self.policy is not None else None
         try:
             row_id = self.ledger.charge(event, run_id=str(run_id), round=int(round), task=task, model=model,
-                                        accountant=self.accountant, allow_non_private=non_private)
+                                        accountant=self.accountant, allow_non_private=non_private,
+                                        cap=None if cap is None else (cap.epsilon, cap.delta),
+                                        run_ceiling=None if cap is None else self.policy.max_run_epsilon)
+        except RunCeilingExceeded as err:  # the policy's per-run ceiling, like _fits says it
+            raise Refusal("policy", str(err)) from None
         except BudgetExceeded as err:
             raise Refusal("budget", str(err)) from None
         except FedrecInputError as err:

@@ -66,7 +66,28 @@ def node_guard(context: Context, folder: Path, institution: str, *, accountant: 
         policy = load_policy(path)
     except FedrecInputError as err:
         raise Refusal("policy", str(err)) from None
-    return open_guard(policy, institution=institution, accountant=accountant, simulated=is_simulated(context))
+    guard = open_guard(policy, institution=institution, accountant=accountant, simulated=is_simulated(context))
+    _pin_head(context, guard)
+    return guard
+
+
+_HEAD_STATE = "fedrec.ledger-head"
+
+
+def _pin_head(context: Context, guard: ReleaseGuard) -> None:
+    """Refuse (``ledger``) a ledger that no longer extends the head this node saw at its previous
+    message of the run (``context.state``): a file replaced by an older copy or rebuilt has a
+    valid hash chain of its own, and would let the run spend its budget again. Then pin the
+    current head."""
+    path = str(guard.ledger.path)
+    rec = context.state.config_records.get(_HEAD_STATE)
+    prev = (int(rec["rows"]), str(rec["hash"])) if rec is not None and str(rec.get("ledger", "")) == path else None
+    ok, head = guard.ledger.extends(prev)
+    if not ok:
+        raise Refusal("ledger", f"{path}: the ledger no longer holds row {prev[0]} as this node saw it earlier in the "
+                                "run: it was replaced by an older copy, rebuilt or rolled back; nothing was charged; "
+                                "fix: restore the ledger file that holds every charge")
+    context.state.config_records[_HEAD_STATE] = ConfigRecord({"ledger": path, "rows": int(head[0]), "hash": head[1]})
 
 
 def refusal_reply(msg: Message, code: str) -> Message:

@@ -223,6 +223,8 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable, client: 
         client.check_mask_request(rec)
     except SecAggError as err:
         return _error(msg, f"mask: {err}")
+    except (ValueError, TypeError, KeyError) as err:  # a malformed record (wrong types, missing keys)
+        return _error(msg, f"mask: malformed request ({type(err).__name__})")
     reply = call_next(msg, context)
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply  # refusal / failure / nothing to sum: the server counts a dropout
@@ -231,13 +233,14 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable, client: 
     parts = [arrays[k].numpy() for k in names]
     shapes = [list(p.shape) for p in parts]
     vec = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
-    try:
-        masked = client.mask(rec, vec, rounding_rng(context, rec))
-        noise = reply.content.config_records.get(NOISE_RECORD)
+    noise = reply.content.config_records.get(NOISE_RECORD)
+    try:  # a distributed-noise share is never clamped at the coordinator's bound: wrapped (_quantize doc)
+        masked = client.mask(rec, vec, rounding_rng(context, rec), wrap=noise is not None)
         if noise is not None:  # distributed noise: never unmask below its n_min survivors
             client.set_survivor_floor(int(rec["slot"]), int(noise["n-min"]))
-    except (SecAggError, ValueError) as err:
-        return _error(msg, f"mask: {err}")
+    except (SecAggError, ValueError) as err:  # after the handler: the text may depend on the data
+        log.warning("secagg: mask refused after the handler ran: %s", err)  # detail stays in the log
+        return _error(msg, "mask: contribution not masked (reason in the institution's log)")
     _save(context, client)
     content = RecordDict()
     for key, record in reply.content.items():

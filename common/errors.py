@@ -15,6 +15,10 @@ class BudgetExceeded(RuntimeError):
     exit_code = 3
 
 
+class RunCeilingExceeded(BudgetExceeded):
+    """A release would take one run past the institution's per-run ceiling (max-run-epsilon)."""
+
+
 class RunFailed(RuntimeError):
     """A federated run could not complete (too few institutions took part, a refused plan);
     ``str(err)`` says which and why in one line."""

@@ -409,8 +409,8 @@ def _secagg_total(flats: list[np.ndarray], cfg: CausalConfig, sens: float, sigma
     q = ServerSession.quantization(clip_range=req["secagg.clip-range"], noise_std=req["secagg.noise-std"],
                                    n_clients=len(flats), dim=flats[0].size)
     total = None
-    for f in flats:
-        y = quantize(f, q)
+    for f in flats:  # a distributed-noise share is wrapped, not clamped, as the SecAgg+ mod does
+        y = quantize(f, q, wrap=cfg.dp and cfg.noise_mode == "distributed")
         total = y if total is None else total + y  # unsigned: wraps modulo 2^bits like the masks
     return ServerSession.dequantize(total, len(flats), q)[0]
 

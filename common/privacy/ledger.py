@@ -77,7 +77,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fedrec.common.errors import BudgetExceeded, FedrecInputError
+from fedrec.common.errors import BudgetExceeded, FedrecInputError, RunCeilingExceeded
 from fedrec.common.privacy.accountant import (
     DPSGDEvent,
     Event,
@@ -550,6 +550,13 @@ class PrivacyLedger:
         st = self._snapshot_chain()
         return st.count, st.last_hash
 
+    def extends(self, head: tuple[int, str] | None) -> tuple[bool, tuple[int, str]]:
+        """``(does the ledger still extend head, the current head)`` from one snapshot; ``head``
+        None (nothing recorded yet) is always extended."""
+        st = self._snapshot_chain()
+        ok = head is None or st.hashes.get(int(head[0])) == str(head[1])
+        return ok, (st.count, st.last_hash)
+
     def hash_at(self, position: int) -> str | None:
         """The row hash at chain position ``position`` (1-based), or None if there is none.
         A ledger extends a recorded head ``(n, h)`` iff ``hash_at(n) == h``."""
@@ -609,9 +616,17 @@ class PrivacyLedger:
         model: str,
         accountant: str = "prv",
         allow_non_private: bool = False,
+        cap: tuple[float, float] | None = None,
+        run_ceiling: float | None = None,
     ) -> int:
         """Verify the chain, check the cap and write the event as ``charged``, in one committed
         transaction. Returns the row id.
+
+        ``cap`` ``(ε, δ)``: a stricter cap from elsewhere (the institution's policy), applied with
+        the ledger's own (the smaller of each); ``run_ceiling``: the largest ε this run's rows
+        (``run_id``) with the new event may compose to (the policy's max-run-epsilon). Both are
+        checked inside the write transaction, so two charges racing on one ledger cannot both
+        pass them (a check before the transaction can be passed by both).
 
         Raises (one line, nothing written) :class:`FedrecInputError` if the hash chain is broken,
         and :class:`BudgetExceeded` if composing every recorded event with this one would exceed the cap at the cap's δ, or
@@ -640,6 +655,8 @@ class PrivacyLedger:
                         "set one before releasing anything"
                     )
                 eps_cap, delta_cap = float(cap_row[0]), float(cap_row[1])
+                if cap is not None:
+                    eps_cap, delta_cap = min(eps_cap, float(cap[0])), min(delta_cap, float(cap[1]))
                 history = [_event_from_row(*r) for r in con.execute(
                     "SELECT kind, noise_multiplier, sample_rate, steps, sensitivity FROM events ORDER BY seq"
                 )]
@@ -660,6 +677,17 @@ class PrivacyLedger:
                         f"at δ={delta_cap:g}, above the cap ε={eps_cap:g}; nothing was computed "
                         f"(remaining ε {max(0.0, eps_cap - before):.3f}; ledger {self.path})"
                     )
+                if run_ceiling is not None:
+                    run = [_event_from_row(*r) for r in con.execute(
+                        "SELECT kind, noise_multiplier, sample_rate, steps, sensitivity FROM events"
+                        " WHERE run_id = ? ORDER BY seq", (str(run_id),))]
+                    run_eps = epsilon_for(run + [event], delta=delta_cap, accountant=accountant)
+                    if not (run_eps <= float(run_ceiling) * (1 + 1e-9)):
+                        raise RunCeilingExceeded(
+                            f"institution {self.institution!r}: refused {what} ({describe_event(event)}): "
+                            f"run {run_id} would spend ε = {run_eps:.3f}, above max-run-epsilon = "
+                            f"{float(run_ceiling):g}; nothing was computed"
+                        )
             row_id = int(con.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0])
             fields: dict[str, Any] = {
                 "id": row_id,

@@ -380,6 +380,10 @@ class SecAggClient:
         _need(st.threshold > 0, "setup incomplete: re-key required")
         _need(0 <= slot < st.slots, f"slot {slot} outside this session's {st.slots} slots: re-key required")
         _need(slot > st.last_slot, f"slot {slot} already used (last {st.last_slot}): refusing to reuse a mask")
+        try:  # read now, not after the handler has charged and computed
+            _quantize.QuantParams.from_record(rec)
+        except (KeyError, TypeError, ValueError) as err:
+            raise SecAggProtocolError(f"malformed quantization parameters ({type(err).__name__})") from None
         active = set(int(x) for x in rec["active"])
         _need(st.index in active, "this node is not in the round's active set")
         if st.members:  # a signed session: floors on the active set (attack B of issue 28)
@@ -391,13 +395,16 @@ class SecAggClient:
             _need(live >= need, f"only {live} of this node's {len(st.neighbours)} neighbours are active, "
                                 f"{need} needed: its pairwise masks would not hide its input")
 
-    def mask(self, rec: Mapping[str, Any], vector: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Quantize ``vector`` and add the self mask and the pairwise masks of active neighbours."""
+    def mask(self, rec: Mapping[str, Any], vector: np.ndarray, rng: np.random.Generator | None = None, *,
+             wrap: bool = False) -> np.ndarray:
+        """Quantize ``vector`` and add the self mask and the pairwise masks of active neighbours.
+        ``wrap``: a distributed-noise share, reduced modulo 2^bits instead of clamped
+        (:func:`fedrec.common.secagg._quantize.quantize`)."""
         self.check_mask_request(rec)
         st = self.state
         slot = int(rec["slot"])
         params = _quantize.QuantParams.from_record(rec)
-        y = _quantize.quantize(vector, params, rng)
+        y = _quantize.quantize(vector, params, rng, wrap=wrap)
         st.last_slot = slot  # burn the slot before anything leaves
         st.mask_slot, st.mask_active = slot, sorted(int(x) for x in rec["active"])
         _masking.add_into(y, _keys.slot_key(_at(st.self_seeds, slot), session=st.session, slot=slot, kind=b"self"), +1)

@@ -8,6 +8,15 @@ noise standard deviations: P(|N(0,1)| > 10) ≈ 1.5e-23 per coordinate), i.e. to
 range [-L, L], L = ⌈B/Δ⌉, shifted to [0, 2L]. A sum of n contributions stays below
 n·(2L) + 1, so the modulus is 2^32 when that fits and 2^64 otherwise. Each vector carries one
 extra coordinate, the number of its clamped coordinates, so the server learns (only) the total.
+
+**Distributed noise (``wrap=True``).** Clamping is post-processing only of a *fully* noised
+vector. A node that adds σ²/n_min of the noise must not clamp: the clamp bound is the
+coordinator's choice, and a bound below the noise turns each node's share into a sign of its
+barely-noised value before the sum (tests/unit/test_lying_coordinator_machinery.py). Such a node
+reduces its rounded integers modulo 2^bits instead: the sum of residues is the residue of the
+sum, a function of the noised sum only; :func:`dequantize` reads residues centred on 0, so a
+sum whose integer stays within ±2^(bits-1) is decoded exactly even where single values passed
+±L, and the clamped count it sends is 0.
 """
 
 from __future__ import annotations
@@ -80,11 +89,13 @@ def secure_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 
 
-def quantize(x: np.ndarray, p: QuantParams, rng: np.random.Generator | None = None) -> np.ndarray:
+def quantize(x: np.ndarray, p: QuantParams, rng: np.random.Generator | None = None, *,
+             wrap: bool = False) -> np.ndarray:
     """Clamp, stochastically round, shift: uint vector of len(x) + 1 (last = clamped count).
 
     Stochastic rounding: ``floor(x/Δ + U)``, U ~ Uniform[0, 1) from a secure generator, so the
-    rounded value is unbiased and its error has variance <= Δ²/4.
+    rounded value is unbiased and its error has variance <= Δ²/4. ``wrap``: no clamping; the
+    shifted integers are reduced modulo 2^bits (distributed noise, see the module doc).
     """
     from fedrec.common.secagg._masking import dtype_for
 
@@ -94,6 +105,16 @@ def quantize(x: np.ndarray, p: QuantParams, rng: np.random.Generator | None = No
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise QuantizationError(f"{int((~np.isfinite(y)).sum())} non-finite values in the contribution")
     clamped = 0
+    if wrap:
+        with np.errstate(over="ignore", invalid="ignore"):
+            y *= 1.0 / p.step
+            y += rng.random(y.size, dtype=np.float32)
+            np.floor(y, out=y)
+        y += p.levels
+        out = np.empty(y.size + 1, dtype=dtype_for(p.bits))
+        out[:-1] = _residues(y, p.bits)
+        out[-1] = 0
+        return out
     if -lo > p.bound or hi > p.bound:
         clamped = int(np.count_nonzero(np.abs(y) > p.bound))
         np.clip(y, -p.bound, p.bound, out=y)
@@ -108,10 +129,32 @@ def quantize(x: np.ndarray, p: QuantParams, rng: np.random.Generator | None = No
     return out
 
 
+def _residues(y: np.ndarray, bits: int) -> np.ndarray:
+    """Integer-valued float64 ``y`` modulo 2^bits, exactly (values of 2^62 or more through Python
+    ints; a non-finite value, from a step so small that x/Δ overflows, gives 0, as every value of
+    2^116 or more does: such a float is a multiple of 2^64)."""
+    from fedrec.common.secagg._masking import dtype_for
+
+    r = np.zeros(y.size, dtype=np.uint64)
+    small = np.abs(y) < 2.0**62  # False for nan
+    r[small] = y[small].astype(np.int64).astype(np.uint64)  # two's complement: modulo 2^64
+    for i in np.flatnonzero(~small & np.isfinite(y)):
+        r[i] = int(y[i]) % (1 << 64)
+    return r.astype(dtype_for(bits))  # modulo 2^bits
+
+
 def dequantize(total: np.ndarray, n_contributors: int, p: QuantParams) -> tuple[np.ndarray, int]:
     """(float64 sum of the contributions, total clamped count) from the unmasked integer sum.
 
-    The shifted sum lies in [0, 2nL] < 2^(bits-1), so the unmasked residue *is* that integer.
+    The shifted sum lies in [0, 2nL] < 2^(bits-1); its residue less nL is read centred on 0, in
+    [-2^(bits-1), 2^(bits-1)): the same integer, and also the exact sum of wrapped contributions
+    (``quantize(wrap=True)``) whose integer sum stays in that range.
     """
-    shifted = total[:-1].astype(np.int64)
-    return (shifted - n_contributors * p.levels).astype(np.float64) * p.step, int(total[-1])
+    t = total[:-1].astype(np.uint64)
+    c = t - np.uint64((n_contributors * p.levels) % (1 << 64))  # modulo 2^64
+    if p.bits == 32:
+        c &= np.uint64(0xFFFFFFFF)
+        signed = c.astype(np.int64) - np.where(c >= np.uint64(1 << 31), np.int64(1 << 32), np.int64(0))
+    else:
+        signed = c.view(np.int64)
+    return signed.astype(np.float64) * p.step, int(total[-1])
