@@ -79,6 +79,8 @@ def node_folder(context: Context, cfg: RunConfig) -> Path:
 
 #: encoded rows per (institution, item), reused across a run's steps; one table per run variant
 #: (fold, fold salt, refutation kind, refutation seed): a fold's or a refutation's rows are not the study's
+#: per (data folder, fold, salt, refutation) the encoded rows: keyed by the folder, not the
+#: institution's name, which two folders in one long-lived process (a simulation's actor) can share
 _ROWS: dict[tuple, dict] = {}
 
 
@@ -249,7 +251,7 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     guard, share, charge = charged.guard, charged.share, charged.charge
     blocks = step_contributions(kind, data, items, arrays, estimator=ccfg.estimator, trim=ccfg.trim,
                                 covariates=ccfg.covariates, derived=ccfg.derived,
-                                cache=_ROWS.setdefault((fold, salt, rkind, rseed), {}))
+                                cache=_ROWS.setdefault((str(folder), fold, salt, rkind, rseed), {}))
     seed = simulation_seed(context, cfg, data.name, task, server_round)  # None: OS CSPRNG
     sums = release(blocks, event=charge.event if sigma > 0 else None, noise_share=share,
                    generator=None if seed is None else np.random.default_rng(seed))

@@ -48,7 +48,9 @@ from fedrec.common.privacy.release import release_std
 
 __all__ = ["app", "strategy_values", "strategy_plan", "strategy_plan_events"]
 
-_ROWS: dict = {}
+#: per data folder, the encoded rows (keyed by the folder: two folders in one long-lived process
+#: may hold institutions of the same name; a stale entry indexed another folder's people)
+_ROWS: dict[str, dict] = {}
 
 
 def strategy_plan_events(ccfg: CausalConfig, run: StrategyRun) -> list:
@@ -138,7 +140,8 @@ def strategy_values(msg: Message, context: Context) -> Message:
     guard, share, charge = charged.guard, charged.share, charged.charge
     contrib = ope_contribution(data, specs, items, arrays, columns=columns, clip=clip, switch_tau=tau,
                                square_clip=square_clip, second_moment_weight=k, trim=trim, estimators=estimators,
-                               covariates=None if cov is None else tuple(cov), derived=derived, cache=_ROWS)
+                               covariates=None if cov is None else tuple(cov), derived=derived,
+                               cache=_ROWS.setdefault(str(folder), {}))
     sums = release({"strategies": contrib}, event=charge.event if sigma > 0 else None, noise_share=share)
     eps_prv, eps_rdp = guard.spent(delta=ocfg.delta)
     nstd = release_std(charge.event, noise_share=share) if sigma > 0 else 0.0

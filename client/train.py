@@ -50,7 +50,8 @@ from fedrec.common.privacy.accountant import (
 )
 from fedrec.common.privacy.person_clipping import clipped_sum_backward
 from fedrec.common.ratings import RATING_BOUNDS
-from fedrec.common.privacy.release import dp_sgd_optimizer, gaussian_release
+from fedrec.common.privacy.release import (check_clip_norm, check_sample_rate, dp_sgd_optimizer, gaussian_release,
+                                         realizable_rate)
 
 __all__ = ["DPSchedule", "plan_dp", "MFTrainer", "evaluation_sums"]
 
@@ -115,6 +116,11 @@ def plan_dp(cfg: RunConfig) -> DPSchedule | None:
             "privacy.noise-mode=distributed needs local-steps=1: a second local step would "
             "build on an update that carries only σ²/n_min of the noise"
         )
+    try:  # before any charge: float32 DP-SGD is exact only inside these ranges (common/privacy/release.py)
+        check_clip_norm(float(p.clip_norm))
+        check_sample_rate(float(t.sample_rate))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return _calibrated_schedule(
         epsilon=float(p.epsilon), delta=float(p.delta), accountant=str(p.accountant),
         sample_rate=float(t.sample_rate), rounds=int(t.rounds), local_steps=int(t.local_steps),
@@ -248,7 +254,9 @@ class MFTrainer:
             )
             loader = DPDataLoader(
                 TensorDataset(torch.arange(n)),
-                sample_rate=event.sample_rate,
+                # its mask is float32 torch.rand (multiples of 2^-24) < rate: handed the charged q
+                # itself it samples at ceil(q·2^24)/2^24 > q; on the grid below q, at most q
+                sample_rate=realizable_rate(event.sample_rate, bits=24),
                 generator=self.sampling_generator,
             )
             batches = iter(loader)

@@ -45,6 +45,7 @@ from fedrec.common.models.adapter import (
     unflatten,
 )
 from fedrec.common.privacy.accountant import DPSGDEvent, calibrate_for_events
+from fedrec.common.privacy.release import check_clip_norm, check_sample_rate, realizable_rate
 
 __all__ = ["AdapterSchedule", "plan_adapter_dp", "ItemBank", "AdapterTrainer", "measure_throughput"]
 
@@ -83,8 +84,8 @@ def plan_adapter_dp(*, epsilon: float, delta: float, sample_rate: float, steps_p
     """
     if not math.isfinite(epsilon):
         return None
-    if not (0 < sample_rate <= 1):
-        raise ValueError(f"sample rate {sample_rate} must lie in (0, 1]")
+    check_sample_rate(sample_rate)  # before any charge (common/privacy/release.py): one range for the knobs
+    check_clip_norm(clip_norm)
     if noise_mode == "distributed" and steps_per_round != 1:
         raise ValueError("distributed noise needs steps_per_round=1: a second local step builds on an update "
                          "carrying only σ²/n_min of the noise")
@@ -270,7 +271,10 @@ class AdapterTrainer:
         denominator = q * float(step_persons)  # public: never a function of n
         stats = {"clipped_fraction": 0.0, "rows": 0.0, "persons": 0.0}
         for _ in range(n_steps):
-            persons = np.flatnonzero(self.sample_rng.random(n) < q) if q < 1 else np.arange(n)
+            # Generator.random is a multiple of 2^-53: compared with q itself it would sample at
+            # ceil(q·2^53)/2^53 > q; on the grid below q, at most q (common/privacy/release.py)
+            persons = (np.flatnonzero(self.sample_rng.random(n) < realizable_rate(q, bits=53)) if q < 1
+                       else np.arange(n))
             if event is not None:
                 total, st = self.clipped_gradient_sum(persons, clip_norm)
                 noised = privatize(total, noise_multiplier=event.noise_multiplier, clip_norm=clip_norm,

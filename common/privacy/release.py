@@ -31,7 +31,21 @@ import numpy as np
 from fedrec.common.privacy.accountant import DPSGDEvent, GaussianEvent
 from fedrec.common.privacy.gaussian import gaussian_noise
 
-__all__ = ["noise_share", "dp_sgd_optimizer", "gaussian_release", "release_std"]
+__all__ = ["noise_share", "dp_sgd_optimizer", "gaussian_release", "release_std", "check_clip_norm",
+           "check_sample_rate", "realizable_rate", "CLIP_NORM_RANGE", "MIN_SAMPLE_RATE"]
+
+#: the per-person clip bounds a training release accepts. MF's DP-SGD runs in float32: below
+#: ~1e-38 a clipped contribution lives on float32's subnormal lattice and rounding moves it past
+#: the clip (measured: one person moved the release by 1.37·C at C = 1e-44), above ~1e37 the noise
+#: overflows to ±inf (charged, nothing usable released) or crashes after the charge. This range is
+#: far from both and from every clip in use (0.25-1).
+CLIP_NORM_RANGE = (1e-6, 1e6)
+
+#: the smallest Poisson sample rate a training release accepts: MF's sampler (Opacus'
+#: DPDataLoader) compares a float32 ``torch.rand`` — a multiple of 2^-24 — with the rate, so it
+#: cannot sample any person with a probability below 2^-24 (it sampled at 2^-24 ≈ 6e-8 a run
+#: charged at 1e-8: ε 45.7 spent against 1.995 charged, see realizable_rate)
+MIN_SAMPLE_RATE = 2.0**-24
 
 
 def noise_share(noise_mode: str, n_min: int) -> float:
@@ -43,6 +57,37 @@ def noise_share(noise_mode: str, n_min: int) -> float:
             raise ValueError("distributed noise needs n_min >= 1")
         return 1.0 / n_min
     raise ValueError(f"noise mode must be 'local' or 'distributed', got {noise_mode!r}")
+
+
+def check_clip_norm(clip_norm: float) -> float:
+    """``clip_norm`` if it lies in :data:`CLIP_NORM_RANGE`, else ValueError naming the knob."""
+    lo, hi = CLIP_NORM_RANGE
+    if not (lo <= clip_norm <= hi):
+        raise ValueError(f"privacy.clip-norm = {clip_norm!r} is outside [{lo:g}, {hi:g}], where float32 DP-SGD "
+                         "clips and noises exactly; fix: use a clip norm such as 1.0")
+    return float(clip_norm)
+
+
+def check_sample_rate(sample_rate: float) -> float:
+    """``sample_rate`` if in [:data:`MIN_SAMPLE_RATE`, 1], else ValueError naming the knob."""
+    if not (MIN_SAMPLE_RATE <= sample_rate <= 1):
+        raise ValueError(f"sample-rate = {sample_rate!r} is outside [2^-24 ≈ {MIN_SAMPLE_RATE:.2g}, 1]: the Poisson "
+                         "sampler draws float32 uniforms and cannot sample at a smaller rate; fix: e.g. 0.1")
+    return float(sample_rate)
+
+
+def realizable_rate(sample_rate: float, *, bits: int) -> float:
+    """The rate to hand a Poisson sampler whose mask is ``uniform < rate`` with ``uniform`` a
+    multiple of 2^-bits (``torch.rand`` float32: 24; numpy ``Generator.random``: 53): the largest
+    multiple of 2^-bits not above ``sample_rate``. Such a sampler includes each person with
+    probability exactly that rate, never more than the charged ``sample_rate`` (compared with
+    ``sample_rate`` itself it includes with ``ceil(q·2^bits)/2^bits`` — above q: at q = 1e-8 and
+    24 bits, 6x q). A smaller rate only adds privacy (the subsampled Gaussian's privacy profile
+    grows with q)."""
+    rate = math.floor(float(sample_rate) * 2.0**bits) / 2.0**bits
+    if not rate > 0:
+        raise ValueError(f"sample-rate = {sample_rate!r} is below 2^-{bits}, the sampler's resolution")
+    return rate
 
 
 def _check_share(share: float) -> float:
@@ -88,8 +133,7 @@ def dp_sgd_optimizer(optimizer, *, event: DPSGDEvent, clip_norm: float, noise_sh
 
     if not isinstance(event, DPSGDEvent):
         raise TypeError(f"dp_sgd_optimizer needs the charged DPSGDEvent, got {type(event).__name__}")
-    if not (clip_norm > 0 and math.isfinite(clip_norm)):
-        raise ValueError(f"clip norm must be positive and finite, got {clip_norm}")
+    check_clip_norm(clip_norm)
     local_sigma = event.noise_multiplier * math.sqrt(_check_share(noise_share))
     return DPOptimizerFastGradientClipping(
         optimizer,

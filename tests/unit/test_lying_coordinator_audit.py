@@ -302,3 +302,27 @@ def test_a_non_finite_row_counts_as_a_zero_row_in_the_release():
     by_hand = (good * np.minimum(1.0, 1.5 / norms)[:, None]).sum(axis=0)
     noise = np.random.default_rng(9).normal(0.0, 2.0 * 1.5, size=3)
     np.testing.assert_allclose(without, by_hand + noise, rtol=1e-12, atol=1e-12)
+
+
+def test_two_folders_of_one_institution_name_in_one_process_do_not_share_encoded_rows(inst, tmp_path):
+    """Found by CI (test order): the strategy and causal handlers cached each institution's encoded
+    rows under its *name*, so a long-lived process (a simulation's actor) that served another
+    folder of the same name indexed this folder's people with the other's rows (IndexError after
+    the charge, or silently wrong rows). Keyed by the folder now: the 120-person folder, then a
+    same-named one with 60 people, both release."""
+    from typer.testing import CliRunner
+
+    from fedrec.client.cli import app as client_cli
+    from fedrec.common.datasets import write_institution
+    from fedrec.simulations.domains import domain_federation
+
+    folder, cols, items, data = inst
+    small, _ = domain_federation("education", institutions=1, people=60, seed=5, skew=0.0)
+    assert small[0].name == data.name and len(small[0].people) < len(data.people)
+    other = write_institution(tmp_path / small[0].name, small[0])
+    assert CliRunner().invoke(client_cli, ["init", str(other), "--epsilon-cap", "4"]).exit_code == 0
+    arrays = _zeros(len(cols) + 1, items)
+    assert _refusal(_strategy(inst, 300, arrays)) is None  # the 120-person folder's rows are cached
+    reply = _strategy((other, cols, items, small[0]), 301, arrays)
+    assert _refusal(reply) is None  # was 'internal': the 120-person rows indexed 60 people
+    assert _ledger(other).rows(run_id="301")[-1].status == "released"
