@@ -227,6 +227,9 @@ class RunConfig:
             raise ConfigError("test-fraction must lie in (0, 1)")
         if t.rounds < 1 or t.local_steps < 1:
             raise ConfigError("rounds and train.local-steps must be >= 1")
+        if not all(math.isfinite(v) for v in (t.lr, t.server_lr, t.item_reg, t.user_reg)):
+            raise ConfigError("lr, server-lr, item-reg and user-reg must be finite numbers, e.g. lr = 1.0 (a NaN or "
+                              "infinite step makes a charged round release nothing usable)")
         if not (t.step_persons > 0 and math.isfinite(t.step_persons)):
             raise ConfigError("step-persons must be a positive number, e.g. 100 (the adapter's public step "
                               "denominator, near an institution's typical number of persons)")

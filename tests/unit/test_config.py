@@ -59,3 +59,12 @@ def test_secagg_graph_degree_is_logarithmic_by_default():
     assert ServerSession.create(list(range(1, 11)), slots=1, degree=None).degree == 0  # complete up to 20
     with pytest.raises(ConfigError, match="secagg.neighbours"):
         RunConfig().override(**{"secagg.neighbours": -2})
+
+
+@pytest.mark.parametrize("key", ["lr", "server-lr", "item-reg", "user-reg"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_step_or_regularizer_is_refused_at_configuration(key, value):
+    """A coordinator's NaN learning rate used to be charged and release NaN everywhere (red-team
+    audit, third pass): refused when the run config is read, before any charge."""
+    with pytest.raises(ConfigError, match="finite"):
+        RunConfig().override(**{key: value})
