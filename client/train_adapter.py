@@ -147,6 +147,11 @@ class AdapterTrainer:
         self.profile_sum = np.zeros((self.n_persons, bank.emb.shape[1]), np.float64)
         np.add.at(self.profile_sum, person, centred[item])
         self.candidates = np.arange(bank.n_items) if candidate_items is None else np.asarray(candidate_items, np.int64)
+        # who has an unrated candidate to draw negatives from (someone who rated all of them
+        # would make the rejection sampling below loop forever: such a person is skipped, as
+        # one without a second item is; a skipped sampled person adds a zero gradient)
+        cand = set(self.candidates.tolist())
+        self.has_negative = np.array([len(r & cand) < len(cand) for r in self.rated], dtype=bool)  # O(|r|) each
         # DP noise and sampling must be unpredictable to the server: OS-seeded unless a test pins them
         self.noise_rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
         self.sample_rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed + 1)
@@ -164,7 +169,7 @@ class AdapterTrainer:
         slot, items, labels, leave = [], [], [], []
         for k, u in enumerate(persons):
             lo, hi = self.indptr[u], self.indptr[u + 1]
-            if hi - lo < 2:  # a leave-one-out profile needs a second item
+            if hi - lo < 2 or not self.has_negative[u]:  # a leave-one-out profile needs a second item
                 continue
             for i in self.hist_item[self.sample_rng.integers(lo, hi, size=self.pos)]:
                 slot.append(k), items.append(i), labels.append(1.0), leave.append(True)

@@ -43,6 +43,8 @@ __all__ = ["TELEMETRY_OFF", "flower_env", "flower_bin", "write_dev_certs", "Coor
            "start", "register", "run", "write_app_dir", "wait_for_port", "CONNECTION"]
 
 TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+#: seconds between the SuperLink superexec's polls for a run to launch (a local request each)
+SUPEREXEC_POLL_S = "0.2"
 #: name of the SuperLink connection in the managed FLWR_HOME
 CONNECTION = "fedrec"
 CERT_FILES = ("ca.crt", "server.crt", "server.key")
@@ -59,6 +61,9 @@ def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The process environment with Flower's and Ray's telemetry and update checks off."""
     env = dict(os.environ)
     env.update(TELEMETRY_OFF)
+    # the SuperLink's flower-superexec polls for a run to launch every second by default (Flower's
+    # FLWR_SUPEREXEC_TASK_POLL_INTERVAL): up to 1 s more per run; a value the operator set is kept
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
     # Flower starts its helpers (flower-superexec, flwr-serverapp) by name: this environment's first
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(extra or {})
@@ -250,9 +255,14 @@ def superlink_command(coord: Coordinator, *, certs: Path, port: int) -> list[str
 
 
 def start(coord: Coordinator, *, certs: Path, listen: str, superlink_port: int, echo=print,
-          ready_timeout: float = 60.0) -> int:
+          ready_timeout: float = 60.0, pull_hold: float | None = None) -> int:
     """Run the SuperLink (loopback) and the fleet proxy (``listen``) until interrupted."""
-    from fedrec.server.fleet_proxy import serve
+    from fedrec.server.fleet_proxy import PULL_HOLD_S, serve
+
+    pull_hold = PULL_HOLD_S if pull_hold is None else float(pull_hold)
+    if not 0.0 <= pull_hold <= 25.0:
+        raise FedrecInputError(f"--pull-hold {pull_hold}: must be in [0, 25] seconds (a SuperNode gives up on a "
+                               "request after 30 s); fix: e.g. --pull-hold 10, or 0 to turn the long poll off")
 
     ca, cert, key = check_certs(certs)
     host, port = parse_address(listen, "--listen")
@@ -282,7 +292,8 @@ def start(coord: Coordinator, *, certs: Path, listen: str, superlink_port: int, 
 
         signal.signal(signal.SIGTERM, _term)
         serve(listen_host=host, listen_port=port, upstream=f"https://127.0.0.1:{superlink_port}",
-              certfile=str(cert), keyfile=str(key), ca_cert=str(ca), alive=lambda: proc.poll() is None)
+              certfile=str(cert), keyfile=str(key), ca_cert=str(ca), alive=lambda: proc.poll() is None,
+              pull_hold=pull_hold)
     except KeyboardInterrupt:
         pass
     finally:

@@ -256,6 +256,25 @@ def test_dp_round_releases_only_noised_lora_and_head(adapter, emb):
         tr.train_round(g0, event=object(), clip_norm=1.0, step_persons=3)
 
 
+@pytest.mark.timeout(120)
+def test_a_person_who_rated_every_candidate_is_skipped_not_looped_on(adapter, emb):
+    """Negatives are drawn by rejection from the candidates a person never rated: someone who
+    rated all of them looped forever (a hung institution). They are skipped, like a person without
+    a second item; the others still train."""
+    bank = ItemBank.build(adapter, TEXTS, emb, dtype=torch.float32, progress=False)
+    cands = np.array([0, 1, 2, 3])
+    person = np.array([0, 0, 0, 0, 1, 1, 2, 2])  # person 0 rated every candidate
+    item = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    tr = AdapterTrainer(adapter, bank, person, item, 3, lr=1.0, pos_per_person=1, neg_per_person=2,
+                        candidate_items=cands, seed=3)
+    assert tr.has_negative.tolist() == [False, True, True]
+    slot, items, labels, _ = tr._rows(np.array([0, 1, 2]))
+    assert 0 not in slot.tolist() and set(slot.tolist()) == {1, 2}
+    assert all(i in cands for i, y in zip(items, labels) if y == 0)
+    delta = tr.train_round(adapter.to_numpy(), event=None, clip_norm=1.0, steps=1, step_persons=3)
+    assert all(np.isfinite(v).all() for v in delta.values())
+
+
 def test_non_private_round_learns_and_scores_locally(adapter, emb):
     tr = _trainer(adapter, emb)
     g = adapter.to_numpy()
