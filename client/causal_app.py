@@ -264,7 +264,7 @@ def _step(msg: Message, context: Context, kind: str) -> Message:
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sums.items()}),
                           "metrics": metrics})
     if ccfg.noise_mode == "distributed" and sigma > 0:
-        content[NOISE_RECORD] = noise_record(ccfg.n_min)
+        content[NOISE_RECORD] = noise_record(ccfg.n_min, share_std=nstd)
     reply = Message(content, reply_to=msg)
     guard.released(charge)
     return reply

@@ -123,9 +123,14 @@ def secagg_round_size(msg: Message) -> int | None:
     return len({int(x) for x in rec["active"]})
 
 
-def noise_record(n_min: int) -> ConfigRecord:
-    """Reply record carrying the survivor floor of distributed noise to the SecAgg+ mod."""
-    return ConfigRecord({"n-min": int(n_min)})
+def noise_record(n_min: int, share_std: float | None = None) -> ConfigRecord:
+    """Reply record carrying, to the SecAgg+ mod, the survivor floor of distributed noise and,
+    where the handler knows it in the release's units, the noise std its share carries per
+    coordinate (the mod refuses a quantization step too coarse for it: _quantize.check_share_step)."""
+    rec = {"n-min": int(n_min)}
+    if share_std is not None:
+        rec["share-std"] = float(share_std)
+    return ConfigRecord(rec)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,7 +235,11 @@ def _mask(msg: Message, context: Context, call_next: ClientAppCallable, client: 
     vec = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
     noise = reply.content.config_records.get(NOISE_RECORD)
     try:  # a distributed-noise share is never clamped at the coordinator's bound: wrapped (_quantize doc)
-        masked = client.mask(rec, vec, rounding_rng(context, rec), wrap=noise is not None)
+        # a distributed share carries its own noise std where its handler knows it in the release's
+        # units (the Gaussian sums of causal and strategy releases): the coordinator's step is checked
+        # against it (_quantize.check_share_step); MF and adapter deltas do not carry it yet
+        share_std = None if noise is None or "share-std" not in noise else float(noise["share-std"])
+        masked = client.mask(rec, vec, rounding_rng(context, rec), wrap=noise is not None, share_std=share_std)
         if noise is not None:  # distributed noise: never unmask below its n_min survivors
             client.set_survivor_floor(int(rec["slot"]), int(noise["n-min"]))
     except (SecAggError, ValueError) as err:  # after the handler: the text may depend on the data

@@ -149,7 +149,7 @@ def strategy_values(msg: Message, context: Context) -> Message:
                           "metrics": MetricRecord({"epsilon": eps_prv, "epsilon-rdp": eps_rdp, "delta": ocfg.delta,
                                                    "noise-var": nstd**2, "sensitivity": sens})})
     if ocfg.noise_mode == "distributed" and sigma > 0:
-        content[NOISE_RECORD] = noise_record(ocfg.n_min)
+        content[NOISE_RECORD] = noise_record(ocfg.n_min, share_std=nstd)
     reply = Message(content, reply_to=msg)
     guard.released(charge)
     return reply

@@ -396,14 +396,18 @@ class SecAggClient:
                                 f"{need} needed: its pairwise masks would not hide its input")
 
     def mask(self, rec: Mapping[str, Any], vector: np.ndarray, rng: np.random.Generator | None = None, *,
-             wrap: bool = False) -> np.ndarray:
+             wrap: bool = False, share_std: float | None = None) -> np.ndarray:
         """Quantize ``vector`` and add the self mask and the pairwise masks of active neighbours.
         ``wrap``: a distributed-noise share, reduced modulo 2^bits instead of clamped
-        (:func:`fedrec.common.secagg._quantize.quantize`)."""
+        (:func:`fedrec.common.secagg._quantize.quantize`); ``share_std``: the noise std such a
+        share carries per coordinate, against which the coordinator's step is checked
+        (:func:`fedrec.common.secagg._quantize.check_share_step`) before anything is masked."""
         self.check_mask_request(rec)
         st = self.state
         slot = int(rec["slot"])
         params = _quantize.QuantParams.from_record(rec)
+        if wrap and share_std is not None:
+            _quantize.check_share_step(params, float(share_std))
         y = _quantize.quantize(vector, params, rng, wrap=wrap)
         st.last_slot = slot  # burn the slot before anything leaves
         st.mask_slot, st.mask_active = slot, sorted(int(x) for x in rec["active"])

@@ -85,6 +85,37 @@ def derive(*, clip_range: float, noise_std: float | None, n_clients: int, dim: i
     return QuantParams(step=step, levels=levels, bits=bits, bound=step * levels)
 
 
+#: the coarsest quantization step a distributed-noise share accepts, as a fraction of the noise
+#: std the share itself carries (an honest coordinator's step is 2·REL_ERROR = 0.02 of it)
+MAX_SHARE_STEP = 0.05
+
+
+def check_share_step(p: QuantParams, share_std: float) -> None:
+    """Refuse (:class:`QuantizationError`) a step too coarse for a distributed-noise share.
+
+    Privacy contract (the rounding must not release more than the charged Gaussian sum). The
+    coordinator chooses the step Δ. A node that adds only s = σ·Δ₁/√n_min of the noise rounds
+    its share stochastically before the secure sum, and ⌊a⌋ + ⌊b⌋ is not a function of a + b:
+    the sum of k rounded shares is the rounded noised sum plus a residue that depends on each
+    share's fractional part frac(vᵢ/Δ). With Δ ≫ s those fractional parts follow the data
+    (vᵢ/Δ is then nearly the value itself), a channel the charged ε does not cover. Given the
+    noised sum T, the first k − 1 shares are jointly Gaussian with covariance s²(I − 11ᵀ/k)
+    (smallest eigenvalue s²/k), so their fractional parts are within total variation
+    Σ_(m≠0) exp(−2π² mᵀΣm/Δ²) ≤ ~2(k − 1)·exp(−2π² s²/(k Δ²)) of uniform on the torus,
+    whatever the data (Poisson summation); the last one is fixed by T. The residue's law given T
+    is then data-free up to that, per coordinate. At Δ ≤ MAX_SHARE_STEP·s = s/20 this is
+    ≤ 2k·exp(−7896/k): ≤ 3e-15 for k ≤ 200 contributors, so d ≤ 1e6 coordinates add < 3e-9 to
+    δ (at the honest step s/50: ≤ 2k·exp(−49348/k), < 1e-18 for k ≤ 1,000). Larger federations
+    need a finer step for the same bound (docs/secure-aggregation.md). A share with full local noise is clamped and
+    rounded after all of its noise, post-processing: not checked here.
+    """
+    if not (math.isfinite(share_std) and share_std > 0):
+        raise QuantizationError(f"a distributed-noise share needs its noise std, got {share_std!r}")
+    if not p.step <= MAX_SHARE_STEP * share_std:
+        raise QuantizationError(f"quantization step {p.step:g} is coarser than {MAX_SHARE_STEP:g} x this share's "
+                                f"noise std {share_std:g}: its rounding would not be hidden by the noise")
+
+
 def secure_rng() -> np.random.Generator:
     return np.random.default_rng(secrets.randbits(128))
 

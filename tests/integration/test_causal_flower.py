@@ -79,6 +79,27 @@ def test_causal_command_three_institutions(tmp_path):
     assert sum(taken) / len(taken) == pytest.approx(rec["causal"]["policy_value"], rel=1e-9)
 
 
+def test_distributed_noise_over_flower_passes_every_nodes_rounding_check(tmp_path):
+    """Distributed noise through `fedrec-sim causal` over Flower and SecAgg+: each node's share
+    carries σ²/n_min of the noise, declares its std, and checks the coordinator's quantization
+    step against it before masking (common/secagg/_quantize.check_share_step; the lying side is
+    tests/unit/test_lying_coordinator_machinery.py). The honest run passes that check at every
+    node and step: the run completes and each item's estimate has a finite CI."""
+    insts, _ = domain_federation("health", institutions=3, people=400, seed=13, skew=0.4)
+    data = tmp_path / "data"
+    for d in insts:
+        write_institution(data / d.name, d)
+    out = tmp_path / "out"
+    rc = causal_command(data, "exercise_coaching", 4.0, "aipw", False, out, 0, _Console(), force=True,
+                        causal_overrides={"noise_mode": "distributed"})
+    assert rc == 0
+    report = json.loads((out / "causal.json").read_text())
+    assert report["config"]["causal.noise-mode"] == "distributed" and report["config"]["causal.expert.n-min"] == 3
+    assert report["contributors"] and all(n == 3 for n in report["contributors"].values()), report["contributors"]
+    row = report["items"]["exercise_coaching"]
+    assert all(math.isfinite(row[k]) for k in ("ate", "se", "ci_low", "ci_high")) and row["se"] > 0
+
+
 def test_epsilon_inf_through_flower_with_secagg_equals_pooled_and_inprocess(tmp_path):
     """Issue 29: at ε = ∞, through `fedrec-sim causal` with SecAgg+ on, every item's ATE and SE
     equal the non-private pooled AIPW (statsmodels) and the in-process run to 1e-6 relative, on

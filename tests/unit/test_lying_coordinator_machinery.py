@@ -213,7 +213,7 @@ def test_two_racing_charges_cannot_pass_a_policy_cap_stricter_than_the_ledgers(t
 N_DIST, N_MIN, SIGMA, C, D_ATTACK = 10, 10, 1.0, 1.0, 2000
 
 
-def _distributed_round(clip_range: float, noise_std: float | None) -> float:
+def _distributed_round(clip_range: float, noise_std: float | None, *, declare_std: bool = True) -> float:
     """A distributed-noise round over the real mod and protocol: every node adds N(0, s²) per
     coordinate with s = σ·C/sqrt(n_min) (so the sum of the 10 carries std σ·C); the others hold +C
     everywhere (DP must hold whatever the other institutions' data), the target holds a secret
@@ -237,8 +237,9 @@ def _distributed_round(clip_range: float, noise_std: float | None) -> float:
         from fedrec.client.node import NOISE_RECORD, noise_record
 
         v = np.asarray(vec(msg, context), np.float32)
-        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(v)}), NOISE_RECORD: noise_record(N_MIN)}),
-                       reply_to=msg)
+        # the share's own noise std, as the causal and strategy handlers declare it
+        rec = noise_record(N_MIN, share_std=s) if declare_std else noise_record(N_MIN)
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(v)}), NOISE_RECORD: rec}), reply_to=msg)
 
     grid = FakeGrid(app, N_DIST, min_round_size=N_MIN)
     proto = SecAggPlusSum(clip_range=clip_range, noise_std=noise_std, noise_mode="distributed", n_min=N_MIN)
@@ -271,6 +272,48 @@ def test_a_clip_range_below_the_noise_cannot_turn_distributed_noise_into_a_sign_
     ``quantize``: ``if wrap:``), so the sum is the residue of the noised sum."""
     acc = _distributed_round(1e-3, None)
     assert acc < 0.875, f"the attacker read {acc:.3f} of the target's signs"
+
+
+@pytest.mark.parametrize("factor", [0.0501, 1.0, 1e4])
+def test_a_step_too_coarse_for_a_distributed_share_is_refused_before_masking(factor):
+    """What was sent: a distributed-noise round whose ``secagg.noise-std`` makes the quantization
+    step ``factor`` x each share's own noise std s (an honest coordinator's step is 0.02 s).
+    Stochastic rounding of a share is not post-processing of the noised *sum* (⌊a⌋ + ⌊b⌋ is not
+    a function of a + b): once the step outgrows the share's noise, the rounding residue follows
+    each institution's value (common/secagg/_quantize.check_share_step). Every node refuses to
+    mask — nothing of the target is summed — and the server receives a fixed text, never the
+    numbers. At the honest step (previous tests) the same nodes mask and the sum is the Gaussian's."""
+    from fedrec.common.secagg._quantize import MAX_SHARE_STEP, REL_ERROR
+    from fedrec.server.aggregation import RoundFailed
+    from fedrec.server.secagg_workflow import SecAggPlusSum
+
+    s = SIGMA * C / np.sqrt(N_MIN)
+    assert 2 * REL_ERROR < MAX_SHARE_STEP < factor  # honest passes, the lie does not
+    app = ClientApp(mods=[secaggplus_mod])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from fedrec.client.node import NOISE_RECORD, noise_record
+
+        v = np.random.default_rng(context.node_id).normal(0.0, s, D_ATTACK).astype(np.float32)
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(v)}),
+                                   NOISE_RECORD: noise_record(N_MIN, share_std=s)}), reply_to=msg)
+
+    grid = FakeGrid(app, N_DIST, min_round_size=N_MIN)
+    proto = SecAggPlusSum(clip_range=C, noise_std=factor * s / (2 * REL_ERROR), noise_mode="distributed", n_min=N_MIN)
+    with pytest.raises(RoundFailed):
+        proto.run_round(grid, grid.get_node_ids(), message_type="train", content=train_content(1, D_ATTACK),
+                        server_round=1, min_contributors=N_DIST)
+    texts = _error_texts(grid, 1000)
+    assert texts and all(t == "mask: contribution not masked (reason in the institution's log)" for t in texts), texts
+    assert not any("masked" in r.content.array_records.get("arrays", {}) for r in grid.received
+                   if not r.has_error() and "arrays" in r.content.array_records)
+
+
+def test_the_honest_distributed_round_passes_the_step_check_with_its_std_declared():
+    """Positive control: the sign-oracle test's honest round, every node declaring its share's std."""
+    acc = _distributed_round(C, SIGMA * C / np.sqrt(N_MIN), declare_std=True)
+    assert 0.80 < acc < 0.875
 
 
 @pytest.mark.parametrize("bits", [32, 64])
