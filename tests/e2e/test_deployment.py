@@ -5,7 +5,7 @@ authentication and a database, behind the Fleet-only proxy), three institutions 
 health study each `fedrec-client init`-ed and `keygen`-ed, registered with `fedrec-server
 register`, and joined with `fedrec-client start`. The tests run in file order on it: the refusals
 (Control API, plaintext, unregistered key), one causal estimation over SecAgg+, 2 rounds of MF
-training over SecAgg+ with a SuperNode killed in round 2, a SuperLink restart, an institution
+training over SecAgg+ on all three then a third with a SuperNode killed, a SuperLink restart, an institution
 leaving. (Causal first: its charges then compose a ledger of Gaussian releases only, in closed
 form, without Opacus — ~1 s less per charged trip here than after DP-SGD rows; the MF run then
 composes its DP-SGD rows with the causal ones through Opacus: both paths run.)
@@ -184,12 +184,12 @@ VICTIM = 2
 
 
 @pytest.mark.timeout(600)
-def test_two_rounds_of_mf_training_over_secagg_with_a_supernode_killed_in_round_two(federation):
-    """2 rounds of MF over SecAgg+ on the 3 SuperNodes; institution 2's SuperNode is SIGKILLed
-    once it has charged round 2 (a crash, as far as the run knows). Round 1 sums all three; round 2
-    completes with the other two (SecAgg+ dropout) once the straggler deadline passes, and the run
-    ends. Every ledger verifies and holds what it charged: the two survivors' rows all released,
-    the victim's round 2 charged (perhaps never released) and counted as spent; and the victim's
+def test_two_rounds_of_mf_training_over_secagg_then_a_supernode_killed_in_round_three(federation):
+    """MF over SecAgg+ on the 3 SuperNodes: rounds 1 and 2 sum all three; institution 2's
+    SuperNode is SIGKILLed once it has charged round 3 (a crash, as far as the run knows), and
+    round 3 completes with the other two (SecAgg+ dropout) once the straggler deadline passes.
+    Every ledger verifies and holds what it charged: the two survivors' rows all released, the
+    victim's round 3 charged (perhaps never released) and counted as spent; and the victim's
     `fedrec-client start` accepts its ledger again and rejoins the federation.
 
     (One run for both of issue 31's cases, training and a killed node: each deployed run pays its
@@ -207,7 +207,7 @@ def test_two_rounds_of_mf_training_over_secagg_with_a_supernode_killed_in_round_
     t0 = time.monotonic()
     with open(log, "wb") as f:
         run = subprocess.Popen([str(BIN / "fedrec-server"), "run", "train", "--institutions", str(N_INSTITUTIONS),
-                                "--rounds", "2", "--epsilon", "2", "--set", "secagg.max-dropout-fraction=0.34",
+                                "--rounds", "3", "--epsilon", "2", "--set", "secagg.max-dropout-fraction=0.34",
                                 "--set", f"secagg.straggler-grace={GRACE_S}",
                                 "--results", str(results), "--state-dir", str(federation.state), "--timeout", "480"],
                                cwd=federation.root, env=env(federation.root / "home-cli"), stdout=f,
@@ -216,8 +216,8 @@ def test_two_rounds_of_mf_training_over_secagg_with_a_supernode_killed_in_round_
     try:
         run_id = str(wait_for(lambda: (results / "config.json").exists()
                               and json.loads((results / "config.json").read_text())["run-id"], 120, "the run"))
-        wait_for(lambda: any(r.task == "train" and r.round == 2 for r in victim_ledger.rows(run_id=run_id))
-                 or run.poll() is not None, 400, "institution 2 to charge training round 2", poll=0.2)
+        wait_for(lambda: any(r.task == "train" and r.round == 3 for r in victim_ledger.rows(run_id=run_id))
+                 or run.poll() is not None, 400, "institution 2 to charge training round 3", poll=0.2)
         federation.nodes[VICTIM].stop(grace=0)  # SIGTERM then SIGKILL at once
         code = run.wait(timeout=300)
     finally:
@@ -230,11 +230,12 @@ def test_two_rounds_of_mf_training_over_secagg_with_a_supernode_killed_in_round_
     metrics = json.loads((results / "metrics.json").read_text())
     config = json.loads((results / "config.json").read_text())
     assert config["secagg.enabled"] is True and config["privacy.epsilon"] == 2.0
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    assert metrics["rounds"][0]["contributors"] == N_INSTITUTIONS and not metrics["rounds"][0]["dropped"]
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    for r in metrics["rounds"][:2]:  # 2 rounds of MF over SecAgg+ on all three SuperNodes
+        assert r["contributors"] == N_INSTITUTIONS and not r["dropped"], r
     # (killed at its charge, it almost always dies before its masked reply: summed without it; a
     # victim that replied first is summed with its self-mask rebuilt by the survivors)
-    assert N_INSTITUTIONS - 1 <= metrics["rounds"][1]["contributors"] <= N_INSTITUTIONS
+    assert N_INSTITUTIONS - 1 <= metrics["rounds"][2]["contributors"] <= N_INSTITUTIONS
     # dropped by the deadline, not by Flower's heartbeat verdict (that would print "Node Unavailable")
     assert "late, dropped" in (results / "flwr-run.log").read_text(errors="replace"), out[-3000:]
     for k, folder in enumerate(federation.institutions):
@@ -242,20 +243,20 @@ def test_two_rounds_of_mf_training_over_secagg_with_a_supernode_killed_in_round_
         rows = ledger.rows(run_id=run_id)
         assert rows, f"{folder.name}: nothing charged for run {run_id}"
         assert not ledger.verify_chain()
-        assert {r.round for r in rows if r.task == "train"} == {1, 2}
+        assert {r.round for r in rows if r.task == "train"} == {1, 2, 3}
         # this run's cost from its own rows (the causal run before it charged the same ledgers)
         run_eps = epsilon_for([r.event for r in rows], delta=float(config["privacy.delta"]))
         assert 0 < run_eps <= 2.0 + 1e-6, run_eps
         assert budget_summary(ledger)["spent_prv"] >= run_eps - 1e-6
         if k == VICTIM:  # what it charged before the crash stays charged (spent), never lost
-            assert all(r.status == "released" for r in rows if r.round != 2), [(r.task, r.round, r.status) for r in rows]
+            assert all(r.status == "released" for r in rows if r.round != 3), [(r.task, r.round, r.status) for r in rows]
             assert all(r.status in ("charged", "released") for r in rows)
         else:
             assert all(r.status == "released" for r in rows), [(r.task, r.round, r.status) for r in rows]
             assert metrics["releases"][folder.name]["count"] >= 2
     out = invoke(client_cli, "budget", "--ledger", str(federation.institutions[0] / "privacy-ledger.db"))
     assert "remaining" in out.lower()
-    print(f"2 rounds of MF over SecAgg+ on 3 SuperNodes, one killed in round 2: {elapsed:.1f} s")
+    print(f"3 rounds of MF over SecAgg+ on 3 SuperNodes, one killed in round 3: {elapsed:.1f} s")
     # it restarts on the same ledger and rejoins — once the SuperLink has declared the killed
     # incarnation offline (2 missed 30 s heartbeats; the straggler deadline ended the run before
     # that): until then Flower refuses to activate the same node again (code 2004, exit 305)
