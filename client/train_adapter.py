@@ -169,7 +169,8 @@ class AdapterTrainer:
         slot, items, labels, leave = [], [], [], []
         for k, u in enumerate(persons):
             lo, hi = self.indptr[u], self.indptr[u + 1]
-            if hi - lo < 2 or not self.has_negative[u]:  # a leave-one-out profile needs a second item
+            # a leave-one-out profile needs a second item; a negative, an unrated candidate
+            if hi - lo < 2 or not self.has_negative[u]:
                 continue
             for i in self.hist_item[self.sample_rng.integers(lo, hi, size=self.pos)]:
                 slot.append(k), items.append(i), labels.append(1.0), leave.append(True)

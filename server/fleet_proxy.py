@@ -45,9 +45,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
 import ssl
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -196,7 +196,6 @@ class FleetProxy:
         out_headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": resp.status_code, "headers": out_headers})
         await send({"type": "http.response.body", "body": content})
-
 
     async def _forward(self, path: str, body: bytes, headers: list) -> httpx.Response:
         """One upstream call; an empty ``pull-messages`` answer is held (re-asked) for up to

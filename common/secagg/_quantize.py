@@ -106,8 +106,8 @@ def check_share_step(p: QuantParams, share_std: float) -> None:
     is then data-free up to that, per coordinate. At Δ ≤ MAX_SHARE_STEP·s = s/20 this is
     ≤ 2k·exp(−7896/k): ≤ 3e-15 for k ≤ 200 contributors, so d ≤ 1e6 coordinates add < 3e-9 to
     δ (at the honest step s/50: ≤ 2k·exp(−49348/k), < 1e-18 for k ≤ 1,000). Larger federations
-    need a finer step for the same bound (docs/secure-aggregation.md). A share with full local noise is clamped and
-    rounded after all of its noise, post-processing: not checked here.
+    need a finer step for the same bound (docs/secure-aggregation.md). A share with full local
+    noise is clamped and rounded after all of its noise, post-processing: not checked here.
     """
     if not (math.isfinite(share_std) and share_std > 0):
         raise QuantizationError(f"a distributed-noise share needs its noise std, got {share_std!r}")
