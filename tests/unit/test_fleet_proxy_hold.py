@@ -13,7 +13,8 @@ import pytest
 from flwr.proto.fleet_pb2 import PullMessagesResponse, Reconnect
 from flwr.proto.message_pb2 import Message as MessageProto
 
-from fedrec.server.fleet_proxy import FleetProxy, MAX_REPOLLS_PER_S, pull_is_empty, repoll_interval
+from fedrec.server.fleet_proxy import (FleetProxy, MAX_HOLD_INTERVAL_S, MAX_REPOLLS_PER_S, pull_is_empty,
+                                       repoll_interval)
 
 EMPTY = PullMessagesResponse().SerializeToString()
 WITH_MESSAGE = PullMessagesResponse(messages_list=[MessageProto()]).SerializeToString()
@@ -112,6 +113,22 @@ def test_the_superlink_sees_a_bounded_rate_however_many_pulls_are_held():
         rate = held / repoll_interval(held)  # upstream requests per second, all held pulls together
         assert repoll_interval(held) >= 0.1 and rate <= max(MAX_REPOLLS_PER_S, 10 * held) + 1e-9
         assert rate <= MAX_REPOLLS_PER_S + 1e-9 or held * 10 <= MAX_REPOLLS_PER_S
+
+
+def test_beyond_the_held_pulls_the_rate_allows_a_pull_is_answered_at_once():
+    """A large federation: once as many pulls are held as the rate bound re-asks every 0.5 s (25),
+    the next one gets the SuperLink's answer at once, as without the proxy — holding it with a
+    slower re-poll would make that node hear of a message later than Flower's own 3 s sleep."""
+    cap = int(MAX_REPOLLS_PER_S * MAX_HOLD_INTERVAL_S)
+    assert cap == 25 and repoll_interval(cap) <= MAX_HOLD_INTERVAL_S < repoll_interval(cap + 1)
+    seen: list = []
+    proxy = _proxy([(200, EMPTY), (200, WITH_MESSAGE)], hold=5.0, seen=seen)
+    proxy.held = cap  # as if 25 other nodes' pulls were being held
+    status, content, secs = _call(proxy, "/v1/fleet/pull-messages")
+    assert (status, content) == (200, EMPTY) and len(seen) == 1 and secs < 0.5
+    proxy.held = cap - 1  # one fewer: this one is held (and re-asked ~every 0.5 s)
+    seen.clear()
+    assert _call(proxy, "/v1/fleet/pull-messages")[:2] == (200, WITH_MESSAGE) and len(seen) == 2
 
 
 def test_only_an_empty_readable_answer_counts_as_empty():
