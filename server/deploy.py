@@ -257,12 +257,12 @@ def superlink_command(coord: Coordinator, *, certs: Path, port: int) -> list[str
 def start(coord: Coordinator, *, certs: Path, listen: str, superlink_port: int, echo=print,
           ready_timeout: float = 60.0, pull_hold: float | None = None) -> int:
     """Run the SuperLink (loopback) and the fleet proxy (``listen``) until interrupted."""
-    from fedrec.server.fleet_proxy import PULL_HOLD_S, serve
+    from fedrec.server.fleet_proxy import MAX_PULL_HOLD_S, PULL_HOLD_S, serve
 
     pull_hold = PULL_HOLD_S if pull_hold is None else float(pull_hold)
-    if not 0.0 <= pull_hold <= 25.0:
-        raise FedrecInputError(f"--pull-hold {pull_hold}: must be in [0, 25] seconds (a SuperNode gives up on a "
-                               "request after 30 s); fix: e.g. --pull-hold 10, or 0 to turn the long poll off")
+    if not 0.0 <= pull_hold <= MAX_PULL_HOLD_S:  # FleetProxy's own rule, as a one-line error before any process
+        raise FedrecInputError(f"--pull-hold {pull_hold}: must be in [0, {MAX_PULL_HOLD_S:g}] seconds (a SuperNode "
+                               "gives up on a request after 30 s); fix: e.g. --pull-hold 10, or 0 to turn the long poll off")
 
     ca, cert, key = check_certs(certs)
     host, port = parse_address(listen, "--listen")

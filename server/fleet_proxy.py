@@ -80,8 +80,10 @@ _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "up
 MAX_BODY = 512 * 1024 * 1024
 
 PULL_PATH = "/v1/fleet/pull-messages"
-#: seconds an empty pull is held by default (the SuperNode's request timeout is 30 s in flwr 1.41)
+#: seconds an empty pull is held by default, and at most (the SuperNode's request timeout is 30 s
+#: in flwr 1.41: a hold must end well before it)
 PULL_HOLD_S = 10.0
+MAX_PULL_HOLD_S = 25.0
 #: re-polls of the SuperLink per second, all held pulls together (at least one per 0.1 s each)
 MAX_REPOLLS_PER_S = 50.0
 #: a pull is held only while each held pull can be re-asked at least this often: beyond
@@ -137,8 +139,9 @@ class FleetProxy:
 
     def __init__(self, upstream: str, *, ca_cert: str | Path | None, timeout: float = 60.0,
                  max_body: int = MAX_BODY, pull_hold: float = PULL_HOLD_S):
-        if not 0.0 <= pull_hold <= 25.0:
-            raise ValueError(f"pull_hold={pull_hold}: must be in [0, 25] s (the SuperNode's request timeout is 30 s)")
+        if not 0.0 <= pull_hold <= MAX_PULL_HOLD_S:
+            raise ValueError(f"pull_hold={pull_hold}: must be in [0, {MAX_PULL_HOLD_S:g}] s (the SuperNode's request "
+                             "timeout is 30 s)")
         self.upstream = upstream.rstrip("/")
         self.pull_hold = pull_hold
         self.held = 0  # pulls being held right now
